@@ -1,0 +1,341 @@
+//! Node configuration: one TOML file per region (see `regions/`), layered with `MERIDIAN__*`
+//! environment overrides (`MERIDIAN__RTC__ANNOUNCED_IP=203.0.113.7`).
+//!
+//! Every struct rejects unknown keys, and [`NodeConfig::validate`] rejects values that parse but
+//! make no sense, naming the key so an operator can fix the file.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ids::{NodeId, RegionId};
+
+/// Everything one Meridian node needs to start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Where this node sits in the mesh.
+    pub node: NodeSection,
+    /// HTTP + WebSocket signaling.
+    pub signaling: SignalingSection,
+    /// WebRTC media sockets.
+    pub rtc: RtcSection,
+    /// Token verification.
+    pub auth: AuthSection,
+    /// Admission limits.
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// Identity and position of the node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Region this node serves, e.g. `india`.
+    pub region: RegionId,
+    /// Unique name of this node; defaults to `<region>-1`.
+    #[serde(default)]
+    pub id: Option<NodeId>,
+    /// Latitude of the region's site in degrees, -90..=90.
+    pub latitude: f64,
+    /// Longitude of the region's site in degrees, -180..=180.
+    pub longitude: f64,
+}
+
+/// Signaling endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalingSection {
+    /// Address the HTTP/WebSocket server binds, e.g. `0.0.0.0:7001`.
+    pub listen: SocketAddr,
+    /// Largest accepted signaling message in bytes; larger ones close the connection (1009).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Seconds a connection may stay open without sending `join`.
+    #[serde(default = "default_join_timeout_secs")]
+    pub join_timeout_secs: u64,
+}
+
+/// Media sockets. Like mediasoup's WebRtcServer, one UDP port serves every peer connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtcSection {
+    /// Address the media socket binds; may be a wildcard or a private address.
+    #[serde(default = "default_listen_ip")]
+    pub listen_ip: IpAddr,
+    /// Address put into ICE candidates: what clients must send to (public or NAT 1:1 address).
+    pub announced_ip: IpAddr,
+    /// UDP port shared by all peer connections of this node; 0 picks a free one.
+    pub port: u16,
+    /// Largest UDP datagram accepted; anything larger is counted and dropped.
+    #[serde(default = "default_max_datagram")]
+    pub max_datagram_bytes: usize,
+}
+
+/// JWT verification.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// Required `iss` claim.
+    pub issuer: String,
+    /// Required `aud` claim.
+    pub audience: String,
+    /// Signature algorithm tokens must use.
+    pub algorithm: AuthAlgorithm,
+    /// Shared secret for HS256 (at least 32 bytes). Prefer `secret_file` outside development.
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// File holding the HS256 secret.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// PEM file with the Ed25519 public key, for EdDSA.
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    /// Clock skew tolerated on `exp`/`nbf`, in seconds.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+}
+
+/// Token signature algorithms Meridian accepts. `none` is never accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthAlgorithm {
+    HS256,
+    EdDSA,
+}
+
+/// Admission limits; a request over a limit is refused with an error, never queued.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Sessions this node hosts at once.
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// Participants in one session.
+    #[serde(default = "default_max_participants")]
+    pub max_participants_per_session: usize,
+    /// Producers one participant may publish.
+    #[serde(default = "default_max_producers")]
+    pub max_producers_per_participant: usize,
+    /// Consumers one participant may hold.
+    #[serde(default = "default_max_consumers")]
+    pub max_consumers_per_participant: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_sessions: default_max_sessions(),
+            max_participants_per_session: default_max_participants(),
+            max_producers_per_participant: default_max_producers(),
+            max_consumers_per_participant: default_max_consumers(),
+        }
+    }
+}
+
+fn default_max_message_bytes() -> usize {
+    64 * 1024
+}
+fn default_join_timeout_secs() -> u64 {
+    10
+}
+fn default_listen_ip() -> IpAddr {
+    IpAddr::from([0, 0, 0, 0])
+}
+fn default_max_datagram() -> usize {
+    1500
+}
+fn default_leeway() -> u64 {
+    5
+}
+fn default_max_sessions() -> usize {
+    1000
+}
+fn default_max_participants() -> usize {
+    16
+}
+fn default_max_producers() -> usize {
+    4
+}
+fn default_max_consumers() -> usize {
+    32
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("cannot read `{key}` file {path}: {source}")]
+    File {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+impl NodeConfig {
+    /// Loads a TOML file, applies `MERIDIAN__SECTION__KEY` environment overrides, validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let built = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(env_source())
+            .build()?;
+        Self::from_built(built)
+    }
+
+    /// Parses TOML text (an embedded region file), with environment overrides, and validates.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(env_source())
+            .build()?;
+        Self::from_built(built)
+    }
+
+    fn from_built(built: config::Config) -> Result<Self, ConfigError> {
+        let cfg: NodeConfig = built.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The node's id, defaulting to `<region>-1`.
+    pub fn node_id(&self) -> NodeId {
+        self.node.id.clone().unwrap_or_else(|| {
+            // A valid region id plus "-1" stays within the id alphabet and length (64 + 2 is
+            // only reached by a 63+ char region, which validate() refuses).
+            format!("{}-1", self.node.region)
+                .parse()
+                .expect("region id plus suffix is a valid node id")
+        })
+    }
+
+    /// Rejects values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.region.as_str().len() > 60 {
+            return Err(invalid("node.region", "at most 60 characters"));
+        }
+        if !(-90.0..=90.0).contains(&self.node.latitude) {
+            return Err(invalid("node.latitude", "must be within -90..=90 degrees"));
+        }
+        if !(-180.0..=180.0).contains(&self.node.longitude) {
+            return Err(invalid("node.longitude", "must be within -180..=180 degrees"));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.signaling.max_message_bytes) {
+            return Err(invalid(
+                "signaling.max_message_bytes",
+                "must be between 1024 and 16777216",
+            ));
+        }
+        if self.signaling.join_timeout_secs == 0 {
+            return Err(invalid("signaling.join_timeout_secs", "must be at least 1"));
+        }
+        if self.rtc.announced_ip.is_unspecified() {
+            return Err(invalid(
+                "rtc.announced_ip",
+                "must be an address clients can reach, not a wildcard such as 0.0.0.0",
+            ));
+        }
+        if !(576..=9000).contains(&self.rtc.max_datagram_bytes) {
+            return Err(invalid("rtc.max_datagram_bytes", "must be between 576 and 9000"));
+        }
+        if self.auth.issuer.is_empty() {
+            return Err(invalid("auth.issuer", "must not be empty"));
+        }
+        if self.auth.audience.is_empty() {
+            return Err(invalid("auth.audience", "must not be empty"));
+        }
+        match self.auth.algorithm {
+            AuthAlgorithm::HS256 => match (&self.auth.secret, &self.auth.secret_file) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid("auth.secret", "set `secret` or `secret_file`, not both"))
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        "auth.secret",
+                        "HS256 needs `secret` or `secret_file`",
+                    ))
+                }
+                (Some(s), None) if s.len() < 32 => {
+                    return Err(invalid("auth.secret", "must be at least 32 bytes long"))
+                }
+                _ => {}
+            },
+            AuthAlgorithm::EdDSA => {
+                if self.auth.public_key_file.is_none() {
+                    return Err(invalid(
+                        "auth.public_key_file",
+                        "EdDSA needs the PEM file of the Ed25519 public key",
+                    ));
+                }
+            }
+        }
+        let l = &self.limits;
+        for (key, v) in [
+            ("limits.max_sessions", l.max_sessions),
+            ("limits.max_participants_per_session", l.max_participants_per_session),
+            ("limits.max_producers_per_participant", l.max_producers_per_participant),
+            ("limits.max_consumers_per_participant", l.max_consumers_per_participant),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn env_source() -> config::Environment {
+    config::Environment::with_prefix("MERIDIAN")
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INDIA: &str = include_str!("../regions/india.toml");
+
+    #[test]
+    fn embedded_region_parses() {
+        let cfg = NodeConfig::from_toml_str(INDIA).unwrap();
+        assert_eq!(cfg.node.region.as_str(), "india");
+        assert_eq!(cfg.node_id().as_str(), "india-1");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_naming_it() {
+        let text = INDIA.replace("[rtc]", "[rtc]\nanounced_ip = \"1.2.3.4\"");
+        let err = NodeConfig::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err.contains("anounced_ip"), "{err}");
+    }
+
+    #[test]
+    fn wildcard_announced_ip_is_rejected() {
+        let text = INDIA.replace("announced_ip = \"127.0.0.1\"", "announced_ip = \"0.0.0.0\"");
+        let err = NodeConfig::from_toml_str(&text).unwrap_err().to_string();
+        assert!(err.contains("rtc.announced_ip"), "{err}");
+    }
+
+    #[test]
+    fn short_hs256_secret_is_rejected() {
+        let cfg = NodeConfig::from_toml_str(INDIA).unwrap();
+        let mut bad = cfg.clone();
+        bad.auth.secret = Some("short".into());
+        assert!(bad.validate().unwrap_err().to_string().contains("auth.secret"));
+        let mut bad = cfg;
+        bad.node.latitude = 91.0;
+        assert!(bad.validate().unwrap_err().to_string().contains("node.latitude"));
+    }
+}

@@ -1,0 +1,13 @@
+//! Meridian: an edge-distributed WebRTC SFU for compliance video.
+//!
+//! Planes, one folder each: [`media`] (packet primitives), [`sfu`] (sessions, producers,
+//! consumers on one node), [`signaling`] (the HTTP/WebSocket edge), plus [`auth`] and
+//! [`config`] shared by all.
+
+pub mod auth;
+pub mod config;
+pub mod ids;
+pub mod media;
+pub mod node;
+pub mod sfu;
+pub mod signaling;

@@ -1,0 +1,109 @@
+//! One Meridian node: media worker plus signaling server, started from a [`NodeConfig`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::auth::TokenVerifier;
+use crate::config::{ConfigError, NodeConfig};
+use crate::ids::{NodeId, RegionId};
+use crate::sfu::{spawn_worker, WorkerConfig, WorkerHandle};
+use crate::signaling::{self, AppState, SignalingMetrics};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot bind the media socket {addr}: {source} (is rtc.port in use?)")]
+    Media {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot bind signaling on {addr}: {source} (is signaling.listen in use?)")]
+    Signaling {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running node.
+pub struct Node {
+    pub region: RegionId,
+    pub id: NodeId,
+    /// Where signaling listens (the real port when the config said 0).
+    pub signaling_addr: SocketAddr,
+    pub worker: WorkerHandle,
+    pub metrics: std::sync::Arc<SignalingMetrics>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    pub async fn start(cfg: NodeConfig) -> Result<Node, StartError> {
+        let verifier = TokenVerifier::from_config(&cfg.auth)?;
+        let listen = SocketAddr::new(cfg.rtc.listen_ip, cfg.rtc.port);
+        let worker = spawn_worker(WorkerConfig {
+            listen,
+            announced_ip: cfg.rtc.announced_ip,
+            limits: cfg.limits.clone(),
+            max_datagram_bytes: cfg.rtc.max_datagram_bytes,
+        })
+        .map_err(|source| StartError::Media {
+            addr: listen,
+            source,
+        })?;
+        let listener = tokio::net::TcpListener::bind(cfg.signaling.listen)
+            .await
+            .map_err(|source| StartError::Signaling {
+                addr: cfg.signaling.listen,
+                source,
+            })?;
+        let signaling_addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Signaling {
+                addr: cfg.signaling.listen,
+                source,
+            })?;
+        let metrics = std::sync::Arc::new(SignalingMetrics::default());
+        let state = AppState {
+            worker: worker.clone(),
+            verifier,
+            metrics: metrics.clone(),
+            max_message_bytes: cfg.signaling.max_message_bytes,
+            join_timeout: Duration::from_secs(cfg.signaling.join_timeout_secs),
+            region: cfg.node.region.clone(),
+            node: cfg.node_id(),
+        };
+        let app = signaling::router(state)
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let server = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "signaling server stopped");
+            }
+        });
+        tracing::info!(region = %cfg.node.region, signaling = %signaling_addr, media = %worker.media_addr(), "node started");
+        Ok(Node {
+            region: cfg.node.region.clone(),
+            id: cfg.node_id(),
+            signaling_addr,
+            worker,
+            metrics,
+            server,
+        })
+    }
+
+    /// Base URL of the signaling server.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.signaling_addr)
+    }
+
+    /// Waits until the signaling server stops.
+    pub async fn wait(mut self) {
+        let _ = (&mut self.server).await;
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}

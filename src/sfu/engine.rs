@@ -1,0 +1,186 @@
+//! How the node's peer connections are built: codecs, feedback, header extensions,
+//! interceptors, ICE-lite with the announced candidate.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
+use rtc::peer_connection::configuration::interceptor_registry::{
+    configure_nack, configure_rtcp_reports, configure_simulcast_extension_headers,
+    configure_twcc_receiver_only,
+};
+use rtc::peer_connection::configuration::media_engine::{
+    MediaEngine, MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MIME_TYPE_VP9,
+};
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::transport::{RTCDtlsRole, RTCIceCandidateInit};
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
+};
+use rtc::sansio::Protocol;
+use rtc::shared::error::Error;
+
+use super::TransportKind;
+
+fn video_feedback() -> Vec<RTCPFeedback> {
+    let fb = |typ: &str, parameter: &str| RTCPFeedback {
+        typ: typ.into(),
+        parameter: parameter.into(),
+    };
+    vec![
+        fb("goog-remb", ""),
+        fb("ccm", "fir"),
+        fb("nack", ""),
+        fb("nack", "pli"),
+    ]
+}
+
+fn codec(mime: &str, clock_rate: u32, channels: u16, fmtp: &str, pt: u8) -> RTCRtpCodecParameters {
+    RTCRtpCodecParameters {
+        rtp_codec: RTCRtpCodec {
+            mime_type: mime.into(),
+            clock_rate,
+            channels,
+            sdp_fmtp_line: fmtp.into(),
+            rtcp_feedback: if mime.starts_with("video") {
+                video_feedback()
+            } else {
+                vec![]
+            },
+        },
+        payload_type: pt,
+    }
+}
+
+/// The codecs every Meridian peer connection negotiates, in preference order.
+fn media_engine() -> Result<MediaEngine, Error> {
+    let mut m = MediaEngine::default();
+    m.register_codec(
+        codec(MIME_TYPE_OPUS, 48_000, 2, "minptime=10;useinbandfec=1", 111),
+        RtpCodecKind::Audio,
+    )?;
+    for c in [
+        codec(MIME_TYPE_VP8, 90_000, 0, "", 96),
+        codec(
+            MIME_TYPE_H264,
+            90_000,
+            0,
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+            102,
+        ),
+        codec(
+            MIME_TYPE_H264,
+            90_000,
+            0,
+            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f",
+            104,
+        ),
+        codec(MIME_TYPE_VP9, 90_000, 0, "profile-id=0", 98),
+    ] {
+        m.register_codec(c, RtpCodecKind::Video)?;
+    }
+    Ok(m)
+}
+
+/// Marks keyframe requests and bandwidth estimates from subscribers for delivery to the
+/// application: the SFU must relay them upstream, which the interceptors cannot do.
+#[derive(Default)]
+struct DeliverFeedback {
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverFeedback {
+    type Rout = TaggedPacket;
+    type Wout = TaggedPacket;
+    type Eout = ();
+    type Error = Error;
+    type Time = Instant;
+
+    fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Error> {
+        if let Packet::Rtcp(pkts) = &msg.message.packet {
+            let wanted = pkts.iter().any(|p| {
+                let any = p.as_any();
+                any.is::<PictureLossIndication>()
+                    || any.is::<FullIntraRequest>()
+                    || any.is::<ReceiverEstimatedMaximumBitrate>()
+            });
+            if wanted {
+                msg.message.add(Attribute::DeliverToApplication);
+            }
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+    fn poll_read(&mut self) -> Option<TaggedPacket> {
+        self.read.pop_front()
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Error> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+    fn poll_write(&mut self) -> Option<TaggedPacket> {
+        self.write.pop_front()
+    }
+    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Error> {
+        Ok(())
+    }
+    fn poll_timeout(&mut self) -> Option<Instant> {
+        None
+    }
+}
+
+impl Interceptor for DeliverFeedback {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
+/// A new ICE-lite, DTLS-server peer connection that answers on `announced`.
+pub(super) fn build_peer_connection(
+    kind: TransportKind,
+    announced: SocketAddr,
+    now: Instant,
+) -> Result<RTCPeerConnection, Error> {
+    let mut media = media_engine()?;
+    let mut registry = Registry::new();
+    if kind == TransportKind::Subscribe {
+        registry = registry.with(Slot::from(14_000), DeliverFeedback::default());
+    }
+    let registry = configure_nack(registry, &mut media);
+    configure_simulcast_extension_headers(&mut media)?;
+    let registry = if kind == TransportKind::Publish {
+        // Transport-wide feedback lets the publishing browser's congestion control work.
+        configure_twcc_receiver_only(registry, &mut media)?
+    } else {
+        registry
+    };
+    let registry = configure_rtcp_reports(registry);
+    let settings = SettingEngineBuilder::new()
+        .with_lite(true)
+        .with_answering_dtls_role(RTCDtlsRole::Server)
+        .build();
+    let mut pc = RTCPeerConnectionBuilder::new()
+        .with_configuration(RTCConfigurationBuilder::new().build())
+        .with_setting_engine(settings)
+        .with_media_engine(media)
+        .with_interceptor_registry(registry)
+        .build(now)?;
+    pc.add_local_candidate(RTCIceCandidateInit {
+        candidate: format!(
+            "candidate:1 1 udp 2130706431 {} {} typ host",
+            announced.ip(),
+            announced.port()
+        ),
+        ..Default::default()
+    })?;
+    pc.add_local_candidate(RTCIceCandidateInit::default())?;
+    Ok(pc)
+}

@@ -1,0 +1,469 @@
+//! The SFU: sessions (Routers), participants, Producers and Consumers on one node, built on the
+//! media primitives in [`crate::media`] and webrtc-rs's sans-I/O `rtc` core.
+//!
+//! One worker thread owns the node's single UDP media socket and every peer connection, so the
+//! forwarding path takes no locks. Signaling talks to it through [`WorkerHandle`], a command
+//! channel; the worker talks back through each participant's [`SfuEvent`] channel.
+
+mod engine;
+mod worker;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::auth::Role;
+use crate::ids::{ConsumerId, ParticipantId, ProducerId, SessionId, UserId};
+use crate::media::layers::Layer;
+use crate::media::Codec;
+
+pub use worker::{spawn_worker, WorkerConfig};
+
+/// Which of a participant's two peer connections: the one it publishes on (client offers,
+/// node receives) or the one it receives consumers on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Publish,
+    Subscribe,
+}
+
+/// Audio or video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaKind {
+    Audio,
+    Video,
+}
+
+/// A producer as other participants see it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProducerInfo {
+    pub producer_id: ProducerId,
+    pub participant_id: ParticipantId,
+    pub user_id: UserId,
+    pub role: Role,
+    pub kind: MediaKind,
+    pub codec: Option<Codec>,
+    /// Simulcast layers by RID, lowest first; empty without simulcast.
+    pub layers: Vec<String>,
+    pub paused: bool,
+}
+
+/// Another participant as one participant sees it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParticipantInfo {
+    pub participant_id: ParticipantId,
+    pub user_id: UserId,
+    pub role: Role,
+}
+
+/// What the node tells a participant without being asked.
+#[derive(Debug, Clone)]
+pub enum SfuEvent {
+    ParticipantJoined(ParticipantInfo),
+    ParticipantLeft(ParticipantInfo),
+    ProducerAdded(ProducerInfo),
+    ProducerClosed(ProducerId),
+    ProducerPaused(ProducerId),
+    ProducerResumed(ProducerId),
+    ConsumerClosed(ConsumerId),
+    ConsumerLayerChanged { consumer_id: ConsumerId, layer: Layer },
+    TransportState { transport: TransportKind, state: String },
+}
+
+/// Result of `join`.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    pub participant_id: ParticipantId,
+    pub participants: Vec<ParticipantInfo>,
+    pub producers: Vec<ProducerInfo>,
+}
+
+/// Result of `publish`.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub answer: String,
+    /// Producers created or already existing on this transport, by their m-line mid.
+    pub producers: Vec<(String, ProducerInfo)>,
+}
+
+/// Result of `subscribe`.
+#[derive(Debug, Clone)]
+pub struct Subscribed {
+    pub answer: String,
+    pub consumer_id: ConsumerId,
+    pub producer_id: ProducerId,
+    pub mid: String,
+}
+
+macro_rules! op_error {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $var:ident $( ( $($field:ty),* ) )? => $code:literal ),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+        pub enum $name { $($(#[$vdoc])* $var $( ( $($field),* ) )?),* }
+        impl $name {
+            /// Stable machine-readable code sent in signaling errors.
+            pub fn code(&self) -> &'static str {
+                match self { $(Self::$var { .. } => $code),* }
+            }
+        }
+    };
+}
+
+op_error!(
+    /// Why a participant could not join.
+    JoinError {
+        #[error("this node hosts its maximum number of sessions; try another node")]
+        TooManySessions => "too_many_sessions",
+        #[error("the session is full ({0} participants)")]
+        SessionFull(usize) => "session_full",
+        #[error("the media worker has stopped")]
+        WorkerGone => "internal",
+    }
+);
+
+op_error!(
+    /// Why an offer to publish was refused.
+    PublishError {
+        #[error("observers may not publish")]
+        NotAllowed => "not_allowed",
+        #[error("unknown participant: join first")]
+        UnknownParticipant => "not_joined",
+        #[error("the offer could not be applied: {0}")]
+        BadSdp(String) => "bad_sdp",
+        #[error("at most {0} producers per participant")]
+        TooManyProducers(usize) => "too_many_producers",
+        #[error("the media worker has stopped")]
+        WorkerGone => "internal",
+    }
+);
+
+op_error!(
+    /// Why a subscription was refused.
+    SubscribeError {
+        #[error("unknown participant: join first")]
+        UnknownParticipant => "not_joined",
+        #[error("no producer {0} in this session")]
+        UnknownProducer(String) => "unknown_producer",
+        #[error("your role may not see this producer")]
+        NotAllowed => "not_allowed",
+        #[error("the producer's codec is not known yet; retry once it has sent media")]
+        CodecUnknown => "codec_unknown",
+        #[error("the offer could not be applied: {0}")]
+        BadSdp(String) => "bad_sdp",
+        #[error("the offer has no new recvonly m-line of the producer's kind for this consumer")]
+        NoMatchingMLine => "bad_sdp",
+        #[error("at most {0} consumers per participant")]
+        TooManyConsumers(usize) => "too_many_consumers",
+        #[error("the media worker has stopped")]
+        WorkerGone => "internal",
+    }
+);
+
+op_error!(
+    /// Why a request about an existing producer, consumer or transport failed.
+    ControlError {
+        #[error("unknown participant: join first")]
+        UnknownParticipant => "not_joined",
+        #[error("no producer {0} of yours")]
+        UnknownProducer(String) => "unknown_producer",
+        #[error("no consumer {0} of yours")]
+        UnknownConsumer(String) => "unknown_consumer",
+        #[error("no {0:?} transport yet: publish or subscribe first")]
+        NoTransport(TransportKind) => "no_transport",
+        #[error("bad ICE candidate: {0}")]
+        BadCandidate(String) => "bad_candidate",
+        #[error("the media worker has stopped")]
+        WorkerGone => "internal",
+    }
+);
+
+/// Requests from signaling to the worker.
+pub(crate) enum Command {
+    Join {
+        session: SessionId,
+        user: UserId,
+        role: Role,
+        events: mpsc::UnboundedSender<SfuEvent>,
+        reply: oneshot::Sender<Result<Joined, JoinError>>,
+    },
+    Publish {
+        participant: ParticipantId,
+        offer: String,
+        reply: oneshot::Sender<Result<Published, PublishError>>,
+    },
+    Subscribe {
+        participant: ParticipantId,
+        producer: ProducerId,
+        offer: String,
+        max_layer: Option<Layer>,
+        reply: oneshot::Sender<Result<Subscribed, SubscribeError>>,
+    },
+    SetConsumerLayer {
+        participant: ParticipantId,
+        consumer: ConsumerId,
+        max_layer: Layer,
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    SetProducerPaused {
+        participant: ParticipantId,
+        producer: ProducerId,
+        paused: bool,
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    SetConsumerPaused {
+        participant: ParticipantId,
+        consumer: ConsumerId,
+        paused: bool,
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    CloseProducer {
+        participant: ParticipantId,
+        producer: ProducerId,
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    CloseConsumer {
+        participant: ParticipantId,
+        consumer: ConsumerId,
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    AddCandidate {
+        participant: ParticipantId,
+        transport: TransportKind,
+        candidate: String,
+        sdp_mid: Option<String>,
+        reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    Leave {
+        participant: ParticipantId,
+    },
+}
+
+/// Node-wide counters, readable from any thread.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub datagrams_in: AtomicU64,
+    pub datagrams_out: AtomicU64,
+    pub datagrams_unroutable: AtomicU64,
+    pub datagrams_oversized: AtomicU64,
+    pub rtp_in: AtomicU64,
+    pub rtp_forwarded: AtomicU64,
+    pub rtp_dropped_layer: AtomicU64,
+    pub send_errors: AtomicU64,
+    pub keyframe_requests: AtomicU64,
+    pub sessions: AtomicU64,
+    pub participants: AtomicU64,
+    pub producers: AtomicU64,
+    pub consumers: AtomicU64,
+    pub peer_connections: AtomicU64,
+}
+
+impl WorkerStats {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// Cheap, cloneable access to a node's media worker.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    stats: Arc<WorkerStats>,
+    media_addr: SocketAddr,
+}
+
+impl WorkerHandle {
+    /// Address announced in ICE candidates.
+    pub fn media_addr(&self) -> SocketAddr {
+        self.media_addr
+    }
+
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+
+    async fn call<T, E>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, E>>) -> Command,
+        gone: E,
+    ) -> Result<T, E> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(make(tx)).is_err() {
+            return Err(gone);
+        }
+        rx.await.unwrap_or(Err(gone))
+    }
+
+    pub async fn join(
+        &self,
+        session: SessionId,
+        user: UserId,
+        role: Role,
+        events: mpsc::UnboundedSender<SfuEvent>,
+    ) -> Result<Joined, JoinError> {
+        self.call(
+            |reply| Command::Join {
+                session,
+                user,
+                role,
+                events,
+                reply,
+            },
+            JoinError::WorkerGone,
+        )
+        .await
+    }
+
+    pub async fn publish(
+        &self,
+        participant: ParticipantId,
+        offer: String,
+    ) -> Result<Published, PublishError> {
+        self.call(
+            |reply| Command::Publish {
+                participant,
+                offer,
+                reply,
+            },
+            PublishError::WorkerGone,
+        )
+        .await
+    }
+
+    pub async fn subscribe(
+        &self,
+        participant: ParticipantId,
+        producer: ProducerId,
+        offer: String,
+        max_layer: Option<Layer>,
+    ) -> Result<Subscribed, SubscribeError> {
+        self.call(
+            |reply| Command::Subscribe {
+                participant,
+                producer,
+                offer,
+                max_layer,
+                reply,
+            },
+            SubscribeError::WorkerGone,
+        )
+        .await
+    }
+
+    pub async fn set_consumer_layer(
+        &self,
+        participant: ParticipantId,
+        consumer: ConsumerId,
+        max_layer: Layer,
+    ) -> Result<(), ControlError> {
+        self.call(
+            |reply| Command::SetConsumerLayer {
+                participant,
+                consumer,
+                max_layer,
+                reply,
+            },
+            ControlError::WorkerGone,
+        )
+        .await
+    }
+
+    pub async fn set_producer_paused(
+        &self,
+        participant: ParticipantId,
+        producer: ProducerId,
+        paused: bool,
+    ) -> Result<(), ControlError> {
+        self.call(
+            |reply| Command::SetProducerPaused {
+                participant,
+                producer,
+                paused,
+                reply,
+            },
+            ControlError::WorkerGone,
+        )
+        .await
+    }
+
+    pub async fn set_consumer_paused(
+        &self,
+        participant: ParticipantId,
+        consumer: ConsumerId,
+        paused: bool,
+    ) -> Result<(), ControlError> {
+        self.call(
+            |reply| Command::SetConsumerPaused {
+                participant,
+                consumer,
+                paused,
+                reply,
+            },
+            ControlError::WorkerGone,
+        )
+        .await
+    }
+
+    pub async fn close_producer(
+        &self,
+        participant: ParticipantId,
+        producer: ProducerId,
+    ) -> Result<(), ControlError> {
+        self.call(
+            |reply| Command::CloseProducer {
+                participant,
+                producer,
+                reply,
+            },
+            ControlError::WorkerGone,
+        )
+        .await
+    }
+
+    pub async fn close_consumer(
+        &self,
+        participant: ParticipantId,
+        consumer: ConsumerId,
+    ) -> Result<(), ControlError> {
+        self.call(
+            |reply| Command::CloseConsumer {
+                participant,
+                consumer,
+                reply,
+            },
+            ControlError::WorkerGone,
+        )
+        .await
+    }
+
+    pub async fn add_candidate(
+        &self,
+        participant: ParticipantId,
+        transport: TransportKind,
+        candidate: String,
+        sdp_mid: Option<String>,
+    ) -> Result<(), ControlError> {
+        self.call(
+            |reply| Command::AddCandidate {
+                participant,
+                transport,
+                candidate,
+                sdp_mid,
+                reply,
+            },
+            ControlError::WorkerGone,
+        )
+        .await
+    }
+
+    /// Removes the participant with everything it published and consumed.
+    pub fn leave(&self, participant: ParticipantId) {
+        let _ = self.tx.send(Command::Leave { participant });
+    }
+}

@@ -1,0 +1,1456 @@
+//! The media worker: one thread, one UDP socket, every peer connection of the node.
+//!
+//! The thread owns all state, so nothing on the forwarding path is shared or locked. Datagrams
+//! are matched to their peer connection by source address, learned from the ICE username of the
+//! first STUN Binding request from that address.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
+use rtc::peer_connection::message::RTCMessage;
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::state::RTCPeerConnectionState;
+use rtc::peer_connection::transport::RTCIceCandidateInit;
+use rtc::peer_connection::RTCPeerConnection;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use slab::Slab;
+use tokio::io::Interest;
+use tokio::sync::mpsc;
+
+use super::engine::build_peer_connection;
+use super::*;
+use crate::config::LimitsSection;
+use crate::media::demux::binding_request_local_ufrag;
+use crate::media::keyframe::is_keyframe;
+use crate::media::layers::{Decision, LayerSelector};
+use crate::media::rewrite::RtpRewriter;
+
+/// What the worker needs from the node configuration.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Address the media socket binds.
+    pub listen: SocketAddr,
+    /// Address put into candidates; its port is the bound port.
+    pub announced_ip: IpAddr,
+    pub limits: LimitsSection,
+    pub max_datagram_bytes: usize,
+}
+
+/// Binds the media socket and starts the worker thread.
+pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
+    let socket = UdpSocket::bind(cfg.listen)?;
+    socket.set_nonblocking(true)?;
+    let bound = socket.local_addr()?;
+    let announced = SocketAddr::new(cfg.announced_ip, bound.port());
+    let state = UdpSocketState::new((&socket).into())?;
+    // Bursts of keyframes to many subscribers need room; failure only costs headroom.
+    let _ = state.set_send_buffer_size((&socket).into(), 4 << 20);
+    let _ = state.set_recv_buffer_size((&socket).into(), 4 << 20);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stats = Arc::new(WorkerStats::default());
+    let handle = WorkerHandle {
+        tx,
+        stats: stats.clone(),
+        media_addr: announced,
+    };
+    std::thread::Builder::new()
+        .name(format!("media-{}", bound.port()))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the media worker runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let fd = match tokio::net::UdpSocket::from_std(socket) {
+                    Ok(fd) => fd,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot register the media socket");
+                        return;
+                    }
+                };
+                let mut w = Worker::new(cfg, fd, state, announced, stats);
+                w.run(rx).await;
+            });
+        })?;
+    tracing::info!(bound = %bound, announced = %announced, "media worker started");
+    Ok(handle)
+}
+
+const TICK: Duration = Duration::from_millis(100);
+/// Keyframe requests to one publisher stream are spaced at least this far apart.
+const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
+/// A layer that sent nothing for this long is considered stopped.
+const LAYER_IDLE: Duration = Duration::from_millis(1500);
+const RECV_BATCH: usize = 16;
+const MAX_ADDRS_PER_CONN: usize = 8;
+
+struct Conn {
+    pc: RTCPeerConnection,
+    kind: TransportKind,
+    participant: usize,
+    ufrag: String,
+    addrs: Vec<SocketAddr>,
+    /// Local address the client sends to; replies leave from it so the client sees the
+    /// candidate it chose.
+    src_ip: Option<IpAddr>,
+    deadline: Option<Instant>,
+    connected: bool,
+    dirty: bool,
+    /// Publish side: incoming SSRC → (producer, layer); filled as streams open.
+    ssrc_route: HashMap<u32, (usize, u8)>,
+    /// Publish side: track id → producer.
+    track_producer: HashMap<String, usize>,
+    /// Subscribe side: consumer track id → consumer.
+    track_consumer: HashMap<String, usize>,
+}
+
+struct Participant {
+    id: ParticipantId,
+    session: SessionId,
+    user: UserId,
+    role: Role,
+    events: mpsc::UnboundedSender<SfuEvent>,
+    publish: Option<usize>,
+    subscribe: Option<usize>,
+    producers: Vec<usize>,
+    consumers: Vec<usize>,
+}
+
+impl Participant {
+    fn info(&self) -> ParticipantInfo {
+        ParticipantInfo {
+            participant_id: self.id.clone(),
+            user_id: self.user.clone(),
+            role: self.role,
+        }
+    }
+    fn send(&self, ev: SfuEvent) {
+        let _ = self.events.send(ev);
+    }
+}
+
+#[derive(Default, Clone)]
+struct LayerStat {
+    ssrc: Option<u32>,
+    bytes: u64,
+    bitrate: Option<u64>,
+    last_packet: Option<Instant>,
+    last_keyframe_request: Option<Instant>,
+}
+
+struct Producer {
+    id: ProducerId,
+    participant: usize,
+    conn: usize,
+    mid: String,
+    kind: MediaKind,
+    codec: Option<Codec>,
+    rtp_codec: RTCRtpCodec,
+    receiver: RTCRtpReceiverId,
+    rids: Vec<String>,
+    layers: Vec<LayerStat>,
+    paused: bool,
+    consumers: Vec<usize>,
+}
+
+struct Consumer {
+    id: ConsumerId,
+    producer: usize,
+    participant: usize,
+    conn: usize,
+    sender: RTCRtpSenderId,
+    ssrc: u32,
+    payload_type: u8,
+    rewriter: RtpRewriter,
+    selector: LayerSelector,
+    paused: bool,
+    track_id: String,
+}
+
+struct Worker {
+    cfg: WorkerConfig,
+    socket: tokio::net::UdpSocket,
+    udp: UdpSocketState,
+    announced: SocketAddr,
+    stats: Arc<WorkerStats>,
+    conns: Slab<Conn>,
+    by_addr: HashMap<SocketAddr, usize>,
+    by_ufrag: HashMap<String, usize>,
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    participants: Slab<Participant>,
+    participant_ids: HashMap<ParticipantId, usize>,
+    routers: HashMap<SessionId, Vec<usize>>,
+    producers: Slab<Producer>,
+    producer_ids: HashMap<ProducerId, usize>,
+    consumers: Slab<Consumer>,
+    consumer_ids: HashMap<ConsumerId, usize>,
+    dirty: Vec<usize>,
+    rtp_scratch: Vec<(String, rtc::rtp::Packet)>,
+    rtcp_scratch: Vec<(String, Vec<Box<dyn rtc::rtcp::Packet>>)>,
+    event_scratch: Vec<RTCPeerConnectionEvent>,
+    ticks: u64,
+}
+
+fn sdp_error(e: impl std::fmt::Display) -> String {
+    let s = e.to_string();
+    s.chars().take(300).collect()
+}
+
+/// Simulcast RIDs of one m-line, in the order of its `a=simulcast:send` attribute.
+fn simulcast_rids(sdp: &str, mid: &str) -> Vec<String> {
+    let mut in_section = false;
+    for line in sdp.lines() {
+        let line = line.trim_end();
+        if line.starts_with("m=") {
+            in_section = false;
+        } else if let Some(m) = line.strip_prefix("a=mid:") {
+            in_section = m == mid;
+        } else if in_section {
+            if let Some(list) = line.strip_prefix("a=simulcast:send ") {
+                let first = list.split(' ').next().unwrap_or("");
+                return first
+                    .split(';')
+                    .map(|alt| alt.split(',').next().unwrap_or("").trim_start_matches('~'))
+                    .filter(|r| !r.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+            }
+        }
+    }
+    Vec::new()
+}
+
+fn ice_ufrag(sdp: &str) -> Option<String> {
+    sdp.lines()
+        .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
+        .map(str::to_owned)
+}
+
+impl Worker {
+    fn new(
+        cfg: WorkerConfig,
+        socket: tokio::net::UdpSocket,
+        udp: UdpSocketState,
+        announced: SocketAddr,
+        stats: Arc<WorkerStats>,
+    ) -> Self {
+        Self {
+            cfg,
+            socket,
+            udp,
+            announced,
+            stats,
+            conns: Slab::new(),
+            by_addr: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            timers: BinaryHeap::new(),
+            participants: Slab::new(),
+            participant_ids: HashMap::new(),
+            routers: HashMap::new(),
+            producers: Slab::new(),
+            producer_ids: HashMap::new(),
+            consumers: Slab::new(),
+            consumer_ids: HashMap::new(),
+            dirty: Vec::new(),
+            rtp_scratch: Vec::new(),
+            rtcp_scratch: Vec::new(),
+            event_scratch: Vec::new(),
+            ticks: 0,
+        }
+    }
+
+    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let seg = self.udp.gro_segments().max(1);
+        let buf_len = seg * self.cfg.max_datagram_bytes.max(1500);
+        let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; buf_len]).collect();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
+            let sleep = tokio::time::sleep_until(
+                next_timer
+                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+                    .into(),
+            );
+            tokio::select! {
+                biased;
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle_command(cmd),
+                    None => break,
+                },
+                ready = self.socket.readable() => {
+                    if ready.is_err() { break }
+                    let mut meta = [RecvMeta::default(); RECV_BATCH];
+                    let res = {
+                        let mut slices: [IoSliceMut<'_>; RECV_BATCH] =
+                            std::array::from_fn(|_| IoSliceMut::new(&mut []));
+                        for (s, b) in slices.iter_mut().zip(bufs.iter_mut()) {
+                            *s = IoSliceMut::new(b);
+                        }
+                        let (udp, sock) = (&self.udp, &self.socket);
+                        sock.try_io(Interest::READABLE, || udp.recv(sock.into(), &mut slices, &mut meta))
+                    };
+                    match res {
+                        Ok(n) => {
+                            let now = Instant::now();
+                            for (m, b) in meta.iter().zip(bufs.iter()).take(n) {
+                                let stride = m.stride.max(1);
+                                for chunk in b[..m.len].chunks(stride) {
+                                    self.on_datagram(now, m.addr, m.dst_ip, chunk);
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => tracing::warn!(error = %e, "media socket receive failed"),
+                    }
+                }
+                _ = sleep, if next_timer.is_some() => self.fire_timers(Instant::now()),
+                _ = tick.tick() => self.on_tick(Instant::now()),
+            }
+            self.flush(Instant::now());
+        }
+        tracing::info!("media worker stopped");
+    }
+
+    // ---- network input -------------------------------------------------------------------
+
+    fn on_datagram(&mut self, now: Instant, src: SocketAddr, dst_ip: Option<IpAddr>, d: &[u8]) {
+        self.stats.datagrams_in.fetch_add(1, Relaxed);
+        if d.len() > self.cfg.max_datagram_bytes {
+            self.stats.datagrams_oversized.fetch_add(1, Relaxed);
+            return;
+        }
+        let Some(ck) = self.route(src, dst_ip, d) else {
+            self.stats.datagrams_unroutable.fetch_add(1, Relaxed);
+            return;
+        };
+        let local_addr = self.announced;
+        let conn = &mut self.conns[ck];
+        let res = conn.pc.handle_read(TaggedBytesMut {
+            now,
+            transport: TransportContext {
+                local_addr,
+                peer_addr: src,
+                ecn: None,
+                transport_protocol: TransportProtocol::UDP,
+            },
+            message: BytesMut::from(d),
+        });
+        if let Err(e) = res {
+            // A malformed datagram from a known peer: counted, never fatal.
+            tracing::debug!(error = %e, "peer connection rejected a datagram");
+            self.stats.datagrams_unroutable.fetch_add(1, Relaxed);
+        }
+        self.process_conn(now, ck);
+    }
+
+    fn route(&mut self, src: SocketAddr, dst_ip: Option<IpAddr>, d: &[u8]) -> Option<usize> {
+        if let Some(&ck) = self.by_addr.get(&src) {
+            return Some(ck);
+        }
+        let ufrag = binding_request_local_ufrag(d)?;
+        let ck = *self.by_ufrag.get(ufrag)?;
+        let conn = &mut self.conns[ck];
+        if conn.addrs.len() >= MAX_ADDRS_PER_CONN {
+            return None;
+        }
+        conn.addrs.push(src);
+        if conn.src_ip.is_none() {
+            conn.src_ip = dst_ip;
+        }
+        self.by_addr.insert(src, ck);
+        Some(ck)
+    }
+
+    fn send(&self, dst: SocketAddr, src_ip: Option<IpAddr>, data: &[u8]) {
+        let t = Transmit {
+            destination: dst,
+            ecn: None,
+            contents: data,
+            segment_size: None,
+            src_ip,
+        };
+        match self.udp.try_send((&self.socket).into(), &t) {
+            Ok(()) => {
+                self.stats.datagrams_out.fetch_add(1, Relaxed);
+            }
+            Err(_) => {
+                self.stats.send_errors.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Drains everything a connection has to say: datagrams out, events, media, timers.
+    fn process_conn(&mut self, now: Instant, ck: usize) {
+        let Some(conn) = self.conns.get_mut(ck) else {
+            return;
+        };
+        conn.dirty = false;
+        let src_ip = conn.src_ip;
+        while let Some(msg) = conn.pc.poll_write() {
+            let t = Transmit {
+                destination: msg.transport.peer_addr,
+                ecn: None,
+                contents: &msg.message,
+                segment_size: None,
+                src_ip,
+            };
+            match self.udp.try_send((&self.socket).into(), &t) {
+                Ok(()) => self.stats.datagrams_out.fetch_add(1, Relaxed),
+                Err(_) => self.stats.send_errors.fetch_add(1, Relaxed),
+            };
+        }
+        while let Some(ev) = conn.pc.poll_event() {
+            self.event_scratch.push(ev);
+        }
+        while let Some(msg) = conn.pc.poll_read() {
+            match msg.message {
+                RTCMessage::RtpPacket(track, pkt) => self.rtp_scratch.push((track, pkt)),
+                RTCMessage::RtcpPacket(track, pkts) => self.rtcp_scratch.push((track, pkts)),
+                _ => {}
+            }
+        }
+        self.schedule(ck);
+
+        let mut events = std::mem::take(&mut self.event_scratch);
+        for ev in events.drain(..) {
+            self.on_pc_event(now, ck, ev);
+        }
+        self.event_scratch = events;
+
+        let mut rtp = std::mem::take(&mut self.rtp_scratch);
+        for (track, pkt) in rtp.drain(..) {
+            self.on_rtp(now, ck, &track, pkt);
+        }
+        self.rtp_scratch = rtp;
+
+        let mut rtcp = std::mem::take(&mut self.rtcp_scratch);
+        for (track, pkts) in rtcp.drain(..) {
+            self.on_subscriber_rtcp(now, ck, &track, &pkts);
+        }
+        self.rtcp_scratch = rtcp;
+    }
+
+    fn schedule(&mut self, ck: usize) {
+        let Some(conn) = self.conns.get_mut(ck) else {
+            return;
+        };
+        let next = conn.pc.poll_timeout();
+        if next != conn.deadline {
+            conn.deadline = next;
+            if let Some(t) = next {
+                self.timers.push(Reverse((t, ck)));
+            }
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((t, ck))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get_mut(ck) else {
+                continue;
+            };
+            if conn.deadline != Some(t) {
+                continue; // superseded
+            }
+            conn.deadline = None;
+            if let Err(e) = conn.pc.handle_timeout(now) {
+                tracing::debug!(error = %e, "peer connection timeout handling failed");
+            }
+            self.process_conn(now, ck);
+            // A deadline that does not move forward would spin; push it a little.
+            if let Some(conn) = self.conns.get_mut(ck) {
+                if conn.deadline.is_some_and(|d| d <= now) {
+                    let d = now + Duration::from_millis(1);
+                    conn.deadline = Some(d);
+                    self.timers.push(Reverse((d, ck)));
+                }
+            }
+        }
+    }
+
+    fn mark_dirty(&mut self, ck: usize) {
+        if let Some(c) = self.conns.get_mut(ck) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(ck);
+            }
+        }
+    }
+
+    fn flush(&mut self, now: Instant) {
+        while let Some(ck) = self.dirty.pop() {
+            self.process_conn(now, ck);
+        }
+    }
+
+    // ---- peer connection events ----------------------------------------------------------
+
+    fn on_pc_event(&mut self, now: Instant, ck: usize, ev: RTCPeerConnectionEvent) {
+        match ev {
+            RTCPeerConnectionEvent::OnConnectionStateChangeEvent(state) => {
+                let Some(conn) = self.conns.get_mut(ck) else {
+                    return;
+                };
+                conn.connected = state == RTCPeerConnectionState::Connected;
+                let (pk, kind) = (conn.participant, conn.kind);
+                tracing::debug!(?kind, %state, "peer connection state");
+                if let Some(p) = self.participants.get(pk) {
+                    p.send(SfuEvent::TransportState {
+                        transport: kind,
+                        state: state.to_string(),
+                    });
+                }
+                if conn_connected(&self.conns, ck) && kind == TransportKind::Subscribe {
+                    // Consumers waiting on this transport need a keyframe now.
+                    let consumers: Vec<usize> = self.participants[pk].consumers.clone();
+                    for c in consumers {
+                        self.request_keyframe_for_consumer(now, c);
+                    }
+                }
+            }
+            RTCPeerConnectionEvent::OnTrack(RTCTrackEvent::OnOpen(init)) => {
+                let Some(conn) = self.conns.get_mut(ck) else {
+                    return;
+                };
+                if conn.kind != TransportKind::Publish {
+                    return;
+                }
+                let Some(pk) = self
+                    .producers
+                    .iter()
+                    .find(|(_, p)| p.conn == ck && p.receiver == init.receiver_id)
+                    .map(|(k, _)| k)
+                else {
+                    return;
+                };
+                let producer = &mut self.producers[pk];
+                let layer = match &init.rid {
+                    Some(rid) => producer.rids.iter().position(|r| r == rid).unwrap_or(0),
+                    None => 0,
+                };
+                if let Some(l) = producer.layers.get_mut(layer) {
+                    l.ssrc = Some(init.ssrc);
+                }
+                conn.track_producer.insert(init.track_id.clone(), pk);
+                conn.ssrc_route.insert(init.ssrc, (pk, layer as u8));
+            }
+            _ => {}
+        }
+    }
+
+    // ---- forwarding ----------------------------------------------------------------------
+
+    fn resolve_ssrc(&mut self, ck: usize, track: &str, ssrc: u32) -> Option<(usize, u8)> {
+        let conn = self.conns.get_mut(ck)?;
+        if let Some(r) = conn.ssrc_route.get(&ssrc) {
+            return Some(*r);
+        }
+        let pk = *conn.track_producer.get(track)?;
+        let producer = self.producers.get_mut(pk)?;
+        let rid = conn
+            .pc
+            .rtp_receiver(producer.receiver)
+            .and_then(|r| r.track().rid(ssrc).cloned());
+        let layer = rid
+            .and_then(|rid| producer.rids.iter().position(|r| *r == rid))
+            .unwrap_or(0);
+        if let Some(l) = producer.layers.get_mut(layer) {
+            l.ssrc = Some(ssrc);
+        }
+        conn.ssrc_route.insert(ssrc, (pk, layer as u8));
+        Some((pk, layer as u8))
+    }
+
+    fn on_rtp(&mut self, now: Instant, ck: usize, track: &str, mut pkt: rtc::rtp::Packet) {
+        self.stats.rtp_in.fetch_add(1, Relaxed);
+        let ssrc = pkt.header.ssrc;
+        let Some((pk, layer)) = self.resolve_ssrc(ck, track, ssrc) else {
+            return;
+        };
+        let Worker {
+            producers,
+            consumers,
+            conns,
+            participants,
+            stats,
+            dirty,
+            ..
+        } = self;
+        let producer = &mut producers[pk];
+        if let Some(l) = producer.layers.get_mut(layer as usize) {
+            l.bytes += pkt.payload.len() as u64;
+            l.last_packet = Some(now);
+        }
+        if producer.paused || producer.consumers.is_empty() {
+            return;
+        }
+        let keyframe = producer
+            .codec
+            .is_some_and(|c| is_keyframe(c, &pkt.payload));
+        // Extensions were negotiated with the publisher, not with each subscriber; the
+        // subscriber's own interceptors add what its connection negotiated.
+        pkt.header.extension = false;
+        pkt.header.extensions.clear();
+        pkt.header.extension_profile = 0;
+        let (seq, ts) = (pkt.header.sequence_number, pkt.header.timestamp);
+        for &cid in &producer.consumers {
+            let c = &mut consumers[cid];
+            let conn = &mut conns[c.conn];
+            if c.paused || !conn.connected {
+                continue;
+            }
+            let before = c.selector.current();
+            if c.selector.on_packet(layer, keyframe) == Decision::Drop {
+                stats.rtp_dropped_layer.fetch_add(1, Relaxed);
+                continue;
+            }
+            let Some((out_seq, out_ts)) = c.rewriter.rewrite(now, ssrc, seq, ts) else {
+                continue;
+            };
+            if before != c.selector.current() {
+                if let Some(p) = participants.get(c.participant) {
+                    p.send(SfuEvent::ConsumerLayerChanged {
+                        consumer_id: c.id.clone(),
+                        layer,
+                    });
+                }
+            }
+            let mut out = pkt.clone();
+            out.header.ssrc = c.ssrc;
+            out.header.sequence_number = out_seq;
+            out.header.timestamp = out_ts;
+            out.header.payload_type = c.payload_type;
+            if let Some(mut sender) = conn.pc.rtp_sender(c.sender) {
+                if sender.write_rtp(now, out).is_ok() {
+                    stats.rtp_forwarded.fetch_add(1, Relaxed);
+                }
+            }
+            if !conn.dirty {
+                conn.dirty = true;
+                dirty.push(c.conn);
+            }
+        }
+    }
+
+    fn on_subscriber_rtcp(
+        &mut self,
+        now: Instant,
+        ck: usize,
+        track: &str,
+        pkts: &[Box<dyn rtc::rtcp::Packet>],
+    ) {
+        let Some(conn) = self.conns.get(ck) else {
+            return;
+        };
+        if conn.kind != TransportKind::Subscribe {
+            return;
+        }
+        let Some(&cid) = conn.track_consumer.get(track) else {
+            return;
+        };
+        for p in pkts {
+            let any = p.as_any();
+            if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
+                self.request_keyframe_for_consumer(now, cid);
+            } else if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
+                if let Some(c) = self.consumers.get_mut(cid) {
+                    c.selector.set_bandwidth(Some(remb.bitrate as u64));
+                }
+            }
+        }
+    }
+
+    fn request_keyframe_for_consumer(&mut self, now: Instant, cid: usize) {
+        let Some(c) = self.consumers.get(cid) else {
+            return;
+        };
+        let (pk, layer) = (c.producer, c.selector.target());
+        self.request_keyframe(now, pk, layer);
+    }
+
+    /// Sends a PLI for one layer of a producer, at most once per interval.
+    fn request_keyframe(&mut self, now: Instant, pk: usize, layer: u8) {
+        let Some(p) = self.producers.get_mut(pk) else {
+            return;
+        };
+        if p.kind != MediaKind::Video {
+            return;
+        }
+        let Some(l) = p.layers.get_mut(layer as usize) else {
+            return;
+        };
+        let Some(ssrc) = l.ssrc else { return };
+        if l
+            .last_keyframe_request
+            .is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_INTERVAL)
+        {
+            return;
+        }
+        l.last_keyframe_request = Some(now);
+        let (ck, receiver) = (p.conn, p.receiver);
+        let Some(conn) = self.conns.get_mut(ck) else {
+            return;
+        };
+        if let Some(mut r) = conn.pc.rtp_receiver(receiver) {
+            let pli = PictureLossIndication {
+                sender_ssrc: 0,
+                media_ssrc: ssrc,
+            };
+            if r.write_rtcp(now, vec![Box::new(pli)]).is_ok() {
+                self.stats.keyframe_requests.fetch_add(1, Relaxed);
+            }
+        }
+        self.mark_dirty(ck);
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        self.ticks += 1;
+        let measure = self.ticks % 10 == 0;
+        let mut wants: Vec<usize> = Vec::new();
+        let mut bitrates: Vec<Option<u64>> = Vec::new();
+        for (_, p) in self.producers.iter_mut() {
+            if measure {
+                for l in p.layers.iter_mut() {
+                    let idle = l
+                        .last_packet
+                        .is_none_or(|t| now.duration_since(t) > LAYER_IDLE);
+                    l.bitrate = if idle { None } else { Some(l.bytes * 8) };
+                    l.bytes = 0;
+                }
+            }
+            bitrates.clear();
+            bitrates.extend(p.layers.iter().map(|l| l.bitrate.or(l.last_packet.map(|_| 1))));
+            for &cid in &p.consumers {
+                let c = &mut self.consumers[cid];
+                if p.layers.len() > 1 {
+                    c.selector.update_target(&bitrates);
+                }
+                if c.selector.wants_keyframe() && !c.paused {
+                    wants.push(cid);
+                }
+            }
+        }
+        for cid in wants {
+            if self
+                .consumers
+                .get(cid)
+                .is_some_and(|c| conn_connected(&self.conns, c.conn))
+            {
+                self.request_keyframe_for_consumer(now, cid);
+            }
+        }
+    }
+
+    // ---- commands ------------------------------------------------------------------------
+
+    fn handle_command(&mut self, cmd: Command) {
+        let now = Instant::now();
+        match cmd {
+            Command::Join {
+                session,
+                user,
+                role,
+                events,
+                reply,
+            } => {
+                let _ = reply.send(self.join(session, user, role, events));
+            }
+            Command::Publish {
+                participant,
+                offer,
+                reply,
+            } => {
+                let _ = reply.send(self.publish(now, &participant, offer));
+            }
+            Command::Subscribe {
+                participant,
+                producer,
+                offer,
+                max_layer,
+                reply,
+            } => {
+                let _ = reply.send(self.subscribe(now, &participant, &producer, offer, max_layer));
+            }
+            Command::SetConsumerLayer {
+                participant,
+                consumer,
+                max_layer,
+                reply,
+            } => {
+                let r = self.own_consumer(&participant, &consumer).map(|cid| {
+                    let c = &mut self.consumers[cid];
+                    c.selector.set_max_layer(max_layer);
+                });
+                let _ = reply.send(r);
+            }
+            Command::SetConsumerPaused {
+                participant,
+                consumer,
+                paused,
+                reply,
+            } => {
+                let r = self.own_consumer(&participant, &consumer).map(|cid| {
+                    let c = &mut self.consumers[cid];
+                    c.paused = paused;
+                    if !paused {
+                        // Resume on a keyframe, like a fresh subscription.
+                        c.selector = LayerSelector::new(c.selector.max_layer());
+                    }
+                });
+                let _ = reply.send(r);
+            }
+            Command::SetProducerPaused {
+                participant,
+                producer,
+                paused,
+                reply,
+            } => {
+                let r = self.own_producer(&participant, &producer).map(|pk| {
+                    self.producers[pk].paused = paused;
+                    let ev = if paused {
+                        SfuEvent::ProducerPaused(producer.clone())
+                    } else {
+                        for &cid in &self.producers[pk].consumers {
+                            let c = &mut self.consumers[cid];
+                            c.selector = LayerSelector::new(c.selector.max_layer());
+                        }
+                        SfuEvent::ProducerResumed(producer.clone())
+                    };
+                    self.notify_viewers(self.producers[pk].participant, ev);
+                });
+                let _ = reply.send(r);
+            }
+            Command::CloseProducer {
+                participant,
+                producer,
+                reply,
+            } => {
+                let r = self
+                    .own_producer(&participant, &producer)
+                    .map(|pk| self.close_producer(pk));
+                let _ = reply.send(r);
+            }
+            Command::CloseConsumer {
+                participant,
+                consumer,
+                reply,
+            } => {
+                let r = self
+                    .own_consumer(&participant, &consumer)
+                    .map(|cid| self.close_consumer(cid, false));
+                let _ = reply.send(r);
+            }
+            Command::AddCandidate {
+                participant,
+                transport,
+                candidate,
+                sdp_mid,
+                reply,
+            } => {
+                let _ = reply.send(self.add_candidate(&participant, transport, candidate, sdp_mid));
+            }
+            Command::Leave { participant } => self.leave(&participant),
+        }
+    }
+
+    fn own_producer(&self, participant: &ParticipantId, id: &ProducerId) -> Result<usize, ControlError> {
+        let pk = *self
+            .participant_ids
+            .get(participant)
+            .ok_or(ControlError::UnknownParticipant)?;
+        self.producer_ids
+            .get(id)
+            .copied()
+            .filter(|&k| self.producers[k].participant == pk)
+            .ok_or_else(|| ControlError::UnknownProducer(id.to_string()))
+    }
+
+    fn own_consumer(&self, participant: &ParticipantId, id: &ConsumerId) -> Result<usize, ControlError> {
+        let pk = *self
+            .participant_ids
+            .get(participant)
+            .ok_or(ControlError::UnknownParticipant)?;
+        self.consumer_ids
+            .get(id)
+            .copied()
+            .filter(|&k| self.consumers[k].participant == pk)
+            .ok_or_else(|| ControlError::UnknownConsumer(id.to_string()))
+    }
+
+    fn join(
+        &mut self,
+        session: SessionId,
+        user: UserId,
+        role: Role,
+        events: mpsc::UnboundedSender<SfuEvent>,
+    ) -> Result<Joined, JoinError> {
+        let limits = &self.cfg.limits;
+        match self.routers.get(&session) {
+            None if self.routers.len() >= limits.max_sessions => {
+                return Err(JoinError::TooManySessions)
+            }
+            Some(members) if members.len() >= limits.max_participants_per_session => {
+                return Err(JoinError::SessionFull(limits.max_participants_per_session))
+            }
+            _ => {}
+        }
+        let id = ParticipantId::random();
+        let pk = self.participants.insert(Participant {
+            id: id.clone(),
+            session: session.clone(),
+            user,
+            role,
+            events,
+            publish: None,
+            subscribe: None,
+            producers: Vec::new(),
+            consumers: Vec::new(),
+        });
+        self.participant_ids.insert(id.clone(), pk);
+        let members = self.routers.entry(session).or_default();
+        let others: Vec<usize> = members.clone();
+        members.push(pk);
+        let me = self.participants[pk].info();
+        let mut producers = Vec::new();
+        let mut participants = Vec::new();
+        for &o in &others {
+            let other = &self.participants[o];
+            participants.push(other.info());
+            other.send(SfuEvent::ParticipantJoined(me.clone()));
+            if role.may_see(other.role) {
+                for &prk in &other.producers {
+                    producers.push(self.producer_info(prk));
+                }
+            }
+        }
+        self.update_gauges();
+        tracing::info!(participant = %id, ?role, "participant joined");
+        Ok(Joined {
+            participant_id: id,
+            participants,
+            producers,
+        })
+    }
+
+    fn producer_info(&self, pk: usize) -> ProducerInfo {
+        let p = &self.producers[pk];
+        let owner = &self.participants[p.participant];
+        ProducerInfo {
+            producer_id: p.id.clone(),
+            participant_id: owner.id.clone(),
+            user_id: owner.user.clone(),
+            role: owner.role,
+            kind: p.kind,
+            codec: p.codec,
+            layers: p.rids.clone(),
+            paused: p.paused,
+        }
+    }
+
+    /// Sends an event to every other member of `pk`'s session allowed to see its media.
+    fn notify_viewers(&self, pk: usize, ev: SfuEvent) {
+        let me = &self.participants[pk];
+        if let Some(members) = self.routers.get(&me.session) {
+            for &o in members {
+                if o != pk && self.participants[o].role.may_see(me.role) {
+                    self.participants[o].send(ev.clone());
+                }
+            }
+        }
+    }
+
+    fn new_conn(&mut self, now: Instant, pk: usize, kind: TransportKind) -> Result<usize, String> {
+        let pc = build_peer_connection(kind, self.announced, now).map_err(sdp_error)?;
+        let ck = self.conns.insert(Conn {
+            pc,
+            kind,
+            participant: pk,
+            ufrag: String::new(),
+            addrs: Vec::new(),
+            src_ip: None,
+            deadline: None,
+            connected: false,
+            dirty: false,
+            ssrc_route: HashMap::new(),
+            track_producer: HashMap::new(),
+            track_consumer: HashMap::new(),
+        });
+        let p = &mut self.participants[pk];
+        match kind {
+            TransportKind::Publish => p.publish = Some(ck),
+            TransportKind::Subscribe => p.subscribe = Some(ck),
+        }
+        self.update_gauges();
+        Ok(ck)
+    }
+
+    /// Applies an offer and returns the answer; registers the ICE ufrag on first use.
+    fn negotiate(&mut self, now: Instant, ck: usize, offer: String) -> Result<String, String> {
+        let conn = &mut self.conns[ck];
+        let desc = RTCSessionDescription::offer(offer).map_err(sdp_error)?;
+        conn.pc
+            .set_remote_description(now, desc)
+            .map_err(sdp_error)?;
+        let answer = conn.pc.create_answer(None).map_err(sdp_error)?;
+        conn.pc
+            .set_local_description(now, answer)
+            .map_err(sdp_error)?;
+        let sdp = conn
+            .pc
+            .local_description()
+            .map(|d| d.sdp)
+            .ok_or_else(|| "no local description after answering".to_string())?;
+        if conn.ufrag.is_empty() {
+            let ufrag = ice_ufrag(&sdp).ok_or("answer carries no ICE ufrag")?;
+            conn.ufrag = ufrag.clone();
+            self.by_ufrag.insert(ufrag, ck);
+        }
+        self.mark_dirty(ck);
+        Ok(sdp)
+    }
+
+    fn publish(
+        &mut self,
+        now: Instant,
+        participant: &ParticipantId,
+        offer: String,
+    ) -> Result<Published, PublishError> {
+        let pk = *self
+            .participant_ids
+            .get(participant)
+            .ok_or(PublishError::UnknownParticipant)?;
+        if !self.participants[pk].role.may_publish() {
+            return Err(PublishError::NotAllowed);
+        }
+        let max = self.cfg.limits.max_producers_per_participant;
+        let fresh = self.participants[pk].publish.is_none();
+        let ck = match self.participants[pk].publish {
+            Some(ck) => ck,
+            None => self
+                .new_conn(now, pk, TransportKind::Publish)
+                .map_err(PublishError::BadSdp)?,
+        };
+        let remote_sdp = offer.clone();
+        let answer = match self.negotiate(now, ck, offer) {
+            Ok(a) => a,
+            Err(e) => {
+                if fresh {
+                    self.close_conn(ck);
+                }
+                return Err(PublishError::BadSdp(e));
+            }
+        };
+        // Every receiving m-line is a producer; new ones are created and announced.
+        let mut result = Vec::new();
+        let conn = &mut self.conns[ck];
+        let transceivers: Vec<_> = conn.pc.get_transceivers().collect();
+        let mut created = Vec::new();
+        for tid in transceivers {
+            let Some(t) = conn.pc.rtp_transceiver(tid) else {
+                continue;
+            };
+            let (Some(mid), Some(receiver)) = (t.mid().clone(), t.receiver()) else {
+                continue;
+            };
+            if let Some((pk2, _)) = self
+                .producers
+                .iter()
+                .find(|(_, p)| p.conn == ck && p.mid == mid)
+            {
+                result.push((mid, pk2));
+                continue;
+            }
+            let Some(mut r) = conn.pc.rtp_receiver(receiver) else {
+                continue;
+            };
+            let kind = match r.track().kind() {
+                RtpCodecKind::Audio => MediaKind::Audio,
+                _ => MediaKind::Video,
+            };
+            let Some(rtp_codec) = r
+                .get_parameters()
+                .rtp_parameters
+                .codecs
+                .first()
+                .map(|c| c.rtp_codec.clone())
+            else {
+                continue; // rejected m-line
+            };
+            if self.participants[pk].producers.len() + created.len() >= max {
+                return Err(PublishError::TooManyProducers(max));
+            }
+            let rids = simulcast_rids(&remote_sdp, &mid);
+            let layers = vec![LayerStat::default(); rids.len().max(1)];
+            let producer = Producer {
+                id: ProducerId::random(),
+                participant: pk,
+                conn: ck,
+                mid: mid.clone(),
+                kind,
+                codec: Codec::from_mime(&rtp_codec.mime_type),
+                rtp_codec,
+                receiver,
+                rids,
+                layers,
+                paused: false,
+                consumers: Vec::new(),
+            };
+            let id = producer.id.clone();
+            let prk = self.producers.insert(producer);
+            self.producer_ids.insert(id, prk);
+            created.push(prk);
+            result.push((mid, prk));
+        }
+        for &prk in &created {
+            self.participants[pk].producers.push(prk);
+            let info = self.producer_info(prk);
+            tracing::info!(producer = %info.producer_id, kind = ?info.kind, layers = info.layers.len(), "producer created");
+            self.notify_viewers(pk, SfuEvent::ProducerAdded(info));
+        }
+        self.update_gauges();
+        Ok(Published {
+            answer,
+            producers: result
+                .into_iter()
+                .map(|(mid, prk)| (mid, self.producer_info(prk)))
+                .collect(),
+        })
+    }
+
+    fn subscribe(
+        &mut self,
+        now: Instant,
+        participant: &ParticipantId,
+        producer: &ProducerId,
+        offer: String,
+        max_layer: Option<u8>,
+    ) -> Result<Subscribed, SubscribeError> {
+        let pk = *self
+            .participant_ids
+            .get(participant)
+            .ok_or(SubscribeError::UnknownParticipant)?;
+        let prk = *self
+            .producer_ids
+            .get(producer)
+            .ok_or_else(|| SubscribeError::UnknownProducer(producer.to_string()))?;
+        let me = &self.participants[pk];
+        let (owner, layers, kind, rtp_codec) = {
+            let p = &self.producers[prk];
+            (p.participant, p.layers.len(), p.kind, p.rtp_codec.clone())
+        };
+        if self.participants[owner].session != me.session {
+            return Err(SubscribeError::UnknownProducer(producer.to_string()));
+        }
+        if owner == pk || !me.role.may_see(self.participants[owner].role) {
+            return Err(SubscribeError::NotAllowed);
+        }
+        let max = self.cfg.limits.max_consumers_per_participant;
+        if me.consumers.len() >= max {
+            return Err(SubscribeError::TooManyConsumers(max));
+        }
+        let fresh = me.subscribe.is_none();
+        let ck = match me.subscribe {
+            Some(ck) => ck,
+            None => self
+                .new_conn(now, pk, TransportKind::Subscribe)
+                .map_err(SubscribeError::BadSdp)?,
+        };
+        let id = ConsumerId::random();
+        let ssrc = loop {
+            let s = rand::random::<u32>();
+            if s != 0 {
+                break s;
+            }
+        };
+        let owner_id = self.participants[owner].id.to_string();
+        let track = MediaStreamTrack::new(
+            owner_id,
+            id.to_string(),
+            producer.to_string(),
+            match kind {
+                MediaKind::Audio => RtpCodecKind::Audio,
+                MediaKind::Video => RtpCodecKind::Video,
+            },
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec: rtp_codec.clone(),
+                ..Default::default()
+            }],
+        );
+        let conn = &mut self.conns[ck];
+        let sender = conn
+            .pc
+            .add_track(track)
+            .map_err(|e| SubscribeError::BadSdp(sdp_error(e)))?;
+        let fail = |w: &mut Self, e: SubscribeError| {
+            if let Some(c) = w.conns.get_mut(ck) {
+                let _ = c.pc.remove_track(sender);
+            }
+            if fresh {
+                w.close_conn(ck);
+            }
+            Err(e)
+        };
+        let answer = match self.negotiate(now, ck, offer) {
+            Ok(a) => a,
+            Err(e) => return fail(self, SubscribeError::BadSdp(e)),
+        };
+        let conn = &mut self.conns[ck];
+        let transceivers: Vec<_> = conn.pc.get_transceivers().collect();
+        let mid = transceivers.into_iter().find_map(|tid| {
+            let t = conn.pc.rtp_transceiver(tid)?;
+            if t.sender() == Some(sender) {
+                t.mid().clone()
+            } else {
+                None
+            }
+        });
+        let Some(mid) = mid else {
+            return fail(self, SubscribeError::NoMatchingMLine);
+        };
+        let payload_type = conn.pc.rtp_sender(sender).and_then(|mut s| {
+            let codecs = &s.get_parameters().rtp_parameters.codecs;
+            codecs
+                .iter()
+                .find(|c| {
+                    c.rtp_codec.mime_type.eq_ignore_ascii_case(&rtp_codec.mime_type)
+                        && c.rtp_codec.sdp_fmtp_line == rtp_codec.sdp_fmtp_line
+                })
+                .or_else(|| {
+                    codecs.iter().find(|c| {
+                        c.rtp_codec.mime_type.eq_ignore_ascii_case(&rtp_codec.mime_type)
+                    })
+                })
+                .map(|c| c.payload_type)
+        });
+        let Some(payload_type) = payload_type else {
+            return fail(
+                self,
+                SubscribeError::BadSdp(format!(
+                    "the subscriber does not accept {}",
+                    rtp_codec.mime_type
+                )),
+            );
+        };
+        conn.track_consumer.insert(id.to_string(), 0);
+        let top = (layers.max(1) - 1) as u8;
+        let consumer = Consumer {
+            id: id.clone(),
+            producer: prk,
+            participant: pk,
+            conn: ck,
+            sender,
+            ssrc,
+            payload_type,
+            rewriter: RtpRewriter::new(rtp_codec.clock_rate),
+            selector: LayerSelector::new(max_layer.unwrap_or(top).min(top)),
+            paused: false,
+            track_id: id.to_string(),
+        };
+        let cid = self.consumers.insert(consumer);
+        self.conns[ck].track_consumer.insert(id.to_string(), cid);
+        self.consumer_ids.insert(id.clone(), cid);
+        self.producers[prk].consumers.push(cid);
+        self.participants[pk].consumers.push(cid);
+        self.update_gauges();
+        tracing::info!(consumer = %id, producer = %producer, "consumer created");
+        Ok(Subscribed {
+            answer,
+            consumer_id: id,
+            producer_id: producer.clone(),
+            mid,
+        })
+    }
+
+    fn add_candidate(
+        &mut self,
+        participant: &ParticipantId,
+        transport: TransportKind,
+        candidate: String,
+        sdp_mid: Option<String>,
+    ) -> Result<(), ControlError> {
+        let pk = *self
+            .participant_ids
+            .get(participant)
+            .ok_or(ControlError::UnknownParticipant)?;
+        let p = &self.participants[pk];
+        let ck = match transport {
+            TransportKind::Publish => p.publish,
+            TransportKind::Subscribe => p.subscribe,
+        }
+        .ok_or(ControlError::NoTransport(transport))?;
+        if candidate.is_empty() {
+            return Ok(()); // end of candidates
+        }
+        self.conns[ck]
+            .pc
+            .add_remote_candidate(RTCIceCandidateInit {
+                candidate,
+                sdp_mid,
+                ..Default::default()
+            })
+            .map_err(|e| ControlError::BadCandidate(sdp_error(e)))
+    }
+
+    // ---- teardown ------------------------------------------------------------------------
+
+    fn close_consumer(&mut self, cid: usize, producer_gone: bool) {
+        if !self.consumers.contains(cid) {
+            return;
+        }
+        let c = self.consumers.remove(cid);
+        self.consumer_ids.remove(&c.id);
+        if let Some(p) = self.producers.get_mut(c.producer) {
+            p.consumers.retain(|&x| x != cid);
+        }
+        if let Some(p) = self.participants.get_mut(c.participant) {
+            p.consumers.retain(|&x| x != cid);
+            if producer_gone {
+                p.send(SfuEvent::ConsumerClosed(c.id.clone()));
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(c.conn) {
+            conn.track_consumer.remove(&c.track_id);
+            let _ = conn.pc.remove_track(c.sender);
+        }
+        self.mark_dirty(c.conn);
+        self.update_gauges();
+    }
+
+    fn close_producer(&mut self, prk: usize) {
+        if !self.producers.contains(prk) {
+            return;
+        }
+        let consumers = self.producers[prk].consumers.clone();
+        for cid in consumers {
+            self.close_consumer(cid, true);
+        }
+        let p = self.producers.remove(prk);
+        self.producer_ids.remove(&p.id);
+        if let Some(conn) = self.conns.get_mut(p.conn) {
+            conn.ssrc_route.retain(|_, (k, _)| *k != prk);
+            conn.track_producer.retain(|_, k| *k != prk);
+        }
+        if self.participants.contains(p.participant) {
+            self.participants[p.participant]
+                .producers
+                .retain(|&x| x != prk);
+            self.notify_viewers(p.participant, SfuEvent::ProducerClosed(p.id.clone()));
+        }
+        tracing::info!(producer = %p.id, "producer closed");
+        self.update_gauges();
+    }
+
+    fn close_conn(&mut self, ck: usize) {
+        if !self.conns.contains(ck) {
+            return;
+        }
+        let mut conn = self.conns.remove(ck);
+        let _ = conn.pc.close();
+        while let Some(msg) = conn.pc.poll_write() {
+            self.send(msg.transport.peer_addr, conn.src_ip, &msg.message);
+        }
+        for a in &conn.addrs {
+            self.by_addr.remove(a);
+        }
+        if !conn.ufrag.is_empty() {
+            self.by_ufrag.remove(&conn.ufrag);
+        }
+        if let Some(p) = self.participants.get_mut(conn.participant) {
+            match conn.kind {
+                TransportKind::Publish if p.publish == Some(ck) => p.publish = None,
+                TransportKind::Subscribe if p.subscribe == Some(ck) => p.subscribe = None,
+                _ => {}
+            }
+        }
+        self.update_gauges();
+    }
+
+    fn leave(&mut self, participant: &ParticipantId) {
+        let Some(pk) = self.participant_ids.remove(participant) else {
+            return;
+        };
+        let producers = self.participants[pk].producers.clone();
+        for prk in producers {
+            self.close_producer(prk);
+        }
+        let consumers = self.participants[pk].consumers.clone();
+        for cid in consumers {
+            self.close_consumer(cid, false);
+        }
+        let p = &self.participants[pk];
+        let conns: Vec<usize> = p.publish.into_iter().chain(p.subscribe).collect();
+        for ck in conns {
+            self.close_conn(ck);
+        }
+        let p = self.participants.remove(pk);
+        if let Some(members) = self.routers.get_mut(&p.session) {
+            members.retain(|&x| x != pk);
+            for &o in members.iter() {
+                self.participants[o].send(SfuEvent::ParticipantLeft(p.info()));
+            }
+            if members.is_empty() {
+                self.routers.remove(&p.session);
+            }
+        }
+        tracing::info!(participant = %p.id, "participant left");
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let s = &self.stats;
+        s.sessions.store(self.routers.len() as u64, Relaxed);
+        s.participants.store(self.participants.len() as u64, Relaxed);
+        s.producers.store(self.producers.len() as u64, Relaxed);
+        s.consumers.store(self.consumers.len() as u64, Relaxed);
+        s.peer_connections.store(self.conns.len() as u64, Relaxed);
+    }
+}
+
+fn conn_connected(conns: &Slab<Conn>, ck: usize) -> bool {
+    conns.get(ck).is_some_and(|c| c.connected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simulcast_rids_are_read_in_order_for_the_right_mid() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=rid:l send\r\n\
+                   a=simulcast:send l;m;~h\r\n";
+        assert_eq!(simulcast_rids(sdp, "1"), vec!["l", "m", "h"]);
+        assert!(simulcast_rids(sdp, "0").is_empty());
+    }
+}

@@ -1,0 +1,439 @@
+//! The service edge: HTTP + WebSocket signaling, the browser SDK and demo pages, health and
+//! Prometheus metrics. It authenticates, parses and relays; media state lives in the SFU worker.
+
+pub mod protocol;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::header;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::auth::{TokenError, TokenVerifier};
+use crate::ids::{NodeId, ParticipantId, RegionId};
+use crate::sfu::{WorkerHandle, WorkerStats};
+use protocol::{close, ClientMessage, ParseError, PublishedProducer, ServerMessage};
+
+/// Counters of refused signaling input, by error code.
+#[derive(Default)]
+pub struct SignalingMetrics {
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    connections: std::sync::atomic::AtomicU64,
+}
+
+impl SignalingMetrics {
+    pub fn count(&self, code: &'static str) {
+        if let Ok(mut m) = self.errors.lock() {
+            *m.entry(code).or_default() += 1;
+        }
+    }
+
+    pub fn errors(&self, code: &str) -> u64 {
+        self.errors
+            .lock()
+            .map(|m| m.get(code).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub worker: WorkerHandle,
+    pub verifier: TokenVerifier,
+    pub metrics: Arc<SignalingMetrics>,
+    pub max_message_bytes: usize,
+    pub join_timeout: Duration,
+    pub region: RegionId,
+    pub node: NodeId,
+}
+
+const SDK_JS: &str = include_str!("../../web/sdk/meridian.js");
+const USER_HTML: &str = include_str!("../../web/demo/user.html");
+const AGENT_HTML: &str = include_str!("../../web/demo/agent.html");
+const DEMO_JS: &str = include_str!("../../web/demo/demo.js");
+const DEMO_CSS: &str = include_str!("../../web/demo/demo.css");
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/ws", get(ws_upgrade))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route(
+            "/sdk/meridian.js",
+            get(|| async { asset("text/javascript; charset=utf-8", SDK_JS) }),
+        )
+        .route(
+            "/demo/demo.js",
+            get(|| async { asset("text/javascript; charset=utf-8", DEMO_JS) }),
+        )
+        .route(
+            "/demo/demo.css",
+            get(|| async { asset("text/css; charset=utf-8", DEMO_CSS) }),
+        )
+        .route("/demo/user.html", get(|| async { Html(USER_HTML) }))
+        .route("/demo/agent.html", get(|| async { Html(AGENT_HTML) }))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let w = s.worker.stats();
+    let g = WorkerStats::get;
+    let mut out = String::new();
+    let labels = format!("region=\"{}\",node=\"{}\"", s.region, s.node);
+    for (name, help, v) in [
+        ("meridian_datagrams_in_total", "UDP datagrams received on the media port", g(&w.datagrams_in)),
+        ("meridian_datagrams_out_total", "UDP datagrams sent from the media port", g(&w.datagrams_out)),
+        ("meridian_datagrams_unroutable_total", "Datagrams from unknown peers or rejected by their connection", g(&w.datagrams_unroutable)),
+        ("meridian_datagrams_oversized_total", "Datagrams larger than rtc.max_datagram_bytes", g(&w.datagrams_oversized)),
+        ("meridian_rtp_in_total", "RTP packets received from producers", g(&w.rtp_in)),
+        ("meridian_rtp_forwarded_total", "RTP packets written to consumers", g(&w.rtp_forwarded)),
+        ("meridian_rtp_dropped_layer_total", "RTP packets not forwarded because the consumer uses another simulcast layer", g(&w.rtp_dropped_layer)),
+        ("meridian_send_errors_total", "Media socket send failures", g(&w.send_errors)),
+        ("meridian_keyframe_requests_total", "PLIs sent to publishers", g(&w.keyframe_requests)),
+        ("meridian_sessions", "Sessions (routers) on this node", g(&w.sessions)),
+        ("meridian_participants", "Participants on this node", g(&w.participants)),
+        ("meridian_producers", "Producers on this node", g(&w.producers)),
+        ("meridian_consumers", "Consumers on this node", g(&w.consumers)),
+        ("meridian_peer_connections", "WebRTC peer connections on this node", g(&w.peer_connections)),
+    ] {
+        out.push_str(&format!("# HELP {name} {help}\n{name}{{{labels}}} {v}\n"));
+    }
+    out.push_str("# HELP meridian_signaling_errors_total Signaling input refused, by code\n");
+    if let Ok(errors) = s.metrics.errors.lock() {
+        for (code, v) in errors.iter() {
+            out.push_str(&format!(
+                "meridian_signaling_errors_total{{{labels},code=\"{code}\"}} {v}\n"
+            ));
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+async fn ws_upgrade(
+    ws: WebSocketUpgrade,
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    // The transport limit is a backstop well above the protocol limit, so that a message just
+    // over the protocol limit still gets a precise error before the close.
+    let hard = state.max_message_bytes.saturating_mul(4);
+    ws.max_message_size(hard)
+        .max_frame_size(hard)
+        .on_upgrade(move |socket| connection(socket, state, peer))
+}
+
+type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+
+async fn send(sink: &mut Sink, msg: &ServerMessage) -> bool {
+    sink.send(Message::Text(msg.to_json().into())).await.is_ok()
+}
+
+async fn close_with(sink: &mut Sink, code: u16, reason: &str) {
+    let reason: String = reason.chars().take(120).collect();
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+    let _ = sink.close().await;
+}
+
+/// Refuses and closes, counting the refusal.
+async fn refuse(state: &AppState, sink: &mut Sink, code: &'static str, message: String, close_code: u16) {
+    state.metrics.count(code);
+    let _ = send(sink, &ServerMessage::error(None, code, message.clone())).await;
+    close_with(sink, close_code, &message).await;
+}
+
+/// Client IPs are personal data: logs keep only the network part.
+fn redact(peer: SocketAddr) -> String {
+    match peer.ip() {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            format!("{}.{}.{}.x", o[0], o[1], o[2])
+        }
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}::x", s[0], s[1], s[2])
+        }
+    }
+}
+
+async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
+    state
+        .metrics
+        .connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (mut sink, mut stream) = socket.split();
+    let span = tracing::info_span!("signaling", client = %redact(peer));
+    let _enter = span.enter();
+    drop(_enter);
+
+    // Phase 1: the first message must be a valid join, within the join timeout.
+    let first = tokio::time::timeout(state.join_timeout, stream.next()).await;
+    let text = match first {
+        Err(_) => {
+            return refuse(&state, &mut sink, "join_timeout", "no join message in time".into(), close::JOIN_TIMEOUT).await;
+        }
+        Ok(None) | Ok(Some(Err(_))) => return,
+        Ok(Some(Ok(Message::Text(t)))) => t,
+        Ok(Some(Ok(Message::Close(_)))) => return,
+        Ok(Some(Ok(_))) => {
+            return refuse(&state, &mut sink, "unsupported_data", "only text frames carry signaling".into(), close::UNSUPPORTED_DATA).await;
+        }
+    };
+    if text.len() > state.max_message_bytes {
+        return refuse(&state, &mut sink, "too_big", format!("message of {} bytes exceeds the limit of {}", text.len(), state.max_message_bytes), close::TOO_BIG).await;
+    }
+    let (token, session_hint) = match protocol::parse(&text) {
+        Ok(ClientMessage::Join {
+            version,
+            token,
+            session_id,
+        }) => {
+            if version != protocol::PROTOCOL_VERSION {
+                return refuse(&state, &mut sink, "unsupported_version", format!("protocol version {version} is not supported; this node speaks {}", protocol::PROTOCOL_VERSION), close::MALFORMED).await;
+            }
+            (token, session_id)
+        }
+        Ok(_) => {
+            return refuse(&state, &mut sink, "not_joined", "the first message must be `join`".into(), close::MALFORMED).await;
+        }
+        Err(e) => return refuse(&state, &mut sink, e.code(), e.to_string(), close::MALFORMED).await,
+    };
+    let claims = match state.verifier.verify(&token).and_then(|c| match session_hint {
+        Some(s) if s != c.sid => Err(TokenError::WrongSession {
+            token: c.sid,
+            requested: s,
+        }),
+        _ => Ok(c),
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(client = %redact(peer), code = e.code(), "join refused");
+            return refuse(&state, &mut sink, e.code(), e.to_string(), close::UNAUTHORIZED).await;
+        }
+    };
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let joined = match state
+        .worker
+        .join(claims.sid.clone(), claims.sub.clone(), claims.role, events_tx)
+        .await
+    {
+        Ok(j) => j,
+        Err(e) => {
+            let code = e.code();
+            return refuse(&state, &mut sink, code, e.to_string(), close::FULL).await;
+        }
+    };
+    let pid = joined.participant_id.clone();
+    let ok = send(
+        &mut sink,
+        &ServerMessage::Joined {
+            version: protocol::PROTOCOL_VERSION,
+            participant_id: pid.to_string(),
+            session_id: claims.sid.clone(),
+            user_id: claims.sub.clone(),
+            role: claims.role,
+            expires_at: claims.exp,
+            participants: joined.participants,
+            producers: joined.producers,
+        },
+    )
+    .await;
+    if !ok {
+        state.worker.leave(pid);
+        return;
+    }
+
+    // Phase 2: requests, events and the token's expiry.
+    let until_expiry = claims
+        .expires_at()
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    let expiry = tokio::time::sleep(until_expiry);
+    tokio::pin!(expiry);
+    loop {
+        tokio::select! {
+            incoming = stream.next() => {
+                let text = match incoming {
+                    None | Some(Err(_)) => break,
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(_))) => break,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(Message::Binary(_))) => {
+                        refuse(&state, &mut sink, "unsupported_data", "only text frames carry signaling".into(), close::UNSUPPORTED_DATA).await;
+                        break;
+                    }
+                };
+                if text.len() > state.max_message_bytes {
+                    refuse(&state, &mut sink, "too_big", format!("message of {} bytes exceeds the limit of {}", text.len(), state.max_message_bytes), close::TOO_BIG).await;
+                    break;
+                }
+                match protocol::parse(&text) {
+                    Ok(ClientMessage::Leave) => {
+                        close_with(&mut sink, close::NORMAL, "bye").await;
+                        break;
+                    }
+                    Ok(msg) => {
+                        let reply = handle_request(&state, &pid, msg).await;
+                        if let ServerMessage::Error { code, .. } = &reply {
+                            state.metrics.count(static_code(code));
+                        }
+                        if !send(&mut sink, &reply).await { break; }
+                    }
+                    Err(e @ ParseError::UnknownType(_)) => {
+                        // Kept open: a newer client may send types this node does not know.
+                        state.metrics.count(e.code());
+                        let reply = ServerMessage::error(ParseError::request_id(&text), e.code(), e.to_string());
+                        if !send(&mut sink, &reply).await { break; }
+                    }
+                    Err(e) => {
+                        state.metrics.count(e.code());
+                        let reply = ServerMessage::error(ParseError::request_id(&text), e.code(), e.to_string());
+                        let _ = send(&mut sink, &reply).await;
+                        close_with(&mut sink, close::MALFORMED, "malformed message").await;
+                        break;
+                    }
+                }
+            }
+            ev = events_rx.recv() => {
+                let Some(ev) = ev else { break };
+                if !send(&mut sink, &ServerMessage::from(ev)).await { break; }
+            }
+            _ = &mut expiry => {
+                state.metrics.count("session_expired");
+                state.worker.leave(pid.clone());
+                let _ = send(&mut sink, &ServerMessage::SessionExpired {
+                    message: "your access token expired; media has stopped. Rejoin with a new token.".into(),
+                }).await;
+                close_with(&mut sink, close::SESSION_EXPIRED, "token expired").await;
+                break;
+            }
+        }
+    }
+    state.worker.leave(pid);
+}
+
+/// Error codes come from a fixed set; map them back to `'static` for the metrics table.
+fn static_code(code: &str) -> &'static str {
+    const CODES: &[&str] = &[
+        "not_joined",
+        "not_allowed",
+        "bad_sdp",
+        "too_many_producers",
+        "too_many_consumers",
+        "unknown_producer",
+        "unknown_consumer",
+        "codec_unknown",
+        "no_transport",
+        "bad_candidate",
+        "internal",
+    ];
+    CODES.iter().find(|c| **c == code).copied().unwrap_or("other")
+}
+
+async fn handle_request(state: &AppState, pid: &ParticipantId, msg: ClientMessage) -> ServerMessage {
+    let w = &state.worker;
+    let p = pid.clone();
+    let ok_or = |request_id: u64, r: Result<(), crate::sfu::ControlError>| match r {
+        Ok(()) => ServerMessage::Ok { request_id },
+        Err(e) => ServerMessage::error(Some(request_id), e.code(), e.to_string()),
+    };
+    match msg {
+        ClientMessage::Join { .. } => {
+            ServerMessage::error(None, "not_allowed", "already joined")
+        }
+        ClientMessage::Leave => ServerMessage::Pong { request_id: None },
+        ClientMessage::Ping { request_id } => ServerMessage::Pong { request_id },
+        ClientMessage::Publish { request_id, sdp } => match w.publish(p, sdp).await {
+            Ok(pb) => ServerMessage::Published {
+                request_id,
+                sdp: pb.answer,
+                producers: pb
+                    .producers
+                    .into_iter()
+                    .map(|(mid, info)| PublishedProducer {
+                        mid,
+                        producer_id: info.producer_id,
+                        kind: info.kind,
+                    })
+                    .collect(),
+            },
+            Err(e) => ServerMessage::error(Some(request_id), e.code(), e.to_string()),
+        },
+        ClientMessage::Subscribe {
+            request_id,
+            producer_id,
+            sdp,
+            max_layer,
+        } => match w.subscribe(p, producer_id, sdp, max_layer).await {
+            Ok(s) => ServerMessage::Subscribed {
+                request_id,
+                sdp: s.answer,
+                consumer_id: s.consumer_id,
+                producer_id: s.producer_id,
+                mid: s.mid,
+            },
+            Err(e) => ServerMessage::error(Some(request_id), e.code(), e.to_string()),
+        },
+        ClientMessage::Candidate {
+            request_id,
+            transport,
+            candidate,
+            sdp_mid,
+        } => {
+            let r = w.add_candidate(p, transport, candidate, sdp_mid).await;
+            match (request_id, r) {
+                (Some(id), r) => ok_or(id, r),
+                (None, Ok(())) => ServerMessage::Pong { request_id: None },
+                (None, Err(e)) => ServerMessage::error(None, e.code(), e.to_string()),
+            }
+        }
+        ClientMessage::SetConsumerLayer {
+            request_id,
+            consumer_id,
+            max_layer,
+        } => ok_or(request_id, w.set_consumer_layer(p, consumer_id, max_layer).await),
+        ClientMessage::PauseProducer { request_id, producer_id } => {
+            ok_or(request_id, w.set_producer_paused(p, producer_id, true).await)
+        }
+        ClientMessage::ResumeProducer { request_id, producer_id } => {
+            ok_or(request_id, w.set_producer_paused(p, producer_id, false).await)
+        }
+        ClientMessage::CloseProducer { request_id, producer_id } => {
+            ok_or(request_id, w.close_producer(p, producer_id).await)
+        }
+        ClientMessage::PauseConsumer { request_id, consumer_id } => {
+            ok_or(request_id, w.set_consumer_paused(p, consumer_id, true).await)
+        }
+        ClientMessage::ResumeConsumer { request_id, consumer_id } => {
+            ok_or(request_id, w.set_consumer_paused(p, consumer_id, false).await)
+        }
+        ClientMessage::CloseConsumer { request_id, consumer_id } => {
+            ok_or(request_id, w.close_consumer(p, consumer_id).await)
+        }
+    }
+}
+
+/// Seconds since the epoch, for logs and tokens.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}

@@ -1,0 +1,298 @@
+//! Signaling protocol v1: JSON text frames over WebSocket. `docs/signaling.md` is the contract;
+//! this module is its Rust form. Parsing distinguishes "not JSON / wrong shape" from "a type
+//! this version does not know", so clients get a precise error.
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Role;
+use crate::ids::{ConsumerId, ProducerId, SessionId, UserId};
+use crate::media::layers::Layer;
+use crate::sfu::{MediaKind, ParticipantInfo, ProducerInfo, SfuEvent, TransportKind};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// WebSocket close codes Meridian uses.
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const MALFORMED: u16 = 4400;
+    pub const UNAUTHORIZED: u16 = 4401;
+    pub const JOIN_TIMEOUT: u16 = 4408;
+    pub const FULL: u16 = 4429;
+    pub const SESSION_EXPIRED: u16 = 4440;
+}
+
+/// Messages a client sends.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+pub enum ClientMessage {
+    #[serde(rename_all = "camelCase")]
+    Join {
+        /// Protocol version the client speaks; must be 1.
+        version: u32,
+        token: String,
+        /// If given, must match the token's session.
+        #[serde(default)]
+        session_id: Option<SessionId>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Publish { request_id: u64, sdp: String },
+    #[serde(rename_all = "camelCase")]
+    Subscribe {
+        request_id: u64,
+        producer_id: ProducerId,
+        sdp: String,
+        #[serde(default)]
+        max_layer: Option<Layer>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Candidate {
+        #[serde(default)]
+        request_id: Option<u64>,
+        transport: TransportKind,
+        candidate: String,
+        #[serde(default)]
+        sdp_mid: Option<String>,
+    },
+    #[serde(rename_all = "camelCase")]
+    SetConsumerLayer {
+        request_id: u64,
+        consumer_id: ConsumerId,
+        max_layer: Layer,
+    },
+    #[serde(rename_all = "camelCase")]
+    PauseProducer { request_id: u64, producer_id: ProducerId },
+    #[serde(rename_all = "camelCase")]
+    ResumeProducer { request_id: u64, producer_id: ProducerId },
+    #[serde(rename_all = "camelCase")]
+    CloseProducer { request_id: u64, producer_id: ProducerId },
+    #[serde(rename_all = "camelCase")]
+    PauseConsumer { request_id: u64, consumer_id: ConsumerId },
+    #[serde(rename_all = "camelCase")]
+    ResumeConsumer { request_id: u64, consumer_id: ConsumerId },
+    #[serde(rename_all = "camelCase")]
+    CloseConsumer { request_id: u64, consumer_id: ConsumerId },
+    #[serde(rename_all = "camelCase")]
+    Ping {
+        #[serde(default)]
+        request_id: Option<u64>,
+    },
+    Leave,
+}
+
+const KNOWN_TYPES: &[&str] = &[
+    "join",
+    "publish",
+    "subscribe",
+    "candidate",
+    "setConsumerLayer",
+    "pauseProducer",
+    "resumeProducer",
+    "closeProducer",
+    "pauseConsumer",
+    "resumeConsumer",
+    "closeConsumer",
+    "ping",
+    "leave",
+];
+
+/// Why a text frame is not a valid client message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("message is not a JSON object: {0}")]
+    NotJson(String),
+    #[error("message has no string field `type`")]
+    NoType,
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    #[error("malformed {kind} message: {reason}")]
+    Malformed { kind: String, reason: String },
+}
+
+impl ParseError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ParseError::NotJson(_) | ParseError::NoType | ParseError::Malformed { .. } => {
+                "malformed"
+            }
+            ParseError::UnknownType(_) => "unknown_type",
+        }
+    }
+
+    /// The request id, when the broken message had a readable one.
+    pub fn request_id(text: &str) -> Option<u64> {
+        serde_json::from_str::<serde_json::Value>(text)
+            .ok()?
+            .get("requestId")?
+            .as_u64()
+    }
+}
+
+pub fn parse(text: &str) -> Result<ClientMessage, ParseError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| ParseError::NotJson(e.to_string()))?;
+    if !value.is_object() {
+        return Err(ParseError::NotJson("expected an object".into()));
+    }
+    let ty = value
+        .get("type")
+        .and_then(|t| t.as_str())
+        .ok_or(ParseError::NoType)?
+        .to_owned();
+    if !KNOWN_TYPES.contains(&ty.as_str()) {
+        let shown: String = ty.chars().take(40).collect();
+        return Err(ParseError::UnknownType(shown));
+    }
+    serde_json::from_value(value).map_err(|e| ParseError::Malformed {
+        kind: ty,
+        reason: e.to_string(),
+    })
+}
+
+/// Messages the node sends.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ServerMessage {
+    #[serde(rename_all = "camelCase")]
+    Joined {
+        version: u32,
+        participant_id: String,
+        session_id: SessionId,
+        user_id: UserId,
+        role: Role,
+        /// Token expiry, seconds since the Unix epoch: access ends then.
+        expires_at: u64,
+        participants: Vec<ParticipantInfo>,
+        producers: Vec<ProducerInfo>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Published {
+        request_id: u64,
+        sdp: String,
+        producers: Vec<PublishedProducer>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Subscribed {
+        request_id: u64,
+        sdp: String,
+        consumer_id: ConsumerId,
+        producer_id: ProducerId,
+        mid: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    Ok { request_id: u64 },
+    #[serde(rename_all = "camelCase")]
+    Pong {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<u64>,
+    },
+    #[serde(rename_all = "camelCase")]
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        request_id: Option<u64>,
+        code: String,
+        message: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    ParticipantJoined { participant: ParticipantInfo },
+    #[serde(rename_all = "camelCase")]
+    ParticipantLeft { participant: ParticipantInfo },
+    #[serde(rename_all = "camelCase")]
+    ProducerAdded { producer: ProducerInfo },
+    #[serde(rename_all = "camelCase")]
+    ProducerClosed { producer_id: ProducerId },
+    #[serde(rename_all = "camelCase")]
+    ProducerPaused { producer_id: ProducerId },
+    #[serde(rename_all = "camelCase")]
+    ProducerResumed { producer_id: ProducerId },
+    #[serde(rename_all = "camelCase")]
+    ConsumerClosed { consumer_id: ConsumerId },
+    #[serde(rename_all = "camelCase")]
+    ConsumerLayerChanged { consumer_id: ConsumerId, layer: Layer },
+    #[serde(rename_all = "camelCase")]
+    TransportState {
+        transport: TransportKind,
+        state: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    SessionExpired { message: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PublishedProducer {
+    pub mid: String,
+    pub producer_id: ProducerId,
+    pub kind: MediaKind,
+}
+
+impl ServerMessage {
+    pub fn error(request_id: Option<u64>, code: &str, message: impl Into<String>) -> Self {
+        ServerMessage::Error {
+            request_id,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        // Serializing these plain data types cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| "{\"type\":\"error\"}".into())
+    }
+}
+
+impl From<SfuEvent> for ServerMessage {
+    fn from(ev: SfuEvent) -> Self {
+        match ev {
+            SfuEvent::ParticipantJoined(participant) => {
+                ServerMessage::ParticipantJoined { participant }
+            }
+            SfuEvent::ParticipantLeft(participant) => ServerMessage::ParticipantLeft { participant },
+            SfuEvent::ProducerAdded(producer) => ServerMessage::ProducerAdded { producer },
+            SfuEvent::ProducerClosed(producer_id) => ServerMessage::ProducerClosed { producer_id },
+            SfuEvent::ProducerPaused(producer_id) => ServerMessage::ProducerPaused { producer_id },
+            SfuEvent::ProducerResumed(producer_id) => {
+                ServerMessage::ProducerResumed { producer_id }
+            }
+            SfuEvent::ConsumerClosed(consumer_id) => ServerMessage::ConsumerClosed { consumer_id },
+            SfuEvent::ConsumerLayerChanged { consumer_id, layer } => {
+                ServerMessage::ConsumerLayerChanged { consumer_id, layer }
+            }
+            SfuEvent::TransportState { transport, state } => {
+                ServerMessage::TransportState { transport, state }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_type_and_malformed_are_told_apart() {
+        assert_eq!(
+            parse(r#"{"type":"teleport"}"#).unwrap_err().code(),
+            "unknown_type"
+        );
+        assert_eq!(parse("not json").unwrap_err().code(), "malformed");
+        assert_eq!(parse("[1,2]").unwrap_err().code(), "malformed");
+        assert_eq!(parse(r#"{"sdp":"x"}"#).unwrap_err(), ParseError::NoType);
+        assert!(matches!(
+            parse(r#"{"type":"publish","requestId":1}"#).unwrap_err(),
+            ParseError::Malformed { .. }
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"publish","requestId":1,"sdp":"v=0","extra":1}"#).unwrap_err(),
+            ParseError::Malformed { .. }
+        ));
+    }
+
+    #[test]
+    fn join_parses() {
+        let m = parse(r#"{"type":"join","version":1,"token":"a.b.c"}"#).unwrap();
+        assert!(matches!(m, ClientMessage::Join { version: 1, .. }));
+    }
+}

@@ -1,0 +1,291 @@
+// Meridian browser SDK: a plain ES module wrapping signaling protocol v1 (docs/signaling.md).
+//
+//   import { MeridianClient } from "/sdk/meridian.js";
+//   const client = new MeridianClient({ url: "wss://edge.example/v1/ws", token });
+//   const joined = await client.connect();
+//   await client.publish(stream, { simulcast: true });
+//   client.addEventListener("produceradded", async (e) => {
+//     const { track } = await client.subscribe(e.detail.producerId, e.detail.kind);
+//   });
+//
+// Two peer connections per client, as in LiveKit: one to publish (the client offers its
+// tracks), one to receive (the client offers a recvonly m-line per subscription). The node is
+// ICE-lite and always answers, so no candidates need to be sent to it.
+
+export const PROTOCOL_VERSION = 1;
+
+/** Default simulcast encodings, lowest first (the node orders layers as listed here). */
+export const SIMULCAST_ENCODINGS = [
+  { rid: "l", scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: "m", scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: "h", scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
+];
+
+export class MeridianError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.code = code;
+  }
+}
+
+export class MeridianClient extends EventTarget {
+  constructor({ url, token, iceServers = [] }) {
+    super();
+    this.url = url || defaultUrl();
+    this.token = token;
+    this.iceServers = iceServers;
+    this.ws = null;
+    this.nextRequestId = 1;
+    this.pending = new Map();
+    this.publishPc = null;
+    this.subscribePc = null;
+    this.queue = { publish: Promise.resolve(), subscribe: Promise.resolve() };
+    this.producers = new Map(); // remote producers known to this client, by id
+    this.consumers = new Map(); // consumerId -> { producerId, track, transceiver }
+    this.published = new Map(); // producerId -> { track, transceiver }
+    this.joined = null;
+    this.closed = false;
+  }
+
+  /** Opens the signaling connection and joins the token's session. */
+  connect() {
+    return new Promise((resolve, reject) => {
+      const ws = new WebSocket(this.url);
+      this.ws = ws;
+      let joined = false;
+      ws.onopen = () => {
+        ws.send(JSON.stringify({ type: "join", version: PROTOCOL_VERSION, token: this.token }));
+      };
+      ws.onmessage = (ev) => {
+        let msg;
+        try {
+          msg = JSON.parse(ev.data);
+        } catch {
+          return;
+        }
+        if (msg.type === "joined") {
+          joined = true;
+          this.joined = msg;
+          for (const p of msg.producers) this.producers.set(p.producerId, p);
+          resolve(msg);
+          return;
+        }
+        if (!joined && msg.type === "error") {
+          reject(new MeridianError(msg.code, msg.message));
+          return;
+        }
+        this._onMessage(msg);
+      };
+      ws.onclose = (ev) => {
+        this.closed = true;
+        for (const { reject: rej } of this.pending.values()) {
+          rej(new MeridianError("closed", `signaling closed (${ev.code})`));
+        }
+        this.pending.clear();
+        if (!joined) reject(new MeridianError("closed", `signaling closed (${ev.code} ${ev.reason})`));
+        this._emit("closed", { code: ev.code, reason: ev.reason });
+      };
+      ws.onerror = () => {};
+    });
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _onMessage(msg) {
+    if (msg.requestId !== undefined && this.pending.has(msg.requestId)) {
+      const { resolve, reject } = this.pending.get(msg.requestId);
+      this.pending.delete(msg.requestId);
+      if (msg.type === "error") reject(new MeridianError(msg.code, msg.message));
+      else resolve(msg);
+      return;
+    }
+    switch (msg.type) {
+      case "producerAdded":
+        this.producers.set(msg.producer.producerId, msg.producer);
+        this._emit("produceradded", msg.producer);
+        break;
+      case "producerClosed":
+        this.producers.delete(msg.producerId);
+        this._emit("producerclosed", msg);
+        break;
+      case "consumerClosed": {
+        const c = this.consumers.get(msg.consumerId);
+        this.consumers.delete(msg.consumerId);
+        if (c) c.track.stop();
+        this._emit("consumerclosed", msg);
+        break;
+      }
+      case "sessionExpired":
+        this._emit("sessionexpired", msg);
+        break;
+      case "error":
+        this._emit("error", msg);
+        break;
+      default:
+        // participantJoined, participantLeft, producerPaused, producerResumed,
+        // consumerLayerChanged, transportState: forwarded as lower-case events.
+        this._emit(msg.type.toLowerCase(), msg);
+    }
+  }
+
+  _request(body) {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) {
+      return Promise.reject(new MeridianError("closed", "not connected"));
+    }
+    const requestId = this.nextRequestId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(requestId, { resolve, reject });
+      this.ws.send(JSON.stringify({ ...body, requestId }));
+    });
+  }
+
+  _pc(kind) {
+    const key = kind === "publish" ? "publishPc" : "subscribePc";
+    if (!this[key]) {
+      const pc = new RTCPeerConnection({ iceServers: this.iceServers, bundlePolicy: "max-bundle" });
+      pc.addEventListener("connectionstatechange", () =>
+        this._emit("connectionstate", { transport: kind, state: pc.connectionState }),
+      );
+      this[key] = pc;
+    }
+    return this[key];
+  }
+
+  /** Runs negotiations of one peer connection one after another. */
+  _serial(kind, fn) {
+    const run = this.queue[kind].then(fn, fn);
+    this.queue[kind] = run.catch(() => {});
+    return run;
+  }
+
+  /**
+   * Publishes every track of a MediaStream (or an array of tracks).
+   * Options: simulcast (true for SIMULCAST_ENCODINGS, or an encodings array) for video.
+   * Resolves to [{ producerId, kind, track }].
+   */
+  publish(streamOrTracks, { simulcast = false } = {}) {
+    const tracks = Array.isArray(streamOrTracks) ? streamOrTracks : streamOrTracks.getTracks();
+    return this._serial("publish", async () => {
+      const pc = this._pc("publish");
+      const added = tracks.map((track) => {
+        const init = { direction: "sendonly" };
+        if (track.kind === "video" && simulcast) {
+          init.sendEncodings = Array.isArray(simulcast) ? simulcast : SIMULCAST_ENCODINGS;
+        }
+        return { track, transceiver: pc.addTransceiver(track, init) };
+      });
+      const offer = await pc.createOffer();
+      await pc.setLocalDescription(offer);
+      const reply = await this._request({ type: "publish", sdp: pc.localDescription.sdp });
+      await pc.setRemoteDescription({ type: "answer", sdp: reply.sdp });
+      const out = [];
+      for (const { track, transceiver } of added) {
+        const p = reply.producers.find((x) => x.mid === transceiver.mid);
+        if (!p) throw new MeridianError("bad_sdp", `no producer for mid ${transceiver.mid}`);
+        this.published.set(p.producerId, { track, transceiver });
+        out.push({ producerId: p.producerId, kind: track.kind, track });
+      }
+      return out;
+    });
+  }
+
+  /**
+   * Receives a remote producer. `kind` is "audio" or "video" (known from producerAdded).
+   * Options: maxLayer (simulcast layer cap, 0 = lowest).
+   * Resolves to { consumerId, producerId, track, stream }.
+   */
+  subscribe(producerId, kind, { maxLayer } = {}) {
+    const known = this.producers.get(producerId);
+    kind = kind || (known && known.kind);
+    return this._serial("subscribe", async () => {
+      const pc = this._pc("subscribe");
+      const transceiver = pc.addTransceiver(kind, { direction: "recvonly" });
+      const offer = await pc.createOffer();
+      await pc.setLocalDescription(offer);
+      let reply;
+      try {
+        const req = { type: "subscribe", producerId, sdp: pc.localDescription.sdp };
+        if (maxLayer !== undefined) req.maxLayer = maxLayer;
+        reply = await this._request(req);
+      } catch (e) {
+        // Roll the unused m-line back so the next offer stays in step with the node.
+        await pc.setLocalDescription({ type: "rollback" }).catch(() => {});
+        transceiver.stop();
+        throw e;
+      }
+      await pc.setRemoteDescription({ type: "answer", sdp: reply.sdp });
+      const track = transceiver.receiver.track;
+      const stream = new MediaStream([track]);
+      this.consumers.set(reply.consumerId, { producerId, track, transceiver });
+      return { consumerId: reply.consumerId, producerId, track, stream, mid: reply.mid };
+    });
+  }
+
+  setConsumerLayer(consumerId, maxLayer) {
+    return this._request({ type: "setConsumerLayer", consumerId, maxLayer });
+  }
+  pauseProducer(producerId) {
+    return this._request({ type: "pauseProducer", producerId });
+  }
+  resumeProducer(producerId) {
+    return this._request({ type: "resumeProducer", producerId });
+  }
+  closeProducer(producerId) {
+    const p = this.published.get(producerId);
+    if (p) p.transceiver.sender.replaceTrack(null);
+    this.published.delete(producerId);
+    return this._request({ type: "closeProducer", producerId });
+  }
+  pauseConsumer(consumerId) {
+    return this._request({ type: "pauseConsumer", consumerId });
+  }
+  resumeConsumer(consumerId) {
+    return this._request({ type: "resumeConsumer", consumerId });
+  }
+  closeConsumer(consumerId) {
+    this.consumers.delete(consumerId);
+    return this._request({ type: "closeConsumer", consumerId });
+  }
+
+  /** Inbound video/audio statistics per consumer: frames decoded, size, bytes, loss. */
+  async consumerStats() {
+    const out = {};
+    if (!this.subscribePc) return out;
+    const report = await this.subscribePc.getStats();
+    const byMid = {};
+    report.forEach((s) => {
+      if (s.type === "inbound-rtp") byMid[s.mid] = s;
+    });
+    for (const [consumerId, c] of this.consumers) {
+      const s = byMid[c.transceiver.mid];
+      if (!s) continue;
+      out[consumerId] = {
+        kind: s.kind,
+        framesDecoded: s.framesDecoded || 0,
+        frameWidth: s.frameWidth || 0,
+        frameHeight: s.frameHeight || 0,
+        bytesReceived: s.bytesReceived || 0,
+        packetsReceived: s.packetsReceived || 0,
+        packetsLost: s.packetsLost || 0,
+      };
+    }
+    return out;
+  }
+
+  /** Leaves the session and closes both peer connections. */
+  close() {
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify({ type: "leave" }));
+    }
+    if (this.publishPc) this.publishPc.close();
+    if (this.subscribePc) this.subscribePc.close();
+    this.publishPc = this.subscribePc = null;
+  }
+}
+
+function defaultUrl() {
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${proto}//${location.host}/v1/ws`;
+}
