@@ -88,10 +88,10 @@ fn media_engine() -> Result<MediaEngine, Error> {
     Ok(m)
 }
 
-/// Marks keyframe requests and bandwidth estimates from subscribers for delivery to the
+/// Marks keyframe requests and bandwidth estimates (from subscribers, or to a test publisher) for delivery to the
 /// application: the SFU must relay them upstream, which the interceptors cannot do.
 #[derive(Default)]
-struct DeliverFeedback {
+pub struct DeliverFeedback {
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
 }

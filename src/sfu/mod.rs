@@ -5,7 +5,7 @@
 //! forwarding path takes no locks. Signaling talks to it through [`WorkerHandle`], a command
 //! channel; the worker talks back through each participant's [`SfuEvent`] channel.
 
-mod engine;
+pub mod engine;
 mod worker;
 
 use std::net::SocketAddr;

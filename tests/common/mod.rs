@@ -1,0 +1,449 @@
+//! Shared test harness: start a node on ephemeral ports, talk signaling over a real WebSocket,
+//! and run in-process WebRTC peers built on webrtc-rs's sans-I/O core over real UDP.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use meridian::auth::{Role, TokenSigner};
+use meridian::config::NodeConfig;
+use meridian::node::Node;
+use rtc::interceptor::{Registry, Slot};
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
+use rtc::peer_connection::configuration::media_engine::{MediaEngine, MIME_TYPE_VP8};
+use rtc::peer_connection::configuration::RTCConfigurationBuilder;
+use rtc::peer_connection::message::RTCMessage;
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::peer_connection::transport::RTCIceCandidateInit;
+use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
+    RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+/// A region config on ephemeral ports with the test secret.
+pub fn test_config(announced: &str, listen_ip: &str) -> NodeConfig {
+    NodeConfig::from_toml_str(&format!(
+        r#"
+[node]
+region = "test"
+latitude = 19.0
+longitude = 72.8
+[signaling]
+listen = "127.0.0.1:0"
+max_message_bytes = 4096
+join_timeout_secs = 2
+[rtc]
+listen_ip = "{listen_ip}"
+announced_ip = "{announced}"
+port = 0
+[auth]
+issuer = "meridian-test"
+audience = "meridian"
+algorithm = "HS256"
+secret = "{SECRET}"
+"#
+    ))
+    .expect("test config is valid")
+}
+
+pub async fn start_node() -> Node {
+    Node::start(test_config("127.0.0.1", "127.0.0.1"))
+        .await
+        .expect("node starts")
+}
+
+pub fn signer() -> TokenSigner {
+    TokenSigner::hs256(SECRET.as_bytes(), "meridian-test", "meridian")
+}
+
+pub fn token(session: &str, user: &str, role: Role, ttl: Duration) -> String {
+    signer()
+        .mint(&session.parse().unwrap(), &user.parse().unwrap(), role, ttl)
+        .unwrap()
+}
+
+/// A signaling client over a real WebSocket.
+pub struct Signal {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+    /// Unsolicited messages seen while waiting for replies.
+    pub events: Vec<Value>,
+}
+
+impl Signal {
+    pub async fn connect(node: &Node) -> Signal {
+        let url = format!("ws://{}/v1/ws", node.signaling_addr);
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws connects");
+        Signal {
+            ws,
+            next_id: 1,
+            events: Vec::new(),
+        }
+    }
+
+    pub async fn join(node: &Node, session: &str, user: &str, role: Role) -> (Signal, Value) {
+        let mut s = Signal::connect(node).await;
+        let t = token(session, user, role, Duration::from_secs(600));
+        s.send_text(&json!({"type":"join","version":1,"token":t}).to_string())
+            .await;
+        let joined = s.recv().await.expect("joined");
+        assert_eq!(joined["type"], "joined", "{joined}");
+        (s, joined)
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("ws send");
+    }
+
+    /// Next JSON message, or None when the socket closed (close frame returned via `closed`).
+    pub async fn recv(&mut self) -> Option<Value> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .expect("signaling reply within 10 s")?
+            {
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).unwrap()),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    /// Reads until the socket closes; returns (messages seen, close code).
+    pub async fn until_closed(&mut self) -> (Vec<Value>, Option<u16>) {
+        let mut seen = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.ws.next())
+                .await
+                .expect("socket closes within 10 s")
+            {
+                Some(Ok(Message::Text(t))) => seen.push(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(frame))) => {
+                    return (seen, frame.map(|f| u16::from(f.code)))
+                }
+                Some(Ok(_)) => {}
+                None | Some(Err(_)) => return (seen, None),
+            }
+        }
+    }
+
+    pub async fn request(&mut self, mut body: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        body["requestId"] = json!(id);
+        self.send_text(&body.to_string()).await;
+        loop {
+            let m = self.recv().await.expect("reply before close");
+            if m["requestId"] == json!(id) {
+                return m;
+            }
+            self.events.push(m);
+        }
+    }
+
+    /// Waits for an unsolicited message of `ty`.
+    pub async fn event(&mut self, ty: &str) -> Value {
+        if let Some(i) = self.events.iter().position(|e| e["type"] == ty) {
+            return self.events.remove(i);
+        }
+        loop {
+            let m = self.recv().await.expect("event before close");
+            if m["type"] == ty {
+                return m;
+            }
+            self.events.push(m);
+        }
+    }
+}
+
+/// One received RTP packet, as the subscriber saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub ssrc: u32,
+    pub seq: u16,
+    pub ts: u32,
+    pub payload_type: u8,
+    pub frame: u32,
+    pub keyframe: bool,
+    pub at: Instant,
+}
+
+/// Counters and records a peer task shares with the test.
+#[derive(Default)]
+pub struct PeerState {
+    pub connected: AtomicBool,
+    pub plis_received: AtomicU64,
+    pub packets_sent: AtomicU64,
+    pub received: Mutex<Vec<Received>>,
+    /// Remote addresses this peer received datagrams from.
+    pub remote_addrs: Mutex<Vec<SocketAddr>>,
+    pub stop: AtomicBool,
+}
+
+fn vp8_engine() -> (MediaEngine, RTCRtpCodec) {
+    let mut m = MediaEngine::default();
+    let codec = RTCRtpCodec {
+        mime_type: MIME_TYPE_VP8.into(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: String::new(),
+        rtcp_feedback: vec![],
+    };
+    m.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: codec.clone(),
+            payload_type: 100,
+            ..Default::default()
+        },
+        RtpCodecKind::Video,
+    )
+    .unwrap();
+    (m, codec)
+}
+
+/// A test WebRTC peer: one UDP socket, one sans-I/O peer connection.
+pub struct RtcPeer {
+    pub pc: RTCPeerConnection,
+    pub socket: tokio::net::UdpSocket,
+    pub local: SocketAddr,
+    pub publish_ssrc: Option<u32>,
+}
+
+impl RtcPeer {
+    async fn new(publish: bool) -> RtcPeer {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let local = socket.local_addr().unwrap();
+        let (mut media, codec) = vp8_engine();
+        let registry = Registry::new().with(
+            Slot::from(14_000),
+            meridian::sfu::engine::DeliverFeedback::default(),
+        );
+        let registry = register_default_interceptors(registry, &mut media).unwrap();
+        let mut pc = RTCPeerConnectionBuilder::new()
+            .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_media_engine(media)
+            .with_interceptor_registry(registry)
+            .build(Instant::now())
+            .unwrap();
+        let mut publish_ssrc = None;
+        if publish {
+            let ssrc = 0x1234_5678;
+            publish_ssrc = Some(ssrc);
+            let track = MediaStreamTrack::new(
+                "cam".into(),
+                "cam-video".into(),
+                "camera".into(),
+                RtpCodecKind::Video,
+                vec![RTCRtpEncodingParameters {
+                    rtp_coding_parameters: RTCRtpCodingParameters {
+                        ssrc: Some(ssrc),
+                        ..Default::default()
+                    },
+                    codec,
+                    ..Default::default()
+                }],
+            );
+            pc.add_transceiver_from_track(
+                track,
+                Some(RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Sendonly,
+                    ..Default::default()
+                }),
+            )
+            .unwrap();
+        } else {
+            pc.add_transceiver_from_kind(
+                RtpCodecKind::Video,
+                Some(RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Recvonly,
+                    ..Default::default()
+                }),
+            )
+            .unwrap();
+        }
+        pc.add_local_candidate(RTCIceCandidateInit {
+            candidate: format!(
+                "candidate:1 1 udp 2130706431 {} {} typ host",
+                local.ip(),
+                local.port()
+            ),
+            ..Default::default()
+        })
+        .unwrap();
+        RtcPeer {
+            pc,
+            socket,
+            local,
+            publish_ssrc,
+        }
+    }
+
+    pub async fn publisher() -> RtcPeer {
+        Self::new(true).await
+    }
+
+    pub async fn subscriber() -> RtcPeer {
+        Self::new(false).await
+    }
+
+    pub fn offer(&mut self) -> String {
+        let offer = self.pc.create_offer(None).unwrap();
+        self.pc
+            .set_local_description(Instant::now(), offer)
+            .unwrap();
+        self.pc.local_description().unwrap().sdp
+    }
+
+    pub fn answer(&mut self, sdp: &str) {
+        self.pc
+            .set_remote_description(
+                Instant::now(),
+                RTCSessionDescription::answer(sdp.to_owned()).unwrap(),
+            )
+            .unwrap();
+    }
+
+    /// Runs the peer until `state.stop`: answers the network, sends ~50 VP8 packets/s when
+    /// publishing (a keyframe first and after every PLI), records packets when subscribing.
+    pub fn spawn(mut self, state: Arc<PeerState>) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let mut frame: u32 = 0;
+            let mut want_keyframe = true;
+            let mut seq: u16 = 1000;
+            let mut media = tokio::time::interval(Duration::from_millis(20));
+            let sender = self.pc.get_senders().next();
+            while !state.stop.load(Ordering::Relaxed) {
+                while let Some(msg) = self.pc.poll_write() {
+                    let _ = self
+                        .socket
+                        .send_to(&msg.message, msg.transport.peer_addr)
+                        .await;
+                }
+                while let Some(ev) = self.pc.poll_event() {
+                    if let rtc::peer_connection::event::RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) = ev {
+                        state.connected.store(
+                            s == rtc::peer_connection::state::RTCPeerConnectionState::Connected,
+                            Ordering::Relaxed,
+                        );
+                    }
+                }
+                while let Some(msg) = self.pc.poll_read() {
+                    match msg.message {
+                        RTCMessage::RtpPacket(_, p) => {
+                            let pl = &p.payload;
+                            let frame = pl
+                                .get(10..14)
+                                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                                .unwrap_or(u32::MAX);
+                            state.received.lock().unwrap().push(Received {
+                                ssrc: p.header.ssrc,
+                                seq: p.header.sequence_number,
+                                ts: p.header.timestamp,
+                                payload_type: p.header.payload_type,
+                                frame,
+                                keyframe: pl.get(1).is_some_and(|b| b & 1 == 0),
+                                at: Instant::now(),
+                            });
+                        }
+                        RTCMessage::RtcpPacket(_, pkts) => {
+                            for p in pkts {
+                                if p.as_any().is::<PictureLossIndication>() {
+                                    state.plis_received.fetch_add(1, Ordering::Relaxed);
+                                    want_keyframe = true;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                let deadline = self
+                    .pc
+                    .poll_timeout()
+                    .unwrap_or_else(|| Instant::now() + Duration::from_millis(50))
+                    .min(Instant::now() + Duration::from_millis(50));
+                tokio::select! {
+                    r = self.socket.recv_from(&mut buf) => {
+                        let Ok((n, from)) = r else { break };
+                        {
+                            let mut addrs = state.remote_addrs.lock().unwrap();
+                            if !addrs.contains(&from) { addrs.push(from); }
+                        }
+                        let _ = self.pc.handle_read(TaggedBytesMut {
+                            now: Instant::now(),
+                            transport: TransportContext {
+                                local_addr: self.local,
+                                peer_addr: from,
+                                ecn: None,
+                                transport_protocol: TransportProtocol::UDP,
+                            },
+                            message: BytesMut::from(&buf[..n]),
+                        });
+                    }
+                    _ = tokio::time::sleep_until(deadline.into()) => {
+                        let _ = self.pc.handle_timeout(Instant::now());
+                    }
+                    _ = media.tick(), if sender.is_some() && state.connected.load(Ordering::Relaxed) => {
+                        let Some(sid) = sender else { continue };
+                        let key = std::mem::take(&mut want_keyframe);
+                        let mut payload = vec![0u8; 1000];
+                        payload[0] = 0x10; // VP8 descriptor: S=1, PID=0
+                        payload[1] = if key { 0x00 } else { 0x01 }; // P bit
+                        payload[10..14].copy_from_slice(&frame.to_be_bytes());
+                        let pkt = rtc::rtp::Packet {
+                            header: rtc::rtp::header::Header {
+                                version: 2,
+                                marker: true,
+                                payload_type: 100,
+                                sequence_number: seq,
+                                timestamp: frame.wrapping_mul(1800),
+                                ssrc: self.publish_ssrc.unwrap_or(1),
+                                ..Default::default()
+                            },
+                            payload: payload.into(),
+                        };
+                        if let Some(mut s) = self.pc.rtp_sender(sid) {
+                            if s.write_rtp(Instant::now(), pkt).is_ok() {
+                                state.packets_sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        seq = seq.wrapping_add(1);
+                        frame += 1;
+                    }
+                }
+            }
+            let _ = self.pc.close();
+        })
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `within` passes.
+pub async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < within,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
