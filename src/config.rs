@@ -228,7 +228,10 @@ impl NodeConfig {
             return Err(invalid("node.latitude", "must be within -90..=90 degrees"));
         }
         if !(-180.0..=180.0).contains(&self.node.longitude) {
-            return Err(invalid("node.longitude", "must be within -180..=180 degrees"));
+            return Err(invalid(
+                "node.longitude",
+                "must be within -180..=180 degrees",
+            ));
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.signaling.max_message_bytes) {
             return Err(invalid(
@@ -246,7 +249,10 @@ impl NodeConfig {
             ));
         }
         if !(576..=9000).contains(&self.rtc.max_datagram_bytes) {
-            return Err(invalid("rtc.max_datagram_bytes", "must be between 576 and 9000"));
+            return Err(invalid(
+                "rtc.max_datagram_bytes",
+                "must be between 576 and 9000",
+            ));
         }
         if self.auth.issuer.is_empty() {
             return Err(invalid("auth.issuer", "must not be empty"));
@@ -257,7 +263,10 @@ impl NodeConfig {
         match self.auth.algorithm {
             AuthAlgorithm::HS256 => match (&self.auth.secret, &self.auth.secret_file) {
                 (Some(_), Some(_)) => {
-                    return Err(invalid("auth.secret", "set `secret` or `secret_file`, not both"))
+                    return Err(invalid(
+                        "auth.secret",
+                        "set `secret` or `secret_file`, not both",
+                    ))
                 }
                 (None, None) => {
                     return Err(invalid(
@@ -282,9 +291,18 @@ impl NodeConfig {
         let l = &self.limits;
         for (key, v) in [
             ("limits.max_sessions", l.max_sessions),
-            ("limits.max_participants_per_session", l.max_participants_per_session),
-            ("limits.max_producers_per_participant", l.max_producers_per_participant),
-            ("limits.max_consumers_per_participant", l.max_consumers_per_participant),
+            (
+                "limits.max_participants_per_session",
+                l.max_participants_per_session,
+            ),
+            (
+                "limits.max_producers_per_participant",
+                l.max_producers_per_participant,
+            ),
+            (
+                "limits.max_consumers_per_participant",
+                l.max_consumers_per_participant,
+            ),
         ] {
             if v == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -333,9 +351,17 @@ mod tests {
         let cfg = NodeConfig::from_toml_str(INDIA).unwrap();
         let mut bad = cfg.clone();
         bad.auth.secret = Some("short".into());
-        assert!(bad.validate().unwrap_err().to_string().contains("auth.secret"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("auth.secret"));
         let mut bad = cfg;
         bad.node.latitude = 91.0;
-        assert!(bad.validate().unwrap_err().to_string().contains("node.latitude"));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("node.latitude"));
     }
 }

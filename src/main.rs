@@ -10,7 +10,11 @@ use meridian::ids::{SessionId, UserId};
 use meridian::node::Node;
 
 #[derive(Parser)]
-#[command(name = "meridian", version, about = "Edge-distributed WebRTC SFU for compliance video")]
+#[command(
+    name = "meridian",
+    version,
+    about = "Edge-distributed WebRTC SFU for compliance video"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -139,8 +143,14 @@ async fn dev() -> anyhow::Result<()> {
         let user = signer.mint(&session, &"demo-user".parse()?, Role::User, day)?;
         let agent = signer.mint(&session, &"demo-agent".parse()?, Role::Agent, day)?;
         println!("  {:<7} {}", node.region, node.http_url());
-        println!("          user page:  {}/demo/user.html#token={user}", node.http_url());
-        println!("          agent page: {}/demo/agent.html#token={agent}", node.http_url());
+        println!(
+            "          user page:  {}/demo/user.html#token={user}",
+            node.http_url()
+        );
+        println!(
+            "          agent page: {}/demo/agent.html#token={agent}",
+            node.http_url()
+        );
     }
     println!("\nOpen a user page and an agent page of the same region in two browser windows.");
     println!("Press Ctrl-C to stop.");

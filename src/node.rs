@@ -73,8 +73,7 @@ impl Node {
             region: cfg.node.region.clone(),
             node: cfg.node_id(),
         };
-        let app = signaling::router(state)
-            .into_make_service_with_connect_info::<SocketAddr>();
+        let app = signaling::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let server = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "signaling server stopped");

@@ -22,7 +22,10 @@ async fn subscriber_receives_publisher_packets_continuously_starting_with_a_keyf
     let reply = user.request(json!({"type":"publish","sdp":offer})).await;
     assert_eq!(reply["type"], "published", "{reply}");
     publisher.answer(reply["sdp"].as_str().unwrap());
-    let producer_id = reply["producers"][0]["producerId"].as_str().unwrap().to_owned();
+    let producer_id = reply["producers"][0]["producerId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let pub_state = Arc::new(PeerState::default());
     let pub_task = publisher.spawn(pub_state.clone());
 
@@ -63,14 +66,21 @@ async fn subscriber_receives_publisher_packets_continuously_starting_with_a_keyf
         "subscribing must send a keyframe request to the publisher"
     );
     let got = sub_state.received.lock().unwrap().clone();
-    assert!(got[0].keyframe, "the first forwarded packet must be a keyframe");
+    assert!(
+        got[0].keyframe,
+        "the first forwarded packet must be a keyframe"
+    );
     let ssrc = got[0].ssrc;
     assert_ne!(ssrc, 0x1234_5678, "the consumer has its own SSRC");
     let mut seqs: Vec<u16> = got.iter().map(|r| r.seq).collect();
     seqs.sort_unstable();
     seqs.dedup();
     for w in seqs.windows(2) {
-        assert_eq!(w[1], w[0].wrapping_add(1), "gap in forwarded sequence numbers");
+        assert_eq!(
+            w[1],
+            w[0].wrapping_add(1),
+            "gap in forwarded sequence numbers"
+        );
     }
     let mut frames: Vec<u32> = got.iter().map(|r| r.frame).collect();
     frames.dedup();

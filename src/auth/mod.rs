@@ -122,7 +122,9 @@ pub struct TokenVerifier {
 
 impl std::fmt::Debug for TokenVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenVerifier").field("alg", &self.alg).finish()
+        f.debug_struct("TokenVerifier")
+            .field("alg", &self.alg)
+            .finish()
     }
 }
 
@@ -153,7 +155,13 @@ impl TokenVerifier {
         ))
     }
 
-    pub fn new(key: DecodingKey, alg: Algorithm, issuer: &str, audience: &str, leeway: u64) -> Self {
+    pub fn new(
+        key: DecodingKey,
+        alg: Algorithm,
+        issuer: &str,
+        audience: &str,
+        leeway: u64,
+    ) -> Self {
         let mut validation = Validation::new(alg);
         validation.set_issuer(&[issuer]);
         validation.set_audience(&[audience]);
@@ -270,7 +278,8 @@ impl TokenSigner {
 
     pub fn eddsa_pem(private_pem: &[u8], issuer: &str, audience: &str) -> Result<Self, MintError> {
         Ok(Self {
-            key: EncodingKey::from_ed_pem(private_pem).map_err(|e| MintError::Key(e.to_string()))?,
+            key: EncodingKey::from_ed_pem(private_pem)
+                .map_err(|e| MintError::Key(e.to_string()))?,
             alg: Algorithm::EdDSA,
             issuer: issuer.into(),
             audience: audience.into(),
@@ -327,10 +336,7 @@ pub fn generate_ed25519_pem() -> (String, String) {
         0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
     ];
     spki.extend_from_slice(pair.public_key().as_ref());
-    (
-        pem("PRIVATE KEY", pkcs8.as_ref()),
-        pem("PUBLIC KEY", &spki),
-    )
+    (pem("PRIVATE KEY", pkcs8.as_ref()), pem("PUBLIC KEY", &spki))
 }
 
 fn pem(label: &str, der: &[u8]) -> String {
@@ -381,7 +387,10 @@ mod tests {
     #[test]
     fn expired_token_is_rejected() {
         let signer = TokenSigner::hs256(SECRET, "iss", "aud");
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let claims = Claims {
             sub: uid(),
             sid: sid(),
@@ -409,7 +418,9 @@ mod tests {
         let t = format!(
             "{}.{}.",
             b(r#"{"alg":"none","typ":"JWT"}"#),
-            b(r#"{"sub":"alice","sid":"kyc-1","role":"agent","exp":9999999999,"iss":"iss","aud":"aud"}"#)
+            b(
+                r#"{"sub":"alice","sid":"kyc-1","role":"agent","exp":9999999999,"iss":"iss","aud":"aud"}"#
+            )
         );
         assert!(matches!(
             verifier().verify(&t),
@@ -455,7 +466,10 @@ mod tests {
         let hs = TokenSigner::hs256(SECRET, "iss", "aud")
             .mint(&sid(), &uid(), Role::User, Duration::from_secs(60))
             .unwrap();
-        assert!(matches!(v.verify(&hs), Err(TokenError::WrongAlgorithm { .. })));
+        assert!(matches!(
+            v.verify(&hs),
+            Err(TokenError::WrongAlgorithm { .. })
+        ));
     }
 
     #[test]

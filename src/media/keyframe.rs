@@ -90,7 +90,10 @@ mod tests {
     #[test]
     fn h264_idr_in_single_stap_and_fu_is_found() {
         assert!(is_keyframe(Codec::H264, &[0x65, 0]));
-        assert!(is_keyframe(Codec::H264, &[0x78, 0, 2, 0x67, 0x42, 0, 1, 0x68]));
+        assert!(is_keyframe(
+            Codec::H264,
+            &[0x78, 0, 2, 0x67, 0x42, 0, 1, 0x68]
+        ));
         assert!(is_keyframe(Codec::H264, &[0x7c, 0x85]));
         assert!(!is_keyframe(Codec::H264, &[0x7c, 0x05]));
         assert!(!is_keyframe(Codec::H264, &[0x41, 0]));

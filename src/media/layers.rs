@@ -145,6 +145,10 @@ mod tests {
         assert_eq!(s.target(), 0);
         s.set_max_layer(1);
         s.update_target(&[None, None, Some(1_000_000)]);
-        assert_eq!(s.target(), 2, "only layer flowing is used even above the cap");
+        assert_eq!(
+            s.target(),
+            2,
+            "only layer flowing is used even above the cap"
+        );
     }
 }

@@ -73,8 +73,14 @@ pub enum SfuEvent {
     ProducerPaused(ProducerId),
     ProducerResumed(ProducerId),
     ConsumerClosed(ConsumerId),
-    ConsumerLayerChanged { consumer_id: ConsumerId, layer: Layer },
-    TransportState { transport: TransportKind, state: String },
+    ConsumerLayerChanged {
+        consumer_id: ConsumerId,
+        layer: Layer,
+    },
+    TransportState {
+        transport: TransportKind,
+        state: String,
+    },
 }
 
 /// Result of `join`.

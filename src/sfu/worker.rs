@@ -611,9 +611,7 @@ impl Worker {
         if producer.paused || producer.consumers.is_empty() {
             return;
         }
-        let keyframe = producer
-            .codec
-            .is_some_and(|c| is_keyframe(c, &pkt.payload));
+        let keyframe = producer.codec.is_some_and(|c| is_keyframe(c, &pkt.payload));
         // Extensions were negotiated with the publisher, not with each subscriber; the
         // subscriber's own interceptors add what its connection negotiated.
         pkt.header.extension = false;
@@ -707,8 +705,7 @@ impl Worker {
             return;
         };
         let Some(ssrc) = l.ssrc else { return };
-        if l
-            .last_keyframe_request
+        if l.last_keyframe_request
             .is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_INTERVAL)
         {
             return;
@@ -746,7 +743,11 @@ impl Worker {
                 }
             }
             bitrates.clear();
-            bitrates.extend(p.layers.iter().map(|l| l.bitrate.or(l.last_packet.map(|_| 1))));
+            bitrates.extend(
+                p.layers
+                    .iter()
+                    .map(|l| l.bitrate.or(l.last_packet.map(|_| 1))),
+            );
             for &cid in &p.consumers {
                 let c = &mut self.consumers[cid];
                 if p.layers.len() > 1 {
@@ -880,7 +881,11 @@ impl Worker {
         }
     }
 
-    fn own_producer(&self, participant: &ParticipantId, id: &ProducerId) -> Result<usize, ControlError> {
+    fn own_producer(
+        &self,
+        participant: &ParticipantId,
+        id: &ProducerId,
+    ) -> Result<usize, ControlError> {
         let pk = *self
             .participant_ids
             .get(participant)
@@ -892,7 +897,11 @@ impl Worker {
             .ok_or_else(|| ControlError::UnknownProducer(id.to_string()))
     }
 
-    fn own_consumer(&self, participant: &ParticipantId, id: &ConsumerId) -> Result<usize, ControlError> {
+    fn own_consumer(
+        &self,
+        participant: &ParticipantId,
+        id: &ConsumerId,
+    ) -> Result<usize, ControlError> {
         let pk = *self
             .participant_ids
             .get(participant)
@@ -1243,12 +1252,16 @@ impl Worker {
             codecs
                 .iter()
                 .find(|c| {
-                    c.rtp_codec.mime_type.eq_ignore_ascii_case(&rtp_codec.mime_type)
+                    c.rtp_codec
+                        .mime_type
+                        .eq_ignore_ascii_case(&rtp_codec.mime_type)
                         && c.rtp_codec.sdp_fmtp_line == rtp_codec.sdp_fmtp_line
                 })
                 .or_else(|| {
                     codecs.iter().find(|c| {
-                        c.rtp_codec.mime_type.eq_ignore_ascii_case(&rtp_codec.mime_type)
+                        c.rtp_codec
+                            .mime_type
+                            .eq_ignore_ascii_case(&rtp_codec.mime_type)
                     })
                 })
                 .map(|c| c.payload_type)
@@ -1430,7 +1443,8 @@ impl Worker {
     fn update_gauges(&self) {
         let s = &self.stats;
         s.sessions.store(self.routers.len() as u64, Relaxed);
-        s.participants.store(self.participants.len() as u64, Relaxed);
+        s.participants
+            .store(self.participants.len() as u64, Relaxed);
         s.producers.store(self.producers.len() as u64, Relaxed);
         s.consumers.store(self.consumers.len() as u64, Relaxed);
         s.peer_connections.store(self.conns.len() as u64, Relaxed);

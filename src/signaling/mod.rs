@@ -94,20 +94,76 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let mut out = String::new();
     let labels = format!("region=\"{}\",node=\"{}\"", s.region, s.node);
     for (name, help, v) in [
-        ("meridian_datagrams_in_total", "UDP datagrams received on the media port", g(&w.datagrams_in)),
-        ("meridian_datagrams_out_total", "UDP datagrams sent from the media port", g(&w.datagrams_out)),
-        ("meridian_datagrams_unroutable_total", "Datagrams from unknown peers or rejected by their connection", g(&w.datagrams_unroutable)),
-        ("meridian_datagrams_oversized_total", "Datagrams larger than rtc.max_datagram_bytes", g(&w.datagrams_oversized)),
-        ("meridian_rtp_in_total", "RTP packets received from producers", g(&w.rtp_in)),
-        ("meridian_rtp_forwarded_total", "RTP packets written to consumers", g(&w.rtp_forwarded)),
-        ("meridian_rtp_dropped_layer_total", "RTP packets not forwarded because the consumer uses another simulcast layer", g(&w.rtp_dropped_layer)),
-        ("meridian_send_errors_total", "Media socket send failures", g(&w.send_errors)),
-        ("meridian_keyframe_requests_total", "PLIs sent to publishers", g(&w.keyframe_requests)),
-        ("meridian_sessions", "Sessions (routers) on this node", g(&w.sessions)),
-        ("meridian_participants", "Participants on this node", g(&w.participants)),
-        ("meridian_producers", "Producers on this node", g(&w.producers)),
-        ("meridian_consumers", "Consumers on this node", g(&w.consumers)),
-        ("meridian_peer_connections", "WebRTC peer connections on this node", g(&w.peer_connections)),
+        (
+            "meridian_datagrams_in_total",
+            "UDP datagrams received on the media port",
+            g(&w.datagrams_in),
+        ),
+        (
+            "meridian_datagrams_out_total",
+            "UDP datagrams sent from the media port",
+            g(&w.datagrams_out),
+        ),
+        (
+            "meridian_datagrams_unroutable_total",
+            "Datagrams from unknown peers or rejected by their connection",
+            g(&w.datagrams_unroutable),
+        ),
+        (
+            "meridian_datagrams_oversized_total",
+            "Datagrams larger than rtc.max_datagram_bytes",
+            g(&w.datagrams_oversized),
+        ),
+        (
+            "meridian_rtp_in_total",
+            "RTP packets received from producers",
+            g(&w.rtp_in),
+        ),
+        (
+            "meridian_rtp_forwarded_total",
+            "RTP packets written to consumers",
+            g(&w.rtp_forwarded),
+        ),
+        (
+            "meridian_rtp_dropped_layer_total",
+            "RTP packets not forwarded because the consumer uses another simulcast layer",
+            g(&w.rtp_dropped_layer),
+        ),
+        (
+            "meridian_send_errors_total",
+            "Media socket send failures",
+            g(&w.send_errors),
+        ),
+        (
+            "meridian_keyframe_requests_total",
+            "PLIs sent to publishers",
+            g(&w.keyframe_requests),
+        ),
+        (
+            "meridian_sessions",
+            "Sessions (routers) on this node",
+            g(&w.sessions),
+        ),
+        (
+            "meridian_participants",
+            "Participants on this node",
+            g(&w.participants),
+        ),
+        (
+            "meridian_producers",
+            "Producers on this node",
+            g(&w.producers),
+        ),
+        (
+            "meridian_consumers",
+            "Consumers on this node",
+            g(&w.consumers),
+        ),
+        (
+            "meridian_peer_connections",
+            "WebRTC peer connections on this node",
+            g(&w.peer_connections),
+        ),
     ] {
         out.push_str(&format!("# HELP {name} {help}\n{name}{{{labels}}} {v}\n"));
     }
@@ -153,7 +209,13 @@ async fn close_with(sink: &mut Sink, code: u16, reason: &str) {
 }
 
 /// Refuses and closes, counting the refusal.
-async fn refuse(state: &AppState, sink: &mut Sink, code: &'static str, message: String, close_code: u16) {
+async fn refuse(
+    state: &AppState,
+    sink: &mut Sink,
+    code: &'static str,
+    message: String,
+    close_code: u16,
+) {
     state.metrics.count(code);
     let _ = send(sink, &ServerMessage::error(None, code, message.clone())).await;
     close_with(sink, close_code, &message).await;
@@ -187,17 +249,42 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
     let first = tokio::time::timeout(state.join_timeout, stream.next()).await;
     let text = match first {
         Err(_) => {
-            return refuse(&state, &mut sink, "join_timeout", "no join message in time".into(), close::JOIN_TIMEOUT).await;
+            return refuse(
+                &state,
+                &mut sink,
+                "join_timeout",
+                "no join message in time".into(),
+                close::JOIN_TIMEOUT,
+            )
+            .await;
         }
         Ok(None) | Ok(Some(Err(_))) => return,
         Ok(Some(Ok(Message::Text(t)))) => t,
         Ok(Some(Ok(Message::Close(_)))) => return,
         Ok(Some(Ok(_))) => {
-            return refuse(&state, &mut sink, "unsupported_data", "only text frames carry signaling".into(), close::UNSUPPORTED_DATA).await;
+            return refuse(
+                &state,
+                &mut sink,
+                "unsupported_data",
+                "only text frames carry signaling".into(),
+                close::UNSUPPORTED_DATA,
+            )
+            .await;
         }
     };
     if text.len() > state.max_message_bytes {
-        return refuse(&state, &mut sink, "too_big", format!("message of {} bytes exceeds the limit of {}", text.len(), state.max_message_bytes), close::TOO_BIG).await;
+        return refuse(
+            &state,
+            &mut sink,
+            "too_big",
+            format!(
+                "message of {} bytes exceeds the limit of {}",
+                text.len(),
+                state.max_message_bytes
+            ),
+            close::TOO_BIG,
+        )
+        .await;
     }
     let (token, session_hint) = match protocol::parse(&text) {
         Ok(ClientMessage::Join {
@@ -206,32 +293,66 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             session_id,
         }) => {
             if version != protocol::PROTOCOL_VERSION {
-                return refuse(&state, &mut sink, "unsupported_version", format!("protocol version {version} is not supported; this node speaks {}", protocol::PROTOCOL_VERSION), close::MALFORMED).await;
+                return refuse(
+                    &state,
+                    &mut sink,
+                    "unsupported_version",
+                    format!(
+                        "protocol version {version} is not supported; this node speaks {}",
+                        protocol::PROTOCOL_VERSION
+                    ),
+                    close::MALFORMED,
+                )
+                .await;
             }
             (token, session_id)
         }
         Ok(_) => {
-            return refuse(&state, &mut sink, "not_joined", "the first message must be `join`".into(), close::MALFORMED).await;
+            return refuse(
+                &state,
+                &mut sink,
+                "not_joined",
+                "the first message must be `join`".into(),
+                close::MALFORMED,
+            )
+            .await;
         }
-        Err(e) => return refuse(&state, &mut sink, e.code(), e.to_string(), close::MALFORMED).await,
+        Err(e) => {
+            return refuse(&state, &mut sink, e.code(), e.to_string(), close::MALFORMED).await
+        }
     };
-    let claims = match state.verifier.verify(&token).and_then(|c| match session_hint {
-        Some(s) if s != c.sid => Err(TokenError::WrongSession {
-            token: c.sid,
-            requested: s,
-        }),
-        _ => Ok(c),
-    }) {
+    let claims = match state
+        .verifier
+        .verify(&token)
+        .and_then(|c| match session_hint {
+            Some(s) if s != c.sid => Err(TokenError::WrongSession {
+                token: c.sid,
+                requested: s,
+            }),
+            _ => Ok(c),
+        }) {
         Ok(c) => c,
         Err(e) => {
             tracing::info!(client = %redact(peer), code = e.code(), "join refused");
-            return refuse(&state, &mut sink, e.code(), e.to_string(), close::UNAUTHORIZED).await;
+            return refuse(
+                &state,
+                &mut sink,
+                e.code(),
+                e.to_string(),
+                close::UNAUTHORIZED,
+            )
+            .await;
         }
     };
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let joined = match state
         .worker
-        .join(claims.sid.clone(), claims.sub.clone(), claims.role, events_tx)
+        .join(
+            claims.sid.clone(),
+            claims.sub.clone(),
+            claims.role,
+            events_tx,
+        )
         .await
     {
         Ok(j) => j,
@@ -344,10 +465,18 @@ fn static_code(code: &str) -> &'static str {
         "bad_candidate",
         "internal",
     ];
-    CODES.iter().find(|c| **c == code).copied().unwrap_or("other")
+    CODES
+        .iter()
+        .find(|c| **c == code)
+        .copied()
+        .unwrap_or("other")
 }
 
-async fn handle_request(state: &AppState, pid: &ParticipantId, msg: ClientMessage) -> ServerMessage {
+async fn handle_request(
+    state: &AppState,
+    pid: &ParticipantId,
+    msg: ClientMessage,
+) -> ServerMessage {
     let w = &state.worker;
     let p = pid.clone();
     let ok_or = |request_id: u64, r: Result<(), crate::sfu::ControlError>| match r {
@@ -355,9 +484,7 @@ async fn handle_request(state: &AppState, pid: &ParticipantId, msg: ClientMessag
         Err(e) => ServerMessage::error(Some(request_id), e.code(), e.to_string()),
     };
     match msg {
-        ClientMessage::Join { .. } => {
-            ServerMessage::error(None, "not_allowed", "already joined")
-        }
+        ClientMessage::Join { .. } => ServerMessage::error(None, "not_allowed", "already joined"),
         ClientMessage::Leave => ServerMessage::Pong { request_id: None },
         ClientMessage::Ping { request_id } => ServerMessage::Pong { request_id },
         ClientMessage::Publish { request_id, sdp } => match w.publish(p, sdp).await {
@@ -408,25 +535,46 @@ async fn handle_request(state: &AppState, pid: &ParticipantId, msg: ClientMessag
             request_id,
             consumer_id,
             max_layer,
-        } => ok_or(request_id, w.set_consumer_layer(p, consumer_id, max_layer).await),
-        ClientMessage::PauseProducer { request_id, producer_id } => {
-            ok_or(request_id, w.set_producer_paused(p, producer_id, true).await)
-        }
-        ClientMessage::ResumeProducer { request_id, producer_id } => {
-            ok_or(request_id, w.set_producer_paused(p, producer_id, false).await)
-        }
-        ClientMessage::CloseProducer { request_id, producer_id } => {
-            ok_or(request_id, w.close_producer(p, producer_id).await)
-        }
-        ClientMessage::PauseConsumer { request_id, consumer_id } => {
-            ok_or(request_id, w.set_consumer_paused(p, consumer_id, true).await)
-        }
-        ClientMessage::ResumeConsumer { request_id, consumer_id } => {
-            ok_or(request_id, w.set_consumer_paused(p, consumer_id, false).await)
-        }
-        ClientMessage::CloseConsumer { request_id, consumer_id } => {
-            ok_or(request_id, w.close_consumer(p, consumer_id).await)
-        }
+        } => ok_or(
+            request_id,
+            w.set_consumer_layer(p, consumer_id, max_layer).await,
+        ),
+        ClientMessage::PauseProducer {
+            request_id,
+            producer_id,
+        } => ok_or(
+            request_id,
+            w.set_producer_paused(p, producer_id, true).await,
+        ),
+        ClientMessage::ResumeProducer {
+            request_id,
+            producer_id,
+        } => ok_or(
+            request_id,
+            w.set_producer_paused(p, producer_id, false).await,
+        ),
+        ClientMessage::CloseProducer {
+            request_id,
+            producer_id,
+        } => ok_or(request_id, w.close_producer(p, producer_id).await),
+        ClientMessage::PauseConsumer {
+            request_id,
+            consumer_id,
+        } => ok_or(
+            request_id,
+            w.set_consumer_paused(p, consumer_id, true).await,
+        ),
+        ClientMessage::ResumeConsumer {
+            request_id,
+            consumer_id,
+        } => ok_or(
+            request_id,
+            w.set_consumer_paused(p, consumer_id, false).await,
+        ),
+        ClientMessage::CloseConsumer {
+            request_id,
+            consumer_id,
+        } => ok_or(request_id, w.close_consumer(p, consumer_id).await),
     }
 }
 

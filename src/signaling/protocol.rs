@@ -38,7 +38,10 @@ pub enum ClientMessage {
         session_id: Option<SessionId>,
     },
     #[serde(rename_all = "camelCase")]
-    Publish { request_id: u64, sdp: String },
+    Publish {
+        request_id: u64,
+        sdp: String,
+    },
     #[serde(rename_all = "camelCase")]
     Subscribe {
         request_id: u64,
@@ -63,17 +66,35 @@ pub enum ClientMessage {
         max_layer: Layer,
     },
     #[serde(rename_all = "camelCase")]
-    PauseProducer { request_id: u64, producer_id: ProducerId },
+    PauseProducer {
+        request_id: u64,
+        producer_id: ProducerId,
+    },
     #[serde(rename_all = "camelCase")]
-    ResumeProducer { request_id: u64, producer_id: ProducerId },
+    ResumeProducer {
+        request_id: u64,
+        producer_id: ProducerId,
+    },
     #[serde(rename_all = "camelCase")]
-    CloseProducer { request_id: u64, producer_id: ProducerId },
+    CloseProducer {
+        request_id: u64,
+        producer_id: ProducerId,
+    },
     #[serde(rename_all = "camelCase")]
-    PauseConsumer { request_id: u64, consumer_id: ConsumerId },
+    PauseConsumer {
+        request_id: u64,
+        consumer_id: ConsumerId,
+    },
     #[serde(rename_all = "camelCase")]
-    ResumeConsumer { request_id: u64, consumer_id: ConsumerId },
+    ResumeConsumer {
+        request_id: u64,
+        consumer_id: ConsumerId,
+    },
     #[serde(rename_all = "camelCase")]
-    CloseConsumer { request_id: u64, consumer_id: ConsumerId },
+    CloseConsumer {
+        request_id: u64,
+        consumer_id: ConsumerId,
+    },
     #[serde(rename_all = "camelCase")]
     Ping {
         #[serde(default)]
@@ -210,7 +231,10 @@ pub enum ServerMessage {
     #[serde(rename_all = "camelCase")]
     ConsumerClosed { consumer_id: ConsumerId },
     #[serde(rename_all = "camelCase")]
-    ConsumerLayerChanged { consumer_id: ConsumerId, layer: Layer },
+    ConsumerLayerChanged {
+        consumer_id: ConsumerId,
+        layer: Layer,
+    },
     #[serde(rename_all = "camelCase")]
     TransportState {
         transport: TransportKind,
@@ -249,7 +273,9 @@ impl From<SfuEvent> for ServerMessage {
             SfuEvent::ParticipantJoined(participant) => {
                 ServerMessage::ParticipantJoined { participant }
             }
-            SfuEvent::ParticipantLeft(participant) => ServerMessage::ParticipantLeft { participant },
+            SfuEvent::ParticipantLeft(participant) => {
+                ServerMessage::ParticipantLeft { participant }
+            }
             SfuEvent::ProducerAdded(producer) => ServerMessage::ProducerAdded { producer },
             SfuEvent::ProducerClosed(producer_id) => ServerMessage::ProducerClosed { producer_id },
             SfuEvent::ProducerPaused(producer_id) => ServerMessage::ProducerPaused { producer_id },

@@ -89,7 +89,9 @@ pub struct Signal {
 impl Signal {
     pub async fn connect(node: &Node) -> Signal {
         let url = format!("ws://{}/v1/ws", node.signaling_addr);
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("ws connects");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("ws connects");
         Signal {
             ws,
             next_id: 1,
@@ -110,6 +112,13 @@ impl Signal {
     pub async fn send_text(&mut self, text: &str) {
         self.ws
             .send(Message::Text(text.into()))
+            .await
+            .expect("ws send");
+    }
+
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.ws
+            .send(Message::Binary(data.into()))
             .await
             .expect("ws send");
     }
@@ -137,9 +146,7 @@ impl Signal {
                 .expect("socket closes within 10 s")
             {
                 Some(Ok(Message::Text(t))) => seen.push(serde_json::from_str(&t).unwrap()),
-                Some(Ok(Message::Close(frame))) => {
-                    return (seen, frame.map(|f| u16::from(f.code)))
-                }
+                Some(Ok(Message::Close(frame))) => return (seen, frame.map(|f| u16::from(f.code))),
                 Some(Ok(_)) => {}
                 None | Some(Err(_)) => return (seen, None),
             }
