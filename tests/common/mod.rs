@@ -219,7 +219,6 @@ fn vp8_engine() -> (MediaEngine, RTCRtpCodec) {
         RTCRtpCodecParameters {
             rtp_codec: codec.clone(),
             payload_type: 100,
-            ..Default::default()
         },
         RtpCodecKind::Video,
     )
