@@ -133,9 +133,9 @@ async fn malformed_oversized_and_unknown_messages_get_their_own_answers() {
     assert_eq!(seen.last().unwrap()["code"], "malformed");
     assert_eq!(close, Some(4400));
 
-    // Oversized (limit is 4096 in the test config) closes with 1009.
+    // Oversized (limit is 16384 in the test config) closes with 1009.
     let (mut s, _) = Signal::join(&node, "kyc-bad", "erin", Role::User).await;
-    let big = json!({"type":"publish","requestId":1,"sdp":"x".repeat(6000)}).to_string();
+    let big = json!({"type":"publish","requestId":1,"sdp":"x".repeat(20_000)}).to_string();
     s.send_text(&big).await;
     let (seen, close) = s.until_closed().await;
     assert_eq!(seen.last().unwrap()["code"], "too_big");

@@ -2,6 +2,8 @@
 //! and run in-process WebRTC peers built on webrtc-rs's sans-I/O core over real UDP.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,7 +48,7 @@ latitude = 19.0
 longitude = 72.8
 [signaling]
 listen = "127.0.0.1:0"
-max_message_bytes = 4096
+max_message_bytes = 16384
 join_timeout_secs = 2
 [rtc]
 listen_ip = "{listen_ip}"

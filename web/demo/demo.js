@@ -45,14 +45,6 @@ async function main() {
   setState(`joined as ${joined.role}`);
   log("JOINED", { participantId: joined.participantId, role: joined.role });
 
-  const local = await navigator.mediaDevices.getUserMedia({
-    video: { width: 1280, height: 720, frameRate: 30 },
-    audio: true,
-  });
-  document.getElementById("local").srcObject = local;
-  const published = await client.publish(local, { simulcast: params.get("simulcast") === "1" });
-  log("PUBLISHED", published.map((p) => ({ producerId: p.producerId, kind: p.kind })));
-
   const remoteStream = new MediaStream();
   remoteVideo.srcObject = remoteStream;
   const maxLayer = params.has("maxLayer") ? Number(params.get("maxLayer")) : undefined;
@@ -72,8 +64,18 @@ async function main() {
       log("ERROR", { code: e.code, message: e.message });
     }
   }
-  for (const p of joined.producers) consume(p);
+  // Listen before anything is awaited so that no announcement is missed.
   client.addEventListener("produceradded", (e) => consume(e.detail));
+  for (const p of joined.producers) consume(p);
+
+  const local = await navigator.mediaDevices.getUserMedia({
+    video: { width: 1280, height: 720, frameRate: 30 },
+    audio: true,
+  });
+  document.getElementById("local").srcObject = local;
+  const published = await client.publish(local, { simulcast: params.get("simulcast") === "1" });
+  log("PUBLISHED", published.map((p) => ({ producerId: p.producerId, kind: p.kind })));
+
 
   setInterval(async () => {
     const stats = await client.consumerStats();

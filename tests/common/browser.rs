@@ -1,0 +1,153 @@
+//! Headless Chromium for tests: started directly (not through Debian's wrapper), with a fresh
+//! profile, fake camera and microphone, and no way to reach anything but loopback.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+pub const CHROMIUM: &str = "/usr/lib/chromium/chromium";
+
+/// Panics unless the test runs where a browser can reach nothing beyond loopback: a private
+/// network namespace whose main routing table is empty (tests/run.sh sets that up).
+pub fn assert_isolated_network() {
+    let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let entries = routes
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    assert_eq!(
+        entries, 0,
+        "browser tests must run in a network namespace with only loopback; run tests/run.sh"
+    );
+    assert!(
+        std::path::Path::new(CHROMIUM).exists(),
+        "{CHROMIUM} is missing: tests/run.sh installs Debian's chromium package"
+    );
+}
+
+/// One browser process showing one page; collects the page's `MERIDIAN_*` console lines.
+pub struct Browser {
+    child: Child,
+    lines: Arc<Mutex<Vec<(String, Value)>>>,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    pub fn open(url: &str) -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        let tmp: PathBuf = profile.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let mut child = Command::new(CHROMIUM)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                "--allow-loopback-in-peer-connection",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--autoplay-policy=no-user-gesture-required",
+                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.*",
+                "--enable-logging=stderr",
+                "--v=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .env("TMPDIR", &tmp)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chromium");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(parsed) = parse_console(&line) {
+                    sink.lock().unwrap().push(parsed);
+                }
+            }
+        });
+        Browser {
+            child,
+            lines,
+            _profile: profile,
+        }
+    }
+
+    /// Console reports of one kind (`STATS`, `LIFTED`, ...), oldest first.
+    pub fn reports(&self, kind: &str) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k == kind)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// All lines, for failure messages.
+    pub fn transcript(&self) -> String {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `...CONSOLE(12)] "MERIDIAN_STATS {...}", source: http://... (12)` → ("STATS", {...}).
+fn parse_console(line: &str) -> Option<(String, Value)> {
+    let start = line.find("\"MERIDIAN_")? + "\"MERIDIAN_".len();
+    let rest = &line[start..];
+    let end = rest.rfind("\", source:")?;
+    let body = &rest[..end];
+    let (kind, json) = body.split_once(' ')?;
+    Some((kind.to_owned(), serde_json::from_str(json).ok()?))
+}
+
+/// The largest `framesDecoded` among video consumers in a STATS report.
+pub fn video_frames(report: &Value) -> u64 {
+    report["consumers"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter(|c| c["kind"] == "video")
+                .map(|c| c["framesDecoded"].as_u64().unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+/// Width of the decoded video in a STATS report.
+pub fn video_width(report: &Value) -> u64 {
+    report["consumers"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter(|c| c["kind"] == "video")
+                .map(|c| c["frameWidth"].as_u64().unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
