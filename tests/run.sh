@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every Meridian test with its own set-up:
+#  1. installs what the tests need from Debian packages when it is missing (Chromium for the
+#     browser tests, iproute2 and util-linux for the network namespace);
+#  2. builds the tests (this step may download crates);
+#  3. runs the whole suite inside a private network namespace with only loopback up, so no
+#     browser or test can reach anything beyond 127.0.0.0/8.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+need=()
+[ -x /usr/lib/chromium/chromium ] || need+=(chromium)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "tests/run.sh: installing ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+cargo build --tests --locked
+
+inner='ip link set lo up && cargo test --offline --locked -- --test-threads=2'
+if [ "$(id -u)" -eq 0 ]; then
+  exec unshare --net sh -c "$inner"
+else
+  exec unshare --user --map-root-user --net sh -c "$inner"
+fi
