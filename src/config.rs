@@ -333,6 +333,20 @@ mod tests {
     }
 
     #[test]
+    fn every_region_file_loads() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/regions");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                NodeConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "india, europe and us at least");
+    }
+
+    #[test]
     fn unknown_key_is_rejected_naming_it() {
         let text = INDIA.replace("[rtc]", "[rtc]\nanounced_ip = \"1.2.3.4\"");
         let err = NodeConfig::from_toml_str(&text).unwrap_err().to_string();

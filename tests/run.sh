@@ -23,9 +23,8 @@ fi
 
 cargo build --tests --locked
 
-inner='ip link set lo up && cargo test --offline --locked -- --test-threads=2'
 if [ "$(id -u)" -eq 0 ]; then
-  exec unshare --net sh -c "$inner"
+  exec unshare --net tests/in-netns.sh
 else
-  exec unshare --user --map-root-user --net sh -c "$inner"
+  exec unshare --user --map-root-user --net tests/in-netns.sh
 fi
