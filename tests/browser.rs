@@ -9,8 +9,23 @@ use common::browser::*;
 use common::*;
 use meridian::auth::Role;
 
-fn page(node: &meridian::node::Node, role: &str, token: &str, extra: &str) -> String {
-    format!("{}/demo/{role}.html#token={token}{extra}", node.http_url())
+/// Opens the user page and the agent page of `session` in two browser processes; `user_opts`
+/// and `agent_opts` are appended to each page's URL fragment.
+fn open_pair(
+    node: &meridian::node::Node,
+    session: &str,
+    user_opts: &str,
+    agent_opts: &str,
+) -> (Browser, Browser) {
+    let day = Duration::from_secs(3600);
+    let url = |role: &str, user: &str, r: Role, opts: &str| {
+        let t = token(session, user, r, day);
+        format!("{}/demo/{role}.html#token={t}{opts}", node.http_url())
+    };
+    (
+        Browser::open(&url("user", "alice", Role::User, user_opts)),
+        Browser::open(&url("agent", "bob", Role::Agent, agent_opts)),
+    )
 }
 
 async fn wait_until(
@@ -36,19 +51,7 @@ async fn wait_until(
 async fn user_and_agent_pages_decode_each_others_video() {
     assert_isolated_network();
     let node = start_node().await;
-    let day = Duration::from_secs(3600);
-    let user = Browser::open(&page(
-        &node,
-        "user",
-        &token("kyc-browser", "alice", Role::User, day),
-        "",
-    ));
-    let agent = Browser::open(&page(
-        &node,
-        "agent",
-        &token("kyc-browser", "bob", Role::Agent, day),
-        "",
-    ));
+    let (user, agent) = open_pair(&node, "kyc-browser", "", "");
 
     let decoding = |b: &Browser| {
         let r = b.reports("STATS");
@@ -77,19 +80,12 @@ async fn user_and_agent_pages_decode_each_others_video() {
 async fn simulcast_consumer_gets_low_layer_then_high_after_the_cap_is_lifted() {
     assert_isolated_network();
     let node = start_node().await;
-    let day = Duration::from_secs(3600);
-    let user = Browser::open(&page(
+    let (user, agent) = open_pair(
         &node,
-        "user",
-        &token("kyc-sim", "alice", Role::User, day),
+        "kyc-sim",
         "&simulcast=1",
-    ));
-    let agent = Browser::open(&page(
-        &node,
-        "agent",
-        &token("kyc-sim", "bob", Role::Agent, day),
         "&maxLayer=0&liftAfterFrames=60",
-    ));
+    );
 
     wait_until(
         "the capped consumer decoding the low layer",

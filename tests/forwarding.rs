@@ -11,61 +11,97 @@ use common::*;
 use meridian::auth::Role;
 use serde_json::json;
 
+/// A publisher on a user's publish transport and a subscriber consuming it on an agent's
+/// subscribe transport, both running.
+struct Flow {
+    publisher: Arc<PeerState>,
+    subscriber: Arc<PeerState>,
+    /// PLIs the publisher had received before the subscription was made.
+    plis_before_subscribe: u64,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    signals: (Signal, Signal),
+}
+
+impl Flow {
+    async fn start(node: &meridian::node::Node, session: &str) -> Flow {
+        let (mut user, _) = Signal::join(node, session, "alice", Role::User).await;
+        let (mut agent, _) = Signal::join(node, session, "bob", Role::Agent).await;
+
+        let mut publisher = RtcPeer::publisher().await;
+        let offer = publisher.offer();
+        let reply = user.request(json!({"type":"publish","sdp":offer})).await;
+        assert_eq!(reply["type"], "published", "{reply}");
+        publisher.answer(reply["sdp"].as_str().unwrap());
+        let producer_id = reply["producers"][0]["producerId"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let publisher_state = Arc::new(PeerState::default());
+        let publisher_task = publisher.spawn(publisher_state.clone());
+
+        // The agent learns of the producer from an event.
+        let added = agent.event("producerAdded").await;
+        assert_eq!(added["producer"]["producerId"], producer_id.as_str());
+        assert_eq!(added["producer"]["kind"], "video");
+
+        wait_for("publisher connected", Duration::from_secs(10), || {
+            publisher_state.connected.load(Ordering::Relaxed)
+        })
+        .await;
+        // Let the publisher's first keyframe pass before anyone subscribes, so the subscriber
+        // can only start on a keyframe that its own subscription asked for.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let plis_before_subscribe = publisher_state.plis_received.load(Ordering::Relaxed);
+
+        let mut subscriber = RtcPeer::subscriber().await;
+        let offer = subscriber.offer();
+        let reply = agent
+            .request(json!({"type":"subscribe","producerId":producer_id,"sdp":offer}))
+            .await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        subscriber.answer(reply["sdp"].as_str().unwrap());
+        let subscriber_state = Arc::new(PeerState::default());
+        let subscriber_task = subscriber.spawn(subscriber_state.clone());
+        Flow {
+            publisher: publisher_state,
+            subscriber: subscriber_state,
+            plis_before_subscribe,
+            tasks: vec![publisher_task, subscriber_task],
+            signals: (user, agent),
+        }
+    }
+
+    fn received(&self) -> usize {
+        self.subscriber.received.lock().unwrap().len()
+    }
+
+    async fn stop(self) {
+        self.publisher.stop.store(true, Ordering::Relaxed);
+        self.subscriber.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        drop(self.signals);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_receives_publisher_packets_continuously_starting_with_a_keyframe() {
     let node = start_node().await;
-    let (mut user, _) = Signal::join(&node, "kyc-fwd", "alice", Role::User).await;
-    let (mut agent, _) = Signal::join(&node, "kyc-fwd", "bob", Role::Agent).await;
-
-    let mut publisher = RtcPeer::publisher().await;
-    let offer = publisher.offer();
-    let reply = user.request(json!({"type":"publish","sdp":offer})).await;
-    assert_eq!(reply["type"], "published", "{reply}");
-    publisher.answer(reply["sdp"].as_str().unwrap());
-    let producer_id = reply["producers"][0]["producerId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let pub_state = Arc::new(PeerState::default());
-    let pub_task = publisher.spawn(pub_state.clone());
-
-    // The agent learns of the producer from an event and subscribes.
-    let added = agent.event("producerAdded").await;
-    assert_eq!(added["producer"]["producerId"], producer_id.as_str());
-    assert_eq!(added["producer"]["kind"], "video");
-
-    wait_for("publisher connected", Duration::from_secs(10), || {
-        pub_state.connected.load(Ordering::Relaxed)
-    })
-    .await;
-    // Let the publisher's first keyframe pass before anyone subscribes, so the subscriber
-    // can only start on a keyframe that its own subscription asked for.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let plis_before = pub_state.plis_received.load(Ordering::Relaxed);
-
-    let mut subscriber = RtcPeer::subscriber().await;
-    let offer = subscriber.offer();
-    let reply = agent
-        .request(json!({"type":"subscribe","producerId":producer_id,"sdp":offer}))
-        .await;
-    assert_eq!(reply["type"], "subscribed", "{reply}");
-    subscriber.answer(reply["sdp"].as_str().unwrap());
-    let sub_state = Arc::new(PeerState::default());
-    let sub_task = subscriber.spawn(sub_state.clone());
-
+    let flow = Flow::start(&node, "kyc-fwd").await;
     wait_for("150 forwarded packets", Duration::from_secs(15), || {
-        sub_state.received.lock().unwrap().len() >= 150
+        flow.received() >= 150
     })
     .await;
-    pub_state.stop.store(true, Ordering::Relaxed);
-    sub_state.stop.store(true, Ordering::Relaxed);
-    let _ = tokio::join!(pub_task, sub_task);
+    let plis = flow.publisher.plis_received.load(Ordering::Relaxed);
+    let plis_before = flow.plis_before_subscribe;
+    let got = flow.subscriber.received.lock().unwrap().clone();
+    flow.stop().await;
 
     assert!(
-        pub_state.plis_received.load(Ordering::Relaxed) > plis_before,
+        plis > plis_before,
         "subscribing must send a keyframe request to the publisher"
     );
-    let got = sub_state.received.lock().unwrap().clone();
     assert!(
         got[0].keyframe,
         "the first forwarded packet must be a keyframe"
@@ -94,28 +130,9 @@ async fn subscriber_receives_publisher_packets_continuously_starting_with_a_keyf
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_datagrams_on_the_media_port_are_counted_and_do_not_disturb_forwarding() {
     let node = start_node().await;
-    let (mut user, _) = Signal::join(&node, "kyc-garbage", "alice", Role::User).await;
-    let (mut agent, _) = Signal::join(&node, "kyc-garbage", "bob", Role::Agent).await;
-    let mut publisher = RtcPeer::publisher().await;
-    let reply = user
-        .request(json!({"type":"publish","sdp":publisher.offer()}))
-        .await;
-    publisher.answer(reply["sdp"].as_str().unwrap());
-    let producer_id = reply["producers"][0]["producerId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let pub_state = Arc::new(PeerState::default());
-    let pub_task = publisher.spawn(pub_state.clone());
-    let mut subscriber = RtcPeer::subscriber().await;
-    let reply = agent
-        .request(json!({"type":"subscribe","producerId":producer_id,"sdp":subscriber.offer()}))
-        .await;
-    subscriber.answer(reply["sdp"].as_str().unwrap());
-    let sub_state = Arc::new(PeerState::default());
-    let sub_task = subscriber.spawn(sub_state.clone());
+    let flow = Flow::start(&node, "kyc-garbage").await;
     wait_for("media flowing", Duration::from_secs(15), || {
-        sub_state.received.lock().unwrap().len() >= 20
+        flow.received() >= 20
     })
     .await;
 
@@ -149,11 +166,11 @@ async fn garbage_datagrams_on_the_media_port_are_counted_and_do_not_disturb_forw
             sent += 1;
         }
     }
-    let received_before = sub_state.received.lock().unwrap().len();
+    let received_before = flow.received();
     wait_for(
         "media still flowing after the garbage",
         Duration::from_secs(10),
-        || sub_state.received.lock().unwrap().len() >= received_before + 50,
+        || flow.received() >= received_before + 50,
     )
     .await;
     let stats = node.worker.stats();
@@ -163,7 +180,5 @@ async fn garbage_datagrams_on_the_media_port_are_counted_and_do_not_disturb_forw
         dropped >= sent * 9 / 10,
         "garbage is counted: {dropped} of {sent}"
     );
-    pub_state.stop.store(true, Ordering::Relaxed);
-    sub_state.stop.store(true, Ordering::Relaxed);
-    let _ = tokio::join!(pub_task, sub_task);
+    flow.stop().await;
 }

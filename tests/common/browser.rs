@@ -124,30 +124,25 @@ fn parse_console(line: &str) -> Option<(String, Value)> {
     Some((kind.to_owned(), serde_json::from_str(json).ok()?))
 }
 
-/// The largest `framesDecoded` among video consumers in a STATS report.
-pub fn video_frames(report: &Value) -> u64 {
+/// The largest value of `field` among video consumers in a STATS report.
+fn video_max(report: &Value, field: &str) -> u64 {
     report["consumers"]
         .as_object()
-        .map(|m| {
+        .and_then(|m| {
             m.values()
                 .filter(|c| c["kind"] == "video")
-                .map(|c| c["framesDecoded"].as_u64().unwrap_or(0))
+                .filter_map(|c| c[field].as_u64())
                 .max()
-                .unwrap_or(0)
         })
         .unwrap_or(0)
 }
 
+/// Frames decoded by the video consumer(s) in a STATS report.
+pub fn video_frames(report: &Value) -> u64 {
+    video_max(report, "framesDecoded")
+}
+
 /// Width of the decoded video in a STATS report.
 pub fn video_width(report: &Value) -> u64 {
-    report["consumers"]
-        .as_object()
-        .map(|m| {
-            m.values()
-                .filter(|c| c["kind"] == "video")
-                .map(|c| c["frameWidth"].as_u64().unwrap_or(0))
-                .max()
-                .unwrap_or(0)
-        })
-        .unwrap_or(0)
+    video_max(report, "frameWidth")
 }
