@@ -24,6 +24,15 @@ struct Flow {
 
 impl Flow {
     async fn start(node: &meridian::node::Node, session: &str) -> Flow {
+        Self::start_with(node, session, PeerState::default()).await
+    }
+
+    /// Like `start`, with the subscriber's state (and so its impairments) given.
+    async fn start_with(
+        node: &meridian::node::Node,
+        session: &str,
+        subscriber_state: PeerState,
+    ) -> Flow {
         let (mut user, _) = Signal::join(node, session, "alice", Role::User).await;
         let (mut agent, _) = Signal::join(node, session, "bob", Role::Agent).await;
 
@@ -60,7 +69,7 @@ impl Flow {
             .await;
         assert_eq!(reply["type"], "subscribed", "{reply}");
         subscriber.answer(reply["sdp"].as_str().unwrap());
-        let subscriber_state = Arc::new(PeerState::default());
+        let subscriber_state = Arc::new(subscriber_state);
         let subscriber_task = subscriber.spawn(subscriber_state.clone());
         Flow {
             publisher: publisher_state,
@@ -181,4 +190,51 @@ async fn garbage_datagrams_on_the_media_port_are_counted_and_do_not_disturb_forw
         "garbage is counted: {dropped} of {sent}"
     );
     flow.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_loss_is_repaired_from_the_producer_cache() {
+    let node = start_node().await;
+    let lossy = PeerState::default();
+    lossy.drop_every_nth_rtp.store(10, Ordering::Relaxed);
+    let flow = Flow::start_with(&node, "kyc-nack", lossy).await;
+    wait_for("300 packets", Duration::from_secs(20), || {
+        flow.received() >= 300
+    })
+    .await;
+    // Give the last NACKs time to be answered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dropped = flow
+        .subscriber
+        .rtp_datagrams_dropped
+        .load(Ordering::Relaxed);
+    let mut seqs: Vec<u16> = flow
+        .subscriber
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    flow.stop().await;
+
+    assert!(dropped >= 25, "the impairment dropped packets: {dropped}");
+    let resent = node
+        .worker
+        .stats()
+        .rtp_retransmitted
+        .load(Ordering::Relaxed);
+    assert!(
+        resent >= dropped / 2,
+        "{resent} retransmissions for {dropped} losses"
+    );
+    // Up to the most recent packets, whose repair may still be under way, nothing is missing.
+    seqs.sort_unstable();
+    seqs.dedup();
+    let settled = &seqs[..seqs.len() - 20];
+    let missing = settled
+        .windows(2)
+        .map(|w| w[1].wrapping_sub(w[0]) as usize - 1)
+        .sum::<usize>();
+    assert_eq!(missing, 0, "every lost packet was recovered");
 }

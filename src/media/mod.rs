@@ -2,6 +2,7 @@
 //! detection, simulcast layer choice and datagram classification. Everything here is pure and
 //! allocation-free so that it can sit on the per-packet path.
 
+pub mod cache;
 pub mod demux;
 pub mod keyframe;
 pub mod layers;

@@ -91,6 +91,18 @@ impl RtpRewriter {
         Some((out_seq, out_ts))
     }
 
+    /// The input `(ssrc, seq)` that produced output `out_seq`, if it belongs to the current
+    /// source: what a retransmission request for `out_seq` must fetch.
+    pub fn input_of(&self, out_seq: u16) -> Option<(u32, u16)> {
+        let s = self.source?;
+        let seq = out_seq.wrapping_sub(s.seq_offset);
+        if seq == s.base_seq || seq_newer(seq, s.base_seq) {
+            Some((s.ssrc, seq))
+        } else {
+            None
+        }
+    }
+
     /// Output SSRC's current source, if any.
     pub fn source_ssrc(&self) -> Option<u32> {
         self.source.map(|s| s.ssrc)
@@ -126,6 +138,9 @@ mod tests {
         assert_eq!(r.rewrite(later, 2, 40_001, 7).unwrap().0, 1011);
         // A retransmission from before the switch point would collide: dropped.
         assert_eq!(r.rewrite(later, 2, 39_999, 1), None);
+        // Output numbers map back to the current source only.
+        assert_eq!(r.input_of(1011), Some((2, 40_001)));
+        assert_eq!(r.input_of(1005), None);
     }
 
     #[test]

@@ -5,10 +5,11 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use rtc::interceptor::{Attribute, Interceptor, Packet, Registry, Slot, StreamInfo, TaggedPacket};
+use rtc::interceptor::{
+    Attribute, Interceptor, NackGeneratorBuilder, Packet, Registry, Slot, StreamInfo, TaggedPacket,
+};
 use rtc::peer_connection::configuration::interceptor_registry::{
-    configure_nack, configure_rtcp_reports, configure_simulcast_extension_headers,
-    configure_twcc_receiver_only,
+    configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
 };
 use rtc::peer_connection::configuration::media_engine::{
     MediaEngine, MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MIME_TYPE_VP9,
@@ -20,6 +21,7 @@ use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
 };
@@ -88,8 +90,9 @@ fn media_engine() -> Result<MediaEngine, Error> {
     Ok(m)
 }
 
-/// Marks keyframe requests and bandwidth estimates (from subscribers, or to a test publisher) for delivery to the
-/// application: the SFU must relay them upstream, which the interceptors cannot do.
+/// Marks keyframe requests, NACKs and bandwidth estimates for delivery to the application:
+/// the SFU relays keyframe requests upstream and serves NACKs from the producer's packet
+/// cache, neither of which an interceptor of one peer connection can do.
 #[derive(Default)]
 pub struct DeliverFeedback {
     read: VecDeque<TaggedPacket>,
@@ -110,6 +113,7 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverFeedback {
                 any.is::<PictureLossIndication>()
                     || any.is::<FullIntraRequest>()
                     || any.is::<ReceiverEstimatedMaximumBitrate>()
+                    || any.is::<TransportLayerNack>()
             });
             if wanted {
                 msg.message.add(Attribute::DeliverToApplication);
@@ -154,7 +158,14 @@ pub(super) fn build_peer_connection(
     if kind == TransportKind::Subscribe {
         registry = registry.with(Slot::from(14_000), DeliverFeedback::default());
     }
-    let registry = configure_nack(registry, &mut media);
+    // Loss from publishers is detected here (NACK generator). Loss towards subscribers is
+    // repaired by the worker from one packet cache per producer, not by a per-consumer
+    // responder cache, so the subscribe side has no NACK responder.
+    let registry = if kind == TransportKind::Publish {
+        registry.with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
+    } else {
+        registry
+    };
     configure_simulcast_extension_headers(&mut media)?;
     let registry = if kind == TransportKind::Publish {
         // Transport-wide feedback lets the publishing browser's congestion control work.

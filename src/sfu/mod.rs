@@ -261,6 +261,8 @@ pub struct WorkerStats {
     pub rtp_in: AtomicU64,
     pub rtp_forwarded: AtomicU64,
     pub rtp_dropped_layer: AtomicU64,
+    pub rtp_retransmitted: AtomicU64,
+    pub nack_unserved: AtomicU64,
     pub send_errors: AtomicU64,
     pub keyframe_requests: AtomicU64,
     pub sessions: AtomicU64,

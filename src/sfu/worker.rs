@@ -24,6 +24,7 @@ use rtc::peer_connection::RTCPeerConnection;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
@@ -37,6 +38,7 @@ use tokio::sync::mpsc;
 use super::engine::build_peer_connection;
 use super::*;
 use crate::config::LimitsSection;
+use crate::media::cache::PacketCache;
 use crate::media::demux::binding_request_local_ufrag;
 use crate::media::keyframe::is_keyframe;
 use crate::media::layers::{Decision, LayerSelector};
@@ -152,13 +154,30 @@ impl Participant {
     }
 }
 
-#[derive(Default, Clone)]
+/// Recent packets kept per video stream for retransmission (~2.5 s at 200 packets/s).
+const PACKET_CACHE: usize = 512;
+
 struct LayerStat {
     ssrc: Option<u32>,
     bytes: u64,
     bitrate: Option<u64>,
     last_packet: Option<Instant>,
     last_keyframe_request: Option<Instant>,
+    /// One copy of recent packets for every consumer's NACKs; video only.
+    cache: Option<PacketCache<rtc::rtp::Packet>>,
+}
+
+impl LayerStat {
+    fn new(kind: MediaKind) -> Self {
+        Self {
+            ssrc: None,
+            bytes: 0,
+            bitrate: None,
+            last_packet: None,
+            last_keyframe_request: None,
+            cache: (kind == MediaKind::Video).then(|| PacketCache::new(PACKET_CACHE)),
+        }
+    }
 }
 
 struct Producer {
@@ -604,20 +623,24 @@ impl Worker {
             ..
         } = self;
         let producer = &mut producers[pk];
-        if let Some(l) = producer.layers.get_mut(layer as usize) {
-            l.bytes += pkt.payload.len() as u64;
-            l.last_packet = Some(now);
-        }
-        if producer.paused || producer.consumers.is_empty() {
-            return;
-        }
-        let keyframe = producer.codec.is_some_and(|c| is_keyframe(c, &pkt.payload));
         // Extensions were negotiated with the publisher, not with each subscriber; the
         // subscriber's own interceptors add what its connection negotiated.
         pkt.header.extension = false;
         pkt.header.extensions.clear();
         pkt.header.extension_profile = 0;
         let (seq, ts) = (pkt.header.sequence_number, pkt.header.timestamp);
+        if let Some(l) = producer.layers.get_mut(layer as usize) {
+            l.bytes += pkt.payload.len() as u64;
+            l.last_packet = Some(now);
+            if let Some(cache) = &mut l.cache {
+                // Header vectors are empty and the payload is reference-counted: no copy.
+                cache.insert(seq, pkt.clone());
+            }
+        }
+        if producer.paused || producer.consumers.is_empty() {
+            return;
+        }
+        let keyframe = producer.codec.is_some_and(|c| is_keyframe(c, &pkt.payload));
         for &cid in &producer.consumers {
             let c = &mut consumers[cid];
             let conn = &mut conns[c.conn];
@@ -677,12 +700,57 @@ impl Worker {
             let any = p.as_any();
             if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
                 self.request_keyframe_for_consumer(now, cid);
+            } else if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
+                for pair in &nack.nacks {
+                    for out_seq in *pair {
+                        self.retransmit(now, cid, out_seq);
+                    }
+                }
             } else if let Some(remb) = any.downcast_ref::<ReceiverEstimatedMaximumBitrate>() {
                 if let Some(c) = self.consumers.get_mut(cid) {
                     c.selector.set_bandwidth(Some(remb.bitrate as u64));
                 }
             }
         }
+    }
+
+    /// Resends one packet a consumer reported lost, from its producer's cache.
+    fn retransmit(&mut self, now: Instant, cid: usize, out_seq: u16) {
+        let Some(c) = self.consumers.get_mut(cid) else {
+            return;
+        };
+        let cached = c.rewriter.input_of(out_seq).and_then(|(ssrc, seq)| {
+            let p = self.producers.get(c.producer)?;
+            let layer = p.layers.iter().find(|l| l.ssrc == Some(ssrc))?;
+            layer.cache.as_ref()?.get(seq).cloned()
+        });
+        let Some(mut pkt) = cached else {
+            self.stats.nack_unserved.fetch_add(1, Relaxed);
+            return;
+        };
+        let (ssrc, seq, ts) = (
+            pkt.header.ssrc,
+            pkt.header.sequence_number,
+            pkt.header.timestamp,
+        );
+        let Some((out_seq, out_ts)) = c.rewriter.rewrite(now, ssrc, seq, ts) else {
+            return;
+        };
+        pkt.header.ssrc = c.ssrc;
+        pkt.header.sequence_number = out_seq;
+        pkt.header.timestamp = out_ts;
+        pkt.header.payload_type = c.payload_type;
+        let ck = c.conn;
+        if let Some(mut sender) = self
+            .conns
+            .get_mut(ck)
+            .and_then(|conn| conn.pc.rtp_sender(c.sender))
+        {
+            if sender.write_rtp(now, pkt).is_ok() {
+                self.stats.rtp_retransmitted.fetch_add(1, Relaxed);
+            }
+        }
+        self.mark_dirty(ck);
     }
 
     fn request_keyframe_for_consumer(&mut self, now: Instant, cid: usize) {
@@ -1116,7 +1184,9 @@ impl Worker {
                 return Err(PublishError::TooManyProducers(max));
             }
             let rids = simulcast_rids(&remote_sdp, &mid);
-            let layers = vec![LayerStat::default(); rids.len().max(1)];
+            let layers = (0..rids.len().max(1))
+                .map(|_| LayerStat::new(kind))
+                .collect();
             let producer = Producer {
                 id: ProducerId::random(),
                 participant: pk,

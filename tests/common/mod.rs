@@ -206,6 +206,10 @@ pub struct PeerState {
     /// Remote addresses this peer received datagrams from.
     pub remote_addrs: Mutex<Vec<SocketAddr>>,
     pub stop: AtomicBool,
+    /// When non-zero, every n-th incoming RTP datagram is dropped before the peer sees it
+    /// (loss on the last hop, which the node must repair).
+    pub drop_every_nth_rtp: AtomicU64,
+    pub rtp_datagrams_dropped: AtomicU64,
 }
 
 fn vp8_engine() -> (MediaEngine, RTCRtpCodec) {
@@ -339,6 +343,7 @@ impl RtcPeer {
             let mut want_keyframe = true;
             let mut seq: u16 = 1000;
             let mut media = tokio::time::interval(Duration::from_millis(20));
+            let mut rtp_datagrams = 0u64;
             let sender = self.pc.get_senders().next();
             while !state.stop.load(Ordering::Relaxed) {
                 while let Some(msg) = self.pc.poll_write() {
@@ -392,6 +397,16 @@ impl RtcPeer {
                 tokio::select! {
                     r = self.socket.recv_from(&mut buf) => {
                         let Ok((n, from)) = r else { break };
+                        // RTP, not RTCP (RFC 5761: RTCP packet types 200-206 in byte 1).
+                        let is_rtp = n > 1 && (128..=191).contains(&buf[0]) && !(200..=206).contains(&buf[1]);
+                        let nth = state.drop_every_nth_rtp.load(Ordering::Relaxed);
+                        if is_rtp && nth > 0 {
+                            rtp_datagrams += 1;
+                            if rtp_datagrams % nth == 0 {
+                                state.rtp_datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                        }
                         {
                             let mut addrs = state.remote_addrs.lock().unwrap();
                             if !addrs.contains(&from) { addrs.push(from); }
