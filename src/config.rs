@@ -68,6 +68,14 @@ pub struct RtcSection {
     pub announced_ip: IpAddr,
     /// UDP port shared by all peer connections of this node; 0 picks a free one.
     pub port: u16,
+    /// Offer a UDP candidate (the preferred transport). Turning it off leaves only ICE-TCP,
+    /// as mediasoup's `enableUdp: false` does.
+    #[serde(default = "default_true")]
+    pub udp: bool,
+    /// Also accept ICE over TCP (RFC 6544, passive) on the same port number, for clients
+    /// whose networks block UDP. UDP candidates keep the higher priority.
+    #[serde(default = "default_true")]
+    pub tcp: bool,
     /// Largest UDP datagram accepted; anything larger is counted and dropped.
     #[serde(default = "default_max_datagram")]
     pub max_datagram_bytes: usize,
@@ -144,6 +152,9 @@ fn default_listen_ip() -> IpAddr {
 }
 fn default_max_datagram() -> usize {
     1500
+}
+fn default_true() -> bool {
+    true
 }
 fn default_leeway() -> u64 {
     5
@@ -246,6 +257,12 @@ impl NodeConfig {
             return Err(invalid(
                 "rtc.announced_ip",
                 "must be an address clients can reach, not a wildcard such as 0.0.0.0",
+            ));
+        }
+        if !self.rtc.udp && !self.rtc.tcp {
+            return Err(invalid(
+                "rtc.udp",
+                "at least one of `rtc.udp` and `rtc.tcp` must be on",
             ));
         }
         if !(576..=9000).contains(&self.rtc.max_datagram_bytes) {

@@ -46,6 +46,8 @@ impl Node {
             announced_ip: cfg.rtc.announced_ip,
             limits: cfg.limits.clone(),
             max_datagram_bytes: cfg.rtc.max_datagram_bytes,
+            udp: cfg.rtc.udp,
+            tcp: cfg.rtc.tcp,
         })
         .map_err(|source| StartError::Media {
             addr: listen,

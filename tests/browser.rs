@@ -118,3 +118,34 @@ async fn simulcast_consumer_gets_low_layer_then_high_after_the_cap_is_lifted() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_tcp_carries_the_call_when_the_node_offers_no_udp() {
+    assert_isolated_network();
+    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
+    cfg.rtc.udp = false;
+    let node = meridian::node::Node::start(cfg).await.unwrap();
+    let (user, agent) = open_pair(&node, "kyc-tcp", "", "");
+    let decoding = |b: &Browser| b.reports("STATS").iter().any(|r| video_frames(r) >= 30);
+    wait_until(
+        "both pages decoding over TCP",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || decoding(&user) && decoding(&agent),
+    )
+    .await;
+    let stats = node.worker.stats();
+    assert!(
+        stats
+            .tcp_frames_in
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 100
+    );
+    assert_eq!(
+        stats
+            .datagrams_in
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "no UDP at all"
+    );
+}

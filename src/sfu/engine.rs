@@ -151,6 +151,8 @@ impl Interceptor for DeliverFeedback {
 pub(super) fn build_peer_connection(
     kind: TransportKind,
     announced: SocketAddr,
+    udp: bool,
+    tcp: bool,
     now: Instant,
 ) -> Result<RTCPeerConnection, Error> {
     let mut media = media_engine()?;
@@ -184,14 +186,27 @@ pub(super) fn build_peer_connection(
         .with_media_engine(media)
         .with_interceptor_registry(registry)
         .build(now)?;
-    pc.add_local_candidate(RTCIceCandidateInit {
-        candidate: format!(
-            "candidate:1 1 udp 2130706431 {} {} typ host",
-            announced.ip(),
-            announced.port()
-        ),
-        ..Default::default()
-    })?;
+    if udp {
+        pc.add_local_candidate(RTCIceCandidateInit {
+            candidate: format!(
+                "candidate:1 1 udp 2130706431 {} {} typ host",
+                announced.ip(),
+                announced.port()
+            ),
+            ..Default::default()
+        })?;
+    }
+    if tcp {
+        // Lower priority than UDP: used only when UDP does not get through.
+        pc.add_local_candidate(RTCIceCandidateInit {
+            candidate: format!(
+                "candidate:2 1 tcp 1518280447 {} {} typ host tcptype passive",
+                announced.ip(),
+                announced.port()
+            ),
+            ..Default::default()
+        })?;
+    }
     pc.add_local_candidate(RTCIceCandidateInit::default())?;
     Ok(pc)
 }

@@ -6,6 +6,7 @@
 //! channel; the worker talks back through each participant's [`SfuEvent`] channel.
 
 pub mod engine;
+mod tcp;
 mod worker;
 
 use std::net::SocketAddr;
@@ -264,6 +265,8 @@ pub struct WorkerStats {
     pub rtp_retransmitted: AtomicU64,
     pub nack_unserved: AtomicU64,
     pub send_errors: AtomicU64,
+    pub tcp_frames_in: AtomicU64,
+    pub tcp_connections: AtomicU64,
     pub keyframe_requests: AtomicU64,
     pub sessions: AtomicU64,
     pub participants: AtomicU64,

@@ -36,6 +36,7 @@ use tokio::io::Interest;
 use tokio::sync::mpsc;
 
 use super::engine::build_peer_connection;
+use super::tcp::TcpEvent;
 use super::*;
 use crate::config::LimitsSection;
 use crate::media::cache::PacketCache;
@@ -53,6 +54,10 @@ pub struct WorkerConfig {
     pub announced_ip: IpAddr,
     pub limits: LimitsSection,
     pub max_datagram_bytes: usize,
+    /// Offer the UDP candidate.
+    pub udp: bool,
+    /// Also accept ICE-TCP on the same port number.
+    pub tcp: bool,
 }
 
 /// Binds the media socket and starts the worker thread.
@@ -65,6 +70,13 @@ pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
     // Bursts of keyframes to many subscribers need room; failure only costs headroom.
     let _ = state.set_send_buffer_size((&socket).into(), 4 << 20);
     let _ = state.set_recv_buffer_size((&socket).into(), 4 << 20);
+    let tcp_listener = if cfg.tcp {
+        let l = std::net::TcpListener::bind(SocketAddr::new(cfg.listen.ip(), bound.port()))?;
+        l.set_nonblocking(true)?;
+        Some(l)
+    } else {
+        None
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     let stats = Arc::new(WorkerStats::default());
     let handle = WorkerHandle {
@@ -93,8 +105,19 @@ pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
                         return;
                     }
                 };
+                let (tcp_tx, tcp_rx) = mpsc::unbounded_channel();
+                if let Some(l) = tcp_listener {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            tokio::spawn(super::tcp::accept_loop(l, tcp_tx));
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot register the ICE-TCP listener")
+                        }
+                    }
+                }
                 let mut w = Worker::new(cfg, fd, state, announced, stats);
-                w.run(rx).await;
+                w.run(rx, tcp_rx).await;
             });
         })?;
     tracing::info!(bound = %bound, announced = %announced, "media worker started");
@@ -115,6 +138,7 @@ struct Conn {
     participant: usize,
     ufrag: String,
     addrs: Vec<SocketAddr>,
+    tcp_peers: Vec<SocketAddr>,
     /// Local address the client sends to; replies leave from it so the client sees the
     /// candidate it chose.
     src_ip: Option<IpAddr>,
@@ -217,6 +241,9 @@ struct Worker {
     stats: Arc<WorkerStats>,
     conns: Slab<Conn>,
     by_addr: HashMap<SocketAddr, usize>,
+    /// ICE-TCP connections: where to write, and which peer connection they serve once known.
+    tcp_out: HashMap<SocketAddr, mpsc::Sender<bytes::Bytes>>,
+    by_tcp_addr: HashMap<SocketAddr, usize>,
     by_ufrag: HashMap<String, usize>,
     timers: BinaryHeap<Reverse<(Instant, usize)>>,
     participants: Slab<Participant>,
@@ -284,6 +311,8 @@ impl Worker {
             stats,
             conns: Slab::new(),
             by_addr: HashMap::new(),
+            tcp_out: HashMap::new(),
+            by_tcp_addr: HashMap::new(),
             by_ufrag: HashMap::new(),
             timers: BinaryHeap::new(),
             participants: Slab::new(),
@@ -301,7 +330,11 @@ impl Worker {
         }
     }
 
-    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+    async fn run(
+        &mut self,
+        mut rx: mpsc::UnboundedReceiver<Command>,
+        mut tcp_rx: mpsc::UnboundedReceiver<TcpEvent>,
+    ) {
         let seg = self.udp.gro_segments().max(1);
         let buf_len = seg * self.cfg.max_datagram_bytes.max(1500);
         let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; buf_len]).collect();
@@ -346,6 +379,7 @@ impl Worker {
                         Err(e) => tracing::warn!(error = %e, "media socket receive failed"),
                     }
                 }
+                Some(ev) = tcp_rx.recv() => self.on_tcp(Instant::now(), ev),
                 _ = sleep, if next_timer.is_some() => self.fire_timers(Instant::now()),
                 _ = tick.tick() => self.on_tick(Instant::now()),
             }
@@ -366,6 +400,55 @@ impl Worker {
             self.stats.datagrams_unroutable.fetch_add(1, Relaxed);
             return;
         };
+        self.feed(now, ck, src, TransportProtocol::UDP, BytesMut::from(d));
+    }
+
+    fn on_tcp(&mut self, now: Instant, ev: TcpEvent) {
+        match ev {
+            TcpEvent::Opened { peer, out } => {
+                self.tcp_out.insert(peer, out);
+                self.stats.tcp_connections.fetch_add(1, Relaxed);
+            }
+            TcpEvent::Closed { peer } => {
+                self.tcp_out.remove(&peer);
+                if let Some(ck) = self.by_tcp_addr.remove(&peer) {
+                    if let Some(c) = self.conns.get_mut(ck) {
+                        c.tcp_peers.retain(|p| *p != peer);
+                    }
+                }
+                self.stats.tcp_connections.fetch_sub(1, Relaxed);
+            }
+            TcpEvent::Frame { peer, data } => {
+                self.stats.tcp_frames_in.fetch_add(1, Relaxed);
+                let ck = match self.by_tcp_addr.get(&peer) {
+                    Some(&ck) => Some(ck),
+                    None => binding_request_local_ufrag(&data)
+                        .and_then(|u| self.by_ufrag.get(u).copied())
+                        .filter(|&ck| self.conns[ck].tcp_peers.len() < MAX_ADDRS_PER_CONN),
+                };
+                let Some(ck) = ck else {
+                    // A connection that does not open with a known ICE username is cut.
+                    self.stats.datagrams_unroutable.fetch_add(1, Relaxed);
+                    self.tcp_out.remove(&peer);
+                    return;
+                };
+                if self.by_tcp_addr.insert(peer, ck).is_none() {
+                    self.conns[ck].tcp_peers.push(peer);
+                }
+                self.feed(now, ck, peer, TransportProtocol::TCP, data);
+            }
+        }
+    }
+
+    /// Hands one packet from the network to its peer connection.
+    fn feed(
+        &mut self,
+        now: Instant,
+        ck: usize,
+        src: SocketAddr,
+        transport_protocol: TransportProtocol,
+        message: BytesMut,
+    ) {
         let local_addr = self.announced;
         let conn = &mut self.conns[ck];
         let res = conn.pc.handle_read(TaggedBytesMut {
@@ -374,9 +457,9 @@ impl Worker {
                 local_addr,
                 peer_addr: src,
                 ecn: None,
-                transport_protocol: TransportProtocol::UDP,
+                transport_protocol,
             },
-            message: BytesMut::from(d),
+            message,
         });
         if let Err(e) = res {
             // A malformed datagram from a known peer: counted, never fatal.
@@ -430,6 +513,16 @@ impl Worker {
         conn.dirty = false;
         let src_ip = conn.src_ip;
         while let Some(msg) = conn.pc.poll_write() {
+            if msg.transport.transport_protocol == TransportProtocol::TCP {
+                let sent = self
+                    .tcp_out
+                    .get(&msg.transport.peer_addr)
+                    .is_some_and(|out| out.try_send(msg.message.freeze()).is_ok());
+                if !sent {
+                    self.stats.send_errors.fetch_add(1, Relaxed);
+                }
+                continue;
+            }
             let t = Transmit {
                 destination: msg.transport.peer_addr,
                 ecn: None,
@@ -1064,13 +1157,15 @@ impl Worker {
     }
 
     fn new_conn(&mut self, now: Instant, pk: usize, kind: TransportKind) -> Result<usize, String> {
-        let pc = build_peer_connection(kind, self.announced, now).map_err(sdp_error)?;
+        let pc = build_peer_connection(kind, self.announced, self.cfg.udp, self.cfg.tcp, now)
+            .map_err(sdp_error)?;
         let ck = self.conns.insert(Conn {
             pc,
             kind,
             participant: pk,
             ufrag: String::new(),
             addrs: Vec::new(),
+            tcp_peers: Vec::new(),
             src_ip: None,
             deadline: None,
             connected: false,
@@ -1465,6 +1560,11 @@ impl Worker {
         }
         for a in &conn.addrs {
             self.by_addr.remove(a);
+        }
+        for p in &conn.tcp_peers {
+            self.by_tcp_addr.remove(p);
+            // Dropping the sender ends the connection's task.
+            self.tcp_out.remove(p);
         }
         if !conn.ufrag.is_empty() {
             self.by_ufrag.remove(&conn.ufrag);
