@@ -149,3 +149,24 @@ async fn ice_tcp_carries_the_call_when_the_node_offers_no_udp() {
         "no UDP at all"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firefox_user_and_chromium_agent_decode_each_others_video() {
+    assert_isolated_network();
+    let node = start_node().await;
+    let day = Duration::from_secs(3600);
+    let url = |role: &str, user: &str, r: Role| {
+        let t = token("kyc-firefox", user, r, day);
+        format!("{}/demo/{role}.html#token={t}", node.http_url())
+    };
+    let user = Browser::firefox(&url("user", "alice", Role::User));
+    let agent = Browser::open(&url("agent", "bob", Role::Agent));
+    let decoding = |b: &Browser| b.reports("STATS").iter().any(|r| video_frames(r) >= 30);
+    wait_until(
+        "Firefox and Chromium decoding each other's video",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || decoding(&user) && decoding(&agent),
+    )
+    .await;
+}

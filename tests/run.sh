@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Meridian test with its own set-up:
 #  1. installs what the tests need from Debian packages when it is missing (Chromium for the
-#     browser tests, iproute2 and util-linux for the network namespace);
+#     browser tests, Firefox ESR for the cross-browser test, iproute2 and util-linux for the network namespace);
 #  2. builds the tests (this step may download crates);
 #  3. runs the whole suite inside a private network namespace with only loopback up, so no
 #     browser or test can reach anything beyond 127.0.0.0/8.
@@ -13,6 +13,7 @@ SUDO=""
 
 need=()
 [ -x /usr/lib/chromium/chromium ] || need+=(chromium)
+[ -x /usr/bin/firefox-esr ] || need+=(firefox-esr)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then

@@ -9,6 +9,29 @@ use std::sync::{Arc, Mutex};
 use serde_json::Value;
 
 pub const CHROMIUM: &str = "/usr/lib/chromium/chromium";
+pub const FIREFOX: &str = "/usr/bin/firefox-esr";
+
+/// Firefox preferences: fake devices granted without prompts, loopback ICE candidates, page
+/// console on stdout, and every non-loopback request sent to a dead local proxy.
+const FIREFOX_PREFS: &str = r#"
+user_pref("media.navigator.streams.fake", true);
+user_pref("media.navigator.permission.disabled", true);
+user_pref("permissions.default.camera", 1);
+user_pref("permissions.default.microphone", 1);
+user_pref("media.peerconnection.ice.loopback", true);
+user_pref("media.autoplay.default", 0);
+user_pref("devtools.console.stdout.content", true);
+user_pref("network.proxy.type", 1);
+user_pref("network.proxy.http", "127.0.0.1");
+user_pref("network.proxy.http_port", 9);
+user_pref("network.proxy.ssl", "127.0.0.1");
+user_pref("network.proxy.ssl_port", 9);
+user_pref("network.proxy.no_proxies_on", "127.0.0.1, localhost");
+user_pref("toolkit.telemetry.enabled", false);
+user_pref("datareporting.policy.dataSubmissionEnabled", false);
+user_pref("app.update.enabled", false);
+user_pref("browser.shell.checkDefaultBrowser", false);
+"#;
 
 /// Panics unless the test runs where a browser can reach nothing beyond loopback: a private
 /// network namespace whose main routing table is empty (tests/run.sh sets that up).
@@ -27,6 +50,19 @@ pub fn assert_isolated_network() {
         std::path::Path::new(CHROMIUM).exists(),
         "{CHROMIUM} is missing: tests/run.sh installs Debian's chromium package"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_of_both_browsers_parse() {
+        let chrome = r#"[1:2:INFO:CONSOLE(41)] "MERIDIAN_STATS {"role":"agent"}", source: http://127.0.0.1:1/demo/demo.js (41)"#;
+        assert_eq!(parse_console(chrome).unwrap().1["role"], "agent");
+        let firefox = r#"console.log: "MERIDIAN_STATS {\"role\":\"user\"}""#;
+        assert_eq!(parse_console(firefox).unwrap().1["role"], "user");
+    }
 }
 
 /// One browser process showing one page; collects the page's `MERIDIAN_*` console lines.
@@ -67,16 +103,56 @@ impl Browser {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start chromium");
+        Self::collect(child, profile)
+    }
+
+    /// The page in headless Firefox ESR.
+    pub fn firefox(url: &str) -> Browser {
+        assert!(
+            std::path::Path::new(FIREFOX).exists(),
+            "{FIREFOX} is missing: tests/run.sh installs Debian's firefox-esr package"
+        );
+        let profile = tempfile::tempdir().unwrap();
+        std::fs::write(profile.path().join("user.js"), FIREFOX_PREFS).unwrap();
+        let child = Command::new(FIREFOX)
+            .args(["--headless", "--no-remote", "--profile"])
+            .arg(profile.path())
+            .arg(url)
+            .env("TMPDIR", profile.path())
+            .env("HOME", profile.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start firefox");
+        Self::collect(child, profile)
+    }
+
+    fn collect(mut child: Child, profile: tempfile::TempDir) -> Browser {
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(parsed) = parse_console(&line) {
-                    sink.lock().unwrap().push(parsed);
+        let outputs: Vec<Box<dyn std::io::Read + Send>> = [
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|e| Box::new(e) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for out in outputs {
+            let sink = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Some(parsed) = parse_console(&line) {
+                        sink.lock().unwrap().push(parsed);
+                    }
                 }
-            }
-        });
+            });
+        }
         Browser {
             child,
             lines,
@@ -114,12 +190,18 @@ impl Drop for Browser {
     }
 }
 
-/// `...CONSOLE(12)] "MERIDIAN_STATS {...}", source: http://... (12)` → ("STATS", {...}).
+/// A page's `MERIDIAN_<KIND> <json>` console line, as Chromium prints it
+/// (`...CONSOLE(12)] "MERIDIAN_STATS {...}", source: http://... (12)`) or as Firefox does
+/// (`console.log: "MERIDIAN_STATS {\"a\":1}"`, a JSON string) → ("STATS", {...}).
 fn parse_console(line: &str) -> Option<(String, Value)> {
-    let start = line.find("\"MERIDIAN_")? + "\"MERIDIAN_".len();
-    let rest = &line[start..];
-    let end = rest.rfind("\", source:")?;
-    let body = &rest[..end];
+    let body: String = if let Some(rest) = line.strip_prefix("console.log: ") {
+        serde_json::from_str(rest).ok()?
+    } else {
+        let start = line.find("\"MERIDIAN_")? + 1;
+        let rest = &line[start..];
+        rest[..rest.rfind("\", source:")?].to_owned()
+    };
+    let body = body.strip_prefix("MERIDIAN_")?;
     let (kind, json) = body.split_once(' ')?;
     Some((kind.to_owned(), serde_json::from_str(json).ok()?))
 }
