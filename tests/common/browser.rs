@@ -52,19 +52,6 @@ pub fn assert_isolated_network() {
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn console_lines_of_both_browsers_parse() {
-        let chrome = r#"[1:2:INFO:CONSOLE(41)] "MERIDIAN_STATS {"role":"agent"}", source: http://127.0.0.1:1/demo/demo.js (41)"#;
-        assert_eq!(parse_console(chrome).unwrap().1["role"], "agent");
-        let firefox = r#"console.log: "MERIDIAN_STATS {\"role\":\"user\"}""#;
-        assert_eq!(parse_console(firefox).unwrap().1["role"], "user");
-    }
-}
-
 /// One browser process showing one page; collects the page's `MERIDIAN_*` console lines.
 pub struct Browser {
     child: Child,
@@ -77,7 +64,7 @@ impl Browser {
         let profile = tempfile::tempdir().unwrap();
         let tmp: PathBuf = profile.path().join("tmp");
         std::fs::create_dir_all(&tmp).unwrap();
-        let mut child = Command::new(CHROMIUM)
+        let child = Command::new(CHROMIUM)
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -227,4 +214,17 @@ pub fn video_frames(report: &Value) -> u64 {
 /// Width of the decoded video in a STATS report.
 pub fn video_width(report: &Value) -> u64 {
     video_max(report, "frameWidth")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_of_both_browsers_parse() {
+        let chrome = r#"[1:2:INFO:CONSOLE(41)] "MERIDIAN_STATS {"role":"agent"}", source: http://127.0.0.1:1/demo/demo.js (41)"#;
+        assert_eq!(parse_console(chrome).unwrap().1["role"], "agent");
+        let firefox = r#"console.log: "MERIDIAN_STATS {\"role\":\"user\"}""#;
+        assert_eq!(parse_console(firefox).unwrap().1["role"], "user");
+    }
 }
