@@ -170,3 +170,11 @@ async fn firefox_user_and_chromium_agent_decode_each_others_video() {
     )
     .await;
 }
+
+#[test]
+fn console_lines_of_both_browsers_parse() {
+    let chrome = r#"[1:2:INFO:CONSOLE(41)] "MERIDIAN_STATS {"role":"agent"}", source: http://127.0.0.1:1/demo/demo.js (41)"#;
+    assert_eq!(parse_console(chrome).unwrap().1["role"], "agent");
+    let firefox = r#"console.log: "MERIDIAN_STATS {\"role\":\"user\"}""#;
+    assert_eq!(parse_console(firefox).unwrap().1["role"], "user");
+}

@@ -19,24 +19,27 @@ struct Flow {
     /// PLIs the publisher had received before the subscription was made.
     plis_before_subscribe: u64,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    signals: (Signal, Signal),
+    user: Signal,
+    agent: Signal,
+    producer_id: String,
 }
 
 impl Flow {
     async fn start(node: &meridian::node::Node, session: &str) -> Flow {
-        Self::start_with(node, session, PeerState::default()).await
+        Self::start_with(node, session, PeerState::default(), TestCodec::Vp8).await
     }
 
-    /// Like `start`, with the subscriber's state (and so its impairments) given.
+    /// Like `start`, with the subscriber's state (and so its impairments) and the codec given.
     async fn start_with(
         node: &meridian::node::Node,
         session: &str,
         subscriber_state: PeerState,
+        codec: TestCodec,
     ) -> Flow {
         let (mut user, _) = Signal::join(node, session, "alice", Role::User).await;
         let (mut agent, _) = Signal::join(node, session, "bob", Role::Agent).await;
 
-        let mut publisher = RtcPeer::publisher().await;
+        let mut publisher = RtcPeer::publisher_with(codec).await;
         let offer = publisher.offer();
         let reply = user.request(json!({"type":"publish","sdp":offer})).await;
         assert_eq!(reply["type"], "published", "{reply}");
@@ -62,7 +65,7 @@ impl Flow {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let plis_before_subscribe = publisher_state.plis_received.load(Ordering::Relaxed);
 
-        let mut subscriber = RtcPeer::subscriber().await;
+        let mut subscriber = RtcPeer::subscriber_with(codec).await;
         let offer = subscriber.offer();
         let reply = agent
             .request(json!({"type":"subscribe","producerId":producer_id,"sdp":offer}))
@@ -76,8 +79,14 @@ impl Flow {
             subscriber: subscriber_state,
             plis_before_subscribe,
             tasks: vec![publisher_task, subscriber_task],
-            signals: (user, agent),
+            user,
+            agent,
+            producer_id,
         }
+    }
+
+    fn publisher_plis(&self) -> u64 {
+        self.publisher.plis_received.load(Ordering::Relaxed)
     }
 
     fn received(&self) -> usize {
@@ -90,7 +99,6 @@ impl Flow {
         for t in self.tasks {
             let _ = t.await;
         }
-        drop(self.signals);
     }
 }
 
@@ -197,7 +205,7 @@ async fn consumer_loss_is_repaired_from_the_producer_cache() {
     let node = start_node().await;
     let lossy = PeerState::default();
     lossy.drop_every_nth_rtp.store(10, Ordering::Relaxed);
-    let flow = Flow::start_with(&node, "kyc-nack", lossy).await;
+    let flow = Flow::start_with(&node, "kyc-nack", lossy, TestCodec::Vp8).await;
     wait_for("300 packets", Duration::from_secs(20), || {
         flow.received() >= 300
     })
@@ -237,4 +245,100 @@ async fn consumer_loss_is_repaired_from_the_producer_cache() {
         .map(|w| w[1].wrapping_sub(w[0]) as usize - 1)
         .sum::<usize>();
     assert_eq!(missing, 0, "every lost packet was recovered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h264_is_forwarded_unchanged_starting_on_an_idr() {
+    let node = start_node().await;
+    let flow = Flow::start_with(&node, "kyc-h264", PeerState::default(), TestCodec::H264).await;
+    wait_for("100 H.264 packets", Duration::from_secs(15), || {
+        flow.received() >= 100
+    })
+    .await;
+    let got = flow.subscriber.received.lock().unwrap().clone();
+    flow.stop().await;
+    assert!(
+        got[0].keyframe,
+        "the first forwarded H.264 packet is an IDR"
+    );
+    let mut frames: Vec<u32> = got.iter().map(|r| r.frame).collect();
+    frames.dedup();
+    assert!(frames.windows(2).all(|w| w[1] == w[0] + 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_keyframe_requests_reach_the_publisher_throttled() {
+    let node = start_node().await;
+    let flow = Flow::start(&node, "kyc-pli").await;
+    wait_for("media flowing", Duration::from_secs(15), || {
+        flow.received() >= 100
+    })
+    .await;
+    let before = flow.publisher_plis();
+    // A burst of ten PLIs from the subscriber.
+    flow.subscriber.send_plis.store(10, Ordering::Relaxed);
+    wait_for(
+        "a PLI relayed to the publisher",
+        Duration::from_secs(5),
+        || flow.publisher_plis() > before,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let relayed = flow.publisher_plis() - before;
+    flow.stop().await;
+    assert!(
+        relayed <= 2,
+        "ten PLIs in a burst are throttled upstream, {relayed} relayed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_producer_stops_media_and_resumes_on_a_keyframe() {
+    let node = start_node().await;
+    let mut flow = Flow::start(&node, "kyc-pause").await;
+    wait_for("media flowing", Duration::from_secs(15), || {
+        flow.received() >= 50
+    })
+    .await;
+    let id = flow.producer_id.clone();
+    let reply = flow
+        .user
+        .request(json!({"type":"pauseProducer","producerId":id}))
+        .await;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    assert_eq!(
+        flow.agent.event("producerPaused").await["producerId"],
+        id.as_str()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let paused_at = flow.received();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        flow.received(),
+        paused_at,
+        "nothing is forwarded while paused"
+    );
+
+    let reply = flow
+        .user
+        .request(json!({"type":"resumeProducer","producerId":id}))
+        .await;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    assert_eq!(
+        flow.agent.event("producerResumed").await["producerId"],
+        id.as_str()
+    );
+    wait_for("media again", Duration::from_secs(10), || {
+        flow.received() >= paused_at + 30
+    })
+    .await;
+    let got = flow.subscriber.received.lock().unwrap().clone();
+    flow.stop().await;
+    assert!(got[paused_at].keyframe, "forwarding resumes on a keyframe");
+    let mut seqs: Vec<u16> = got.iter().map(|r| r.seq).collect();
+    seqs.dedup();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0].wrapping_add(1)),
+        "the consumer's sequence stays continuous across the pause"
+    );
 }

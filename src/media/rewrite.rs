@@ -10,6 +10,8 @@ pub struct RtpRewriter {
     clock_rate: u32,
     source: Option<Source>,
     last_out: Option<Last>,
+    /// The next packet starts a new mapping even from the same SSRC.
+    resync: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +42,7 @@ impl RtpRewriter {
             clock_rate: clock_rate.max(1),
             source: None,
             last_out: None,
+            resync: false,
         }
     }
 
@@ -51,7 +54,7 @@ impl RtpRewriter {
     /// advanced by the wall-clock gap.
     pub fn rewrite(&mut self, now: Instant, ssrc: u32, seq: u16, ts: u32) -> Option<(u16, u32)> {
         let src = match self.source {
-            Some(s) if s.ssrc == ssrc => {
+            Some(s) if s.ssrc == ssrc && !self.resync => {
                 if seq != s.base_seq && !seq_newer(seq, s.base_seq) {
                     return None;
                 }
@@ -73,6 +76,7 @@ impl RtpRewriter {
                     ts_offset: out_ts.wrapping_sub(ts),
                 };
                 self.source = Some(s);
+                self.resync = false;
                 s
             }
         };
@@ -89,6 +93,13 @@ impl RtpRewriter {
             }
         }
         Some((out_seq, out_ts))
+    }
+
+    /// Makes the next packet continue the output right after the last one sent, as after a
+    /// source change: used when packets were deliberately skipped (pause), so the receiver
+    /// sees no gap to ask retransmission for.
+    pub fn resync(&mut self) {
+        self.resync = true;
     }
 
     /// The input `(ssrc, seq)` that produced output `out_seq`, if it belongs to the current
@@ -141,6 +152,26 @@ mod tests {
         // Output numbers map back to the current source only.
         assert_eq!(r.input_of(1011), Some((2, 40_001)));
         assert_eq!(r.input_of(1005), None);
+    }
+
+    #[test]
+    fn resync_closes_the_gap_of_skipped_packets() {
+        let t = Instant::now();
+        let mut r = RtpRewriter::new(90_000);
+        r.rewrite(t, 1, 100, 0);
+        r.resync();
+        assert_eq!(
+            r.rewrite(t + Duration::from_secs(1), 1, 150, 90_000)
+                .unwrap()
+                .0,
+            101
+        );
+        assert_eq!(
+            r.rewrite(t + Duration::from_secs(1), 1, 151, 90_000)
+                .unwrap()
+                .0,
+            102
+        );
     }
 
     #[test]

@@ -982,8 +982,10 @@ impl Worker {
                     let c = &mut self.consumers[cid];
                     c.paused = paused;
                     if !paused {
-                        // Resume on a keyframe, like a fresh subscription.
+                        // Resume on a keyframe, like a fresh subscription, with no gap in
+                        // the numbering for the receiver to ask retransmission for.
                         c.selector = LayerSelector::new(c.selector.max_layer());
+                        c.rewriter.resync();
                     }
                 });
                 let _ = reply.send(r);
@@ -1002,6 +1004,7 @@ impl Worker {
                         for &cid in &self.producers[pk].consumers {
                             let c = &mut self.consumers[cid];
                             c.selector = LayerSelector::new(c.selector.max_layer());
+                            c.rewriter.resync();
                         }
                         SfuEvent::ProducerResumed(producer.clone())
                     };

@@ -17,7 +17,9 @@ use meridian::node::Node;
 use rtc::interceptor::{Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
-use rtc::peer_connection::configuration::media_engine::{MediaEngine, MIME_TYPE_VP8};
+use rtc::peer_connection::configuration::media_engine::{
+    MediaEngine, MIME_TYPE_H264, MIME_TYPE_VP8,
+};
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::message::RTCMessage;
 use rtc::peer_connection::sdp::RTCSessionDescription;
@@ -210,16 +212,59 @@ pub struct PeerState {
     /// (loss on the last hop, which the node must repair).
     pub drop_every_nth_rtp: AtomicU64,
     pub rtp_datagrams_dropped: AtomicU64,
+    /// Keyframe requests the subscriber should send now, one after another.
+    pub send_plis: AtomicU64,
 }
 
-fn vp8_engine() -> (MediaEngine, RTCRtpCodec) {
+/// The video codec a test peer sends or accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestCodec {
+    Vp8,
+    H264,
+}
+
+impl TestCodec {
+    /// A one-packet frame: codec header marking key or delta frame, the frame number at
+    /// bytes 10..14, filler to 1000 bytes.
+    fn payload(self, key: bool, frame: u32) -> Vec<u8> {
+        let mut p = vec![0u8; 1000];
+        match self {
+            TestCodec::Vp8 => {
+                p[0] = 0x10; // descriptor: S=1, PID=0
+                p[1] = if key { 0x00 } else { 0x01 }; // P bit
+            }
+            TestCodec::H264 => p[0] = if key { 0x65 } else { 0x41 }, // IDR or non-IDR slice
+        }
+        p[10..14].copy_from_slice(&frame.to_be_bytes());
+        p
+    }
+
+    fn is_key(self, p: &[u8]) -> bool {
+        match self {
+            TestCodec::Vp8 => p.get(1).is_some_and(|b| b & 1 == 0),
+            TestCodec::H264 => p.first().is_some_and(|b| b & 0x1f == 5),
+        }
+    }
+}
+
+fn engine(codec: TestCodec) -> (MediaEngine, RTCRtpCodec) {
     let mut m = MediaEngine::default();
-    let codec = RTCRtpCodec {
-        mime_type: MIME_TYPE_VP8.into(),
-        clock_rate: 90_000,
-        channels: 0,
-        sdp_fmtp_line: String::new(),
-        rtcp_feedback: vec![],
+    let codec = match codec {
+        TestCodec::Vp8 => RTCRtpCodec {
+            mime_type: MIME_TYPE_VP8.into(),
+            clock_rate: 90_000,
+            channels: 0,
+            sdp_fmtp_line: String::new(),
+            rtcp_feedback: vec![],
+        },
+        TestCodec::H264 => RTCRtpCodec {
+            mime_type: MIME_TYPE_H264.into(),
+            clock_rate: 90_000,
+            channels: 0,
+            sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
+                .into(),
+            rtcp_feedback: vec![],
+        },
     };
     m.register_codec(
         RTCRtpCodecParameters {
@@ -238,13 +283,15 @@ pub struct RtcPeer {
     pub socket: tokio::net::UdpSocket,
     pub local: SocketAddr,
     pub publish_ssrc: Option<u32>,
+    pub codec: TestCodec,
 }
 
 impl RtcPeer {
-    async fn new(publish: bool) -> RtcPeer {
+    async fn new(publish: bool, codec: TestCodec) -> RtcPeer {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let local = socket.local_addr().unwrap();
-        let (mut media, codec) = vp8_engine();
+        let test_codec = codec;
+        let (mut media, codec) = engine(codec);
         let registry = Registry::new().with(
             Slot::from(14_000),
             meridian::sfu::engine::DeliverFeedback::default(),
@@ -306,15 +353,24 @@ impl RtcPeer {
             socket,
             local,
             publish_ssrc,
+            codec: test_codec,
         }
     }
 
     pub async fn publisher() -> RtcPeer {
-        Self::new(true).await
+        Self::new(true, TestCodec::Vp8).await
     }
 
     pub async fn subscriber() -> RtcPeer {
-        Self::new(false).await
+        Self::new(false, TestCodec::Vp8).await
+    }
+
+    pub async fn publisher_with(codec: TestCodec) -> RtcPeer {
+        Self::new(true, codec).await
+    }
+
+    pub async fn subscriber_with(codec: TestCodec) -> RtcPeer {
+        Self::new(false, codec).await
     }
 
     pub fn offer(&mut self) -> String {
@@ -374,7 +430,7 @@ impl RtcPeer {
                                 ts: p.header.timestamp,
                                 payload_type: p.header.payload_type,
                                 frame,
-                                keyframe: pl.get(1).is_some_and(|b| b & 1 == 0),
+                                keyframe: self.codec.is_key(pl),
                                 at: Instant::now(),
                             });
                         }
@@ -388,6 +444,23 @@ impl RtcPeer {
                         }
                         _ => {}
                     }
+                }
+                let plis = state.send_plis.swap(0, Ordering::Relaxed);
+                if plis > 0 {
+                    let ssrc = state.received.lock().unwrap().first().map(|r| r.ssrc);
+                    let receiver = self.pc.get_receivers().next();
+                    if let (Some(ssrc), Some(rid)) = (ssrc, receiver) {
+                        if let Some(mut r) = self.pc.rtp_receiver(rid) {
+                            for _ in 0..plis {
+                                let pli = PictureLossIndication {
+                                    sender_ssrc: 1,
+                                    media_ssrc: ssrc,
+                                };
+                                let _ = r.write_rtcp(Instant::now(), vec![Box::new(pli)]);
+                            }
+                        }
+                    }
+                    continue;
                 }
                 let deadline = self
                     .pc
@@ -428,10 +501,7 @@ impl RtcPeer {
                     _ = media.tick(), if sender.is_some() && state.connected.load(Ordering::Relaxed) => {
                         let Some(sid) = sender else { continue };
                         let key = std::mem::take(&mut want_keyframe);
-                        let mut payload = vec![0u8; 1000];
-                        payload[0] = 0x10; // VP8 descriptor: S=1, PID=0
-                        payload[1] = if key { 0x00 } else { 0x01 }; // P bit
-                        payload[10..14].copy_from_slice(&frame.to_be_bytes());
+                        let payload = self.codec.payload(key, frame);
                         let pkt = rtc::rtp::Packet {
                             header: rtc::rtp::header::Header {
                                 version: 2,
