@@ -141,6 +141,10 @@ async fn subscriber_receives_publisher_packets_continuously_starting_with_a_keyf
         assert_eq!(w[1], w[0] + 1, "payloads forwarded unchanged and in order");
     }
     assert!(got.iter().all(|r| r.ssrc == ssrc));
+    assert!(
+        got.iter().all(|r| r.orientation == Some(TEST_ORIENTATION)),
+        "video orientation reaches the subscriber under the subscriber's own extension id"
+    );
     assert!(node.worker.stats().rtp_forwarded.load(Ordering::Relaxed) >= 150);
 }
 

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod demux;
+pub mod extensions;
 pub mod keyframe;
 pub mod layers;
 pub mod rewrite;

@@ -23,8 +23,10 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
+
+use crate::media::extensions::{AUDIO_LEVEL, VIDEO_ORIENTATION};
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
 
@@ -86,6 +88,16 @@ fn media_engine() -> Result<MediaEngine, Error> {
         codec(MIME_TYPE_VP9, 90_000, 0, "profile-id=0", 98),
     ] {
         m.register_codec(c, RtpCodecKind::Video)?;
+    }
+    for (uri, kind) in [
+        (AUDIO_LEVEL, RtpCodecKind::Audio),
+        (VIDEO_ORIENTATION, RtpCodecKind::Video),
+    ] {
+        m.register_header_extension(
+            RTCRtpHeaderExtensionCapability { uri: uri.into() },
+            kind,
+            None,
+        )?;
     }
     Ok(m)
 }

@@ -41,6 +41,7 @@ use super::*;
 use crate::config::LimitsSection;
 use crate::media::cache::PacketCache;
 use crate::media::demux::binding_request_local_ufrag;
+use crate::media::extensions::{IncomingExtensions, OutgoingExtensions, FORWARDED};
 use crate::media::keyframe::is_keyframe;
 use crate::media::layers::{Decision, LayerSelector};
 use crate::media::rewrite::RtpRewriter;
@@ -217,6 +218,7 @@ struct Producer {
     layers: Vec<LayerStat>,
     paused: bool,
     consumers: Vec<usize>,
+    extensions: IncomingExtensions,
 }
 
 struct Consumer {
@@ -227,6 +229,7 @@ struct Consumer {
     sender: RTCRtpSenderId,
     ssrc: u32,
     payload_type: u8,
+    extensions: OutgoingExtensions,
     rewriter: RtpRewriter,
     selector: LayerSelector,
     paused: bool,
@@ -716,8 +719,17 @@ impl Worker {
             ..
         } = self;
         let producer = &mut producers[pk];
-        // Extensions were negotiated with the publisher, not with each subscriber; the
-        // subscriber's own interceptors add what its connection negotiated.
+        // Extension ids were negotiated with the publisher, not with each subscriber: keep
+        // the payloads of the forwarded ones and write them under each consumer's id below;
+        // drop the rest (the subscriber's own interceptors add what its connection needs).
+        let mut kept: [Option<bytes::Bytes>; FORWARDED.len()] = Default::default();
+        if pkt.header.extension {
+            for e in &pkt.header.extensions {
+                if let Some(i) = producer.extensions.index(e.id) {
+                    kept[i] = Some(e.payload.clone());
+                }
+            }
+        }
         pkt.header.extension = false;
         pkt.header.extensions.clear();
         pkt.header.extension_profile = 0;
@@ -761,6 +773,11 @@ impl Worker {
             out.header.sequence_number = out_seq;
             out.header.timestamp = out_ts;
             out.header.payload_type = c.payload_type;
+            for (i, payload) in kept.iter().enumerate() {
+                if let (Some(payload), Some(id)) = (payload, c.extensions.id(i)) {
+                    let _ = out.header.set_extension(id, payload.clone());
+                }
+            }
             if let Some(mut sender) = conn.pc.rtp_sender(c.sender) {
                 if sender.write_rtp(now, out).is_ok() {
                     stats.rtp_forwarded.fetch_add(1, Relaxed);
@@ -1269,13 +1286,14 @@ impl Worker {
                 RtpCodecKind::Audio => MediaKind::Audio,
                 _ => MediaKind::Video,
             };
-            let Some(rtp_codec) = r
-                .get_parameters()
-                .rtp_parameters
-                .codecs
-                .first()
-                .map(|c| c.rtp_codec.clone())
-            else {
+            let params = &r.get_parameters().rtp_parameters;
+            let extensions = IncomingExtensions::new(
+                params
+                    .header_extensions
+                    .iter()
+                    .map(|e| (e.uri.as_str(), e.id)),
+            );
+            let Some(rtp_codec) = params.codecs.first().map(|c| c.rtp_codec.clone()) else {
                 continue; // rejected m-line
             };
             if self.participants[pk].producers.len() + created.len() >= max {
@@ -1298,6 +1316,7 @@ impl Worker {
                 layers,
                 paused: false,
                 consumers: Vec::new(),
+                extensions,
             };
             let id = producer.id.clone();
             let prk = self.producers.insert(producer);
@@ -1415,9 +1434,10 @@ impl Worker {
         let Some(mid) = mid else {
             return fail(self, SubscribeError::NoMatchingMLine);
         };
-        let payload_type = conn.pc.rtp_sender(sender).and_then(|mut s| {
-            let codecs = &s.get_parameters().rtp_parameters.codecs;
-            codecs
+        let negotiated = conn.pc.rtp_sender(sender).map(|mut s| {
+            let params = &s.get_parameters().rtp_parameters;
+            let codecs = &params.codecs;
+            let payload_type = codecs
                 .iter()
                 .find(|c| {
                     c.rtp_codec
@@ -1432,8 +1452,19 @@ impl Worker {
                             .eq_ignore_ascii_case(&rtp_codec.mime_type)
                     })
                 })
-                .map(|c| c.payload_type)
+                .map(|c| c.payload_type);
+            let extensions = OutgoingExtensions::new(
+                params
+                    .header_extensions
+                    .iter()
+                    .map(|e| (e.uri.as_str(), e.id)),
+            );
+            (payload_type, extensions)
         });
+        let (payload_type, extensions) = match negotiated {
+            Some((pt, ext)) => (pt, ext),
+            None => (None, OutgoingExtensions::default()),
+        };
         let Some(payload_type) = payload_type else {
             return fail(
                 self,
@@ -1453,6 +1484,7 @@ impl Worker {
             sender,
             ssrc,
             payload_type,
+            extensions,
             rewriter: RtpRewriter::new(rtp_codec.clock_rate),
             selector: LayerSelector::new(max_layer.unwrap_or(top).min(top)),
             paused: false,

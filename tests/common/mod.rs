@@ -28,7 +28,7 @@ use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodecParameters, RTCRtpCodingParameters, RTCRtpEncodingParameters,
-    RtpCodecKind,
+    RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use rtc::sansio::Protocol;
@@ -195,8 +195,14 @@ pub struct Received {
     pub payload_type: u8,
     pub frame: u32,
     pub keyframe: bool,
+    /// Video orientation (CVO) byte, if the packet carried one under this peer's id.
+    pub orientation: Option<u8>,
     pub at: Instant,
 }
+
+/// Rotation the test publisher signals in every packet: 90 degrees.
+pub const TEST_ORIENTATION: u8 = 0x01;
+const CVO: &str = "urn:3gpp:video-orientation";
 
 /// Counters and records a peer task shares with the test.
 #[derive(Default)]
@@ -247,8 +253,23 @@ impl TestCodec {
     }
 }
 
-fn engine(codec: TestCodec) -> (MediaEngine, RTCRtpCodec) {
+fn engine(codec: TestCodec, publish: bool) -> (MediaEngine, RTCRtpCodec) {
     let mut m = MediaEngine::default();
+    // Publisher and subscriber number their extensions differently, so forwarding must map
+    // ids rather than copy them.
+    let extensions: &[&str] = if publish {
+        &[CVO]
+    } else {
+        &["urn:ietf:params:rtp-hdrext:toffset", CVO]
+    };
+    for uri in extensions {
+        m.register_header_extension(
+            RTCRtpHeaderExtensionCapability { uri: (*uri).into() },
+            RtpCodecKind::Video,
+            None,
+        )
+        .unwrap();
+    }
     let codec = match codec {
         TestCodec::Vp8 => RTCRtpCodec {
             mime_type: MIME_TYPE_VP8.into(),
@@ -284,6 +305,8 @@ pub struct RtcPeer {
     pub local: SocketAddr,
     pub publish_ssrc: Option<u32>,
     pub codec: TestCodec,
+    /// This peer's id for the video-orientation extension, from its own offer.
+    pub cvo_id: Option<u8>,
 }
 
 impl RtcPeer {
@@ -291,7 +314,7 @@ impl RtcPeer {
         let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let local = socket.local_addr().unwrap();
         let test_codec = codec;
-        let (mut media, codec) = engine(codec);
+        let (mut media, codec) = engine(codec, publish);
         let registry = Registry::new().with(
             Slot::from(14_000),
             meridian::sfu::engine::DeliverFeedback::default(),
@@ -354,6 +377,7 @@ impl RtcPeer {
             local,
             publish_ssrc,
             codec: test_codec,
+            cvo_id: None,
         }
     }
 
@@ -378,7 +402,13 @@ impl RtcPeer {
         self.pc
             .set_local_description(Instant::now(), offer)
             .unwrap();
-        self.pc.local_description().unwrap().sdp
+        let sdp = self.pc.local_description().unwrap().sdp;
+        self.cvo_id = sdp.lines().find_map(|l| {
+            let rest = l.strip_prefix("a=extmap:")?;
+            let (id, uri) = rest.split_once(' ')?;
+            (uri.trim() == CVO).then(|| id.parse().ok()).flatten()
+        });
+        sdp
     }
 
     pub fn answer(&mut self, sdp: &str) {
@@ -431,6 +461,10 @@ impl RtcPeer {
                                 payload_type: p.header.payload_type,
                                 frame,
                                 keyframe: self.codec.is_key(pl),
+                                orientation: self
+                                    .cvo_id
+                                    .and_then(|id| p.header.get_extension(id))
+                                    .and_then(|b| b.first().copied()),
                                 at: Instant::now(),
                             });
                         }
@@ -502,7 +536,7 @@ impl RtcPeer {
                         let Some(sid) = sender else { continue };
                         let key = std::mem::take(&mut want_keyframe);
                         let payload = self.codec.payload(key, frame);
-                        let pkt = rtc::rtp::Packet {
+                        let mut pkt = rtc::rtp::Packet {
                             header: rtc::rtp::header::Header {
                                 version: 2,
                                 marker: true,
@@ -514,6 +548,9 @@ impl RtcPeer {
                             },
                             payload: payload.into(),
                         };
+                        if let Some(id) = self.cvo_id {
+                            let _ = pkt.header.set_extension(id, vec![TEST_ORIENTATION].into());
+                        }
                         if let Some(mut s) = self.pc.rtp_sender(sid) {
                             if s.write_rtp(Instant::now(), pkt).is_ok() {
                                 state.packets_sent.fetch_add(1, Ordering::Relaxed);
