@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod ids;
 pub mod media;
+pub mod mesh;
 pub mod node;
 pub mod sfu;
 pub mod signaling;

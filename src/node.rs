@@ -48,6 +48,7 @@ impl Node {
             max_datagram_bytes: cfg.rtc.max_datagram_bytes,
             udp: cfg.rtc.udp,
             tcp: cfg.rtc.tcp,
+            mesh: None,
         })
         .map_err(|source| StartError::Media {
             addr: listen,

@@ -6,6 +6,7 @@
 //! channel; the worker talks back through each participant's [`SfuEvent`] channel.
 
 pub mod engine;
+mod pipes;
 mod tcp;
 mod worker;
 
@@ -21,7 +22,52 @@ use crate::ids::{ConsumerId, ParticipantId, ProducerId, SessionId, UserId};
 use crate::media::layers::Layer;
 use crate::media::Codec;
 
+pub use pipes::{PipeCounters, PipeLink};
 pub use worker::{spawn_worker, WorkerConfig};
+
+/// A pipe (QUIC connection to another node), numbered by the mesh.
+pub type PipeId = u64;
+
+/// What the worker tells the mesh: which sessions it hosts, its producers, and what it wants
+/// from other nodes' producers.
+#[derive(Debug, Clone)]
+pub enum MeshEvent {
+    /// The first participant of a session joined here.
+    SessionActive(SessionId),
+    /// The last participant of a session left.
+    SessionInactive(SessionId),
+    /// A local producer was created.
+    ProducerOpened(crate::mesh::wire::ProducerAnnouncement),
+    ProducerClosed { session: SessionId, producer: ProducerId },
+    ProducerPaused {
+        session: SessionId,
+        producer: ProducerId,
+        paused: bool,
+    },
+    /// Ask the origin behind `pipe` to send these layers (bit mask) of its producer.
+    Consume {
+        pipe: PipeId,
+        producer: ProducerId,
+        layers: u32,
+    },
+    StopConsume { pipe: PipeId, producer: ProducerId },
+    KeyframeRequest {
+        pipe: PipeId,
+        producer: ProducerId,
+        layer: u8,
+    },
+    Nack {
+        pipe: PipeId,
+        producer: ProducerId,
+        layer: u8,
+        seqs: Vec<u16>,
+    },
+    LayerBitrates {
+        pipe: PipeId,
+        producer: ProducerId,
+        bitrates: Vec<Option<u64>>,
+    },
+}
 
 /// Which of a participant's two peer connections: the one it publishes on (client offers,
 /// node receives) or the one it receives consumers on.
@@ -192,6 +238,7 @@ op_error!(
 );
 
 /// Requests from signaling to the worker.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Command {
     Join {
         session: SessionId,
@@ -250,6 +297,41 @@ pub(crate) enum Command {
     Leave {
         participant: ParticipantId,
     },
+    /// The mesh opened a pipe to another node.
+    PipeUp { pipe: PipeId, link: PipeLink },
+    /// A pipe closed: everything that came or went through it is torn down.
+    PipeDown { pipe: PipeId },
+    RemoteProducer {
+        pipe: PipeId,
+        announcement: crate::mesh::wire::ProducerAnnouncement,
+    },
+    RemoteProducerClosed { pipe: PipeId, producer: ProducerId },
+    RemoteProducerPaused {
+        pipe: PipeId,
+        producer: ProducerId,
+        paused: bool,
+    },
+    RemoteLayerBitrates {
+        pipe: PipeId,
+        producer: ProducerId,
+        bitrates: Vec<Option<u64>>,
+    },
+    /// The node behind `pipe` wants these layers of a local producer (0: none).
+    PipeConsume {
+        pipe: PipeId,
+        producer: ProducerId,
+        layers: u32,
+    },
+    PipeKeyframe { producer: ProducerId, layer: u8 },
+    PipeNack {
+        pipe: PipeId,
+        producer: ProducerId,
+        layer: u8,
+        seqs: Vec<u16>,
+    },
+    /// The node behind `pipe` no longer hosts `session`: stop sending it that session.
+    PipeSessionEnded { pipe: PipeId, session: SessionId },
+    PipeDatagram { pipe: PipeId, data: bytes::Bytes },
 }
 
 /// Node-wide counters, readable from any thread.
@@ -268,6 +350,8 @@ pub struct WorkerStats {
     pub tcp_frames_in: AtomicU64,
     pub tcp_connections: AtomicU64,
     pub keyframe_requests: AtomicU64,
+    pub pipe_frames_in: AtomicU64,
+    pub pipe_frames_bad: AtomicU64,
     pub sessions: AtomicU64,
     pub participants: AtomicU64,
     pub producers: AtomicU64,
@@ -471,6 +555,11 @@ impl WorkerHandle {
             ControlError::WorkerGone,
         )
         .await
+    }
+
+    /// Sends a mesh-originated command (pipes, remote producers, pipe media).
+    pub(crate) fn mesh_command(&self, cmd: Command) -> bool {
+        self.tx.send(cmd).is_ok()
     }
 
     /// Removes the participant with everything it published and consumed.

@@ -59,6 +59,8 @@ pub struct WorkerConfig {
     pub udp: bool,
     /// Also accept ICE-TCP on the same port number.
     pub tcp: bool,
+    /// Where to tell the mesh about sessions and producers; `None` for a node on its own.
+    pub mesh: Option<mpsc::UnboundedSender<MeshEvent>>,
 }
 
 /// Binds the media socket and starts the worker thread.
@@ -133,7 +135,7 @@ const LAYER_IDLE: Duration = Duration::from_millis(1500);
 const RECV_BATCH: usize = 16;
 const MAX_ADDRS_PER_CONN: usize = 8;
 
-struct Conn {
+pub(super) struct Conn {
     pc: RTCPeerConnection,
     kind: TransportKind,
     participant: usize,
@@ -154,7 +156,7 @@ struct Conn {
     track_consumer: HashMap<String, usize>,
 }
 
-struct Participant {
+pub(super) struct Participant {
     id: ParticipantId,
     session: SessionId,
     user: UserId,
@@ -182,19 +184,22 @@ impl Participant {
 /// Recent packets kept per video stream for retransmission (~2.5 s at 200 packets/s).
 const PACKET_CACHE: usize = 512;
 
-struct LayerStat {
-    ssrc: Option<u32>,
+pub(super) struct LayerStat {
+    pub(super) ssrc: Option<u32>,
     bytes: u64,
-    bitrate: Option<u64>,
+    pub(super) bitrate: Option<u64>,
     last_packet: Option<Instant>,
     last_keyframe_request: Option<Instant>,
     /// One copy of recent packets for every consumer's NACKs; video only.
-    cache: Option<PacketCache<rtc::rtp::Packet>>,
+    pub(super) cache: Option<PacketCache<rtc::rtp::Packet>>,
+    /// Highest sequence number seen from a pipe, to find gaps to repair.
+    pub(super) highest_seq: Option<u16>,
 }
 
 impl LayerStat {
-    fn new(kind: MediaKind) -> Self {
+    pub(super) fn new(kind: MediaKind) -> Self {
         Self {
+            highest_seq: None,
             ssrc: None,
             bytes: 0,
             bitrate: None,
@@ -205,23 +210,97 @@ impl LayerStat {
     }
 }
 
-struct Producer {
-    id: ProducerId,
-    participant: usize,
-    conn: usize,
-    mid: String,
+/// Where a producer's media comes from.
+pub(super) enum Origin {
+    /// A participant on this node, through its publish peer connection.
+    Local {
+        participant: usize,
+        conn: usize,
+        receiver: RTCRtpReceiverId,
+        mid: String,
+    },
+    /// Another node, through a pipe; `stream` numbers its media frames there.
+    Pipe { pipe: PipeId, stream: u32 },
+}
+
+pub(super) struct Producer {
+    pub(super) id: ProducerId,
+    pub(super) session: SessionId,
+    /// The publishing participant, wherever it is connected.
+    pub(super) owner: ParticipantInfo,
+    pub(super) origin: Origin,
+    /// This node's number for the producer's media frames on pipes.
+    pub(super) stream: u32,
+    /// Remote nodes this producer is sent to, with the layers each one wants.
+    pub(super) pipes_out: Vec<(PipeId, u32)>,
+    /// For a pipe producer: the layers last asked of the origin.
+    pub(super) layers_requested: u32,
     kind: MediaKind,
     codec: Option<Codec>,
     rtp_codec: RTCRtpCodec,
-    receiver: RTCRtpReceiverId,
     rids: Vec<String>,
-    layers: Vec<LayerStat>,
-    paused: bool,
-    consumers: Vec<usize>,
+    pub(super) layers: Vec<LayerStat>,
+    pub(super) paused: bool,
+    pub(super) consumers: Vec<usize>,
     extensions: IncomingExtensions,
 }
 
-struct Consumer {
+impl Producer {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new_piped(
+        id: ProducerId,
+        session: SessionId,
+        owner: ParticipantInfo,
+        origin: Origin,
+        stream: u32,
+        kind: MediaKind,
+        codec: Option<Codec>,
+        rtp_codec: RTCRtpCodec,
+        rids: Vec<String>,
+        layers: Vec<LayerStat>,
+        paused: bool,
+        extensions: IncomingExtensions,
+    ) -> Self {
+        Self {
+            id,
+            session,
+            owner,
+            origin,
+            stream,
+            pipes_out: Vec::new(),
+            layers_requested: 0,
+            kind,
+            codec,
+            rtp_codec,
+            rids,
+            layers,
+            paused,
+            consumers: Vec::new(),
+            extensions,
+        }
+    }
+
+    pub(super) fn kind(&self) -> MediaKind {
+        self.kind
+    }
+
+    pub(super) fn rtp_codec(&self) -> &RTCRtpCodec {
+        &self.rtp_codec
+    }
+
+    pub(super) fn rids(&self) -> &[String] {
+        &self.rids
+    }
+
+    fn local_participant(&self) -> Option<usize> {
+        match self.origin {
+            Origin::Local { participant, .. } => Some(participant),
+            Origin::Pipe { .. } => None,
+        }
+    }
+}
+
+pub(super) struct Consumer {
     id: ConsumerId,
     producer: usize,
     participant: usize,
@@ -236,31 +315,39 @@ struct Consumer {
     track_id: String,
 }
 
-struct Worker {
-    cfg: WorkerConfig,
-    socket: tokio::net::UdpSocket,
-    udp: UdpSocketState,
-    announced: SocketAddr,
-    stats: Arc<WorkerStats>,
-    conns: Slab<Conn>,
-    by_addr: HashMap<SocketAddr, usize>,
+pub(super) struct Worker {
+    pub(super) cfg: WorkerConfig,
+    pub(super) socket: tokio::net::UdpSocket,
+    pub(super) udp: UdpSocketState,
+    pub(super) announced: SocketAddr,
+    pub(super) stats: Arc<WorkerStats>,
+    pub(super) conns: Slab<Conn>,
+    pub(super) by_addr: HashMap<SocketAddr, usize>,
     /// ICE-TCP connections: where to write, and which peer connection they serve once known.
-    tcp_out: HashMap<SocketAddr, mpsc::Sender<bytes::Bytes>>,
-    by_tcp_addr: HashMap<SocketAddr, usize>,
-    by_ufrag: HashMap<String, usize>,
-    timers: BinaryHeap<Reverse<(Instant, usize)>>,
-    participants: Slab<Participant>,
-    participant_ids: HashMap<ParticipantId, usize>,
-    routers: HashMap<SessionId, Vec<usize>>,
-    producers: Slab<Producer>,
-    producer_ids: HashMap<ProducerId, usize>,
-    consumers: Slab<Consumer>,
-    consumer_ids: HashMap<ConsumerId, usize>,
-    dirty: Vec<usize>,
-    rtp_scratch: Vec<(String, rtc::rtp::Packet)>,
-    rtcp_scratch: Vec<(String, Vec<Box<dyn rtc::rtcp::Packet>>)>,
-    event_scratch: Vec<RTCPeerConnectionEvent>,
-    ticks: u64,
+    pub(super) tcp_out: HashMap<SocketAddr, mpsc::Sender<bytes::Bytes>>,
+    pub(super) by_tcp_addr: HashMap<SocketAddr, usize>,
+    pub(super) by_ufrag: HashMap<String, usize>,
+    pub(super) timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    pub(super) participants: Slab<Participant>,
+    pub(super) participant_ids: HashMap<ParticipantId, usize>,
+    /// Participants of each session hosted here.
+    pub(super) routers: HashMap<SessionId, Vec<usize>>,
+    /// Producers of each session, local and piped in.
+    pub(super) session_producers: HashMap<SessionId, Vec<usize>>,
+    pub(super) next_stream: u32,
+    pub(super) mesh: Option<mpsc::UnboundedSender<MeshEvent>>,
+    pub(super) pipes: HashMap<PipeId, PipeLink>,
+    /// (pipe, origin stream) → pipe producer.
+    pub(super) pipe_streams: HashMap<(PipeId, u32), usize>,
+    pub(super) producers: Slab<Producer>,
+    pub(super) producer_ids: HashMap<ProducerId, usize>,
+    pub(super) consumers: Slab<Consumer>,
+    pub(super) consumer_ids: HashMap<ConsumerId, usize>,
+    pub(super) dirty: Vec<usize>,
+    pub(super) rtp_scratch: Vec<(String, rtc::rtp::Packet)>,
+    pub(super) rtcp_scratch: Vec<(String, Vec<Box<dyn rtc::rtcp::Packet>>)>,
+    pub(super) event_scratch: Vec<RTCPeerConnectionEvent>,
+    pub(super) ticks: u64,
 }
 
 fn sdp_error(e: impl std::fmt::Display) -> String {
@@ -306,6 +393,7 @@ impl Worker {
         announced: SocketAddr,
         stats: Arc<WorkerStats>,
     ) -> Self {
+        let mesh = cfg.mesh.clone();
         Self {
             cfg,
             socket,
@@ -321,6 +409,11 @@ impl Worker {
             participants: Slab::new(),
             participant_ids: HashMap::new(),
             routers: HashMap::new(),
+            session_producers: HashMap::new(),
+            next_stream: 1,
+            mesh,
+            pipes: HashMap::new(),
+            pipe_streams: HashMap::new(),
             producers: Slab::new(),
             producer_ids: HashMap::new(),
             consumers: Slab::new(),
@@ -660,7 +753,10 @@ impl Worker {
                 let Some(pk) = self
                     .producers
                     .iter()
-                    .find(|(_, p)| p.conn == ck && p.receiver == init.receiver_id)
+                    .find(|(_, p)| {
+                        matches!(p.origin, Origin::Local { conn, receiver, .. }
+                            if conn == ck && receiver == init.receiver_id)
+                    })
                     .map(|(k, _)| k)
                 else {
                     return;
@@ -689,9 +785,12 @@ impl Worker {
         }
         let pk = *conn.track_producer.get(track)?;
         let producer = self.producers.get_mut(pk)?;
+        let Origin::Local { receiver, .. } = producer.origin else {
+            return None;
+        };
         let rid = conn
             .pc
-            .rtp_receiver(producer.receiver)
+            .rtp_receiver(receiver)
             .and_then(|r| r.track().rid(ssrc).cloned());
         let layer = rid
             .and_then(|rid| producer.rids.iter().position(|r| *r == rid))
@@ -703,12 +802,18 @@ impl Worker {
         Some((pk, layer as u8))
     }
 
-    fn on_rtp(&mut self, now: Instant, ck: usize, track: &str, mut pkt: rtc::rtp::Packet) {
+    fn on_rtp(&mut self, now: Instant, ck: usize, track: &str, pkt: rtc::rtp::Packet) {
         self.stats.rtp_in.fetch_add(1, Relaxed);
-        let ssrc = pkt.header.ssrc;
-        let Some((pk, layer)) = self.resolve_ssrc(ck, track, ssrc) else {
+        let Some((pk, layer)) = self.resolve_ssrc(ck, track, pkt.header.ssrc) else {
             return;
         };
+        self.forward(now, pk, layer, pkt);
+    }
+
+    /// Hands one packet of one producer layer to its consumers here and to the remote nodes
+    /// that want it. The same path serves local producers and producers piped in.
+    pub(super) fn forward(&mut self, now: Instant, pk: usize, layer: u8, mut pkt: rtc::rtp::Packet) {
+        let ssrc = pkt.header.ssrc;
         let Worker {
             producers,
             consumers,
@@ -716,6 +821,7 @@ impl Worker {
             participants,
             stats,
             dirty,
+            pipes,
             ..
         } = self;
         let producer = &mut producers[pk];
@@ -742,7 +848,19 @@ impl Worker {
                 cache.insert(seq, pkt.clone());
             }
         }
-        if producer.paused || producer.consumers.is_empty() {
+        if producer.paused {
+            return;
+        }
+        // One copy per remote node that wants this layer, whatever its number of consumers.
+        for &(pipe, wanted) in &producer.pipes_out {
+            if wanted & (1 << layer) == 0 {
+                continue;
+            }
+            if let Some(link) = pipes.get(&pipe) {
+                link.send_media(producer.stream, layer, &pkt, &kept);
+            }
+        }
+        if producer.consumers.is_empty() {
             return;
         }
         let keyframe = producer.codec.is_some_and(|c| is_keyframe(c, &pkt.payload));
@@ -872,7 +990,7 @@ impl Worker {
     }
 
     /// Sends a PLI for one layer of a producer, at most once per interval.
-    fn request_keyframe(&mut self, now: Instant, pk: usize, layer: u8) {
+    pub(super) fn request_keyframe(&mut self, now: Instant, pk: usize, layer: u8) {
         let Some(p) = self.producers.get_mut(pk) else {
             return;
         };
@@ -882,14 +1000,29 @@ impl Worker {
         let Some(l) = p.layers.get_mut(layer as usize) else {
             return;
         };
-        let Some(ssrc) = l.ssrc else { return };
         if l.last_keyframe_request
             .is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_INTERVAL)
         {
             return;
         }
+        let (ck, receiver) = match p.origin {
+            Origin::Local { conn, receiver, .. } => (conn, receiver),
+            Origin::Pipe { pipe, .. } => {
+                // Aggregated here (one request per interval whatever the number of consumers
+                // asking), throttled again at the origin.
+                l.last_keyframe_request = Some(now);
+                let producer = p.id.clone();
+                self.stats.keyframe_requests.fetch_add(1, Relaxed);
+                self.mesh_event(MeshEvent::KeyframeRequest {
+                    pipe,
+                    producer,
+                    layer,
+                });
+                return;
+            }
+        };
+        let Some(ssrc) = l.ssrc else { return };
         l.last_keyframe_request = Some(now);
-        let (ck, receiver) = (p.conn, p.receiver);
         let Some(conn) = self.conns.get_mut(ck) else {
             return;
         };
@@ -911,7 +1044,8 @@ impl Worker {
         let mut wants: Vec<usize> = Vec::new();
         let mut bitrates: Vec<Option<u64>> = Vec::new();
         for (_, p) in self.producers.iter_mut() {
-            if measure {
+            // A piped-in producer's layer bitrates come from its origin.
+            if measure && matches!(p.origin, Origin::Local { .. }) {
                 for l in p.layers.iter_mut() {
                     let idle = l
                         .last_packet
@@ -945,6 +1079,7 @@ impl Worker {
                 self.request_keyframe_for_consumer(now, cid);
             }
         }
+        self.pipe_tick(measure);
     }
 
     // ---- commands ------------------------------------------------------------------------
@@ -1013,20 +1148,9 @@ impl Worker {
                 paused,
                 reply,
             } => {
-                let r = self.own_producer(&participant, &producer).map(|pk| {
-                    self.producers[pk].paused = paused;
-                    let ev = if paused {
-                        SfuEvent::ProducerPaused(producer.clone())
-                    } else {
-                        for &cid in &self.producers[pk].consumers {
-                            let c = &mut self.consumers[cid];
-                            c.selector = LayerSelector::new(c.selector.max_layer());
-                            c.rewriter.resync();
-                        }
-                        SfuEvent::ProducerResumed(producer.clone())
-                    };
-                    self.notify_viewers(self.producers[pk].participant, ev);
-                });
+                let r = self
+                    .own_producer(&participant, &producer)
+                    .map(|pk| self.set_producer_paused(pk, paused));
                 let _ = reply.send(r);
             }
             Command::CloseProducer {
@@ -1059,7 +1183,71 @@ impl Worker {
                 let _ = reply.send(self.add_candidate(&participant, transport, candidate, sdp_mid));
             }
             Command::Leave { participant } => self.leave(&participant),
+            Command::PipeUp { pipe, link } => self.pipe_up(pipe, link),
+            Command::PipeDown { pipe } => self.pipe_down(pipe),
+            Command::RemoteProducer { pipe, announcement } => {
+                self.remote_producer(pipe, announcement)
+            }
+            Command::RemoteProducerClosed { pipe, producer } => {
+                self.remote_producer_closed(pipe, &producer)
+            }
+            Command::RemoteProducerPaused {
+                pipe,
+                producer,
+                paused,
+            } => self.remote_producer_paused(pipe, &producer, paused),
+            Command::RemoteLayerBitrates {
+                pipe,
+                producer,
+                bitrates,
+            } => self.remote_layer_bitrates(pipe, &producer, &bitrates),
+            Command::PipeConsume {
+                pipe,
+                producer,
+                layers,
+            } => self.pipe_consume(now, pipe, &producer, layers),
+            Command::PipeKeyframe { producer, layer } => self.pipe_keyframe(now, &producer, layer),
+            Command::PipeNack {
+                pipe,
+                producer,
+                layer,
+                seqs,
+            } => self.pipe_nack(pipe, &producer, layer, &seqs),
+            Command::PipeSessionEnded { pipe, session } => self.pipe_session_ended(pipe, &session),
+            Command::PipeDatagram { pipe, data } => self.pipe_datagram(now, pipe, data),
         }
+    }
+
+    /// Pauses or resumes a producer; consumers resume on a keyframe without a numbering gap.
+    pub(super) fn set_producer_paused(&mut self, pk: usize, paused: bool) {
+        let p = &mut self.producers[pk];
+        if p.paused == paused {
+            return;
+        }
+        p.paused = paused;
+        let id = p.id.clone();
+        if !paused {
+            for &cid in &p.consumers {
+                let c = &mut self.consumers[cid];
+                c.selector = LayerSelector::new(c.selector.max_layer());
+                c.rewriter.resync();
+            }
+        }
+        let (session, role) = (p.session.clone(), p.owner.role);
+        let except = p.local_participant();
+        if except.is_some() {
+            self.mesh_event(MeshEvent::ProducerPaused {
+                session: session.clone(),
+                producer: id.clone(),
+                paused,
+            });
+        }
+        let ev = if paused {
+            SfuEvent::ProducerPaused(id)
+        } else {
+            SfuEvent::ProducerResumed(id)
+        };
+        self.notify_session(&session, role, except, ev);
     }
 
     fn own_producer(
@@ -1074,7 +1262,7 @@ impl Worker {
         self.producer_ids
             .get(id)
             .copied()
-            .filter(|&k| self.producers[k].participant == pk)
+            .filter(|&k| self.producers[k].local_participant() == Some(pk))
             .ok_or_else(|| ControlError::UnknownProducer(id.to_string()))
     }
 
@@ -1124,22 +1312,28 @@ impl Worker {
             consumers: Vec::new(),
         });
         self.participant_ids.insert(id.clone(), pk);
-        let members = self.routers.entry(session).or_default();
+        if !self.routers.contains_key(&session) {
+            // Other nodes announce this session's producers from now on.
+            self.mesh_event(MeshEvent::SessionActive(session.clone()));
+        }
+        let members = self.routers.entry(session.clone()).or_default();
         let others: Vec<usize> = members.clone();
         members.push(pk);
         let me = self.participants[pk].info();
-        let mut producers = Vec::new();
         let mut participants = Vec::new();
         for &o in &others {
             let other = &self.participants[o];
             participants.push(other.info());
             other.send(SfuEvent::ParticipantJoined(me.clone()));
-            if role.may_see(other.role) {
-                for &prk in &other.producers {
-                    producers.push(self.producer_info(prk));
-                }
-            }
         }
+        let producers = self
+            .session_producers
+            .get(&session)
+            .into_iter()
+            .flatten()
+            .filter(|&&prk| role.may_see(self.producers[prk].owner.role))
+            .map(|&prk| self.producer_info(prk))
+            .collect();
         self.update_gauges();
         tracing::info!(participant = %id, ?role, "participant joined");
         Ok(Joined {
@@ -1149,14 +1343,33 @@ impl Worker {
         })
     }
 
-    fn producer_info(&self, pk: usize) -> ProducerInfo {
+    pub(super) fn hosts_session(&self, session: &SessionId) -> bool {
+        self.routers.contains_key(session)
+    }
+
+    pub(super) fn allocate_stream(&mut self) -> u32 {
+        let s = self.next_stream;
+        self.next_stream = self.next_stream.wrapping_add(1).max(1);
+        s
+    }
+
+    /// Registers a new producer with its session; returns its key.
+    pub(super) fn insert_producer(&mut self, producer: Producer) -> usize {
+        let (id, session) = (producer.id.clone(), producer.session.clone());
+        let pk = self.producers.insert(producer);
+        self.producer_ids.insert(id, pk);
+        self.session_producers.entry(session).or_default().push(pk);
+        self.update_gauges();
+        pk
+    }
+
+    pub(super) fn producer_info(&self, pk: usize) -> ProducerInfo {
         let p = &self.producers[pk];
-        let owner = &self.participants[p.participant];
         ProducerInfo {
             producer_id: p.id.clone(),
-            participant_id: owner.id.clone(),
-            user_id: owner.user.clone(),
-            role: owner.role,
+            participant_id: p.owner.participant_id.clone(),
+            user_id: p.owner.user_id.clone(),
+            role: p.owner.role,
             kind: p.kind,
             codec: p.codec,
             layers: p.rids.clone(),
@@ -1164,12 +1377,18 @@ impl Worker {
         }
     }
 
-    /// Sends an event to every other member of `pk`'s session allowed to see its media.
-    fn notify_viewers(&self, pk: usize, ev: SfuEvent) {
-        let me = &self.participants[pk];
-        if let Some(members) = self.routers.get(&me.session) {
+    /// Sends an event about media published with `role` to every member of `session` here
+    /// allowed to see it, except the publisher itself.
+    pub(super) fn notify_session(
+        &self,
+        session: &SessionId,
+        role: Role,
+        except: Option<usize>,
+        ev: SfuEvent,
+    ) {
+        if let Some(members) = self.routers.get(session) {
             for &o in members {
-                if o != pk && self.participants[o].role.may_see(me.role) {
+                if Some(o) != except && self.participants[o].role.may_see(role) {
                     self.participants[o].send(ev.clone());
                 }
             }
@@ -1263,7 +1482,7 @@ impl Worker {
         let mut result = Vec::new();
         let conn = &mut self.conns[ck];
         let transceivers: Vec<_> = conn.pc.get_transceivers().collect();
-        let mut created = Vec::new();
+        let mut pending: Vec<Producer> = Vec::new();
         for tid in transceivers {
             let Some(t) = conn.pc.rtp_transceiver(tid) else {
                 continue;
@@ -1274,7 +1493,9 @@ impl Worker {
             if let Some((pk2, _)) = self
                 .producers
                 .iter()
-                .find(|(_, p)| p.conn == ck && p.mid == mid)
+                .find(|(_, p)| {
+                    matches!(&p.origin, Origin::Local { conn, mid: m, .. } if *conn == ck && *m == mid)
+                })
             {
                 result.push((mid, pk2));
                 continue;
@@ -1296,39 +1517,49 @@ impl Worker {
             let Some(rtp_codec) = params.codecs.first().map(|c| c.rtp_codec.clone()) else {
                 continue; // rejected m-line
             };
-            if self.participants[pk].producers.len() + created.len() >= max {
+            if self.participants[pk].producers.len() + pending.len() >= max {
                 return Err(PublishError::TooManyProducers(max));
             }
             let rids = simulcast_rids(&remote_sdp, &mid);
             let layers = (0..rids.len().max(1))
                 .map(|_| LayerStat::new(kind))
                 .collect();
-            let producer = Producer {
-                id: ProducerId::random(),
-                participant: pk,
-                conn: ck,
-                mid: mid.clone(),
+            let owner = self.participants[pk].info();
+            let session = self.participants[pk].session.clone();
+            pending.push(Producer::new_piped(
+                ProducerId::random(),
+                session,
+                owner,
+                Origin::Local {
+                    participant: pk,
+                    conn: ck,
+                    receiver,
+                    mid: mid.clone(),
+                },
+                0,
                 kind,
-                codec: Codec::from_mime(&rtp_codec.mime_type),
+                Codec::from_mime(&rtp_codec.mime_type),
                 rtp_codec,
-                receiver,
                 rids,
                 layers,
-                paused: false,
-                consumers: Vec::new(),
+                false,
                 extensions,
-            };
-            let id = producer.id.clone();
-            let prk = self.producers.insert(producer);
-            self.producer_ids.insert(id, prk);
-            created.push(prk);
-            result.push((mid, prk));
+            ));
         }
-        for &prk in &created {
+        for mut producer in pending {
+            producer.stream = self.allocate_stream();
+            let mid = match &producer.origin {
+                Origin::Local { mid, .. } => mid.clone(),
+                Origin::Pipe { .. } => String::new(),
+            };
+            let prk = self.insert_producer(producer);
+            result.push((mid, prk));
             self.participants[pk].producers.push(prk);
             let info = self.producer_info(prk);
             tracing::info!(producer = %info.producer_id, kind = ?info.kind, layers = info.layers.len(), "producer created");
-            self.notify_viewers(pk, SfuEvent::ProducerAdded(info));
+            let session = self.participants[pk].session.clone();
+            self.notify_session(&session, info.role, Some(pk), SfuEvent::ProducerAdded(info));
+            self.mesh_event(MeshEvent::ProducerOpened(self.announcement(prk)));
         }
         self.update_gauges();
         Ok(Published {
@@ -1359,12 +1590,12 @@ impl Worker {
         let me = &self.participants[pk];
         let (owner, layers, kind, rtp_codec) = {
             let p = &self.producers[prk];
-            (p.participant, p.layers.len(), p.kind, p.rtp_codec.clone())
+            (p.owner.clone(), p.layers.len(), p.kind, p.rtp_codec.clone())
         };
-        if self.participants[owner].session != me.session {
+        if self.producers[prk].session != me.session {
             return Err(SubscribeError::UnknownProducer(producer.to_string()));
         }
-        if owner == pk || !me.role.may_see(self.participants[owner].role) {
+        if owner.participant_id == me.id || !me.role.may_see(owner.role) {
             return Err(SubscribeError::NotAllowed);
         }
         let max = self.cfg.limits.max_consumers_per_participant;
@@ -1385,7 +1616,7 @@ impl Worker {
                 break s;
             }
         };
-        let owner_id = self.participants[owner].id.to_string();
+        let owner_id = owner.participant_id.to_string();
         let track = MediaStreamTrack::new(
             owner_id,
             id.to_string(),
@@ -1560,7 +1791,7 @@ impl Worker {
         self.update_gauges();
     }
 
-    fn close_producer(&mut self, prk: usize) {
+    pub(super) fn close_producer(&mut self, prk: usize) {
         if !self.producers.contains(prk) {
             return;
         }
@@ -1570,16 +1801,46 @@ impl Worker {
         }
         let p = self.producers.remove(prk);
         self.producer_ids.remove(&p.id);
-        if let Some(conn) = self.conns.get_mut(p.conn) {
-            conn.ssrc_route.retain(|_, (k, _)| *k != prk);
-            conn.track_producer.retain(|_, k| *k != prk);
+        if let Some(list) = self.session_producers.get_mut(&p.session) {
+            list.retain(|&x| x != prk);
+            if list.is_empty() {
+                self.session_producers.remove(&p.session);
+            }
         }
-        if self.participants.contains(p.participant) {
-            self.participants[p.participant]
-                .producers
-                .retain(|&x| x != prk);
-            self.notify_viewers(p.participant, SfuEvent::ProducerClosed(p.id.clone()));
+        let mut except = None;
+        match &p.origin {
+            Origin::Local {
+                participant, conn, ..
+            } => {
+                if let Some(conn) = self.conns.get_mut(*conn) {
+                    conn.ssrc_route.retain(|_, (k, _)| *k != prk);
+                    conn.track_producer.retain(|_, k| *k != prk);
+                }
+                if let Some(owner) = self.participants.get_mut(*participant) {
+                    owner.producers.retain(|&x| x != prk);
+                }
+                except = Some(*participant);
+                self.mesh_event(MeshEvent::ProducerClosed {
+                    session: p.session.clone(),
+                    producer: p.id.clone(),
+                });
+            }
+            Origin::Pipe { pipe, stream } => {
+                self.pipe_streams.remove(&(*pipe, *stream));
+                if p.layers_requested != 0 && self.pipes.contains_key(pipe) {
+                    self.mesh_event(MeshEvent::StopConsume {
+                        pipe: *pipe,
+                        producer: p.id.clone(),
+                    });
+                }
+            }
         }
+        self.notify_session(
+            &p.session,
+            p.owner.role,
+            except,
+            SfuEvent::ProducerClosed(p.id.clone()),
+        );
         tracing::info!(producer = %p.id, "producer closed");
         self.update_gauges();
     }
@@ -1639,6 +1900,18 @@ impl Worker {
             }
             if members.is_empty() {
                 self.routers.remove(&p.session);
+                // Producers piped in for this session have no audience left here.
+                let piped: Vec<usize> = self
+                    .session_producers
+                    .get(&p.session)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .collect();
+                for prk in piped {
+                    self.close_producer(prk);
+                }
+                self.mesh_event(MeshEvent::SessionInactive(p.session.clone()));
             }
         }
         tracing::info!(participant = %p.id, "participant left");
@@ -1653,6 +1926,18 @@ impl Worker {
         s.producers.store(self.producers.len() as u64, Relaxed);
         s.consumers.store(self.consumers.len() as u64, Relaxed);
         s.peer_connections.store(self.conns.len() as u64, Relaxed);
+    }
+}
+
+impl Consumer {
+    pub(super) fn is_paused(&self) -> bool {
+        self.paused
+    }
+    pub(super) fn target_layer(&self) -> u8 {
+        self.selector.target()
+    }
+    pub(super) fn current_layer(&self) -> Option<u8> {
+        self.selector.current()
     }
 }
 

@@ -1,0 +1,224 @@
+//! Mutual TLS between nodes: a cluster CA signs every node's certificate; a node accepts pipe
+//! connections only from certificates of that CA and dials only servers holding one.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::wire::ALPN;
+use crate::ids::NodeId;
+
+/// Name every node certificate carries and every dialer checks: cluster membership is proven
+/// by the CA's signature, the node's identity by its certificate's common name and `Hello`.
+pub const CLUSTER_SERVER_NAME: &str = "node.meridian.internal";
+
+/// Why TLS material could not be made or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot generate a certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no usable PEM {what}")]
+    Pem { path: PathBuf, what: &'static str },
+    #[error("TLS configuration rejected: {0}")]
+    Config(String),
+}
+
+/// PEM text of a certificate and its private key.
+#[derive(Clone)]
+pub struct CertPair {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A cluster CA, able to issue node certificates.
+pub struct ClusterCa {
+    pub pair: CertPair,
+}
+
+impl ClusterCa {
+    pub fn generate(name: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            pair: CertPair {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            },
+        })
+    }
+
+    /// A certificate for `node`, valid as TLS server and client.
+    pub fn issue(&self, node: &NodeId) -> Result<CertPair, TlsError> {
+        let ca_key = KeyPair::from_pem(&self.pair.key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(&self.pair.cert_pem, ca_key)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, node.as_str());
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(CertPair {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Ok(Self {
+            pair: CertPair {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+            },
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes a PEM file; private keys are made readable by the owner only.
+pub fn write_pem(path: &Path, pem: &str, private: bool) -> Result<(), TlsError> {
+    std::fs::write(path, pem).map_err(|source| TlsError::Write {
+        path: path.to_owned(),
+        source,
+    })?;
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(())
+}
+
+/// What a node needs for pipes: the cluster CA certificate and its own pair.
+#[derive(Clone)]
+pub struct NodeTls {
+    pub ca_cert_pem: String,
+    pub node: CertPair,
+}
+
+impl NodeTls {
+    pub fn load(ca_cert: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Ok(Self {
+            ca_cert_pem: read(ca_cert)?,
+            node: CertPair {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+            },
+        })
+    }
+
+    fn parts(
+        &self,
+    ) -> Result<(rustls::RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError>
+    {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(self.ca_cert_pem.as_bytes()) {
+            let c = c.map_err(|_| TlsError::Pem {
+                path: "ca certificate".into(),
+                what: "certificate",
+            })?;
+            roots
+                .add(c)
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        }
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(self.node.cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|_| TlsError::Pem {
+                    path: "node certificate".into(),
+                    what: "certificate",
+                })?;
+        let key = PrivateKeyDer::from_pem_slice(self.node.key_pem.as_bytes()).map_err(|_| {
+            TlsError::Pem {
+                path: "node key".into(),
+                what: "private key",
+            }
+        })?;
+        Ok((roots, chain, key))
+    }
+
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let (roots, chain, key) = self.parts()?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        cfg.transport_config(transport());
+        Ok(cfg)
+    }
+
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let (roots, chain, key) = self.parts()?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        cfg.transport_config(transport());
+        Ok(cfg)
+    }
+}
+
+/// Pipe transport settings: room for full-size RTP in one datagram, quick failure detection.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // 1452 leaves 1414 bytes for a datagram: a 1200-byte RTP packet plus our header fits.
+    t.initial_mtu(1452);
+    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    // A silent peer is declared gone after this long.
+    t.max_idle_timeout(Some(
+        Duration::from_secs(3)
+            .try_into()
+            .expect("3 s is a valid idle timeout"),
+    ));
+    t.datagram_receive_buffer_size(Some(4 << 20));
+    t.datagram_send_buffer_size(4 << 20);
+    Arc::new(t)
+}

@@ -1,0 +1,229 @@
+//! Pipe wire formats, version 1 (documented in `docs/pipe-protocol.md`): media frames carried
+//! in QUIC datagrams, and control messages in MessagePack on one bidirectional stream.
+//! Decoders return errors for anything malformed; they never panic.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Role;
+use crate::ids::{NodeId, ParticipantId, ProducerId, RegionId, SessionId, UserId};
+
+pub const WIRE_VERSION: u8 = 1;
+/// ALPN protocol id of pipe connections.
+pub const ALPN: &[u8] = b"meridian-pipe/1";
+
+/// Bytes before the RTP packet in a media datagram.
+pub const FRAME_HEADER: usize = 7;
+const KIND_RTP: u8 = 0;
+
+/// One RTP packet of one producer stream (simulcast layer) on a pipe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaFrame<'a> {
+    /// The origin node's stream number for the producer, from its announcement.
+    pub stream: u32,
+    pub layer: u8,
+    /// The RTP packet as the origin received it, after SRTP (QUIC encrypts the pipe).
+    pub rtp: &'a [u8],
+}
+
+/// Why a datagram is not a media frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("datagram of {0} bytes is shorter than a frame header plus an RTP header")]
+    TooShort(usize),
+    #[error("frame version {0} is not supported (this node speaks {WIRE_VERSION})")]
+    Version(u8),
+    #[error("unknown frame kind {0}")]
+    Kind(u8),
+    #[error("payload is not RTP version 2")]
+    NotRtp,
+}
+
+impl<'a> MediaFrame<'a> {
+    pub fn decode(d: &'a [u8]) -> Result<Self, FrameError> {
+        if d.len() < FRAME_HEADER + 12 {
+            return Err(FrameError::TooShort(d.len()));
+        }
+        if d[0] != WIRE_VERSION {
+            return Err(FrameError::Version(d[0]));
+        }
+        if d[1] != KIND_RTP {
+            return Err(FrameError::Kind(d[1]));
+        }
+        let rtp = &d[FRAME_HEADER..];
+        if rtp[0] >> 6 != 2 {
+            return Err(FrameError::NotRtp);
+        }
+        Ok(MediaFrame {
+            stream: u32::from_be_bytes([d[2], d[3], d[4], d[5]]),
+            layer: d[6],
+            rtp,
+        })
+    }
+
+    /// Writes the frame header into `out`; the caller appends the RTP packet.
+    pub fn put_header(out: &mut BytesMut, stream: u32, layer: u8) {
+        out.put_u8(WIRE_VERSION);
+        out.put_u8(KIND_RTP);
+        out.put_u32(stream);
+        out.put_u8(layer);
+    }
+}
+
+/// A producer as announced to another node: enough to create consumers of it there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProducerAnnouncement {
+    pub session: SessionId,
+    pub producer: ProducerId,
+    /// The origin's stream number: media frames of this producer carry it.
+    pub stream: u32,
+    pub participant: ParticipantId,
+    pub user: UserId,
+    pub role: Role,
+    /// `audio` or `video`.
+    pub kind: String,
+    pub mime_type: String,
+    pub clock_rate: u32,
+    pub channels: u16,
+    pub fmtp: String,
+    /// Simulcast RIDs, lowest first; empty without simulcast.
+    pub rids: Vec<String>,
+    pub paused: bool,
+}
+
+/// Control messages. Encoded as MessagePack maps with field names (`rmp_serde::to_vec_named`)
+/// so that fields can be added without breaking older peers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Control {
+    /// First message each way: who is at the other end.
+    Hello {
+        version: u8,
+        node: NodeId,
+        region: RegionId,
+    },
+    /// The sender hosts participants of `session`: announce its producers to the sender.
+    Interest { session: SessionId },
+    /// The sender no longer hosts participants of `session`.
+    InterestEnd { session: SessionId },
+    ProducerAnnounce(ProducerAnnouncement),
+    ProducerClosed { producer: ProducerId },
+    ProducerPaused { producer: ProducerId, paused: bool },
+    /// Send these layers (bit i = layer i) of `producer` over the pipe; replaces the previous set.
+    Consume { producer: ProducerId, layers: u32 },
+    /// Stop sending `producer`.
+    StopConsume { producer: ProducerId },
+    /// A consumer behind the sender needs a keyframe of this layer.
+    KeyframeRequest { producer: ProducerId, layer: u8 },
+    /// Resend these RTP sequence numbers of one layer.
+    Nack {
+        producer: ProducerId,
+        layer: u8,
+        seqs: Vec<u16>,
+    },
+    /// Bitrates (bits/s) of the producer's layers at the origin, `None` = not flowing.
+    LayerBitrates {
+        producer: ProducerId,
+        bitrates: Vec<Option<u64>>,
+    },
+}
+
+/// Largest control message accepted.
+pub const MAX_CONTROL: usize = 256 * 1024;
+
+/// Why a control frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control message of {0} bytes exceeds the {MAX_CONTROL}-byte limit")]
+    TooLarge(usize),
+    #[error("malformed control message: {0}")]
+    Malformed(String),
+}
+
+impl Control {
+    /// Length-prefixed (u32, big-endian) MessagePack.
+    pub fn encode(&self) -> Bytes {
+        // Serializing these plain data types into a Vec cannot fail.
+        let body = rmp_serde::to_vec_named(self).unwrap_or_default();
+        let mut out = BytesMut::with_capacity(4 + body.len());
+        out.put_u32(body.len() as u32);
+        out.put_slice(&body);
+        out.freeze()
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Control, ControlError> {
+        if body.len() > MAX_CONTROL {
+            return Err(ControlError::TooLarge(body.len()));
+        }
+        rmp_serde::from_slice(body).map_err(|e| ControlError::Malformed(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_frames_round_trip() {
+        let mut b = BytesMut::new();
+        MediaFrame::put_header(&mut b, 77, 2);
+        let rtp = [0x80u8, 96, 0, 1, 0, 0, 0, 9, 0, 0, 0, 5, 0xaa];
+        b.put_slice(&rtp);
+        let f = MediaFrame::decode(&b).unwrap();
+        assert_eq!((f.stream, f.layer, f.rtp), (77, 2, &rtp[..]));
+    }
+
+    #[test]
+    fn garbage_datagrams_are_errors_not_panics() {
+        assert_eq!(MediaFrame::decode(&[]), Err(FrameError::TooShort(0)));
+        let mut d = vec![9u8; 40];
+        assert_eq!(MediaFrame::decode(&d), Err(FrameError::Version(9)));
+        d[0] = WIRE_VERSION;
+        assert_eq!(MediaFrame::decode(&d), Err(FrameError::Kind(9)));
+        d[1] = 0;
+        assert_eq!(MediaFrame::decode(&d), Err(FrameError::NotRtp));
+        for len in 0..64 {
+            for fill in [0u8, 1, 0x80, 0xff] {
+                let mut g = vec![fill; len];
+                if len > 1 {
+                    g[0] = WIRE_VERSION;
+                }
+                let _ = MediaFrame::decode(&g);
+            }
+        }
+    }
+
+    #[test]
+    fn control_messages_round_trip_and_garbage_is_refused() {
+        let msgs = [
+            Control::Hello {
+                version: 1,
+                node: "india-1".parse().unwrap(),
+                region: "india".parse().unwrap(),
+            },
+            Control::Consume {
+                producer: "pr-1".parse().unwrap(),
+                layers: 0b101,
+            },
+            Control::Nack {
+                producer: "pr-1".parse().unwrap(),
+                layer: 0,
+                seqs: vec![1, 2, 65535],
+            },
+        ];
+        for m in msgs {
+            let enc = m.encode();
+            assert_eq!(Control::decode(&enc[4..]).unwrap(), m);
+        }
+        assert!(Control::decode(&[0xc1, 0x00]).is_err());
+        assert!(Control::decode(b"\x81\xa4type\xa5bogus").is_err());
+        // An id that breaks the id rules is refused while decoding.
+        let bad = rmp_serde::to_vec_named(&serde_json::json!({"type":"stop_consume","producer":"a b"}))
+            .unwrap();
+        assert!(Control::decode(&bad).is_err());
+        for len in 0..48 {
+            let g: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let _ = Control::decode(&g);
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! The worker's side of pipes: producers piped in from other nodes, local producers piped out,
+//! media frames, keyframe requests and loss repair across the pipe. The mesh (control stream,
+//! connection lifecycle) drives this through commands; media datagrams go straight from the
+//! worker to the QUIC connection.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
+use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
+
+use super::worker::{LayerStat, Origin, Producer, Worker};
+use super::{MediaKind, MeshEvent, PipeId, SfuEvent};
+use crate::ids::{NodeId, ProducerId, SessionId};
+use crate::media::extensions::{IncomingExtensions, FORWARDED};
+use crate::media::Codec;
+use crate::mesh::wire::{MediaFrame, ProducerAnnouncement, FRAME_HEADER};
+
+/// Counters of one pipe, shared with the mesh for reporting.
+#[derive(Debug, Default)]
+pub struct PipeCounters {
+    pub datagrams_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub datagrams_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    /// Datagrams quinn refused (too large, connection gone).
+    pub send_failed: AtomicU64,
+    /// Sequence numbers found missing on arrival and asked for again.
+    pub nacked: AtomicU64,
+    /// Packets resent on request of the other end.
+    pub retransmitted: AtomicU64,
+}
+
+/// A pipe as the worker uses it: the connection to send datagrams on, and its counters.
+#[derive(Clone)]
+pub struct PipeLink {
+    pub conn: quinn::Connection,
+    pub node: NodeId,
+    pub counters: Arc<PipeCounters>,
+}
+
+/// Most sequence numbers asked for again after one gap; a longer gap is a stream restart.
+const MAX_NACK_RUN: u16 = 64;
+
+impl PipeLink {
+    /// Sends one RTP packet of a producer layer as a media frame. Forwarded header extensions
+    /// travel under wire ids 1.. (their index in `FORWARDED` plus one).
+    pub(super) fn send_media(
+        &self,
+        stream: u32,
+        layer: u8,
+        pkt: &rtc::rtp::Packet,
+        kept: &[Option<Bytes>; FORWARDED.len()],
+    ) {
+        let with_ext;
+        let pkt = if kept.iter().any(Option::is_some) {
+            let mut p = pkt.clone();
+            for (i, e) in kept.iter().enumerate() {
+                if let Some(e) = e {
+                    let _ = p.header.set_extension(i as u8 + 1, e.clone());
+                }
+            }
+            with_ext = p;
+            &with_ext
+        } else {
+            pkt
+        };
+        let size = FRAME_HEADER + pkt.marshal_size();
+        let mut buf = BytesMut::with_capacity(size);
+        MediaFrame::put_header(&mut buf, stream, layer);
+        buf.resize(size, 0);
+        if pkt.marshal_to(&mut buf[FRAME_HEADER..]).is_err() {
+            self.counters.send_failed.fetch_add(1, Relaxed);
+            return;
+        }
+        match self.conn.send_datagram(buf.freeze()) {
+            Ok(()) => {
+                self.counters.datagrams_out.fetch_add(1, Relaxed);
+                self.counters.bytes_out.fetch_add(size as u64, Relaxed);
+            }
+            Err(_) => {
+                self.counters.send_failed.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+fn wire_extensions() -> IncomingExtensions {
+    IncomingExtensions::new(
+        FORWARDED
+            .iter()
+            .enumerate()
+            .map(|(i, uri)| (*uri, i as u16 + 1)),
+    )
+}
+
+impl Worker {
+    pub(super) fn mesh_event(&self, ev: MeshEvent) {
+        if let Some(m) = &self.mesh {
+            let _ = m.send(ev);
+        }
+    }
+
+    pub(super) fn pipe_up(&mut self, pipe: PipeId, link: super::PipeLink) {
+        tracing::info!(pipe, node = %link.node, "pipe up");
+        self.pipes.insert(pipe, link);
+    }
+
+    /// Tears down everything that came or went through a closed pipe.
+    pub(super) fn pipe_down(&mut self, pipe: PipeId) {
+        self.pipes.remove(&pipe);
+        let piped_in: Vec<usize> = self
+            .producers
+            .iter()
+            .filter(|(_, p)| matches!(p.origin, Origin::Pipe { pipe: q, .. } if q == pipe))
+            .map(|(k, _)| k)
+            .collect();
+        for pk in piped_in {
+            self.close_producer(pk);
+        }
+        for (_, p) in self.producers.iter_mut() {
+            p.pipes_out.retain(|(q, _)| *q != pipe);
+        }
+        tracing::info!(pipe, "pipe down");
+    }
+
+    /// A producer of another node, announced for a session hosted here.
+    pub(super) fn remote_producer(&mut self, pipe: PipeId, a: ProducerAnnouncement) {
+        if !self.hosts_session(&a.session) || self.producer_ids.contains_key(&a.producer) {
+            return;
+        }
+        let kind = if a.kind == "audio" {
+            MediaKind::Audio
+        } else {
+            MediaKind::Video
+        };
+        let rtp_codec = RTCRtpCodec {
+            mime_type: a.mime_type.clone(),
+            clock_rate: a.clock_rate,
+            channels: a.channels,
+            sdp_fmtp_line: a.fmtp.clone(),
+            rtcp_feedback: vec![],
+        };
+        let layers = (0..a.rids.len().max(1))
+            .map(|_| LayerStat::new(kind))
+            .collect();
+        let stream = self.allocate_stream();
+        let producer = Producer::new_piped(
+            a.producer.clone(),
+            a.session.clone(),
+            crate::sfu::ParticipantInfo {
+                participant_id: a.participant.clone(),
+                user_id: a.user.clone(),
+                role: a.role,
+            },
+            Origin::Pipe {
+                pipe,
+                stream: a.stream,
+            },
+            stream,
+            kind,
+            Codec::from_mime(&a.mime_type),
+            rtp_codec,
+            a.rids.clone(),
+            layers,
+            a.paused,
+            wire_extensions(),
+        );
+        let pk = self.insert_producer(producer);
+        self.pipe_streams.insert((pipe, a.stream), pk);
+        let info = self.producer_info(pk);
+        tracing::info!(producer = %a.producer, pipe, "remote producer added");
+        self.notify_session(&a.session, a.role, None, SfuEvent::ProducerAdded(info));
+    }
+
+    pub(super) fn remote_producer_closed(&mut self, pipe: PipeId, producer: &ProducerId) {
+        if let Some(pk) = self.piped_producer(pipe, producer) {
+            self.close_producer(pk);
+        }
+    }
+
+    pub(super) fn remote_producer_paused(&mut self, pipe: PipeId, producer: &ProducerId, paused: bool) {
+        if let Some(pk) = self.piped_producer(pipe, producer) {
+            self.set_producer_paused(pk, paused);
+        }
+    }
+
+    pub(super) fn remote_layer_bitrates(&mut self, pipe: PipeId, producer: &ProducerId, bitrates: &[Option<u64>]) {
+        if let Some(pk) = self.piped_producer(pipe, producer) {
+            for (l, b) in self.producers[pk].layers.iter_mut().zip(bitrates) {
+                l.bitrate = *b;
+            }
+        }
+    }
+
+    fn piped_producer(&self, pipe: PipeId, producer: &ProducerId) -> Option<usize> {
+        let pk = *self.producer_ids.get(producer)?;
+        matches!(self.producers[pk].origin, Origin::Pipe { pipe: q, .. } if q == pipe).then_some(pk)
+    }
+
+    fn local_producer(&self, producer: &ProducerId) -> Option<usize> {
+        let pk = *self.producer_ids.get(producer)?;
+        matches!(self.producers[pk].origin, Origin::Local { .. }).then_some(pk)
+    }
+
+    /// The node behind `pipe` wants `layers` of a local producer (0 = stop).
+    pub(super) fn pipe_consume(&mut self, now: Instant, pipe: PipeId, producer: &ProducerId, layers: u32) {
+        let Some(pk) = self.local_producer(producer) else {
+            return;
+        };
+        let p = &mut self.producers[pk];
+        let before = p
+            .pipes_out
+            .iter()
+            .find(|(q, _)| *q == pipe)
+            .map(|(_, l)| *l)
+            .unwrap_or(0);
+        p.pipes_out.retain(|(q, _)| *q != pipe);
+        if layers != 0 {
+            p.pipes_out.push((pipe, layers));
+        }
+        // Newly wanted layers start on a keyframe at the far end.
+        let added = layers & !before;
+        for layer in 0..32u8 {
+            if added & (1 << layer) != 0 {
+                self.request_keyframe(now, pk, layer);
+            }
+        }
+    }
+
+    pub(super) fn pipe_keyframe(&mut self, now: Instant, producer: &ProducerId, layer: u8) {
+        if let Some(pk) = self.local_producer(producer) {
+            self.request_keyframe(now, pk, layer);
+        }
+    }
+
+    /// Resends packets the far end of `pipe` reported missing, from the producer's cache.
+    pub(super) fn pipe_nack(&mut self, pipe: PipeId, producer: &ProducerId, layer: u8, seqs: &[u16]) {
+        let Some(pk) = self.local_producer(producer) else {
+            return;
+        };
+        let Some(link) = self.pipes.get(&pipe) else {
+            return;
+        };
+        let p = &self.producers[pk];
+        let Some(cache) = p.layers.get(layer as usize).and_then(|l| l.cache.as_ref()) else {
+            return;
+        };
+        let none = Default::default();
+        for &seq in seqs {
+            if let Some(pkt) = cache.get(seq) {
+                link.send_media(p.stream, layer, pkt, &none);
+                link.counters.retransmitted.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    pub(super) fn pipe_session_ended(&mut self, pipe: PipeId, session: &SessionId) {
+        if let Some(list) = self.session_producers.get(session) {
+            for &pk in list {
+                self.producers[pk].pipes_out.retain(|(q, _)| *q != pipe);
+            }
+        }
+    }
+
+    /// One media frame from a pipe: repair gaps, then forward like any other packet.
+    pub(super) fn pipe_datagram(&mut self, now: Instant, pipe: PipeId, data: Bytes) {
+        let frame = match MediaFrame::decode(&data) {
+            Ok(f) => (f.stream, f.layer),
+            Err(_) => {
+                self.stats.pipe_frames_bad.fetch_add(1, Relaxed);
+                return;
+            }
+        };
+        let (stream, layer) = frame;
+        let Some(&pk) = self.pipe_streams.get(&(pipe, stream)) else {
+            return; // a stream we stopped consuming; frames in flight
+        };
+        let mut rtp = data.slice(FRAME_HEADER..);
+        let Ok(pkt) = rtc::rtp::Packet::unmarshal(&mut rtp) else {
+            self.stats.pipe_frames_bad.fetch_add(1, Relaxed);
+            return;
+        };
+        self.stats.pipe_frames_in.fetch_add(1, Relaxed);
+        if let Some(link) = self.pipes.get(&pipe) {
+            link.counters.datagrams_in.fetch_add(1, Relaxed);
+            link.counters.bytes_in.fetch_add(data.len() as u64, Relaxed);
+        }
+        let p = &mut self.producers[pk];
+        let Some(l) = p.layers.get_mut(layer as usize) else {
+            return;
+        };
+        l.ssrc = Some(pkt.header.ssrc);
+        let seq = pkt.header.sequence_number;
+        let mut missing = Vec::new();
+        match l.highest_seq {
+            None => l.highest_seq = Some(seq),
+            Some(h) => {
+                let ahead = seq.wrapping_sub(h);
+                if ahead != 0 && ahead < 0x8000 {
+                    if ahead > 1 && ahead <= MAX_NACK_RUN {
+                        missing.extend((1..ahead).map(|i| h.wrapping_add(i)));
+                    }
+                    l.highest_seq = Some(seq);
+                }
+            }
+        }
+        if !missing.is_empty() {
+            if let Some(link) = self.pipes.get(&pipe) {
+                link.counters.nacked.fetch_add(missing.len() as u64, Relaxed);
+            }
+            let producer = p.id.clone();
+            self.mesh_event(MeshEvent::Nack {
+                pipe,
+                producer,
+                layer,
+                seqs: missing,
+            });
+        }
+        self.forward(now, pk, layer, pkt);
+    }
+
+    /// Every tick: ask origins for exactly the layers consumers here need, and tell remote
+    /// consumers of local producers their layers' bitrates (once a second).
+    pub(super) fn pipe_tick(&mut self, measured: bool) {
+        let mut events = Vec::new();
+        for (_, p) in self.producers.iter_mut() {
+            match p.origin {
+                Origin::Pipe { pipe, .. } => {
+                    let mut need = 0u32;
+                    for &cid in &p.consumers {
+                        let c = &self.consumers[cid];
+                        if c.is_paused() {
+                            continue;
+                        }
+                        need |= 1 << c.target_layer();
+                        if let Some(cur) = c.current_layer() {
+                            need |= 1 << cur;
+                        }
+                    }
+                    if need != p.layers_requested {
+                        p.layers_requested = need;
+                        events.push(if need == 0 {
+                            MeshEvent::StopConsume {
+                                pipe,
+                                producer: p.id.clone(),
+                            }
+                        } else {
+                            MeshEvent::Consume {
+                                pipe,
+                                producer: p.id.clone(),
+                                layers: need,
+                            }
+                        });
+                    }
+                }
+                Origin::Local { .. } if measured && p.layers.len() > 1 => {
+                    for &(pipe, _) in &p.pipes_out {
+                        events.push(MeshEvent::LayerBitrates {
+                            pipe,
+                            producer: p.id.clone(),
+                            bitrates: p.layers.iter().map(|l| l.bitrate).collect(),
+                        });
+                    }
+                }
+                Origin::Local { .. } => {}
+            }
+        }
+        for ev in events {
+            self.mesh_event(ev);
+        }
+    }
+
+    /// What the mesh announces for a local producer.
+    pub(super) fn announcement(&self, pk: usize) -> ProducerAnnouncement {
+        let p = &self.producers[pk];
+        ProducerAnnouncement {
+            session: p.session.clone(),
+            producer: p.id.clone(),
+            stream: p.stream,
+            participant: p.owner.participant_id.clone(),
+            user: p.owner.user_id.clone(),
+            role: p.owner.role,
+            kind: match p.kind() {
+                MediaKind::Audio => "audio".into(),
+                MediaKind::Video => "video".into(),
+            },
+            mime_type: p.rtp_codec().mime_type.clone(),
+            clock_rate: p.rtp_codec().clock_rate,
+            channels: p.rtp_codec().channels,
+            fmtp: p.rtp_codec().sdp_fmtp_line.clone(),
+            rids: p.rids().to_vec(),
+            paused: p.paused,
+        }
+    }
+}
