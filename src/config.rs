@@ -26,6 +26,26 @@ pub struct NodeConfig {
     /// Admission limits.
     #[serde(default)]
     pub limits: LimitsSection,
+    /// Pipes to other nodes; without it the node runs alone.
+    #[serde(default)]
+    pub mesh: Option<MeshSection>,
+}
+
+/// QUIC pipes between nodes, authenticated by a cluster CA (`meridian ca ...`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSection {
+    /// UDP address of the pipe endpoint, e.g. `0.0.0.0:7100`.
+    pub listen: SocketAddr,
+    /// Pipe addresses of nodes this node dials. List each pair of nodes on one side only.
+    #[serde(default)]
+    pub peers: Vec<SocketAddr>,
+    /// The cluster CA certificate (PEM).
+    pub ca_file: PathBuf,
+    /// This node's certificate (PEM), issued by the cluster CA.
+    pub cert_file: PathBuf,
+    /// This node's private key (PEM).
+    pub key_file: PathBuf,
 }
 
 /// Identity and position of the node.

@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use meridian::auth::{generate_ed25519_pem, Role, TokenSigner};
+use meridian::config::MeshSection;
 use meridian::config::NodeConfig;
-use meridian::ids::{SessionId, UserId};
+use meridian::ids::{NodeId, SessionId, UserId};
+use meridian::mesh::tls::{write_cluster, write_pem, ClusterCa};
 use meridian::node::Node;
 
 #[derive(Parser)]
@@ -48,6 +50,11 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+    /// Manage the cluster CA that authenticates nodes to each other.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
     /// Write a new Ed25519 key pair for EdDSA tokens.
     Keygen {
         /// Private key output (PEM, PKCS#8).
@@ -56,6 +63,22 @@ enum Command {
         /// Public key output (PEM, SPKI): point auth.public_key_file at it.
         #[arg(long)]
         public: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a new cluster CA: <dir>/ca.pem and <dir>/ca.key.
+    Init {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate signed by the CA: <dir>/<node>.pem and <dir>/<node>.key.
+    Issue {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        #[arg(long)]
+        node: NodeId,
     },
 }
 
@@ -117,6 +140,25 @@ fn main() -> anyhow::Result<()> {
                     signer.mint(&session, &user, role, Duration::from_secs(ttl))?
                 );
             }
+            Command::Ca { command } => match command {
+                CaCommand::Init { dir } => {
+                    std::fs::create_dir_all(&dir)?;
+                    let ca = ClusterCa::generate("Meridian cluster CA")?;
+                    write_pem(&dir.join("ca.pem"), &ca.pair.cert_pem, false)?;
+                    write_pem(&dir.join("ca.key"), &ca.pair.key_pem, true)?;
+                    println!(
+                        "wrote {0}/ca.pem and {0}/ca.key (keep ca.key offline)",
+                        dir.display()
+                    );
+                }
+                CaCommand::Issue { dir, node } => {
+                    let ca = ClusterCa::load(&dir.join("ca.pem"), &dir.join("ca.key"))?;
+                    let pair = ca.issue(&node)?;
+                    write_pem(&dir.join(format!("{node}.pem")), &pair.cert_pem, false)?;
+                    write_pem(&dir.join(format!("{node}.key")), &pair.key_pem, true)?;
+                    println!("wrote {0}/{node}.pem and {0}/{node}.key", dir.display());
+                }
+            },
             Command::Keygen { private, public } => {
                 let (sk, pk) = generate_ed25519_pem();
                 std::fs::write(&private, sk)?;
@@ -128,17 +170,36 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// Pipe ports of the dev mesh, by region index; each node dials the ones before it.
+const DEV_PIPE_PORTS: [u16; 3] = [7101, 7102, 7103];
+
 async fn dev() -> anyhow::Result<()> {
+    let configs: Vec<NodeConfig> = DEV_REGIONS
+        .iter()
+        .map(|t| NodeConfig::from_toml_str(t))
+        .collect::<Result<_, _>>()?;
+    let ids: Vec<NodeId> = configs.iter().map(|c| c.node_id()).collect();
+    let dir = std::env::temp_dir().join(format!("meridian-dev-{}", std::process::id()));
+    let files = write_cluster(&dir, &ids)?;
     let mut nodes = Vec::new();
-    for text in DEV_REGIONS {
-        let cfg = NodeConfig::from_toml_str(text)?;
+    for (i, (mut cfg, f)) in configs.into_iter().zip(files).enumerate() {
+        cfg.mesh = Some(MeshSection {
+            listen: ([127, 0, 0, 1], DEV_PIPE_PORTS[i]).into(),
+            peers: DEV_PIPE_PORTS[..i]
+                .iter()
+                .map(|&p| ([127, 0, 0, 1], p).into())
+                .collect(),
+            ca_file: f.ca_file,
+            cert_file: f.cert_file,
+            key_file: f.key_file,
+        });
         let signer = TokenSigner::from_config(&cfg.auth)?;
         let node = Node::start(cfg).await?;
         nodes.push((node, signer));
     }
     let session: SessionId = "demo-kyc".parse()?;
     let day = Duration::from_secs(24 * 3600);
-    println!("\nMeridian dev mesh is up (each region runs as its own node).\n");
+    println!("\nMeridian dev mesh is up: India, Europe and US nodes joined by QUIC pipes.\n");
     for (node, signer) in &nodes {
         let user = signer.mint(&session, &"demo-user".parse()?, Role::User, day)?;
         let agent = signer.mint(&session, &"demo-agent".parse()?, Role::Agent, day)?;
@@ -152,7 +213,8 @@ async fn dev() -> anyhow::Result<()> {
             node.http_url()
         );
     }
-    println!("\nOpen a user page and an agent page of the same region in two browser windows.");
+    println!("\nOpen a user page and an agent page in two browser windows, for example the user");
+    println!("page of India and the agent page of US: each sees the other through the pipe.");
     println!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c().await?;
     Ok(())

@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::auth::TokenVerifier;
 use crate::config::{ConfigError, NodeConfig};
 use crate::ids::{NodeId, RegionId};
+use crate::mesh::{self, tls::NodeTls, MeshConfig, MeshHandle};
 use crate::sfu::{spawn_worker, WorkerConfig, WorkerHandle};
 use crate::signaling::{self, AppState, SignalingMetrics};
 
@@ -19,6 +20,10 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the mesh: {0}")]
+    Mesh(#[from] mesh::MeshError),
+    #[error("cannot load the mesh certificates: {0}")]
+    MeshTls(#[from] mesh::tls::TlsError),
     #[error("cannot bind signaling on {addr}: {source} (is signaling.listen in use?)")]
     Signaling {
         addr: SocketAddr,
@@ -33,6 +38,8 @@ pub struct Node {
     /// Where signaling listens (the real port when the config said 0).
     pub signaling_addr: SocketAddr,
     pub worker: WorkerHandle,
+    /// Pipes to other nodes, when `[mesh]` is configured.
+    pub mesh: Option<MeshHandle>,
     pub metrics: std::sync::Arc<SignalingMetrics>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -41,6 +48,11 @@ impl Node {
     pub async fn start(cfg: NodeConfig) -> Result<Node, StartError> {
         let verifier = TokenVerifier::from_config(&cfg.auth)?;
         let listen = SocketAddr::new(cfg.rtc.listen_ip, cfg.rtc.port);
+        let mesh_tls = match &cfg.mesh {
+            Some(m) => Some(NodeTls::load(&m.ca_file, &m.cert_file, &m.key_file)?),
+            None => None,
+        };
+        let (mesh_tx, mesh_rx) = tokio::sync::mpsc::unbounded_channel();
         let worker = spawn_worker(WorkerConfig {
             listen,
             announced_ip: cfg.rtc.announced_ip,
@@ -48,12 +60,26 @@ impl Node {
             max_datagram_bytes: cfg.rtc.max_datagram_bytes,
             udp: cfg.rtc.udp,
             tcp: cfg.rtc.tcp,
-            mesh: None,
+            mesh: cfg.mesh.is_some().then_some(mesh_tx),
         })
         .map_err(|source| StartError::Media {
             addr: listen,
             source,
         })?;
+        let mesh = match (&cfg.mesh, mesh_tls) {
+            (Some(m), Some(tls)) => Some(mesh::start(
+                MeshConfig {
+                    node: cfg.node_id(),
+                    region: cfg.node.region.clone(),
+                    listen: m.listen,
+                    tls,
+                    peers: m.peers.clone(),
+                },
+                worker.clone(),
+                mesh_rx,
+            )?),
+            _ => None,
+        };
         let listener = tokio::net::TcpListener::bind(cfg.signaling.listen)
             .await
             .map_err(|source| StartError::Signaling {
@@ -88,6 +114,7 @@ impl Node {
             id: cfg.node_id(),
             signaling_addr,
             worker,
+            mesh,
             metrics,
             server,
         })
@@ -107,5 +134,8 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.server.abort();
+        if let Some(m) = &self.mesh {
+            m.shutdown();
+        }
     }
 }

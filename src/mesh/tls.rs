@@ -119,6 +119,41 @@ pub fn write_pem(path: &Path, pem: &str, private: bool) -> Result<(), TlsError> 
     Ok(())
 }
 
+/// Files of one node's pipe identity.
+#[derive(Debug, Clone)]
+pub struct NodeFiles {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// Creates a CA in `dir` (`ca.pem`, `ca.key`) and a certificate for each node
+/// (`<node>.pem`, `<node>.key`): what `meridian dev` and the tests use.
+pub fn write_cluster(dir: &Path, nodes: &[NodeId]) -> Result<Vec<NodeFiles>, TlsError> {
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let ca = ClusterCa::generate("Meridian cluster CA")?;
+    let ca_file = dir.join("ca.pem");
+    write_pem(&ca_file, &ca.pair.cert_pem, false)?;
+    write_pem(&dir.join("ca.key"), &ca.pair.key_pem, true)?;
+    nodes
+        .iter()
+        .map(|node| {
+            let pair = ca.issue(node)?;
+            let files = NodeFiles {
+                ca_file: ca_file.clone(),
+                cert_file: dir.join(format!("{node}.pem")),
+                key_file: dir.join(format!("{node}.key")),
+            };
+            write_pem(&files.cert_file, &pair.cert_pem, false)?;
+            write_pem(&files.key_file, &pair.key_pem, true)?;
+            Ok(files)
+        })
+        .collect()
+}
+
 /// What a node needs for pipes: the cluster CA certificate and its own pair.
 #[derive(Clone)]
 pub struct NodeTls {
@@ -139,17 +174,21 @@ impl NodeTls {
 
     fn parts(
         &self,
-    ) -> Result<(rustls::RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError>
-    {
+    ) -> Result<
+        (
+            rustls::RootCertStore,
+            Vec<CertificateDer<'static>>,
+            PrivateKeyDer<'static>,
+        ),
+        TlsError,
+    > {
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(self.ca_cert_pem.as_bytes()) {
             let c = c.map_err(|_| TlsError::Pem {
                 path: "ca certificate".into(),
                 what: "certificate",
             })?;
-            roots
-                .add(c)
-                .map_err(|e| TlsError::Config(e.to_string()))?;
+            roots.add(c).map_err(|e| TlsError::Config(e.to_string()))?;
         }
         let chain: Vec<CertificateDer<'static>> =
             CertificateDer::pem_slice_iter(self.node.cert_pem.as_bytes())
@@ -170,10 +209,12 @@ impl NodeTls {
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
         let (roots, chain, key) = self.parts()?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|e| TlsError::Config(e.to_string()))?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?

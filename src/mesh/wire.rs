@@ -103,18 +103,35 @@ pub enum Control {
         region: RegionId,
     },
     /// The sender hosts participants of `session`: announce its producers to the sender.
-    Interest { session: SessionId },
+    Interest {
+        session: SessionId,
+    },
     /// The sender no longer hosts participants of `session`.
-    InterestEnd { session: SessionId },
+    InterestEnd {
+        session: SessionId,
+    },
     ProducerAnnounce(ProducerAnnouncement),
-    ProducerClosed { producer: ProducerId },
-    ProducerPaused { producer: ProducerId, paused: bool },
+    ProducerClosed {
+        producer: ProducerId,
+    },
+    ProducerPaused {
+        producer: ProducerId,
+        paused: bool,
+    },
     /// Send these layers (bit i = layer i) of `producer` over the pipe; replaces the previous set.
-    Consume { producer: ProducerId, layers: u32 },
+    Consume {
+        producer: ProducerId,
+        layers: u32,
+    },
     /// Stop sending `producer`.
-    StopConsume { producer: ProducerId },
+    StopConsume {
+        producer: ProducerId,
+    },
     /// A consumer behind the sender needs a keyframe of this layer.
-    KeyframeRequest { producer: ProducerId, layer: u8 },
+    KeyframeRequest {
+        producer: ProducerId,
+        layer: u8,
+    },
     /// Resend these RTP sequence numbers of one layer.
     Nack {
         producer: ProducerId,
@@ -218,8 +235,9 @@ mod tests {
         assert!(Control::decode(&[0xc1, 0x00]).is_err());
         assert!(Control::decode(b"\x81\xa4type\xa5bogus").is_err());
         // An id that breaks the id rules is refused while decoding.
-        let bad = rmp_serde::to_vec_named(&serde_json::json!({"type":"stop_consume","producer":"a b"}))
-            .unwrap();
+        let bad =
+            rmp_serde::to_vec_named(&serde_json::json!({"type":"stop_consume","producer":"a b"}))
+                .unwrap();
         assert!(Control::decode(&bad).is_err());
         for len in 0..48 {
             let g: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();

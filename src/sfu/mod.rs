@@ -38,7 +38,10 @@ pub enum MeshEvent {
     SessionInactive(SessionId),
     /// A local producer was created.
     ProducerOpened(crate::mesh::wire::ProducerAnnouncement),
-    ProducerClosed { session: SessionId, producer: ProducerId },
+    ProducerClosed {
+        session: SessionId,
+        producer: ProducerId,
+    },
     ProducerPaused {
         session: SessionId,
         producer: ProducerId,
@@ -50,7 +53,10 @@ pub enum MeshEvent {
         producer: ProducerId,
         layers: u32,
     },
-    StopConsume { pipe: PipeId, producer: ProducerId },
+    StopConsume {
+        pipe: PipeId,
+        producer: ProducerId,
+    },
     KeyframeRequest {
         pipe: PipeId,
         producer: ProducerId,
@@ -298,14 +304,22 @@ pub(crate) enum Command {
         participant: ParticipantId,
     },
     /// The mesh opened a pipe to another node.
-    PipeUp { pipe: PipeId, link: PipeLink },
+    PipeUp {
+        pipe: PipeId,
+        link: PipeLink,
+    },
     /// A pipe closed: everything that came or went through it is torn down.
-    PipeDown { pipe: PipeId },
+    PipeDown {
+        pipe: PipeId,
+    },
     RemoteProducer {
         pipe: PipeId,
         announcement: crate::mesh::wire::ProducerAnnouncement,
     },
-    RemoteProducerClosed { pipe: PipeId, producer: ProducerId },
+    RemoteProducerClosed {
+        pipe: PipeId,
+        producer: ProducerId,
+    },
     RemoteProducerPaused {
         pipe: PipeId,
         producer: ProducerId,
@@ -322,7 +336,10 @@ pub(crate) enum Command {
         producer: ProducerId,
         layers: u32,
     },
-    PipeKeyframe { producer: ProducerId, layer: u8 },
+    PipeKeyframe {
+        producer: ProducerId,
+        layer: u8,
+    },
     PipeNack {
         pipe: PipeId,
         producer: ProducerId,
@@ -330,8 +347,14 @@ pub(crate) enum Command {
         seqs: Vec<u16>,
     },
     /// The node behind `pipe` no longer hosts `session`: stop sending it that session.
-    PipeSessionEnded { pipe: PipeId, session: SessionId },
-    PipeDatagram { pipe: PipeId, data: bytes::Bytes },
+    PipeSessionEnded {
+        pipe: PipeId,
+        session: SessionId,
+    },
+    PipeDatagram {
+        pipe: PipeId,
+        data: bytes::Bytes,
+    },
 }
 
 /// Node-wide counters, readable from any thread.

@@ -181,13 +181,23 @@ impl Worker {
         }
     }
 
-    pub(super) fn remote_producer_paused(&mut self, pipe: PipeId, producer: &ProducerId, paused: bool) {
+    pub(super) fn remote_producer_paused(
+        &mut self,
+        pipe: PipeId,
+        producer: &ProducerId,
+        paused: bool,
+    ) {
         if let Some(pk) = self.piped_producer(pipe, producer) {
             self.set_producer_paused(pk, paused);
         }
     }
 
-    pub(super) fn remote_layer_bitrates(&mut self, pipe: PipeId, producer: &ProducerId, bitrates: &[Option<u64>]) {
+    pub(super) fn remote_layer_bitrates(
+        &mut self,
+        pipe: PipeId,
+        producer: &ProducerId,
+        bitrates: &[Option<u64>],
+    ) {
         if let Some(pk) = self.piped_producer(pipe, producer) {
             for (l, b) in self.producers[pk].layers.iter_mut().zip(bitrates) {
                 l.bitrate = *b;
@@ -206,7 +216,13 @@ impl Worker {
     }
 
     /// The node behind `pipe` wants `layers` of a local producer (0 = stop).
-    pub(super) fn pipe_consume(&mut self, now: Instant, pipe: PipeId, producer: &ProducerId, layers: u32) {
+    pub(super) fn pipe_consume(
+        &mut self,
+        now: Instant,
+        pipe: PipeId,
+        producer: &ProducerId,
+        layers: u32,
+    ) {
         let Some(pk) = self.local_producer(producer) else {
             return;
         };
@@ -237,7 +253,13 @@ impl Worker {
     }
 
     /// Resends packets the far end of `pipe` reported missing, from the producer's cache.
-    pub(super) fn pipe_nack(&mut self, pipe: PipeId, producer: &ProducerId, layer: u8, seqs: &[u16]) {
+    pub(super) fn pipe_nack(
+        &mut self,
+        pipe: PipeId,
+        producer: &ProducerId,
+        layer: u8,
+        seqs: &[u16],
+    ) {
         let Some(pk) = self.local_producer(producer) else {
             return;
         };
@@ -309,7 +331,9 @@ impl Worker {
         }
         if !missing.is_empty() {
             if let Some(link) = self.pipes.get(&pipe) {
-                link.counters.nacked.fetch_add(missing.len() as u64, Relaxed);
+                link.counters
+                    .nacked
+                    .fetch_add(missing.len() as u64, Relaxed);
             }
             let producer = p.id.clone();
             self.mesh_event(MeshEvent::Nack {

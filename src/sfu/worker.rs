@@ -812,7 +812,13 @@ impl Worker {
 
     /// Hands one packet of one producer layer to its consumers here and to the remote nodes
     /// that want it. The same path serves local producers and producers piped in.
-    pub(super) fn forward(&mut self, now: Instant, pk: usize, layer: u8, mut pkt: rtc::rtp::Packet) {
+    pub(super) fn forward(
+        &mut self,
+        now: Instant,
+        pk: usize,
+        layer: u8,
+        mut pkt: rtc::rtp::Packet,
+    ) {
         let ssrc = pkt.header.ssrc;
         let Worker {
             producers,

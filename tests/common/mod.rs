@@ -66,6 +66,51 @@ secret = "{SECRET}"
     .expect("test config is valid")
 }
 
+/// Starts `regions.len()` nodes joined by pipes (each dials the ones started before it) and
+/// waits until every pipe is up. `dir` receives the cluster's certificates.
+pub async fn start_mesh(dir: &std::path::Path, regions: &[&str]) -> Vec<Node> {
+    let ids: Vec<meridian::ids::NodeId> = regions
+        .iter()
+        .map(|r| format!("{r}-1").parse().unwrap())
+        .collect();
+    let files = meridian::mesh::tls::write_cluster(dir, &ids).unwrap();
+    let mut nodes: Vec<Node> = Vec::new();
+    for (region, f) in regions.iter().zip(files) {
+        let mut cfg = test_config("127.0.0.1", "127.0.0.1");
+        cfg.node.region = region.parse().unwrap();
+        cfg.mesh = Some(meridian::config::MeshSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            peers: nodes
+                .iter()
+                .map(|n| n.mesh.as_ref().unwrap().local_addr)
+                .collect(),
+            ca_file: f.ca_file,
+            cert_file: f.cert_file,
+            key_file: f.key_file,
+        });
+        nodes.push(Node::start(cfg).await.expect("node starts"));
+    }
+    let want = regions.len() - 1;
+    wait_for("every pipe up", Duration::from_secs(10), || {
+        nodes
+            .iter()
+            .all(|n| n.mesh.as_ref().unwrap().pipes().len() == want)
+    })
+    .await;
+    nodes
+}
+
+/// The pipe of `from` that leads to the node of `to`.
+pub fn pipe_to(from: &Node, to: &Node) -> meridian::mesh::PipeReport {
+    from.mesh
+        .as_ref()
+        .unwrap()
+        .pipes()
+        .into_iter()
+        .find(|p| p.node == to.id)
+        .unwrap_or_else(|| panic!("no pipe from {} to {}", from.id, to.id))
+}
+
 pub async fn start_node() -> Node {
     Node::start(test_config("127.0.0.1", "127.0.0.1"))
         .await
