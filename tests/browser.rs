@@ -17,9 +17,25 @@ fn open_pair(
     user_opts: &str,
     agent_opts: &str,
 ) -> (Browser, Browser) {
+    open_pair_across(node, node, session, user_opts, agent_opts)
+}
+
+/// The user page on `user_node` and the agent page on `agent_node`.
+fn open_pair_across(
+    user_node: &meridian::node::Node,
+    agent_node: &meridian::node::Node,
+    session: &str,
+    user_opts: &str,
+    agent_opts: &str,
+) -> (Browser, Browser) {
     let day = Duration::from_secs(3600);
     let url = |role: &str, user: &str, r: Role, opts: &str| {
         let t = token(session, user, r, day);
+        let node = if r == Role::User {
+            user_node
+        } else {
+            agent_node
+        };
         format!("{}/demo/{role}.html#token={t}{opts}", node.http_url())
     };
     (
@@ -117,6 +133,35 @@ async fn simulcast_consumer_gets_low_layer_then_high_after_the_cap_is_lifted() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_in_india_and_agent_in_us_decode_each_other_through_the_pipe() {
+    assert_isolated_network();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_mesh(dir.path(), &["india", "us"]).await;
+    let (user, agent) = open_pair_across(&nodes[0], &nodes[1], "kyc-cross", "", "");
+    let decoding = |b: &Browser| {
+        let r = b.reports("STATS");
+        r.len() >= 2
+            && video_frames(&r[r.len() - 1]) > video_frames(&r[r.len() - 2])
+            && video_frames(&r[r.len() - 1]) >= 30
+    };
+    wait_until(
+        "both pages decoding each other's video across regions",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || decoding(&user) && decoding(&agent),
+    )
+    .await;
+    for (from, to) in [(&nodes[0], &nodes[1]), (&nodes[1], &nodes[0])] {
+        assert!(
+            pipe_to(from, to).datagrams_out > 100,
+            "media crossed {} → {}",
+            from.id,
+            to.id
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
