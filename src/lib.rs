@@ -9,6 +9,7 @@ pub mod config;
 pub mod ids;
 pub mod media;
 pub mod mesh;
+pub mod netem;
 pub mod node;
 pub mod sfu;
 pub mod signaling;

@@ -245,3 +245,75 @@ async fn a_node_with_a_foreign_certificate_is_refused_on_both_sides() {
     assert!(india.mesh.as_ref().unwrap().pipes().is_empty());
     assert!(mallory.mesh.as_ref().unwrap().pipes().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipe_loss_is_repaired_hop_by_hop() {
+    // India and US joined through a link with 100 ms one-way delay and 2% loss each way.
+    let dir = tempfile::tempdir().unwrap();
+    let ids = ["india-1".parse().unwrap(), "us-1".parse().unwrap()];
+    let mut files = meridian::mesh::tls::write_cluster(dir.path(), &ids).unwrap();
+    let india = mesh_node("india", files.remove(0), vec![]).await;
+    let link = meridian::netem::start(
+        "127.0.0.1:0".parse().unwrap(),
+        india.mesh.as_ref().unwrap().local_addr,
+        meridian::netem::Impairment {
+            delay: Duration::from_millis(100),
+            jitter: Duration::from_millis(5),
+            loss: 0.02,
+            seed: 42,
+        },
+    )
+    .await
+    .unwrap();
+    let us = mesh_node("us", files.remove(0), vec![link.local_addr]).await;
+    wait_for(
+        "pipe up through the impaired link",
+        Duration::from_secs(15),
+        || us.mesh.as_ref().unwrap().pipes().len() == 1,
+    )
+    .await;
+
+    let session = "kyc-lossy";
+    let (_user, producer, pub_state, _pt) = publish(&india, session).await;
+    let (_agent, sub_state, _st) = consume(&us, session, "bob", &producer).await;
+    wait_for(
+        "600 packets across the lossy pipe",
+        Duration::from_secs(40),
+        || received(&sub_state) >= 600,
+    )
+    .await;
+    // Let the last repairs arrive (a NACK round trip is ~200 ms here).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut seqs: Vec<u16> = sub_state
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    pub_state.stop.store(true, Ordering::Relaxed);
+    sub_state.stop.store(true, Ordering::Relaxed);
+
+    let pipe = pipe_to(&india, &us);
+    let dropped = link.stats.dropped.load(Ordering::Relaxed);
+    seqs.sort_unstable();
+    seqs.dedup();
+    let settled = &seqs[..seqs.len() - 40];
+    let span = settled.last().unwrap().wrapping_sub(settled[0]) as usize + 1;
+    let missing = span - settled.len();
+    println!(
+        "impaired pipe: {dropped} datagrams dropped by the link, {} nacked by US, {} resent by India, {missing} of {span} packets never reached the subscriber",
+        pipe_to(&us, &india).nacked,
+        pipe.retransmitted
+    );
+    assert!(dropped > 10, "the link dropped packets: {dropped}");
+    assert!(
+        pipe.retransmitted > 0,
+        "India resent what US reported missing"
+    );
+    // Only packets lost twice (on the way and again when resent) may stay missing.
+    assert!(
+        missing * 200 <= span,
+        "{missing} of {span} packets unrecovered"
+    );
+}

@@ -496,19 +496,6 @@ impl Core {
                 producer,
                 layer,
             } => self.send(pipe, &Control::KeyframeRequest { producer, layer }),
-            MeshEvent::Nack {
-                pipe,
-                producer,
-                layer,
-                seqs,
-            } => self.send(
-                pipe,
-                &Control::Nack {
-                    producer,
-                    layer,
-                    seqs,
-                },
-            ),
             MeshEvent::LayerBitrates {
                 pipe,
                 producer,
@@ -641,18 +628,6 @@ impl Core {
             }
             Control::KeyframeRequest { producer, layer } => {
                 w.mesh_command(Command::PipeKeyframe { producer, layer });
-            }
-            Control::Nack {
-                producer,
-                layer,
-                seqs,
-            } => {
-                w.mesh_command(Command::PipeNack {
-                    pipe,
-                    producer,
-                    layer,
-                    seqs,
-                });
             }
             Control::LayerBitrates { producer, bitrates } => {
                 w.mesh_command(Command::RemoteLayerBitrates {

@@ -261,5 +261,11 @@ fn transport() -> Arc<quinn::TransportConfig> {
     ));
     t.datagram_receive_buffer_size(Some(4 << 20));
     t.datagram_send_buffer_size(4 << 20);
+    // Inter-region links lose packets at random; a loss-based controller (NewReno, Cubic)
+    // reads that as congestion and queues media datagrams for seconds. BBR paces by measured
+    // bandwidth and round-trip time instead.
+    let mut bbr = quinn::congestion::BbrConfig::default();
+    bbr.initial_window(256 * 1024);
+    t.congestion_controller_factory(Arc::new(bbr));
     Arc::new(t)
 }

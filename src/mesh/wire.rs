@@ -15,6 +15,63 @@ pub const ALPN: &[u8] = b"meridian-pipe/1";
 /// Bytes before the RTP packet in a media datagram.
 pub const FRAME_HEADER: usize = 7;
 const KIND_RTP: u8 = 0;
+const KIND_NACK: u8 = 1;
+/// Most sequence numbers one NACK frame carries.
+pub const MAX_NACK_SEQS: usize = 64;
+
+/// A request to resend packets of one producer stream layer, sent as a datagram back towards
+/// the origin: repair must be as quick as the media, so it does not queue behind the reliable
+/// control stream; the receiver asks again if the packet still does not come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NackFrame {
+    /// The origin's stream number of the producer.
+    pub stream: u32,
+    pub layer: u8,
+    pub seqs: Vec<u16>,
+}
+
+impl NackFrame {
+    pub fn encode(&self) -> Bytes {
+        let n = self.seqs.len().min(MAX_NACK_SEQS);
+        let mut b = BytesMut::with_capacity(FRAME_HEADER + 2 * n);
+        b.put_u8(WIRE_VERSION);
+        b.put_u8(KIND_NACK);
+        b.put_u32(self.stream);
+        b.put_u8(self.layer);
+        for s in &self.seqs[..n] {
+            b.put_u16(*s);
+        }
+        b.freeze()
+    }
+}
+
+/// A datagram on a pipe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Datagram<'a> {
+    Media(MediaFrame<'a>),
+    Nack(NackFrame),
+}
+
+impl<'a> Datagram<'a> {
+    pub fn decode(d: &'a [u8]) -> Result<Self, FrameError> {
+        if d.len() >= 2 && d[0] == WIRE_VERSION && d[1] == KIND_NACK {
+            if d.len() < FRAME_HEADER || (d.len() - FRAME_HEADER) % 2 != 0 {
+                return Err(FrameError::TooShort(d.len()));
+            }
+            let seqs: Vec<u16> = d[FRAME_HEADER..]
+                .chunks_exact(2)
+                .take(MAX_NACK_SEQS)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect();
+            return Ok(Datagram::Nack(NackFrame {
+                stream: u32::from_be_bytes([d[2], d[3], d[4], d[5]]),
+                layer: d[6],
+                seqs,
+            }));
+        }
+        MediaFrame::decode(d).map(Datagram::Media)
+    }
+}
 
 /// One RTP packet of one producer stream (simulcast layer) on a pipe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,12 +189,6 @@ pub enum Control {
         producer: ProducerId,
         layer: u8,
     },
-    /// Resend these RTP sequence numbers of one layer.
-    Nack {
-        producer: ProducerId,
-        layer: u8,
-        seqs: Vec<u16>,
-    },
     /// Bitrates (bits/s) of the producer's layers at the origin, `None` = not flowing.
     LayerBitrates {
         producer: ProducerId,
@@ -191,6 +242,17 @@ mod tests {
     }
 
     #[test]
+    fn nack_frames_round_trip() {
+        let n = NackFrame {
+            stream: 9,
+            layer: 1,
+            seqs: vec![65535, 0, 7],
+        };
+        assert_eq!(Datagram::decode(&n.encode()), Ok(Datagram::Nack(n)));
+        assert!(Datagram::decode(&[WIRE_VERSION, KIND_NACK, 0, 0, 0, 1, 0, 5]).is_err());
+    }
+
+    #[test]
     fn garbage_datagrams_are_errors_not_panics() {
         assert_eq!(MediaFrame::decode(&[]), Err(FrameError::TooShort(0)));
         let mut d = vec![9u8; 40];
@@ -206,6 +268,11 @@ mod tests {
                     g[0] = WIRE_VERSION;
                 }
                 let _ = MediaFrame::decode(&g);
+                let _ = Datagram::decode(&g);
+                if len > 1 {
+                    g[1] = KIND_NACK;
+                    let _ = Datagram::decode(&g);
+                }
             }
         }
     }
@@ -222,10 +289,9 @@ mod tests {
                 producer: "pr-1".parse().unwrap(),
                 layers: 0b101,
             },
-            Control::Nack {
+            Control::KeyframeRequest {
                 producer: "pr-1".parse().unwrap(),
-                layer: 0,
-                seqs: vec![1, 2, 65535],
+                layer: 2,
             },
         ];
         for m in msgs {

@@ -62,12 +62,6 @@ pub enum MeshEvent {
         producer: ProducerId,
         layer: u8,
     },
-    Nack {
-        pipe: PipeId,
-        producer: ProducerId,
-        layer: u8,
-        seqs: Vec<u16>,
-    },
     LayerBitrates {
         pipe: PipeId,
         producer: ProducerId,
@@ -339,12 +333,6 @@ pub(crate) enum Command {
     PipeKeyframe {
         producer: ProducerId,
         layer: u8,
-    },
-    PipeNack {
-        pipe: PipeId,
-        producer: ProducerId,
-        layer: u8,
-        seqs: Vec<u16>,
     },
     /// The node behind `pipe` no longer hosts `session`: stop sending it that session.
     PipeSessionEnded {

@@ -16,7 +16,9 @@ use super::{MediaKind, MeshEvent, PipeId, SfuEvent};
 use crate::ids::{NodeId, ProducerId, SessionId};
 use crate::media::extensions::{IncomingExtensions, FORWARDED};
 use crate::media::Codec;
-use crate::mesh::wire::{MediaFrame, ProducerAnnouncement, FRAME_HEADER};
+use crate::mesh::wire::{
+    Datagram, MediaFrame, NackFrame, ProducerAnnouncement, FRAME_HEADER, MAX_NACK_SEQS,
+};
 
 /// Counters of one pipe, shared with the mesh for reporting.
 #[derive(Debug, Default)]
@@ -43,10 +45,30 @@ pub struct PipeLink {
 
 /// Most sequence numbers asked for again after one gap; a longer gap is a stream restart.
 const MAX_NACK_RUN: u16 = 64;
+/// Times one missing packet is asked for before it is given up.
+const NACK_TRIES: u8 = 4;
 
 impl PipeLink {
     /// Sends one RTP packet of a producer layer as a media frame. Forwarded header extensions
     /// travel under wire ids 1.. (their index in `FORWARDED` plus one).
+    fn send_nack(&self, stream: u32, layer: u8, seqs: Vec<u16>) {
+        let n = seqs.len() as u64;
+        if self
+            .conn
+            .send_datagram(
+                NackFrame {
+                    stream,
+                    layer,
+                    seqs,
+                }
+                .encode(),
+            )
+            .is_ok()
+        {
+            self.counters.nacked.fetch_add(n, Relaxed);
+        }
+    }
+
     pub(super) fn send_media(
         &self,
         stream: u32,
@@ -253,14 +275,9 @@ impl Worker {
     }
 
     /// Resends packets the far end of `pipe` reported missing, from the producer's cache.
-    pub(super) fn pipe_nack(
-        &mut self,
-        pipe: PipeId,
-        producer: &ProducerId,
-        layer: u8,
-        seqs: &[u16],
-    ) {
-        let Some(pk) = self.local_producer(producer) else {
+    fn pipe_nack(&mut self, pipe: PipeId, nack: &NackFrame) {
+        let (layer, seqs) = (nack.layer, &nack.seqs);
+        let Some(&pk) = self.local_streams.get(&nack.stream) else {
             return;
         };
         let Some(link) = self.pipes.get(&pipe) else {
@@ -271,7 +288,7 @@ impl Worker {
             return;
         };
         let none = Default::default();
-        for &seq in seqs {
+        for &seq in seqs.iter() {
             if let Some(pkt) = cache.get(seq) {
                 link.send_media(p.stream, layer, pkt, &none);
                 link.counters.retransmitted.fetch_add(1, Relaxed);
@@ -289,8 +306,12 @@ impl Worker {
 
     /// One media frame from a pipe: repair gaps, then forward like any other packet.
     pub(super) fn pipe_datagram(&mut self, now: Instant, pipe: PipeId, data: Bytes) {
-        let frame = match MediaFrame::decode(&data) {
-            Ok(f) => (f.stream, f.layer),
+        let frame = match Datagram::decode(&data) {
+            Ok(Datagram::Media(f)) => (f.stream, f.layer),
+            Ok(Datagram::Nack(n)) => {
+                self.pipe_nack(pipe, &n);
+                return;
+            }
             Err(_) => {
                 self.stats.pipe_frames_bad.fetch_add(1, Relaxed);
                 return;
@@ -316,43 +337,64 @@ impl Worker {
         };
         l.ssrc = Some(pkt.header.ssrc);
         let seq = pkt.header.sequence_number;
-        let mut missing = Vec::new();
+        let mut gap = Vec::new();
         match l.highest_seq {
             None => l.highest_seq = Some(seq),
             Some(h) => {
                 let ahead = seq.wrapping_sub(h);
                 if ahead != 0 && ahead < 0x8000 {
                     if ahead > 1 && ahead <= MAX_NACK_RUN {
-                        missing.extend((1..ahead).map(|i| h.wrapping_add(i)));
+                        gap.extend((1..ahead).map(|i| h.wrapping_add(i)));
                     }
                     l.highest_seq = Some(seq);
+                } else {
+                    // A late packet: a repair, or reordering.
+                    l.missing.retain(|(s, _, _)| *s != seq);
                 }
             }
         }
-        if !missing.is_empty() {
+        if !gap.is_empty() {
+            l.missing.extend(gap.iter().map(|&s| (s, now, 1)));
+            let excess = l.missing.len().saturating_sub(MAX_NACK_SEQS);
+            l.missing.drain(..excess);
             if let Some(link) = self.pipes.get(&pipe) {
-                link.counters
-                    .nacked
-                    .fetch_add(missing.len() as u64, Relaxed);
+                link.send_nack(stream, layer, gap);
             }
-            let producer = p.id.clone();
-            self.mesh_event(MeshEvent::Nack {
-                pipe,
-                producer,
-                layer,
-                seqs: missing,
-            });
         }
         self.forward(now, pk, layer, pkt);
     }
 
     /// Every tick: ask origins for exactly the layers consumers here need, and tell remote
     /// consumers of local producers their layers' bitrates (once a second).
-    pub(super) fn pipe_tick(&mut self, measured: bool) {
+    pub(super) fn pipe_tick(&mut self, now: Instant, measured: bool) {
         let mut events = Vec::new();
         for (_, p) in self.producers.iter_mut() {
             match p.origin {
-                Origin::Pipe { pipe, .. } => {
+                Origin::Pipe { pipe, stream } => {
+                    // Ask again for what is still missing after a round trip.
+                    if let Some(link) = self.pipes.get(&pipe) {
+                        let wait = link
+                            .conn
+                            .rtt()
+                            .mul_f32(1.5)
+                            .max(std::time::Duration::from_millis(30));
+                        for (layer, l) in p.layers.iter_mut().enumerate() {
+                            l.missing.retain(|(_, _, tries)| *tries < NACK_TRIES);
+                            let again: Vec<u16> = l
+                                .missing
+                                .iter_mut()
+                                .filter(|(_, at, _)| now.duration_since(*at) >= wait)
+                                .map(|(seq, at, tries)| {
+                                    *at = now;
+                                    *tries += 1;
+                                    *seq
+                                })
+                                .collect();
+                            if !again.is_empty() {
+                                link.send_nack(stream, layer as u8, again);
+                            }
+                        }
+                    }
                     let mut need = 0u32;
                     for &cid in &p.consumers {
                         let c = &self.consumers[cid];

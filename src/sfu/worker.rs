@@ -194,12 +194,15 @@ pub(super) struct LayerStat {
     pub(super) cache: Option<PacketCache<rtc::rtp::Packet>>,
     /// Highest sequence number seen from a pipe, to find gaps to repair.
     pub(super) highest_seq: Option<u16>,
+    /// Packets missing from a pipe stream: (seq, when last asked for, times asked).
+    pub(super) missing: Vec<(u16, Instant, u8)>,
 }
 
 impl LayerStat {
     pub(super) fn new(kind: MediaKind) -> Self {
         Self {
             highest_seq: None,
+            missing: Vec::new(),
             ssrc: None,
             bytes: 0,
             bitrate: None,
@@ -339,6 +342,8 @@ pub(super) struct Worker {
     pub(super) pipes: HashMap<PipeId, PipeLink>,
     /// (pipe, origin stream) → pipe producer.
     pub(super) pipe_streams: HashMap<(PipeId, u32), usize>,
+    /// This node's stream number → local producer, for resend requests from pipes.
+    pub(super) local_streams: HashMap<u32, usize>,
     pub(super) producers: Slab<Producer>,
     pub(super) producer_ids: HashMap<ProducerId, usize>,
     pub(super) consumers: Slab<Consumer>,
@@ -414,6 +419,7 @@ impl Worker {
             mesh,
             pipes: HashMap::new(),
             pipe_streams: HashMap::new(),
+            local_streams: HashMap::new(),
             producers: Slab::new(),
             producer_ids: HashMap::new(),
             consumers: Slab::new(),
@@ -1085,7 +1091,7 @@ impl Worker {
                 self.request_keyframe_for_consumer(now, cid);
             }
         }
-        self.pipe_tick(measure);
+        self.pipe_tick(now, measure);
     }
 
     // ---- commands ------------------------------------------------------------------------
@@ -1213,12 +1219,6 @@ impl Worker {
                 layers,
             } => self.pipe_consume(now, pipe, &producer, layers),
             Command::PipeKeyframe { producer, layer } => self.pipe_keyframe(now, &producer, layer),
-            Command::PipeNack {
-                pipe,
-                producer,
-                layer,
-                seqs,
-            } => self.pipe_nack(pipe, &producer, layer, &seqs),
             Command::PipeSessionEnded { pipe, session } => self.pipe_session_ended(pipe, &session),
             Command::PipeDatagram { pipe, data } => self.pipe_datagram(now, pipe, data),
         }
@@ -1362,7 +1362,12 @@ impl Worker {
     /// Registers a new producer with its session; returns its key.
     pub(super) fn insert_producer(&mut self, producer: Producer) -> usize {
         let (id, session) = (producer.id.clone(), producer.session.clone());
+        let local_stream =
+            matches!(producer.origin, Origin::Local { .. }).then_some(producer.stream);
         let pk = self.producers.insert(producer);
+        if let Some(stream) = local_stream {
+            self.local_streams.insert(stream, pk);
+        }
         self.producer_ids.insert(id, pk);
         self.session_producers.entry(session).or_default().push(pk);
         self.update_gauges();
@@ -1826,6 +1831,7 @@ impl Worker {
                     owner.producers.retain(|&x| x != prk);
                 }
                 except = Some(*participant);
+                self.local_streams.remove(&p.stream);
                 self.mesh_event(MeshEvent::ProducerClosed {
                     session: p.session.clone(),
                     producer: p.id.clone(),

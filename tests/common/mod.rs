@@ -76,19 +76,11 @@ pub async fn start_mesh(dir: &std::path::Path, regions: &[&str]) -> Vec<Node> {
     let files = meridian::mesh::tls::write_cluster(dir, &ids).unwrap();
     let mut nodes: Vec<Node> = Vec::new();
     for (region, f) in regions.iter().zip(files) {
-        let mut cfg = test_config("127.0.0.1", "127.0.0.1");
-        cfg.node.region = region.parse().unwrap();
-        cfg.mesh = Some(meridian::config::MeshSection {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            peers: nodes
-                .iter()
-                .map(|n| n.mesh.as_ref().unwrap().local_addr)
-                .collect(),
-            ca_file: f.ca_file,
-            cert_file: f.cert_file,
-            key_file: f.key_file,
-        });
-        nodes.push(Node::start(cfg).await.expect("node starts"));
+        let peers = nodes
+            .iter()
+            .map(|n| n.mesh.as_ref().unwrap().local_addr)
+            .collect();
+        nodes.push(mesh_node(region, f, peers).await);
     }
     let want = regions.len() - 1;
     wait_for("every pipe up", Duration::from_secs(10), || {
@@ -98,6 +90,24 @@ pub async fn start_mesh(dir: &std::path::Path, regions: &[&str]) -> Vec<Node> {
     })
     .await;
     nodes
+}
+
+/// One node of a mesh, dialing `peers`.
+pub async fn mesh_node(
+    region: &str,
+    files: meridian::mesh::tls::NodeFiles,
+    peers: Vec<SocketAddr>,
+) -> Node {
+    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
+    cfg.node.region = region.parse().unwrap();
+    cfg.mesh = Some(meridian::config::MeshSection {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        peers,
+        ca_file: files.ca_file,
+        cert_file: files.cert_file,
+        key_file: files.key_file,
+    });
+    Node::start(cfg).await.expect("node starts")
 }
 
 /// The pipe of `from` that leads to the node of `to`.

@@ -1,0 +1,220 @@
+//! A userspace network impairment proxy (this kernel has no netem): forwards UDP between
+//! clients and one upstream address with added delay, jitter and random loss, in both
+//! directions. Tests and benchmarks put it between nodes to emulate inter-region links.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+/// How a link misbehaves, per direction.
+#[derive(Debug, Clone, Copy)]
+pub struct Impairment {
+    /// One-way delay added to every datagram.
+    pub delay: Duration,
+    /// Extra delay drawn uniformly from 0..jitter; order is kept (no reordering).
+    pub jitter: Duration,
+    /// Probability (0..=1) that a datagram is dropped.
+    pub loss: f64,
+    /// Seed of the loss and jitter draws, so a run can be repeated.
+    pub seed: u64,
+}
+
+impl Impairment {
+    pub fn none() -> Self {
+        Self {
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            loss: 0.0,
+            seed: 1,
+        }
+    }
+}
+
+/// What the proxy did.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub forwarded: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// A running proxy; dropping it stops forwarding.
+pub struct ImpairProxy {
+    /// Where clients send to reach the upstream through the impairment.
+    pub local_addr: SocketAddr,
+    pub stats: Arc<ProxyStats>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for ImpairProxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// One direction's delay line: datagrams leave in order once their time has come.
+fn delay_line(
+    socket: Arc<UdpSocket>,
+    imp: Impairment,
+    stats: Arc<ProxyStats>,
+    seed: u64,
+) -> (
+    mpsc::UnboundedSender<(Bytes, SocketAddr)>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Bytes, SocketAddr)>();
+    let task = tokio::spawn(async move {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut queue: std::collections::VecDeque<(Instant, Bytes, SocketAddr)> =
+            Default::default();
+        let mut last = Instant::now();
+        loop {
+            let next = queue.front().map(|(t, _, _)| *t);
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some((data, to)) = msg else { break };
+                    if imp.loss > 0.0 && rng.random::<f64>() < imp.loss {
+                        stats.dropped.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    let jitter = if imp.jitter.is_zero() {
+                        Duration::ZERO
+                    } else {
+                        imp.jitter.mul_f64(rng.random::<f64>())
+                    };
+                    let at = (Instant::now() + imp.delay + jitter).max(last);
+                    last = at;
+                    queue.push_back((at, data, to));
+                }
+                _ = tokio::time::sleep_until(next.unwrap_or_else(Instant::now).into()), if next.is_some() => {
+                    let now = Instant::now();
+                    while queue.front().is_some_and(|(t, _, _)| *t <= now) {
+                        if let Some((_, data, to)) = queue.pop_front() {
+                            if socket.send_to(&data, to).await.is_ok() {
+                                stats.forwarded.fetch_add(1, Relaxed);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    (tx, task)
+}
+
+/// Starts a proxy on `listen` towards `upstream`, impairing both directions alike.
+pub async fn start(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    imp: Impairment,
+) -> std::io::Result<ImpairProxy> {
+    let front = Arc::new(UdpSocket::bind(listen).await?);
+    let local_addr = front.local_addr()?;
+    let stats = Arc::new(ProxyStats::default());
+    let (to_clients, back_task) = delay_line(front.clone(), imp, stats.clone(), imp.seed ^ 0x5a5a);
+    let main = {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            // One upstream socket per client, so replies find their way back.
+            let mut clients: HashMap<SocketAddr, mpsc::UnboundedSender<(Bytes, SocketAddr)>> =
+                HashMap::new();
+            let mut buf = vec![0u8; 65536];
+            let mut n_clients = 0u64;
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                let data = Bytes::copy_from_slice(&buf[..n]);
+                if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(from) {
+                    let Ok(up) = UdpSocket::bind(SocketAddr::new(upstream.ip(), 0)).await else {
+                        continue;
+                    };
+                    let up = Arc::new(up);
+                    n_clients += 1;
+                    let (tx, _task) = delay_line(
+                        up.clone(),
+                        imp,
+                        stats.clone(),
+                        imp.seed.wrapping_add(n_clients),
+                    );
+                    // Replies from upstream go back through the return delay line.
+                    let back = to_clients.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok((n, _)) = up.recv_from(&mut buf).await {
+                            if back
+                                .send((Bytes::copy_from_slice(&buf[..n]), from))
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                    });
+                    slot.insert(tx);
+                }
+                if let Some(tx) = clients.get(&from) {
+                    let _ = tx.send((data, upstream));
+                }
+            }
+        })
+    };
+    Ok(ImpairProxy {
+        local_addr,
+        stats,
+        tasks: vec![main, back_task],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn delays_and_drops_as_configured() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let imp = Impairment {
+            delay: Duration::from_millis(40),
+            jitter: Duration::ZERO,
+            loss: 0.25,
+            seed: 7,
+        };
+        let proxy = start(
+            "127.0.0.1:0".parse().unwrap(),
+            server.local_addr().unwrap(),
+            imp,
+        )
+        .await
+        .unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sent_at = Instant::now();
+        for i in 0..400u32 {
+            client
+                .send_to(&i.to_be_bytes(), proxy.local_addr)
+                .await
+                .unwrap();
+        }
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16];
+        let mut first_at = None;
+        while let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(300), server.recv_from(&mut buf)).await
+        {
+            first_at.get_or_insert_with(Instant::now);
+            got.push(u32::from_be_bytes(buf[..n].try_into().unwrap()));
+        }
+        assert!(first_at.unwrap() - sent_at >= Duration::from_millis(40));
+        let lost = 400 - got.len();
+        assert!(
+            (60..=140).contains(&lost),
+            "about a quarter dropped: {lost}"
+        );
+        assert!(got.windows(2).all(|w| w[0] < w[1]), "order is kept");
+        assert_eq!(proxy.stats.dropped.load(Relaxed) as usize, lost);
+    }
+}
