@@ -93,6 +93,11 @@ impl Node {
                 source,
             })?;
         let metrics = std::sync::Arc::new(SignalingMetrics::default());
+        let pipes = mesh.as_ref().map(|m| {
+            let m = m.reports();
+            std::sync::Arc::new(move || m())
+                as std::sync::Arc<dyn Fn() -> Vec<mesh::PipeReport> + Send + Sync>
+        });
         let state = AppState {
             worker: worker.clone(),
             verifier,
@@ -101,6 +106,7 @@ impl Node {
             join_timeout: Duration::from_secs(cfg.signaling.join_timeout_secs),
             region: cfg.node.region.clone(),
             node: cfg.node_id(),
+            pipes,
         };
         let app = signaling::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let server = tokio::spawn(async move {

@@ -120,6 +120,20 @@ async fn remote_subscribers_get_media_with_one_copy_per_remote_node() {
         "10 subscribers: {ten:.3} pipe datagrams per packet"
     );
     assert_eq!(us.worker.stats().consumers.load(Ordering::Relaxed), 10);
+    // Per-pipe figures are exported.
+    let metrics = http_get(india, "/metrics").await;
+    for name in [
+        "meridian_pipe_rtt_seconds",
+        "meridian_pipe_bytes_out_total",
+        "meridian_pipe_lost_packets_total",
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains("peer=\"us-1\"")),
+            "{name} for the US pipe in:\n{metrics}"
+        );
+    }
 
     // Every remote subscriber's stream is continuous and starts on a keyframe.
     for (_, s, _) in &subs {
@@ -146,12 +160,33 @@ async fn closing_producers_participants_and_nodes_leaves_no_remote_state() {
     let (india, us) = (&nodes[0], &nodes[1]);
     let session = "kyc-teardown";
     let (mut user, producer, pub_state, _pub_task) = publish(india, session).await;
-    let (mut agent, sub_state, _sub_task) = consume(us, session, "bob", &producer).await;
+    let (agent, sub_state, _sub_task) = consume(us, session, "bob", &producer).await;
     wait_for("media across", Duration::from_secs(20), || {
         received(&sub_state) >= 30
     })
     .await;
     assert_eq!(us.worker.stats().producers.load(Ordering::Relaxed), 1);
+
+    // The last remote consumer leaving stops the relay: nothing crosses any more.
+    sub_state.stop.store(true, Ordering::Relaxed);
+    drop(agent);
+    wait_for("the remote consumer gone", Duration::from_secs(5), || {
+        us.worker.stats().consumers.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle = pipe_to(india, us).datagrams_out;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        pipe_to(india, us).datagrams_out,
+        idle,
+        "no remote consumer left: the producer no longer crosses"
+    );
+    let (mut agent, sub_state, _sub_task) = consume(us, session, "bob2", &producer).await;
+    wait_for("media across again", Duration::from_secs(20), || {
+        received(&sub_state) >= 30
+    })
+    .await;
 
     // Closing the producer on India closes it, and its consumer, on US.
     let reply = user

@@ -93,7 +93,24 @@ pub struct MeshHandle {
 impl MeshHandle {
     /// Open pipes with their current figures.
     pub fn pipes(&self) -> Vec<PipeReport> {
-        let Ok(reg) = self.registry.lock() else {
+        reports(&self.registry)
+    }
+
+    /// A function producing [`MeshHandle::pipes`], for holders that outlive no handle.
+    pub fn reports(&self) -> impl Fn() -> Vec<PipeReport> + Send + Sync + 'static {
+        let registry = self.registry.clone();
+        move || reports(&registry)
+    }
+
+    /// Closes every pipe and the endpoint (a node leaving the mesh).
+    pub fn shutdown(&self) {
+        self.endpoint.close(0u32.into(), b"node shutting down");
+    }
+}
+
+fn reports(registry: &Mutex<HashMap<PipeId, PipeEntry>>) -> Vec<PipeReport> {
+    {
+        let Ok(reg) = registry.lock() else {
             return Vec::new();
         };
         let mut out: Vec<PipeReport> = reg
@@ -119,11 +136,6 @@ impl MeshHandle {
             .collect();
         out.sort_by_key(|p| p.pipe);
         out
-    }
-
-    /// Closes every pipe and the endpoint (a node leaving the mesh).
-    pub fn shutdown(&self) {
-        self.endpoint.close(0u32.into(), b"node shutting down");
     }
 }
 

@@ -54,6 +54,8 @@ pub struct AppState {
     pub join_timeout: Duration,
     pub region: RegionId,
     pub node: NodeId,
+    /// Pipe figures for `/metrics`, when the node is part of a mesh.
+    pub pipes: Option<Arc<dyn Fn() -> Vec<crate::mesh::PipeReport> + Send + Sync>>,
 }
 
 const SDK_JS: &str = include_str!("../../web/sdk/meridian.js");
@@ -173,6 +175,58 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             out.push_str(&format!(
                 "meridian_signaling_errors_total{{{labels},code=\"{code}\"}} {v}\n"
             ));
+        }
+    }
+    if let Some(pipes) = &s.pipes {
+        let reports = pipes();
+        out.push_str("# HELP meridian_pipe_rtt_seconds Smoothed round-trip time of each pipe\n");
+        for p in &reports {
+            out.push_str(&format!(
+                "meridian_pipe_rtt_seconds{{{labels},peer=\"{}\"}} {:.6}\n",
+                p.node,
+                p.rtt.as_secs_f64()
+            ));
+        }
+        for (name, help, get) in [
+            (
+                "meridian_pipe_bytes_out_total",
+                "Media bytes sent on each pipe",
+                (|p: &crate::mesh::PipeReport| p.bytes_out) as fn(&crate::mesh::PipeReport) -> u64,
+            ),
+            (
+                "meridian_pipe_bytes_in_total",
+                "Media bytes received on each pipe",
+                |p| p.bytes_in,
+            ),
+            (
+                "meridian_pipe_lost_packets_total",
+                "QUIC packets each pipe detected as lost",
+                |p| p.lost_packets,
+            ),
+            (
+                "meridian_pipe_sent_packets_total",
+                "QUIC packets each pipe sent",
+                |p| p.sent_packets,
+            ),
+            (
+                "meridian_pipe_nacked_total",
+                "Media packets asked for again on each pipe",
+                |p| p.nacked,
+            ),
+            (
+                "meridian_pipe_retransmitted_total",
+                "Media packets resent on each pipe",
+                |p| p.retransmitted,
+            ),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n"));
+            for p in &reports {
+                out.push_str(&format!(
+                    "{name}{{{labels},peer=\"{}\"}} {}\n",
+                    p.node,
+                    get(p)
+                ));
+            }
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)

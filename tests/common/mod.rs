@@ -121,6 +121,20 @@ pub fn pipe_to(from: &Node, to: &Node) -> meridian::mesh::PipeReport {
         .unwrap_or_else(|| panic!("no pipe from {} to {}", from.id, to.id))
 }
 
+/// A plain HTTP/1.0 GET against the node's signaling server; returns the body.
+pub async fn http_get(node: &Node, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(node.signaling_addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
 pub async fn start_node() -> Node {
     Node::start(test_config("127.0.0.1", "127.0.0.1"))
         .await
