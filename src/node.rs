@@ -95,7 +95,7 @@ impl Node {
         let metrics = std::sync::Arc::new(SignalingMetrics::default());
         let pipes = mesh.as_ref().map(|m| {
             let m = m.reports();
-            std::sync::Arc::new(move || m())
+            std::sync::Arc::new(m)
                 as std::sync::Arc<dyn Fn() -> Vec<mesh::PipeReport> + Send + Sync>
         });
         let state = AppState {

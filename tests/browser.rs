@@ -164,6 +164,75 @@ async fn user_in_india_and_agent_in_us_decode_each_other_through_the_pipe() {
     }
 }
 
+/// Bits per second the pipe from `from` to `to` carries, over `window`.
+async fn pipe_bitrate(
+    from: &meridian::node::Node,
+    to: &meridian::node::Node,
+    window: Duration,
+) -> f64 {
+    let b0 = pipe_to(from, to).bytes_out;
+    tokio::time::sleep(window).await;
+    (pipe_to(from, to).bytes_out - b0) as f64 * 8.0 / window.as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_simulcast_layers_remote_consumers_need_cross_the_pipe() {
+    assert_isolated_network();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_mesh(dir.path(), &["india", "us"]).await;
+    let (india, us) = (&nodes[0], &nodes[1]);
+    // The user on India publishes three layers; the agent on US starts capped at the lowest.
+    let (user, agent) = open_pair_across(
+        india,
+        us,
+        "kyc-sim-cross",
+        "&simulcast=1",
+        "&maxLayer=0&liftAfterFrames=150",
+    );
+    wait_until(
+        "the US agent decoding the low layer",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || agent.reports("STATS").iter().any(|r| video_frames(r) >= 60),
+    )
+    .await;
+    // Still capped (the lift comes at 150 frames): measure what crosses.
+    let capped = pipe_bitrate(india, us, Duration::from_secs(2)).await;
+    let widths: Vec<u64> = agent
+        .reports("STATS")
+        .iter()
+        .map(video_width)
+        .filter(|&w| w > 0)
+        .collect();
+    assert!(
+        widths.iter().all(|&w| w <= 400),
+        "capped consumer sees the low layer: {widths:?}"
+    );
+    wait_until(
+        "the US agent decoding the high layer after the lift",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || {
+            !agent.reports("LIFTED").is_empty()
+                && agent
+                    .reports("STATS")
+                    .iter()
+                    .any(|r| video_width(r) >= 1000)
+        },
+    )
+    .await;
+    let lifted = pipe_bitrate(india, us, Duration::from_secs(2)).await;
+    println!(
+        "India→US pipe: {:.0} kbit/s capped at layer 0, {:.0} kbit/s after the lift",
+        capped / 1e3,
+        lifted / 1e3
+    );
+    assert!(
+        capped * 2.5 < lifted,
+        "only the low layer crossed while capped: {capped:.0} b/s capped vs {lifted:.0} b/s lifted"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ice_tcp_carries_the_call_when_the_node_offers_no_udp() {
     assert_isolated_network();

@@ -2,6 +2,8 @@
 //! estimated bandwidth; the layer actually forwarded only changes on a keyframe of the target,
 //! so the receiver's decoder never sees a reference it does not have.
 
+use std::time::{Duration, Instant};
+
 /// Simulcast layer index: 0 is the lowest resolution.
 pub type Layer = u8;
 
@@ -20,7 +22,20 @@ pub struct LayerSelector {
     max_layer: Layer,
     /// Consumer's estimated receive bandwidth (bits/s), when known.
     bandwidth_bps: Option<u64>,
+    /// After a step down for lack of bandwidth, no step up before this time.
+    hold_until: Option<Instant>,
+    /// After a step up, the estimate is not trusted to step down before this time: it only
+    /// grows once the higher layer flows.
+    grace_until: Option<Instant>,
 }
+
+/// How long an estimate gets to catch up with a higher layer before it may force a step down.
+pub const UPGRADE_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a consumer stays down after the bandwidth estimate forced it down: a receiver-side
+/// estimate (REMB) only grows with what is sent, so upward moves are tried optimistically, and
+/// this keeps a congested consumer from oscillating.
+pub const CONGESTION_HOLD: Duration = Duration::from_secs(8);
 
 impl LayerSelector {
     pub fn new(max_layer: Layer) -> Self {
@@ -29,6 +44,8 @@ impl LayerSelector {
             target: max_layer,
             max_layer,
             bandwidth_bps: None,
+            hold_until: None,
+            grace_until: None,
         }
     }
 
@@ -60,26 +77,45 @@ impl LayerSelector {
 
     /// Picks the target among the layers that are currently flowing, given each layer's
     /// measured bitrate (`None` = not flowing). Returns true when the target changed.
-    pub fn update_target(&mut self, bitrates: &[Option<u64>]) -> bool {
-        let mut best: Option<Layer> = None;
-        let mut lowest: Option<Layer> = None;
-        for (i, rate) in bitrates.iter().enumerate() {
-            let Some(rate) = rate else { continue };
-            let layer = i as Layer;
-            if lowest.is_none() {
-                lowest = Some(layer);
-            }
-            if layer > self.max_layer {
-                continue;
-            }
-            if self.bandwidth_bps.is_some_and(|bw| *rate > bw) && best.is_some() {
-                continue;
-            }
-            best = Some(layer);
-        }
-        let Some(new) = best.or(lowest) else {
+    ///
+    /// The bandwidth estimate moves the consumer down when it no longer carries the current
+    /// layer; moving up to the requested layer is tried whenever the consumer is not congested
+    /// and not holding after a recent step down.
+    pub fn update_target(&mut self, now: Instant, bitrates: &[Option<u64>]) -> bool {
+        let flowing = |l: usize| bitrates.get(l).copied().flatten();
+        let lowest = (0..bitrates.len()).find(|&l| flowing(l).is_some());
+        let Some(lowest) = lowest else {
             return false;
         };
+        let best_within = |cap: Option<u64>| {
+            (0..bitrates.len())
+                .filter(|&l| l as Layer <= self.max_layer)
+                .filter(|&l| flowing(l).is_some_and(|r| cap.is_none_or(|bw| r <= bw)))
+                .max()
+        };
+        let bw = self.bandwidth_bps;
+        let current_rate = self.current.and_then(|c| flowing(c as usize));
+        let in_grace = self.grace_until.is_some_and(|t| now < t);
+        let congested =
+            !in_grace && matches!((bw, current_rate), (Some(bw), Some(r)) if bw * 10 < r * 9);
+        let new = if congested || self.current.is_none() {
+            if congested {
+                self.hold_until = Some(now + CONGESTION_HOLD);
+            }
+            best_within(bw)
+        } else if self.hold_until.is_some_and(|t| now < t) {
+            // Hold: never above where we are, but follow a lowered preference.
+            self.current
+                .map(|c| c.min(self.max_layer) as usize)
+                .filter(|&c| flowing(c).is_some())
+                .or_else(|| best_within(bw))
+        } else {
+            best_within(None)
+        };
+        let new = new.unwrap_or(lowest) as Layer;
+        if self.current.is_some_and(|c| new > c) && new != self.target {
+            self.grace_until = Some(now + UPGRADE_GRACE);
+        }
         let changed = new != self.target;
         self.target = new;
         changed
@@ -118,7 +154,10 @@ mod tests {
         let mut s = LayerSelector::new(0);
         s.on_packet(0, true);
         s.set_max_layer(2);
-        assert!(s.update_target(&[Some(150_000), Some(500_000), Some(1_500_000)]));
+        assert!(s.update_target(
+            Instant::now(),
+            &[Some(150_000), Some(500_000), Some(1_500_000)]
+        ));
         assert_eq!(s.target(), 2);
         assert_eq!(s.on_packet(2, false), Decision::Drop);
         assert_eq!(s.on_packet(0, false), Decision::Forward);
@@ -128,23 +167,74 @@ mod tests {
     }
 
     #[test]
-    fn bandwidth_caps_the_target_but_never_below_the_lowest_layer() {
+    fn bandwidth_caps_the_first_choice_but_never_below_the_lowest_layer() {
+        let rates = [Some(150_000), Some(500_000), Some(1_500_000)];
         let mut s = LayerSelector::new(2);
         s.set_bandwidth(Some(600_000));
-        s.update_target(&[Some(150_000), Some(500_000), Some(1_500_000)]);
+        s.update_target(Instant::now(), &rates);
         assert_eq!(s.target(), 1);
+        let mut s = LayerSelector::new(2);
         s.set_bandwidth(Some(10_000));
-        s.update_target(&[Some(150_000), Some(500_000), Some(1_500_000)]);
+        s.update_target(Instant::now(), &rates);
         assert_eq!(s.target(), 0);
+    }
+
+    #[test]
+    fn an_estimate_that_only_reflects_what_is_sent_does_not_block_going_up() {
+        let rates = [Some(150_000), Some(500_000), Some(1_500_000)];
+        let t = Instant::now();
+        let mut s = LayerSelector::new(0);
+        s.update_target(t, &rates);
+        s.on_packet(0, true);
+        // The receiver estimates a little above the low layer it gets.
+        s.set_bandwidth(Some(180_000));
+        s.set_max_layer(2);
+        s.update_target(t, &rates);
+        assert_eq!(s.target(), 2);
+    }
+
+    #[test]
+    fn a_fresh_step_up_is_not_undone_by_an_estimate_still_catching_up() {
+        let rates = [Some(150_000), Some(500_000), Some(1_500_000)];
+        let t = Instant::now();
+        let mut s = LayerSelector::new(0);
+        s.update_target(t, &rates);
+        s.on_packet(0, true);
+        s.set_max_layer(2);
+        s.update_target(t, &rates);
+        s.on_packet(2, true);
+        s.set_bandwidth(Some(200_000));
+        s.update_target(t + Duration::from_secs(1), &rates);
+        assert_eq!(s.target(), 2, "within the grace period");
+        s.update_target(t + UPGRADE_GRACE + Duration::from_secs(1), &rates);
+        assert_eq!(s.target(), 0, "still no bandwidth after the grace period");
+    }
+
+    #[test]
+    fn congestion_steps_down_and_holds_before_trying_again() {
+        let rates = [Some(150_000), Some(500_000), Some(1_500_000)];
+        let t = Instant::now();
+        let mut s = LayerSelector::new(2);
+        s.update_target(t, &rates);
+        s.on_packet(2, true);
+        s.set_bandwidth(Some(700_000));
+        s.update_target(t, &rates);
+        assert_eq!(s.target(), 1, "1.5 Mb/s does not fit in 700 kb/s");
+        s.on_packet(1, true);
+        s.set_bandwidth(Some(900_000));
+        s.update_target(t + Duration::from_secs(1), &rates);
+        assert_eq!(s.target(), 1, "held after congestion");
+        s.update_target(t + CONGESTION_HOLD + Duration::from_secs(1), &rates);
+        assert_eq!(s.target(), 2, "tries the top layer again after the hold");
     }
 
     #[test]
     fn missing_layers_are_skipped() {
         let mut s = LayerSelector::new(2);
-        s.update_target(&[Some(150_000), None, None]);
+        s.update_target(Instant::now(), &[Some(150_000), None, None]);
         assert_eq!(s.target(), 0);
         s.set_max_layer(1);
-        s.update_target(&[None, None, Some(1_000_000)]);
+        s.update_target(Instant::now(), &[None, None, Some(1_000_000)]);
         assert_eq!(
             s.target(),
             2,

@@ -1075,7 +1075,7 @@ impl Worker {
             for &cid in &p.consumers {
                 let c = &mut self.consumers[cid];
                 if p.layers.len() > 1 {
-                    c.selector.update_target(&bitrates);
+                    c.selector.update_target(now, &bitrates);
                 }
                 if c.selector.wants_keyframe() && !c.paused {
                     wants.push(cid);
