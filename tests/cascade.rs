@@ -135,6 +135,25 @@ async fn remote_subscribers_get_media_with_one_copy_per_remote_node() {
         );
     }
 
+    // Keyframe requests from all ten US consumers at once reach the publisher aggregated.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let plis_before = pub_state.plis_received.load(Ordering::Relaxed);
+    for (_, s, _) in &subs[1..] {
+        s.send_plis.store(3, Ordering::Relaxed);
+    }
+    wait_for(
+        "a keyframe request reaching India's publisher",
+        Duration::from_secs(5),
+        || pub_state.plis_received.load(Ordering::Relaxed) > plis_before,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let relayed = pub_state.plis_received.load(Ordering::Relaxed) - plis_before;
+    assert!(
+        relayed <= 2,
+        "30 PLIs from 10 remote consumers became {relayed} at the publisher"
+    );
+
     // Every remote subscriber's stream is continuous and starts on a keyframe.
     for (_, s, _) in &subs {
         let got = s.received.lock().unwrap().clone();
