@@ -304,28 +304,7 @@ async fn a_node_with_a_foreign_certificate_is_refused_on_both_sides() {
 async fn pipe_loss_is_repaired_hop_by_hop() {
     // India and US joined through a link with 100 ms one-way delay and 2% loss each way.
     let dir = tempfile::tempdir().unwrap();
-    let ids = ["india-1".parse().unwrap(), "us-1".parse().unwrap()];
-    let mut files = meridian::mesh::tls::write_cluster(dir.path(), &ids).unwrap();
-    let india = mesh_node("india", files.remove(0), vec![]).await;
-    let link = meridian::netem::start(
-        "127.0.0.1:0".parse().unwrap(),
-        india.mesh.as_ref().unwrap().local_addr,
-        meridian::netem::Impairment {
-            delay: Duration::from_millis(100),
-            jitter: Duration::from_millis(5),
-            loss: 0.02,
-            seed: 42,
-        },
-    )
-    .await
-    .unwrap();
-    let us = mesh_node("us", files.remove(0), vec![link.local_addr]).await;
-    wait_for(
-        "pipe up through the impaired link",
-        Duration::from_secs(15),
-        || us.mesh.as_ref().unwrap().pipes().len() == 1,
-    )
-    .await;
+    let (india, link, us) = pair_over_link(dir.path(), long_lossy_link()).await;
 
     let session = "kyc-lossy";
     let (_user, producer, pub_state, _pt) = publish(&india, session).await;

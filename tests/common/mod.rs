@@ -92,6 +92,41 @@ pub async fn start_mesh(dir: &std::path::Path, regions: &[&str]) -> Vec<Node> {
     nodes
 }
 
+/// India and US nodes whose pipe runs through an impairment proxy; waits for the pipe.
+pub async fn pair_over_link(
+    dir: &std::path::Path,
+    imp: meridian::netem::Impairment,
+) -> (Node, meridian::netem::ImpairProxy, Node) {
+    let ids = ["india-1".parse().unwrap(), "us-1".parse().unwrap()];
+    let mut files = meridian::mesh::tls::write_cluster(dir, &ids).unwrap();
+    let india = mesh_node("india", files.remove(0), vec![]).await;
+    let link = meridian::netem::start(
+        "127.0.0.1:0".parse().unwrap(),
+        india.mesh.as_ref().unwrap().local_addr,
+        imp,
+    )
+    .await
+    .unwrap();
+    let us = mesh_node("us", files.remove(0), vec![link.local_addr]).await;
+    wait_for(
+        "pipe up through the impaired link",
+        Duration::from_secs(15),
+        || us.mesh.as_ref().unwrap().pipes().len() == 1,
+    )
+    .await;
+    (india, link, us)
+}
+
+/// The inter-region link of the tests: 100 ms one way, 5 ms jitter, 2% loss each way.
+pub fn long_lossy_link() -> meridian::netem::Impairment {
+    meridian::netem::Impairment {
+        delay: Duration::from_millis(100),
+        jitter: Duration::from_millis(5),
+        loss: 0.02,
+        seed: 42,
+    }
+}
+
 /// One node of a mesh, dialing `peers`.
 pub async fn mesh_node(
     region: &str,
