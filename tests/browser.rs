@@ -44,6 +44,28 @@ fn open_pair_across(
     )
 }
 
+/// The page has decoded at least 30 frames and is still decoding (rising between its last
+/// two reports).
+fn decoding(b: &Browser) -> bool {
+    let r = b.reports("STATS");
+    r.len() >= 2
+        && video_frames(&r[r.len() - 1]) > video_frames(&r[r.len() - 2])
+        && video_frames(&r[r.len() - 1]) >= 30
+}
+
+/// The page lifted its layer cap and has since decoded the high layer.
+fn decodes_high_layer_after_lift(b: &Browser) -> bool {
+    !b.reports("LIFTED").is_empty() && b.reports("STATS").iter().any(|r| video_width(r) >= 1000)
+}
+
+/// Waits until both pages decode the other's video.
+async fn both_decoding(what: &str, user: &Browser, agent: &Browser) {
+    wait_until(what, Duration::from_secs(90), &[user, agent], || {
+        decoding(user) && decoding(agent)
+    })
+    .await;
+}
+
 async fn wait_until(
     what: &str,
     within: Duration,
@@ -69,20 +91,7 @@ async fn user_and_agent_pages_decode_each_others_video() {
     let node = start_node().await;
     let (user, agent) = open_pair(&node, "kyc-browser", "", "");
 
-    let decoding = |b: &Browser| {
-        let r = b.reports("STATS");
-        // Frames decoded, and still rising between the last two reports.
-        r.len() >= 2
-            && video_frames(&r[r.len() - 1]) > video_frames(&r[r.len() - 2])
-            && video_frames(&r[r.len() - 1]) >= 30
-    };
-    wait_until(
-        "both pages decoding each other's video",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
-    )
-    .await;
+    both_decoding("both pages decoding each other's video", &user, &agent).await;
     let stats = node.worker.stats();
     assert!(
         stats
@@ -124,13 +133,7 @@ async fn simulcast_consumer_gets_low_layer_then_high_after_the_cap_is_lifted() {
         "the lifted consumer decoding the high layer",
         Duration::from_secs(90),
         &[&user, &agent],
-        || {
-            !agent.reports("LIFTED").is_empty()
-                && agent
-                    .reports("STATS")
-                    .iter()
-                    .any(|r| video_width(r) >= 1000)
-        },
+        || decodes_high_layer_after_lift(&agent),
     )
     .await;
 }
@@ -141,17 +144,10 @@ async fn user_in_india_and_agent_in_us_decode_each_other_through_the_pipe() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = start_mesh(dir.path(), &["india", "us"]).await;
     let (user, agent) = open_pair_across(&nodes[0], &nodes[1], "kyc-cross", "", "");
-    let decoding = |b: &Browser| {
-        let r = b.reports("STATS");
-        r.len() >= 2
-            && video_frames(&r[r.len() - 1]) > video_frames(&r[r.len() - 2])
-            && video_frames(&r[r.len() - 1]) >= 30
-    };
-    wait_until(
+    both_decoding(
         "both pages decoding each other's video across regions",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
+        &user,
+        &agent,
     )
     .await;
     for (from, to) in [(&nodes[0], &nodes[1]), (&nodes[1], &nodes[0])] {
@@ -256,13 +252,7 @@ async fn only_the_simulcast_layers_remote_consumers_need_cross_the_pipe() {
         "the US agent decoding the high layer after the lift",
         Duration::from_secs(90),
         &[&user, &agent],
-        || {
-            !agent.reports("LIFTED").is_empty()
-                && agent
-                    .reports("STATS")
-                    .iter()
-                    .any(|r| video_width(r) >= 1000)
-        },
+        || decodes_high_layer_after_lift(&agent),
     )
     .await;
     let lifted = pipe_bitrate(india, us, Duration::from_secs(2)).await;
@@ -284,14 +274,7 @@ async fn ice_tcp_carries_the_call_when_the_node_offers_no_udp() {
     cfg.rtc.udp = false;
     let node = meridian::node::Node::start(cfg).await.unwrap();
     let (user, agent) = open_pair(&node, "kyc-tcp", "", "");
-    let decoding = |b: &Browser| b.reports("STATS").iter().any(|r| video_frames(r) >= 30);
-    wait_until(
-        "both pages decoding over TCP",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
-    )
-    .await;
+    both_decoding("both pages decoding over TCP", &user, &agent).await;
     let stats = node.worker.stats();
     assert!(
         stats
@@ -319,12 +302,10 @@ async fn firefox_user_and_chromium_agent_decode_each_others_video() {
     };
     let user = Browser::firefox(&url("user", "alice", Role::User));
     let agent = Browser::open(&url("agent", "bob", Role::Agent));
-    let decoding = |b: &Browser| b.reports("STATS").iter().any(|r| video_frames(r) >= 30);
-    wait_until(
+    both_decoding(
         "Firefox and Chromium decoding each other's video",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
+        &user,
+        &agent,
     )
     .await;
 }

@@ -18,18 +18,7 @@ async fn publish(
     session: &str,
 ) -> (Signal, String, Arc<PeerState>, tokio::task::JoinHandle<()>) {
     let (mut user, _) = Signal::join(node, session, "alice", Role::User).await;
-    let mut publisher = RtcPeer::publisher().await;
-    let reply = user
-        .request(json!({"type":"publish","sdp":publisher.offer()}))
-        .await;
-    assert_eq!(reply["type"], "published", "{reply}");
-    publisher.answer(reply["sdp"].as_str().unwrap());
-    let id = reply["producers"][0]["producerId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let state = Arc::new(PeerState::default());
-    let task = publisher.spawn(state.clone());
+    let (id, state, task) = publish_as(&mut user, TestCodec::Vp8).await;
     (user, id, state, task)
 }
 
@@ -54,14 +43,8 @@ async fn consume(
             }
         }
     }
-    let mut sub = RtcPeer::subscriber().await;
-    let reply = agent
-        .request(json!({"type":"subscribe","producerId":producer,"sdp":sub.offer()}))
-        .await;
-    assert_eq!(reply["type"], "subscribed", "{reply}");
-    sub.answer(reply["sdp"].as_str().unwrap());
-    let state = Arc::new(PeerState::default());
-    let task = sub.spawn(state.clone());
+    let (state, task) =
+        subscribe_as(&mut agent, producer, TestCodec::Vp8, PeerState::default()).await;
     (agent, state, task)
 }
 

@@ -39,17 +39,7 @@ impl Flow {
         let (mut user, _) = Signal::join(node, session, "alice", Role::User).await;
         let (mut agent, _) = Signal::join(node, session, "bob", Role::Agent).await;
 
-        let mut publisher = RtcPeer::publisher_with(codec).await;
-        let offer = publisher.offer();
-        let reply = user.request(json!({"type":"publish","sdp":offer})).await;
-        assert_eq!(reply["type"], "published", "{reply}");
-        publisher.answer(reply["sdp"].as_str().unwrap());
-        let producer_id = reply["producers"][0]["producerId"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let publisher_state = Arc::new(PeerState::default());
-        let publisher_task = publisher.spawn(publisher_state.clone());
+        let (producer_id, publisher_state, publisher_task) = publish_as(&mut user, codec).await;
 
         // The agent learns of the producer from an event.
         let added = agent.event("producerAdded").await;
@@ -65,15 +55,8 @@ impl Flow {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let plis_before_subscribe = publisher_state.plis_received.load(Ordering::Relaxed);
 
-        let mut subscriber = RtcPeer::subscriber_with(codec).await;
-        let offer = subscriber.offer();
-        let reply = agent
-            .request(json!({"type":"subscribe","producerId":producer_id,"sdp":offer}))
-            .await;
-        assert_eq!(reply["type"], "subscribed", "{reply}");
-        subscriber.answer(reply["sdp"].as_str().unwrap());
-        let subscriber_state = Arc::new(subscriber_state);
-        let subscriber_task = subscriber.spawn(subscriber_state.clone());
+        let (subscriber_state, subscriber_task) =
+            subscribe_as(&mut agent, &producer_id, codec, subscriber_state).await;
         Flow {
             publisher: publisher_state,
             subscriber: subscriber_state,

@@ -670,6 +670,45 @@ impl RtcPeer {
     }
 }
 
+/// Publishes one video track of `codec` on `signal`'s publish transport and starts sending;
+/// returns the producer id and the running publisher.
+pub async fn publish_as(
+    signal: &mut Signal,
+    codec: TestCodec,
+) -> (String, Arc<PeerState>, tokio::task::JoinHandle<()>) {
+    let mut publisher = RtcPeer::publisher_with(codec).await;
+    let reply = signal
+        .request(json!({"type":"publish","sdp":publisher.offer()}))
+        .await;
+    assert_eq!(reply["type"], "published", "{reply}");
+    publisher.answer(reply["sdp"].as_str().unwrap());
+    let id = reply["producers"][0]["producerId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let state = Arc::new(PeerState::default());
+    let task = publisher.spawn(state.clone());
+    (id, state, task)
+}
+
+/// Subscribes `signal`'s participant to `producer` and starts receiving into `state`.
+pub async fn subscribe_as(
+    signal: &mut Signal,
+    producer: &str,
+    codec: TestCodec,
+    state: PeerState,
+) -> (Arc<PeerState>, tokio::task::JoinHandle<()>) {
+    let mut sub = RtcPeer::subscriber_with(codec).await;
+    let reply = signal
+        .request(json!({"type":"subscribe","producerId":producer,"sdp":sub.offer()}))
+        .await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    sub.answer(reply["sdp"].as_str().unwrap());
+    let state = Arc::new(state);
+    let task = sub.spawn(state.clone());
+    (state, task)
+}
+
 /// Polls `cond` every 20 ms until it holds or `within` passes.
 pub async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
