@@ -18,9 +18,9 @@ async fn candidates_carry_the_announced_ip_and_clients_connect_through_it() {
         .unwrap();
     let port = node.worker.media_addr().port();
     let (mut user, _) = Signal::join(&node, "kyc-nat", "alice", Role::User).await;
-    let mut publisher = RtcPeer::publisher().await;
+    let mut publisher = RtcPeer::publisher().await.unwrap();
     let reply = user
-        .request(json!({"type":"publish","sdp":publisher.offer()}))
+        .request(json!({"type":"publish","sdp":publisher.offer().unwrap()}))
         .await;
     let answer = reply["sdp"].as_str().unwrap();
     let candidates: Vec<&str> = answer
@@ -32,7 +32,7 @@ async fn candidates_carry_the_announced_ip_and_clients_connect_through_it() {
         assert!(c.contains(&format!("127.0.0.2 {port} typ host")), "{c}");
     }
     assert!(answer.contains("a=ice-lite"));
-    publisher.answer(answer);
+    publisher.answer(answer).unwrap();
     let state = Arc::new(PeerState::default());
     let task = publisher.spawn(state.clone());
     wait_for(

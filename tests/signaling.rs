@@ -176,24 +176,26 @@ async fn malformed_oversized_and_unknown_messages_get_their_own_answers() {
 async fn roles_decide_who_may_publish_and_whom_they_see() {
     let node = start_node().await;
     let (mut observer, _) = Signal::join(&node, "kyc-roles", "olga", Role::Observer).await;
-    let mut peer = RtcPeer::publisher().await;
+    let mut peer = RtcPeer::publisher().await.unwrap();
     let reply = observer
-        .request(json!({"type":"publish","sdp":peer.offer()}))
+        .request(json!({"type":"publish","sdp":peer.offer().unwrap()}))
         .await;
     assert_eq!(reply["code"], "not_allowed");
 
     // Two users in one session never see each other's media.
     let (mut u1, _) = Signal::join(&node, "kyc-roles", "u1", Role::User).await;
     let (mut u2, _) = Signal::join(&node, "kyc-roles", "u2", Role::User).await;
-    let mut p = RtcPeer::publisher().await;
-    let reply = u1.request(json!({"type":"publish","sdp":p.offer()})).await;
+    let mut p = RtcPeer::publisher().await.unwrap();
+    let reply = u1
+        .request(json!({"type":"publish","sdp":p.offer().unwrap()}))
+        .await;
     let producer = reply["producers"][0]["producerId"]
         .as_str()
         .unwrap()
         .to_owned();
-    let mut s = RtcPeer::subscriber().await;
+    let mut s = RtcPeer::subscriber().await.unwrap();
     let reply = u2
-        .request(json!({"type":"subscribe","producerId":producer,"sdp":s.offer()}))
+        .request(json!({"type":"subscribe","producerId":producer,"sdp":s.offer().unwrap()}))
         .await;
     assert_eq!(reply["code"], "not_allowed");
     // The observer was told about the producer; the other user was not.
@@ -212,9 +214,9 @@ async fn token_expiring_during_the_session_ends_access() {
     let short = token("kyc-exp", "user", Role::User, Duration::from_secs(2));
     user.send_text(&join_with(&short).to_string()).await;
     assert_eq!(user.recv().await.unwrap()["type"], "joined");
-    let mut p = RtcPeer::publisher().await;
+    let mut p = RtcPeer::publisher().await.unwrap();
     let reply = user
-        .request(json!({"type":"publish","sdp":p.offer()}))
+        .request(json!({"type":"publish","sdp":p.offer().unwrap()}))
         .await;
     let producer = reply["producers"][0]["producerId"]
         .as_str()
