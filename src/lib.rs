@@ -5,6 +5,7 @@
 //! [`config`] shared by all.
 
 pub mod auth;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod ids;

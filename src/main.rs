@@ -50,6 +50,11 @@ enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
     },
+    /// Measure a node: starts one as a separate process and loads it over real UDP.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Manage the cluster CA that authenticates nodes to each other.
     Ca {
         #[command(subcommand)]
@@ -63,6 +68,31 @@ enum Command {
         /// Public key output (PEM, SPKI): point auth.public_key_file at it.
         #[arg(long)]
         public: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// One publisher fanned out to N subscribers, for each N given.
+    Fanout {
+        /// Numbers of subscribers, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,50,100")]
+        subscribers: Vec<usize>,
+        /// Measurement window per step, seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Warm-up before each window, seconds.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        /// Publisher bitrate.
+        #[arg(long, default_value_t = 1000)]
+        bitrate_kbps: u64,
+        /// RTP payload size in bytes (VP8-sized packets by default).
+        #[arg(long, default_value_t = 1100)]
+        payload: usize,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
 }
 
@@ -101,7 +131,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rtc=warn,webrtc=warn".into()),
+                .unwrap_or_else(|_| "info,rtc=warn,rtc_dtls=error,webrtc=warn".into()),
         )
         .init();
     let cli = Cli::parse();
@@ -140,6 +170,25 @@ fn main() -> anyhow::Result<()> {
                     signer.mint(&session, &user, role, Duration::from_secs(ttl))?
                 );
             }
+            Command::Bench { command } => match command {
+                BenchCommand::Fanout {
+                    subscribers,
+                    seconds,
+                    warmup,
+                    bitrate_kbps,
+                    payload,
+                    json,
+                } => {
+                    let cfg = meridian::bench::FanoutConfig {
+                        subscribers,
+                        seconds,
+                        warmup_seconds: warmup,
+                        bitrate_kbps,
+                        payload_bytes: payload,
+                    };
+                    bench_fanout(cfg, json).await?;
+                }
+            },
             Command::Ca { command } => match command {
                 CaCommand::Init { dir } => {
                     std::fs::create_dir_all(&dir)?;
@@ -168,6 +217,77 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Starts a node as a child process on free loopback ports and runs the fan-out benchmark
+/// against it, so that /proc figures cover the node alone.
+async fn bench_fanout(
+    cfg: meridian::bench::FanoutConfig,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let free_tcp = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let free_udp = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let secret = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
+    let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nregion = \"bench\"\nlatitude = 0.0\nlongitude = 0.0\n\
+             [signaling]\nlisten = \"127.0.0.1:{free_tcp}\"\n\
+             [rtc]\nlisten_ip = \"127.0.0.1\"\nannounced_ip = \"127.0.0.1\"\nport = {free_udp}\n\
+             [auth]\nissuer = \"bench\"\naudience = \"meridian\"\nalgorithm = \"HS256\"\nsecret = \"{secret}\"\n\
+             [limits]\nmax_participants_per_session = 1000\nmax_consumers_per_participant = 8\n"
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("node.log"))?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], free_tcp).into();
+    let started = std::time::Instant::now();
+    while tokio::net::TcpStream::connect(http_addr).await.is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            anyhow::bail!(
+                "the node did not start; see {}",
+                dir.join("node.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let target = meridian::bench::Target {
+        ws_url: format!("ws://{http_addr}/v1/ws"),
+        http_addr,
+        pid: child.id(),
+        signer: TokenSigner::hs256(secret.as_bytes(), "bench", "meridian"),
+    };
+    println!(
+        "fan-out: 1 publisher at {} kbit/s ({}-byte payloads) to {:?} subscribers; node pid {}, {} s windows",
+        cfg.bitrate_kbps, cfg.payload_bytes, cfg.subscribers, target.pid, cfg.seconds
+    );
+    let result = meridian::bench::run_fanout(&target, &cfg).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let results = result?;
+    print!("{}", meridian::bench::table(&results));
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    }
+    Ok(())
 }
 
 /// Pipe ports of the dev mesh, by region index; each node dials the ones before it.

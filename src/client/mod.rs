@@ -2,3 +2,4 @@
 //! sans-I/O core. Browsers use web/sdk/meridian.js instead.
 
 pub mod peer;
+pub mod signal;

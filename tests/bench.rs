@@ -1,0 +1,51 @@
+//! The fan-out benchmark runs end to end against a separate node process and reports figures
+//! that are internally consistent. Speeds are reported by the benchmark, never asserted here.
+
+use std::process::Command;
+
+#[test]
+fn fanout_benchmark_measures_a_separate_node_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("fanout.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args([
+            "bench",
+            "fanout",
+            "--subscribers",
+            "1,3",
+            "--seconds",
+            "2",
+            "--warmup",
+            "1",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run meridian bench");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("cpu_us/pkt"), "{stdout}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let steps = results.as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    for (step, n) in steps.iter().zip([1.0, 3.0]) {
+        assert_eq!(step["subscribers"].as_f64().unwrap(), n);
+        let pin = step["packets_in_per_s"].as_f64().unwrap();
+        let pout = step["packets_out_per_s"].as_f64().unwrap();
+        // ~114 packets/s at 1 Mbit/s in 1100-byte payloads, fanned out n times.
+        assert!(pin > 50.0, "{step}");
+        assert!(
+            (pout / pin - n).abs() < 0.2 * n,
+            "out = in × subscribers: {step}"
+        );
+        assert!(step["cpu_us_per_forwarded_packet"].as_f64().unwrap() > 0.0);
+        assert!(step["latency_p50_us"].as_u64().unwrap() > 0);
+        assert!(step["loss_percent"].as_f64().unwrap() < 5.0, "{step}");
+    }
+}
