@@ -282,6 +282,7 @@ async fn bench_fanout(
     let result = meridian::bench::run_fanout(&target, &cfg).await;
     let _ = child.kill();
     let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
     let results = result?;
     print!("{}", meridian::bench::table(&results));
     if let Some(path) = json {

@@ -128,7 +128,8 @@ async fn subscriber_receives_publisher_packets_continuously_starting_with_a_keyf
         got.iter().all(|r| r.orientation == Some(TEST_ORIENTATION)),
         "video orientation reaches the subscriber under the subscriber's own extension id"
     );
-    assert!(node.worker.stats().rtp_forwarded.load(Ordering::Relaxed) >= 150);
+    let stats = node.worker.stats();
+    assert!(stats.rtp_forwarded.load(Ordering::Relaxed) >= 150);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

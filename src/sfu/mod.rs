@@ -5,6 +5,7 @@
 //! forwarding path takes no locks. Signaling talks to it through [`WorkerHandle`], a command
 //! channel; the worker talks back through each participant's [`SfuEvent`] channel.
 
+pub mod batch;
 pub mod engine;
 mod pipes;
 mod tcp;
@@ -358,6 +359,8 @@ pub struct WorkerStats {
     pub rtp_retransmitted: AtomicU64,
     pub nack_unserved: AtomicU64,
     pub send_errors: AtomicU64,
+    /// System calls that sent the datagrams (several datagrams per call when batched).
+    pub send_syscalls: AtomicU64,
     pub tcp_frames_in: AtomicU64,
     pub tcp_connections: AtomicU64,
     pub keyframe_requests: AtomicU64,

@@ -8,12 +8,13 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn_udp::{RecvMeta, UdpSocketState};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::RTCMessage;
@@ -349,6 +350,8 @@ pub(super) struct Worker {
     pub(super) consumers: Slab<Consumer>,
     pub(super) consumer_ids: HashMap<ConsumerId, usize>,
     pub(super) dirty: Vec<usize>,
+    /// Datagrams produced this turn, sent together.
+    pub(super) batch: super::batch::SendBatch,
     pub(super) rtp_scratch: Vec<(String, rtc::rtp::Packet)>,
     pub(super) rtcp_scratch: Vec<(String, Vec<Box<dyn rtc::rtcp::Packet>>)>,
     pub(super) event_scratch: Vec<RTCPeerConnectionEvent>,
@@ -425,6 +428,7 @@ impl Worker {
             consumers: Slab::new(),
             consumer_ids: HashMap::new(),
             dirty: Vec::new(),
+            batch: Default::default(),
             rtp_scratch: Vec::new(),
             rtcp_scratch: Vec::new(),
             event_scratch: Vec::new(),
@@ -486,6 +490,7 @@ impl Worker {
                 _ = tick.tick() => self.on_tick(Instant::now()),
             }
             self.flush(Instant::now());
+            self.send_batch();
         }
         tracing::info!("media worker stopped");
     }
@@ -589,22 +594,17 @@ impl Worker {
         Some(ck)
     }
 
-    fn send(&self, dst: SocketAddr, src_ip: Option<IpAddr>, data: &[u8]) {
-        let t = Transmit {
-            destination: dst,
-            ecn: None,
-            contents: data,
-            segment_size: None,
-            src_ip,
-        };
-        match self.udp.try_send((&self.socket).into(), &t) {
-            Ok(()) => {
-                self.stats.datagrams_out.fetch_add(1, Relaxed);
-            }
-            Err(_) => {
-                self.stats.send_errors.fetch_add(1, Relaxed);
-            }
+    /// Sends every datagram queued this turn in as few system calls as possible.
+    fn send_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
         }
+        let f = self.batch.flush(self.socket.as_raw_fd());
+        self.stats.datagrams_out.fetch_add(f.sent as u64, Relaxed);
+        self.stats.send_errors.fetch_add(f.failed as u64, Relaxed);
+        self.stats
+            .send_syscalls
+            .fetch_add(f.syscalls as u64, Relaxed);
     }
 
     /// Drains everything a connection has to say: datagrams out, events, media, timers.
@@ -625,17 +625,9 @@ impl Worker {
                 }
                 continue;
             }
-            let t = Transmit {
-                destination: msg.transport.peer_addr,
-                ecn: None,
-                contents: &msg.message,
-                segment_size: None,
-                src_ip,
-            };
-            match self.udp.try_send((&self.socket).into(), &t) {
-                Ok(()) => self.stats.datagrams_out.fetch_add(1, Relaxed),
-                Err(_) => self.stats.send_errors.fetch_add(1, Relaxed),
-            };
+            // Sent together with everything else this turn produces (see `send_batch`).
+            self.batch
+                .push(msg.transport.peer_addr, src_ip, msg.message);
         }
         while let Some(ev) = conn.pc.poll_event() {
             self.event_scratch.push(ev);
@@ -1864,7 +1856,8 @@ impl Worker {
         let mut conn = self.conns.remove(ck);
         let _ = conn.pc.close();
         while let Some(msg) = conn.pc.poll_write() {
-            self.send(msg.transport.peer_addr, conn.src_ip, &msg.message);
+            self.batch
+                .push(msg.transport.peer_addr, conn.src_ip, msg.message);
         }
         for a in &conn.addrs {
             self.by_addr.remove(a);

@@ -137,6 +137,11 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             g(&w.send_errors),
         ),
         (
+            "meridian_send_syscalls_total",
+            "System calls that sent media datagrams (several per call when batched)",
+            g(&w.send_syscalls),
+        ),
+        (
             "meridian_keyframe_requests_total",
             "PLIs sent to publishers",
             g(&w.keyframe_requests),
