@@ -94,6 +94,27 @@ enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// A publisher on one node relayed through a pipe to N subscribers on another.
+    Cascade {
+        /// Numbers of subscribers, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,50,100")]
+        subscribers: Vec<usize>,
+        /// Measurement window per step, seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Warm-up before each window, seconds.
+        #[arg(long, default_value_t = 2)]
+        warmup: u64,
+        /// Publisher bitrate.
+        #[arg(long, default_value_t = 1000)]
+        bitrate_kbps: u64,
+        /// RTP payload size in bytes (VP8-sized packets by default).
+        #[arg(long, default_value_t = 1100)]
+        payload: usize,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -188,6 +209,23 @@ fn main() -> anyhow::Result<()> {
                     };
                     bench_fanout(cfg, json).await?;
                 }
+                BenchCommand::Cascade {
+                    subscribers,
+                    seconds,
+                    warmup,
+                    bitrate_kbps,
+                    payload,
+                    json,
+                } => {
+                    let cfg = meridian::bench::FanoutConfig {
+                        subscribers,
+                        seconds,
+                        warmup_seconds: warmup,
+                        bitrate_kbps,
+                        payload_bytes: payload,
+                    };
+                    bench_cascade(cfg, json).await?;
+                }
             },
             Command::Ca { command } => match command {
                 CaCommand::Init { dir } => {
@@ -219,72 +257,70 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// Starts a node as a child process on free loopback ports and runs the fan-out benchmark
-/// against it, so that /proc figures cover the node alone.
+/// Runs the fan-out benchmark against a node started as a child process, so that /proc
+/// figures cover the node alone.
 async fn bench_fanout(
     cfg: meridian::bench::FanoutConfig,
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let free_tcp = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let free_udp = std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let secret = format!(
-        "{:032x}{:032x}",
-        rand::random::<u128>(),
-        rand::random::<u128>()
-    );
     let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let config = dir.join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\nregion = \"bench\"\nlatitude = 0.0\nlongitude = 0.0\n\
-             [signaling]\nlisten = \"127.0.0.1:{free_tcp}\"\n\
-             [rtc]\nlisten_ip = \"127.0.0.1\"\nannounced_ip = \"127.0.0.1\"\nport = {free_udp}\n\
-             [auth]\nissuer = \"bench\"\naudience = \"meridian\"\nalgorithm = \"HS256\"\nsecret = \"{secret}\"\n\
-             [limits]\nmax_participants_per_session = 1000\nmax_consumers_per_participant = 8\n"
-        ),
-    )?;
-    let log = std::fs::File::create(dir.join("node.log"))?;
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
-    let http_addr: std::net::SocketAddr = ([127, 0, 0, 1], free_tcp).into();
-    let started = std::time::Instant::now();
-    while tokio::net::TcpStream::connect(http_addr).await.is_err() {
-        if started.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            anyhow::bail!(
-                "the node did not start; see {}",
-                dir.join("node.log").display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let target = meridian::bench::Target {
-        ws_url: format!("ws://{http_addr}/v1/ws"),
-        http_addr,
-        pid: child.id(),
-        signer: TokenSigner::hs256(secret.as_bytes(), "bench", "meridian"),
-    };
+    let node = meridian::bench::SpawnedNode::start(&dir, "bench", None)?;
+    node.wait_ready().await?;
+    let target = node.target();
     println!(
         "fan-out: 1 publisher at {} kbit/s ({}-byte payloads) to {:?} subscribers; node pid {}, {} s windows",
         cfg.bitrate_kbps, cfg.payload_bytes, cfg.subscribers, target.pid, cfg.seconds
     );
     let result = meridian::bench::run_fanout(&target, &cfg).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(node);
     let _ = std::fs::remove_dir_all(&dir);
     let results = result?;
     print!("{}", meridian::bench::table(&results));
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+        let svg = path.with_extension("svg");
+        std::fs::write(
+            &svg,
+            meridian::bench::fanout_svg(&[("meridian", results.as_slice())]),
+        )?;
+        println!("wrote {} and {}", path.display(), svg.display());
+    }
+    Ok(())
+}
+
+/// Runs the cascade benchmark: publisher on one child node, subscribers on another, joined by
+/// a pipe.
+async fn bench_cascade(
+    cfg: meridian::bench::FanoutConfig,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
+    let ids: Vec<NodeId> = vec!["origin-1".parse()?, "edge-1".parse()?];
+    let files = write_cluster(&dir, &ids)?;
+    let origin_pipe = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    let origin = meridian::bench::SpawnedNode::start(
+        &dir,
+        "origin",
+        Some((origin_pipe, vec![], files[0].clone())),
+    )?;
+    let edge_pipe = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    let edge = meridian::bench::SpawnedNode::start(
+        &dir,
+        "edge",
+        Some((edge_pipe, vec![origin_pipe], files[1].clone())),
+    )?;
+    origin.wait_ready().await?;
+    edge.wait_ready().await?;
+    println!(
+        "cascade: publisher on origin (pid {}), {:?} subscribers on edge (pid {}), {} kbit/s, {} s windows",
+        origin.pid(), cfg.subscribers, edge.pid(), cfg.bitrate_kbps, cfg.seconds
+    );
+    let result = meridian::bench::run_cascade(&origin.target(), &edge.target(), &cfg).await;
+    drop(edge);
+    drop(origin);
+    let _ = std::fs::remove_dir_all(&dir);
+    let results = result?;
+    print!("{}", meridian::bench::cascade_table(&results));
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     }

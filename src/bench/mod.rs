@@ -3,6 +3,7 @@
 //! subscriber, forwarding latency and loss. Results are printed and returned; nothing here
 //! asserts a speed.
 
+pub mod plot;
 pub mod procfs;
 
 use std::sync::atomic::Ordering;
@@ -25,6 +26,115 @@ pub struct Target {
     /// The node's process, measured from /proc.
     pub pid: u32,
     pub signer: TokenSigner,
+}
+
+/// A node running as a child process of the benchmark, on free loopback ports.
+pub struct SpawnedNode {
+    child: std::process::Child,
+    http_addr: std::net::SocketAddr,
+    secret: String,
+    log: std::path::PathBuf,
+}
+
+impl SpawnedNode {
+    /// Writes a config into `dir` and starts `meridian serve` with it. `mesh` is
+    /// (pipe listen address, peers to dial, certificate files).
+    pub fn start(
+        dir: &std::path::Path,
+        name: &str,
+        mesh: Option<(
+            std::net::SocketAddr,
+            Vec<std::net::SocketAddr>,
+            crate::mesh::tls::NodeFiles,
+        )>,
+    ) -> std::io::Result<SpawnedNode> {
+        std::fs::create_dir_all(dir)?;
+        let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+        // All nodes of one run share the secret so one signer serves them all.
+        let secret = std::fs::read_to_string(dir.join("secret")).unwrap_or_else(|_| {
+            let s = format!(
+                "{:032x}{:032x}",
+                rand::random::<u128>(),
+                rand::random::<u128>()
+            );
+            let _ = std::fs::write(dir.join("secret"), &s);
+            s
+        });
+        let mut text = format!(
+            "[node]\nregion = \"{name}\"\nlatitude = 0.0\nlongitude = 0.0\n\
+             [signaling]\nlisten = \"{http}\"\n\
+             [rtc]\nlisten_ip = \"127.0.0.1\"\nannounced_ip = \"127.0.0.1\"\nport = {}\n\
+             [auth]\nissuer = \"bench\"\naudience = \"meridian\"\nalgorithm = \"HS256\"\nsecret = \"{secret}\"\n\
+             [limits]\nmax_participants_per_session = 1000\nmax_consumers_per_participant = 8\n",
+            udp.port()
+        );
+        if let Some((listen, peers, files)) = mesh {
+            let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+            text.push_str(&format!(
+                "[mesh]\nlisten = \"{listen}\"\npeers = [{}]\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+                peers.join(", "),
+                files.ca_file,
+                files.cert_file,
+                files.key_file
+            ));
+        }
+        let config = dir.join(format!("{name}.toml"));
+        std::fs::write(&config, text)?;
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log)?;
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()?;
+        Ok(SpawnedNode {
+            child,
+            http_addr: http,
+            secret,
+            log,
+        })
+    }
+
+    /// Waits until the node answers on its signaling port.
+    pub async fn wait_ready(&self) -> Result<(), BenchError> {
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(self.http_addr)
+            .await
+            .is_err()
+        {
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(BenchError::Metrics(format!(
+                    "the node did not start; see {}",
+                    self.log.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn target(&self) -> Target {
+        Target {
+            ws_url: format!("ws://{}/v1/ws", self.http_addr),
+            http_addr: self.http_addr,
+            pid: self.child.id(),
+            signer: TokenSigner::hs256(self.secret.as_bytes(), "bench", "meridian"),
+        }
+    }
+}
+
+impl Drop for SpawnedNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// One fan-out run.
@@ -253,6 +363,271 @@ pub async fn run_fanout(
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     Ok(results)
+}
+
+/// Figures of one cascade step.
+#[derive(Debug, Clone, Serialize)]
+pub struct CascadeResult {
+    pub subscribers: usize,
+    pub window_s: f64,
+    pub published_packets_per_s: f64,
+    /// Media bytes the origin sent on the pipe per second, and per published packet.
+    pub pipe_kbit_per_s: f64,
+    pub pipe_datagrams_per_published_packet: f64,
+    /// Origin CPU per packet relayed onto the pipe.
+    pub origin_cpu_us_per_packet: f64,
+    /// Edge CPU per packet forwarded to a subscriber.
+    pub edge_cpu_us_per_forwarded_packet: f64,
+    /// Publisher → origin → pipe → edge → subscriber.
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    pub latency_max_us: u64,
+    pub loss_percent: f64,
+    pub other_cpu_percent_of_core: f64,
+    pub disturbed: bool,
+}
+
+/// 1 publisher on `origin`, N subscribers on `edge`, for each N in `cfg.subscribers`.
+pub async fn run_cascade(
+    origin: &Target,
+    edge: &Target,
+    cfg: &FanoutConfig,
+) -> Result<Vec<CascadeResult>, BenchError> {
+    // Wait for the pipe.
+    let started = Instant::now();
+    while metric(origin.http_addr, "meridian_pipe_bytes_out_total")
+        .await
+        .is_err()
+    {
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(BenchError::Metrics(
+                "the pipe between the nodes did not come up".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut results = Vec::new();
+    for (step, &n) in cfg.subscribers.iter().enumerate() {
+        let session: crate::ids::SessionId = format!("cascade-{}-{step}", std::process::id())
+            .parse()
+            .map_err(|e| BenchError::Metrics(format!("{e}")))?;
+        let ttl = Duration::from_secs(3600);
+        let token = |t: &Target, user: &str, role| {
+            t.signer.mint(
+                &session,
+                &user.parse().expect("bench user ids are valid"),
+                role,
+                ttl,
+            )
+        };
+        // Subscribers' node hosts the session first, so the origin announces to it.
+        let (mut first, _) =
+            SignalClient::join(&edge.ws_url, &token(edge, "sub0", Role::Agent)?).await?;
+        let (mut psig, _) =
+            SignalClient::join(&origin.ws_url, &token(origin, "pub", Role::User)?).await?;
+        let mut publisher = RtcPeer::publisher_with(TestCodec::Vp8).await?;
+        let reply = psig
+            .request(json!({"type":"publish","sdp":publisher.offer()?}))
+            .await?;
+        publisher.answer(reply["sdp"].as_str().unwrap_or_default())?;
+        let producer = reply["producers"][0]["producerId"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let pstate = Arc::new(PeerState::default());
+        let pps = (cfg.bitrate_kbps * 1000 / 8) as f64 / cfg.payload_bytes as f64;
+        pstate
+            .packet_interval_us
+            .store((1e6 / pps.max(1.0)) as u64, Ordering::Relaxed);
+        pstate
+            .payload_bytes
+            .store(cfg.payload_bytes as u64, Ordering::Relaxed);
+        let ptask = publisher.spawn(pstate.clone());
+        loop {
+            let ev = first.event("producerAdded").await?;
+            if ev["producer"]["producerId"] == producer.as_str() {
+                break;
+            }
+        }
+        let mut subs = Vec::new();
+        let mut signals = vec![first];
+        for i in 1..n {
+            let (sig, _) =
+                SignalClient::join(&edge.ws_url, &token(edge, &format!("sub{i}"), Role::Agent)?)
+                    .await?;
+            signals.push(sig);
+        }
+        for mut sig in signals {
+            let mut peer = RtcPeer::subscriber_with(TestCodec::Vp8).await?;
+            let reply = sig
+                .request(json!({"type":"subscribe","producerId":producer,"sdp":peer.offer()?}))
+                .await?;
+            peer.answer(reply["sdp"].as_str().unwrap_or_default())?;
+            let state = Arc::new(PeerState::default());
+            let task = peer.spawn(state.clone());
+            subs.push(Running {
+                state,
+                task,
+                signal: sig,
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(cfg.warmup_seconds)).await;
+
+        let pipe0 = metric(origin.http_addr, "meridian_pipe_bytes_out_total").await?;
+        let in0 = metric(origin.http_addr, "meridian_rtp_in_total").await?;
+        let fwd0 = metric(edge.http_addr, "meridian_rtp_forwarded_total").await?;
+        let ocpu0 = procfs::process_cpu_ns(origin.pid).unwrap_or(0);
+        let ecpu0 = procfs::process_cpu_ns(edge.pid).unwrap_or(0);
+        let me0 = procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
+        let machine0 = procfs::machine_cpu_ticks().unwrap_or((0, 0));
+        let sent0 = pstate.packets_sent.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(cfg.seconds)).await;
+        let t1 = Instant::now();
+        let pipe1 = metric(origin.http_addr, "meridian_pipe_bytes_out_total").await?;
+        let in1 = metric(origin.http_addr, "meridian_rtp_in_total").await?;
+        let fwd1 = metric(edge.http_addr, "meridian_rtp_forwarded_total").await?;
+        let ocpu1 = procfs::process_cpu_ns(origin.pid).unwrap_or(0);
+        let ecpu1 = procfs::process_cpu_ns(edge.pid).unwrap_or(0);
+        let me1 = procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
+        let machine1 = procfs::machine_cpu_ticks().unwrap_or((0, 0));
+        let sent1 = pstate.packets_sent.load(Ordering::Relaxed);
+
+        let window = (t1 - t0).as_secs_f64();
+        let published = in1.saturating_sub(in0) as f64;
+        let forwarded = fwd1.saturating_sub(fwd0) as f64;
+        let pipe_bytes = pipe1.saturating_sub(pipe0) as f64;
+        let ocpu = ocpu1.saturating_sub(ocpu0) as f64 / 1e9;
+        let ecpu = ecpu1.saturating_sub(ecpu0) as f64 / 1e9;
+        let me = me1.saturating_sub(me0) as f64 / 1e9;
+        let busy = machine1.0.saturating_sub(machine0.0) as f64 / procfs::ticks_per_second() as f64;
+        let other = (busy - ocpu - ecpu - me).max(0.0) / window * 100.0;
+        let mut latencies = Vec::new();
+        let mut received = 0usize;
+        for s in &subs {
+            let got = s.state.received.lock().unwrap_or_else(|e| e.into_inner());
+            for r in got.iter().filter(|r| r.at >= t0 && r.at < t1) {
+                received += 1;
+                latencies.push(r.latency.as_micros() as u64);
+            }
+        }
+        latencies.sort_unstable();
+        let expected = sent1.saturating_sub(sent0) as usize * n;
+        // One media frame per published packet: header + RTP (payload + 12-byte header).
+        let frame_bytes = (cfg.payload_bytes + 12 + crate::mesh::wire::FRAME_HEADER) as f64;
+        results.push(CascadeResult {
+            subscribers: n,
+            window_s: window,
+            published_packets_per_s: published / window,
+            pipe_kbit_per_s: pipe_bytes * 8.0 / window / 1e3,
+            pipe_datagrams_per_published_packet: if published > 0.0 {
+                pipe_bytes / frame_bytes / published
+            } else {
+                0.0
+            },
+            origin_cpu_us_per_packet: if published > 0.0 {
+                ocpu * 1e6 / published
+            } else {
+                0.0
+            },
+            edge_cpu_us_per_forwarded_packet: if forwarded > 0.0 {
+                ecpu * 1e6 / forwarded
+            } else {
+                0.0
+            },
+            latency_p50_us: percentile(&latencies, 0.50),
+            latency_p99_us: percentile(&latencies, 0.99),
+            latency_max_us: latencies.last().copied().unwrap_or(0),
+            loss_percent: if expected > 0 {
+                (1.0 - received as f64 / expected as f64).max(0.0) * 100.0
+            } else {
+                0.0
+            },
+            other_cpu_percent_of_core: other,
+            disturbed: other > 15.0,
+        });
+        for s in subs {
+            s.stop().await;
+        }
+        pstate.stop.store(true, Ordering::Relaxed);
+        let _ = ptask.await;
+        psig.leave().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(results)
+}
+
+pub fn cascade_table(results: &[CascadeResult]) -> String {
+    let mut out = String::from(
+        "subs  pub_pkts/s  pipe_kbit/s  pipe_copies/pkt  origin_us/pkt  edge_us/pkt  lat_p50_us  lat_p99_us  lat_max_us  loss%  other%core\n",
+    );
+    for r in results {
+        out.push_str(&format!(
+            "{:>4}  {:>10.0}  {:>11.0}  {:>15.3}  {:>13.2}  {:>11.2}  {:>10}  {:>10}  {:>10}  {:>5.2}  {:>8.1}{}\n",
+            r.subscribers,
+            r.published_packets_per_s,
+            r.pipe_kbit_per_s,
+            r.pipe_datagrams_per_published_packet,
+            r.origin_cpu_us_per_packet,
+            r.edge_cpu_us_per_forwarded_packet,
+            r.latency_p50_us,
+            r.latency_p99_us,
+            r.latency_max_us,
+            r.loss_percent,
+            r.other_cpu_percent_of_core,
+            if r.disturbed { "  DISTURBED" } else { "" },
+        ));
+    }
+    out
+}
+
+/// CPU per forwarded packet and latency against subscribers, as SVG.
+pub fn fanout_svg(series: &[(&str, &[FanoutResult])]) -> String {
+    let line = |f: &dyn Fn(&FanoutResult) -> f64| -> Vec<plot::Series> {
+        series
+            .iter()
+            .map(|(name, rs)| plot::Series {
+                name: (*name).to_owned(),
+                points: rs.iter().map(|r| (r.subscribers as f64, f(r))).collect(),
+            })
+            .collect()
+    };
+    plot::svg(
+        "1 publisher fanned out to N subscribers on one node",
+        "subscribers",
+        &[
+            plot::Panel {
+                title: "CPU per forwarded packet",
+                y_label: "µs",
+                series: line(&|r| r.cpu_us_per_forwarded_packet),
+            },
+            plot::Panel {
+                title: "Latency p50 / p99",
+                y_label: "µs",
+                series: series
+                    .iter()
+                    .flat_map(|(name, rs)| {
+                        [
+                            plot::Series {
+                                name: format!("{name} p50"),
+                                points: rs
+                                    .iter()
+                                    .map(|r| (r.subscribers as f64, r.latency_p50_us as f64))
+                                    .collect(),
+                            },
+                            plot::Series {
+                                name: format!("{name} p99"),
+                                points: rs
+                                    .iter()
+                                    .map(|r| (r.subscribers as f64, r.latency_p99_us as f64))
+                                    .collect(),
+                            },
+                        ]
+                    })
+                    .collect(),
+            },
+        ],
+    )
 }
 
 /// A fixed-width table of results.
