@@ -90,6 +90,16 @@ enum BenchCommand {
         /// RTP payload size in bytes (VP8-sized packets by default).
         #[arg(long, default_value_t = 1100)]
         payload: usize,
+        /// Which SFU to measure: meridian, janus, or both (same load, one run).
+        #[arg(long, default_value = "meridian")]
+        sfu: String,
+        /// For Janus: the only interface it may gather ICE candidates on (it never offers
+        /// loopback; tests/bench-janus.sh sets up a veth with 127.0.0.2/32 and passes it).
+        #[arg(long, default_value = "mjanus0")]
+        janus_interface: String,
+        /// For Janus: the address the load generator's peers use (the veth's).
+        #[arg(long, default_value = "127.0.0.2")]
+        janus_client_ip: std::net::IpAddr,
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -198,6 +208,9 @@ fn main() -> anyhow::Result<()> {
                     warmup,
                     bitrate_kbps,
                     payload,
+                    sfu,
+                    janus_interface,
+                    janus_client_ip,
                     json,
                 } => {
                     let cfg = meridian::bench::FanoutConfig {
@@ -207,7 +220,7 @@ fn main() -> anyhow::Result<()> {
                         bitrate_kbps,
                         payload_bytes: payload,
                     };
-                    bench_fanout(cfg, json).await?;
+                    bench_fanout(cfg, &sfu, &janus_interface, janus_client_ip, json).await?;
                 }
                 BenchCommand::Cascade {
                     subscribers,
@@ -257,32 +270,81 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// Runs the fan-out benchmark against a node started as a child process, so that /proc
-/// figures cover the node alone.
+/// Runs the fan-out benchmark against a node (and/or Janus) started as a child process, so
+/// that /proc figures cover the SFU alone.
 async fn bench_fanout(
     cfg: meridian::bench::FanoutConfig,
+    sfu: &str,
+    janus_interface: &str,
+    janus_client_ip: std::net::IpAddr,
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
+    let (with_meridian, with_janus) = match sfu {
+        "meridian" => (true, false),
+        "janus" => (false, true),
+        "both" => (true, true),
+        other => anyhow::bail!("unknown --sfu {other:?}: use meridian, janus or both"),
+    };
     let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
-    let node = meridian::bench::SpawnedNode::start(&dir, "bench", None)?;
-    node.wait_ready().await?;
-    let target = node.target();
     println!(
-        "fan-out: 1 publisher at {} kbit/s ({}-byte payloads) to {:?} subscribers; node pid {}, {} s windows",
-        cfg.bitrate_kbps, cfg.payload_bytes, cfg.subscribers, target.pid, cfg.seconds
+        "fan-out: 1 publisher at {} kbit/s ({}-byte payloads) to {:?} subscribers, {} s windows",
+        cfg.bitrate_kbps, cfg.payload_bytes, cfg.subscribers, cfg.seconds
     );
-    let result = meridian::bench::run_fanout(&target, &cfg).await;
-    drop(node);
-    let _ = std::fs::remove_dir_all(&dir);
-    let results = result?;
-    print!("{}", meridian::bench::table(&results));
-    if let Some(path) = json {
-        std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-        let svg = path.with_extension("svg");
-        std::fs::write(
-            &svg,
-            meridian::bench::fanout_svg(&[("meridian", results.as_slice())]),
+    let mut all: Vec<(&str, Vec<meridian::bench::FanoutResult>)> = Vec::new();
+    if with_meridian {
+        let node = meridian::bench::SpawnedNode::start(&dir, "bench", None)?;
+        node.wait_ready().await?;
+        let results = meridian::bench::run_fanout(&node.target(), &cfg).await;
+        drop(node);
+        let results = results?;
+        println!("meridian (pid measured from /proc):");
+        print!("{}", meridian::bench::table(&results));
+        all.push(("meridian", results));
+    }
+    if with_janus {
+        let janus = meridian::bench::janus::JanusProcess::start(
+            &dir.join("janus"),
+            janus_interface,
+            janus_client_ip,
         )?;
+        let results = meridian::bench::run_fanout_janus(&janus, &cfg).await;
+        drop(janus);
+        if let Err(e) = &results {
+            let log = std::fs::read_to_string(dir.join("janus/janus.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            eprintln!("janus log (last lines):");
+            for l in tail.iter().rev() {
+                eprintln!("  {l}");
+            }
+            anyhow::bail!("janus run failed: {e}");
+        }
+        let results = results?;
+        println!("janus (VideoRoom, same load):");
+        print!("{}", meridian::bench::table(&results));
+        all.push(("janus", results));
+    }
+    if let [(_, m), (_, j)] = all.as_slice() {
+        println!("janus / meridian CPU per forwarded packet:");
+        for (a, b) in m.iter().zip(j) {
+            if a.cpu_us_per_forwarded_packet > 0.0 {
+                println!(
+                    "{:>4} subscribers: {:.2}x",
+                    a.subscribers,
+                    b.cpu_us_per_forwarded_packet / a.cpu_us_per_forwarded_packet
+                );
+            }
+        }
+    }
+    // Keep the directory (logs) when a run failed; it is removed on success.
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(path) = json {
+        let named: std::collections::BTreeMap<&str, &Vec<meridian::bench::FanoutResult>> =
+            all.iter().map(|(n, r)| (*n, r)).collect();
+        std::fs::write(&path, serde_json::to_string_pretty(&named)?)?;
+        let svg = path.with_extension("svg");
+        let series: Vec<(&str, &[meridian::bench::FanoutResult])> =
+            all.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+        std::fs::write(&svg, meridian::bench::fanout_svg(&series))?;
         println!("wrote {} and {}", path.display(), svg.display());
     }
     Ok(())

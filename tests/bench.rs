@@ -30,9 +30,13 @@ fn fanout_benchmark_measures_a_separate_node_process() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("cpu_us/pkt"), "{stdout}");
+    assert!(
+        dir.path().join("fanout.svg").exists(),
+        "the plot is written beside the JSON"
+    );
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let steps = results.as_array().unwrap();
+    let steps = results["meridian"].as_array().unwrap();
     assert_eq!(steps.len(), 2);
     for (step, n) in steps.iter().zip([1.0, 3.0]) {
         assert_eq!(step["subscribers"].as_f64().unwrap(), n);

@@ -3,6 +3,7 @@
 //! subscriber, forwarding latency and loss. Results are printed and returned; nothing here
 //! asserts a speed.
 
+pub mod janus;
 pub mod plot;
 pub mod procfs;
 
@@ -228,7 +229,102 @@ impl Running {
     }
 }
 
-/// 1 publisher, N subscribers on one node, for each N in `cfg.subscribers`.
+/// Peers running against some SFU: one publisher and its subscribers.
+struct Load {
+    publisher: Arc<PeerState>,
+    publisher_task: tokio::task::JoinHandle<()>,
+    subscribers: Vec<(Arc<PeerState>, tokio::task::JoinHandle<()>)>,
+}
+
+impl Load {
+    async fn stop(self) {
+        for (s, _) in &self.subscribers {
+            s.stop.store(true, Ordering::Relaxed);
+        }
+        for (_, t) in self.subscribers {
+            let _ = t.await;
+        }
+        self.publisher.stop.store(true, Ordering::Relaxed);
+        let _ = self.publisher_task.await;
+    }
+}
+
+fn publisher_state(cfg: &FanoutConfig) -> Arc<PeerState> {
+    let state = Arc::new(PeerState::default());
+    let pps = (cfg.bitrate_kbps * 1000 / 8) as f64 / cfg.payload_bytes as f64;
+    state
+        .packet_interval_us
+        .store((1e6 / pps.max(1.0)) as u64, Ordering::Relaxed);
+    state
+        .payload_bytes
+        .store(cfg.payload_bytes as u64, Ordering::Relaxed);
+    state
+}
+
+/// Measures one window the same way for any SFU: its process's CPU and memory from /proc,
+/// packets from what the peers sent and received.
+async fn measure(pid: u32, load: &Load, rss_base: u64, cfg: &FanoutConfig) -> FanoutResult {
+    let n = load.subscribers.len();
+    let cpu0 = procfs::process_cpu_ns(pid).unwrap_or(0);
+    let me0 = procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
+    let machine0 = procfs::machine_cpu_ticks().unwrap_or((0, 0));
+    let sent0 = load.publisher.packets_sent.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(cfg.seconds)).await;
+    let t1 = Instant::now();
+    let cpu1 = procfs::process_cpu_ns(pid).unwrap_or(0);
+    let me1 = procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
+    let machine1 = procfs::machine_cpu_ticks().unwrap_or((0, 0));
+    let sent1 = load.publisher.packets_sent.load(Ordering::Relaxed);
+    let rss = procfs::rss_kib(pid).unwrap_or(0);
+
+    let window = (t1 - t0).as_secs_f64();
+    let sent = sent1.saturating_sub(sent0);
+    let sfu_cpu_s = cpu1.saturating_sub(cpu0) as f64 / 1e9;
+    let me_cpu_s = me1.saturating_sub(me0) as f64 / 1e9;
+    let machine_busy_s =
+        machine1.0.saturating_sub(machine0.0) as f64 / procfs::ticks_per_second() as f64;
+    let other = (machine_busy_s - sfu_cpu_s - me_cpu_s).max(0.0) / window * 100.0;
+    let mut latencies: Vec<u64> = Vec::new();
+    for (s, _) in &load.subscribers {
+        let got = s.received.lock().unwrap_or_else(|e| e.into_inner());
+        latencies.extend(
+            got.iter()
+                .filter(|r| r.at >= t0 && r.at < t1)
+                .map(|r| r.latency.as_micros() as u64),
+        );
+    }
+    latencies.sort_unstable();
+    // Packets forwarded = packets the subscribers received: the same definition for every SFU.
+    let forwarded = latencies.len();
+    let expected = sent as usize * n;
+    FanoutResult {
+        subscribers: n,
+        window_s: window,
+        packets_in_per_s: sent as f64 / window,
+        packets_out_per_s: forwarded as f64 / window,
+        cpu_us_per_forwarded_packet: if forwarded > 0 {
+            sfu_cpu_s * 1e6 / forwarded as f64
+        } else {
+            0.0
+        },
+        cpu_percent_of_core: sfu_cpu_s / window * 100.0,
+        rss_kib: rss,
+        rss_kib_per_subscriber: rss.saturating_sub(rss_base) as f64 / n.max(1) as f64,
+        latency_p50_us: percentile(&latencies, 0.50),
+        latency_p99_us: percentile(&latencies, 0.99),
+        latency_max_us: latencies.last().copied().unwrap_or(0),
+        loss_percent: if expected > 0 {
+            (1.0 - forwarded as f64 / expected as f64).max(0.0) * 100.0
+        } else {
+            0.0
+        },
+        other_cpu_percent_of_core: other,
+        disturbed: other > 15.0,
+    }
+}
+
+/// 1 publisher, N subscribers on one Meridian node, for each N in `cfg.subscribers`.
 pub async fn run_fanout(
     target: &Target,
     cfg: &FanoutConfig,
@@ -247,8 +343,6 @@ pub async fn run_fanout(
                 ttl,
             )
         };
-
-        // Publisher.
         let (mut psig, _) = SignalClient::join(&target.ws_url, &token("pub", Role::User)?).await?;
         let mut publisher = RtcPeer::publisher_with(TestCodec::Vp8).await?;
         let reply = psig
@@ -259,20 +353,16 @@ pub async fn run_fanout(
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        let pstate = Arc::new(PeerState::default());
-        let pps = (cfg.bitrate_kbps * 1000 / 8) as f64 / cfg.payload_bytes as f64;
-        pstate
-            .packet_interval_us
-            .store((1e6 / pps.max(1.0)) as u64, Ordering::Relaxed);
-        pstate
-            .payload_bytes
-            .store(cfg.payload_bytes as u64, Ordering::Relaxed);
+        let pstate = publisher_state(cfg);
         let ptask = publisher.spawn(pstate.clone());
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_base = procfs::rss_kib(target.pid).unwrap_or(0);
-
-        // Subscribers.
-        let mut subs = Vec::new();
+        let mut load = Load {
+            publisher: pstate,
+            publisher_task: ptask,
+            subscribers: Vec::new(),
+        };
+        let mut signals = Vec::new();
         for i in 0..n {
             let (mut sig, _) =
                 SignalClient::join(&target.ws_url, &token(&format!("sub{i}"), Role::Agent)?)
@@ -284,82 +374,114 @@ pub async fn run_fanout(
             peer.answer(reply["sdp"].as_str().unwrap_or_default())?;
             let state = Arc::new(PeerState::default());
             let task = peer.spawn(state.clone());
-            subs.push(Running {
-                state,
-                task,
-                signal: sig,
-            });
+            load.subscribers.push((state, task));
+            signals.push(sig);
         }
         tokio::time::sleep(Duration::from_secs(cfg.warmup_seconds)).await;
-
-        // Measurement window.
-        let forwarded0 = metric(target.http_addr, "meridian_rtp_forwarded_total").await?;
-        let in0 = metric(target.http_addr, "meridian_rtp_in_total").await?;
-        let cpu0 = procfs::process_cpu_ns(target.pid).unwrap_or(0);
-        let me0 = procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
-        let machine0 = procfs::machine_cpu_ticks().unwrap_or((0, 0));
-        let sent0 = pstate.packets_sent.load(Ordering::Relaxed);
-        let t0 = Instant::now();
-        tokio::time::sleep(Duration::from_secs(cfg.seconds)).await;
-        let t1 = Instant::now();
-        let forwarded1 = metric(target.http_addr, "meridian_rtp_forwarded_total").await?;
-        let in1 = metric(target.http_addr, "meridian_rtp_in_total").await?;
-        let cpu1 = procfs::process_cpu_ns(target.pid).unwrap_or(0);
-        let me1 = procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
-        let machine1 = procfs::machine_cpu_ticks().unwrap_or((0, 0));
-        let sent1 = pstate.packets_sent.load(Ordering::Relaxed);
-        let rss = procfs::rss_kib(target.pid).unwrap_or(0);
-
-        let window = (t1 - t0).as_secs_f64();
-        let forwarded = forwarded1.saturating_sub(forwarded0);
-        let node_cpu_s = cpu1.saturating_sub(cpu0) as f64 / 1e9;
-        let me_cpu_s = me1.saturating_sub(me0) as f64 / 1e9;
-        let machine_busy_s =
-            machine1.0.saturating_sub(machine0.0) as f64 / procfs::ticks_per_second() as f64;
-        let other = (machine_busy_s - node_cpu_s - me_cpu_s).max(0.0) / window * 100.0;
-        let mut latencies: Vec<u64> = Vec::new();
-        let mut received = 0usize;
-        for s in &subs {
-            let got = s.state.received.lock().unwrap_or_else(|e| e.into_inner());
-            for r in got.iter().filter(|r| r.at >= t0 && r.at < t1) {
-                received += 1;
-                latencies.push(r.latency.as_micros() as u64);
-            }
+        results.push(measure(target.pid, &load, rss_base, cfg).await);
+        load.stop().await;
+        for s in signals {
+            s.leave().await;
         }
-        latencies.sort_unstable();
-        let expected = sent1.saturating_sub(sent0) as usize * n;
-        let result = FanoutResult {
-            subscribers: n,
-            window_s: window,
-            packets_in_per_s: in1.saturating_sub(in0) as f64 / window,
-            packets_out_per_s: forwarded as f64 / window,
-            cpu_us_per_forwarded_packet: if forwarded > 0 {
-                node_cpu_s * 1e6 / forwarded as f64
-            } else {
-                0.0
-            },
-            cpu_percent_of_core: node_cpu_s / window * 100.0,
-            rss_kib: rss,
-            rss_kib_per_subscriber: rss.saturating_sub(rss_base) as f64 / n.max(1) as f64,
-            latency_p50_us: percentile(&latencies, 0.50),
-            latency_p99_us: percentile(&latencies, 0.99),
-            latency_max_us: latencies.last().copied().unwrap_or(0),
-            loss_percent: if expected > 0 {
-                (1.0 - received as f64 / expected as f64).max(0.0) * 100.0
-            } else {
-                0.0
-            },
-            other_cpu_percent_of_core: other,
-            disturbed: other > 15.0,
-        };
-        results.push(result);
-
-        for s in subs {
-            s.stop().await;
-        }
-        pstate.stop.store(true, Ordering::Relaxed);
-        let _ = ptask.await;
         psig.leave().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(results)
+}
+
+/// The same fan-out against Janus's VideoRoom, a fresh room per step.
+pub async fn run_fanout_janus(
+    janus: &janus::JanusProcess,
+    cfg: &FanoutConfig,
+) -> Result<Vec<FanoutResult>, BenchError> {
+    use janus::{jsep_event, JanusClient};
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(janus.http).await.is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(BenchError::Metrics(format!(
+                "janus did not start; see {}",
+                janus.log.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut results = Vec::new();
+    for (step, &n) in cfg.subscribers.iter().enumerate() {
+        let client = JanusClient::connect(janus.http).await?;
+        let room = 4000 + step as u64 + (std::process::id() as u64 % 1000) * 100;
+        let (admin, _) = client.attach().await?;
+        client
+            .message(
+                admin,
+                json!({"request":"create","room":room,"publishers":4,"videocodec":"vp8","bitrate":0,"notify_joining":false}),
+                None,
+            )
+            .await?;
+        let (ph, mut pev) = client.attach().await?;
+        let mut publisher = RtcPeer::on(janus.client_ip, true, TestCodec::Vp8).await?;
+        let offer = publisher.offer()?;
+        client
+            .message(
+                ph,
+                json!({"request":"joinandconfigure","room":room,"ptype":"publisher","audio":false,"video":true}),
+                Some(json!({"type":"offer","sdp":offer})),
+            )
+            .await?;
+        client.trickle_done(ph).await?;
+        let joined = jsep_event(&mut pev).await?;
+        publisher.answer(joined["jsep"]["sdp"].as_str().unwrap_or_default())?;
+        let feed = joined["plugindata"]["data"]["id"].clone();
+        let pstate = publisher_state(cfg);
+        let ptask = publisher.spawn(pstate.clone());
+        // Janus lists a publisher as a feed only once its connection is up.
+        let since = Instant::now();
+        while !pstate.connected.load(Ordering::Relaxed) {
+            if since.elapsed() > Duration::from_secs(10) {
+                return Err(BenchError::Metrics(format!(
+                    "the publisher never connected to janus; see {}",
+                    janus.log.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_base = procfs::rss_kib(janus.pid()).unwrap_or(0);
+        let mut load = Load {
+            publisher: pstate,
+            publisher_task: ptask,
+            subscribers: Vec::new(),
+        };
+        for _ in 0..n {
+            let (sh, mut sev) = client.attach().await?;
+            client
+                .message(
+                    sh,
+                    json!({"request":"join","room":room,"ptype":"subscriber","streams":[{"feed":feed}]}),
+                    None,
+                )
+                .await?;
+            let offered = jsep_event(&mut sev).await?;
+            let mut peer = RtcPeer::on(janus.client_ip, false, TestCodec::Vp8).await?;
+            let answer = peer.answer_offer(offered["jsep"]["sdp"].as_str().unwrap_or_default())?;
+            client
+                .message(
+                    sh,
+                    json!({"request":"start","room":room}),
+                    Some(json!({"type":"answer","sdp":answer})),
+                )
+                .await?;
+            client.trickle_done(sh).await?;
+            let state = Arc::new(PeerState::default());
+            let task = peer.spawn(state.clone());
+            load.subscribers.push((state, task));
+        }
+        tokio::time::sleep(Duration::from_secs(cfg.warmup_seconds)).await;
+        results.push(measure(janus.pid(), &load, rss_base, cfg).await);
+        load.stop().await;
+        let _ = client
+            .message(admin, json!({"request":"destroy","room":room}), None)
+            .await;
+        drop(client);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     Ok(results)

@@ -29,6 +29,8 @@ use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
+const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 /// Why a client peer could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -180,7 +182,16 @@ pub struct RtcPeer {
 
 impl RtcPeer {
     async fn new(publish: bool, codec: TestCodec) -> Result<RtcPeer, ClientError> {
-        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        Self::build(publish, codec, true, LOOPBACK).await
+    }
+
+    async fn build(
+        publish: bool,
+        codec: TestCodec,
+        with_transceiver: bool,
+        ip: std::net::IpAddr,
+    ) -> Result<RtcPeer, ClientError> {
+        let socket = tokio::net::UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
         let local = socket.local_addr()?;
         let test_codec = codec;
         let (mut media, codec) = engine(codec, publish)?;
@@ -219,7 +230,7 @@ impl RtcPeer {
                     ..Default::default()
                 }),
             )?;
-        } else {
+        } else if with_transceiver {
             pc.add_transceiver_from_kind(
                 RtpCodecKind::Video,
                 Some(RTCRtpTransceiverInit {
@@ -252,6 +263,38 @@ impl RtcPeer {
 
     pub async fn subscriber() -> Result<RtcPeer, ClientError> {
         Self::new(false, TestCodec::Vp8).await
+    }
+
+    /// A receiving peer that answers the other side's offer (as Janus's VideoRoom offers to
+    /// its subscribers) instead of offering.
+    pub async fn answerer(codec: TestCodec) -> Result<RtcPeer, ClientError> {
+        Self::build(false, codec, false, LOOPBACK).await
+    }
+
+    /// Like [`RtcPeer::answerer`] / [`RtcPeer::publisher_with`], with the socket on `ip`.
+    pub async fn on(
+        ip: std::net::IpAddr,
+        publish: bool,
+        codec: TestCodec,
+    ) -> Result<RtcPeer, ClientError> {
+        Self::build(publish, codec, publish, ip).await
+    }
+
+    /// Applies a remote offer and returns the local answer's SDP.
+    pub fn answer_offer(&mut self, sdp: &str) -> Result<String, ClientError> {
+        self.pc.set_remote_description(
+            Instant::now(),
+            RTCSessionDescription::offer(sdp.to_owned())?,
+        )?;
+        let answer = self.pc.create_answer(None)?;
+        self.pc.set_local_description(Instant::now(), answer)?;
+        Ok(self
+            .pc
+            .local_description()
+            .ok_or(ClientError::Sdp(
+                "no local description after answering".into(),
+            ))?
+            .sdp)
     }
 
     pub async fn publisher_with(codec: TestCodec) -> Result<RtcPeer, ClientError> {
