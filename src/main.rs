@@ -71,25 +71,47 @@ enum Command {
     },
 }
 
+/// The load both benchmarks apply.
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// Numbers of subscribers, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50,100")]
+    subscribers: Vec<usize>,
+    /// Measurement window per step, seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Warm-up before each window, seconds.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Publisher bitrate.
+    #[arg(long, default_value_t = 1000)]
+    bitrate_kbps: u64,
+    /// RTP payload size in bytes (VP8-sized packets by default).
+    #[arg(long, default_value_t = 1100)]
+    payload: usize,
+    /// Also write the results as JSON here (and a plot beside it, for fan-out).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl LoadArgs {
+    fn config(&self) -> meridian::bench::FanoutConfig {
+        meridian::bench::FanoutConfig {
+            subscribers: self.subscribers.clone(),
+            seconds: self.seconds,
+            warmup_seconds: self.warmup,
+            bitrate_kbps: self.bitrate_kbps,
+            payload_bytes: self.payload,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum BenchCommand {
     /// One publisher fanned out to N subscribers, for each N given.
     Fanout {
-        /// Numbers of subscribers, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,10,50,100")]
-        subscribers: Vec<usize>,
-        /// Measurement window per step, seconds.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Warm-up before each window, seconds.
-        #[arg(long, default_value_t = 2)]
-        warmup: u64,
-        /// Publisher bitrate.
-        #[arg(long, default_value_t = 1000)]
-        bitrate_kbps: u64,
-        /// RTP payload size in bytes (VP8-sized packets by default).
-        #[arg(long, default_value_t = 1100)]
-        payload: usize,
+        #[command(flatten)]
+        load: LoadArgs,
         /// Which SFU to measure: meridian, janus, or both (same load, one run).
         #[arg(long, default_value = "meridian")]
         sfu: String,
@@ -100,30 +122,11 @@ enum BenchCommand {
         /// For Janus: the address the load generator's peers use (the veth's).
         #[arg(long, default_value = "127.0.0.2")]
         janus_client_ip: std::net::IpAddr,
-        /// Also write the results as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
     },
     /// A publisher on one node relayed through a pipe to N subscribers on another.
     Cascade {
-        /// Numbers of subscribers, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,10,50,100")]
-        subscribers: Vec<usize>,
-        /// Measurement window per step, seconds.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Warm-up before each window, seconds.
-        #[arg(long, default_value_t = 2)]
-        warmup: u64,
-        /// Publisher bitrate.
-        #[arg(long, default_value_t = 1000)]
-        bitrate_kbps: u64,
-        /// RTP payload size in bytes (VP8-sized packets by default).
-        #[arg(long, default_value_t = 1100)]
-        payload: usize,
-        /// Also write the results as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
+        #[command(flatten)]
+        load: LoadArgs,
     },
 }
 
@@ -203,42 +206,21 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Bench { command } => match command {
                 BenchCommand::Fanout {
-                    subscribers,
-                    seconds,
-                    warmup,
-                    bitrate_kbps,
-                    payload,
+                    load,
                     sfu,
                     janus_interface,
                     janus_client_ip,
-                    json,
                 } => {
-                    let cfg = meridian::bench::FanoutConfig {
-                        subscribers,
-                        seconds,
-                        warmup_seconds: warmup,
-                        bitrate_kbps,
-                        payload_bytes: payload,
-                    };
-                    bench_fanout(cfg, &sfu, &janus_interface, janus_client_ip, json).await?;
+                    bench_fanout(
+                        load.config(),
+                        &sfu,
+                        &janus_interface,
+                        janus_client_ip,
+                        load.json,
+                    )
+                    .await?
                 }
-                BenchCommand::Cascade {
-                    subscribers,
-                    seconds,
-                    warmup,
-                    bitrate_kbps,
-                    payload,
-                    json,
-                } => {
-                    let cfg = meridian::bench::FanoutConfig {
-                        subscribers,
-                        seconds,
-                        warmup_seconds: warmup,
-                        bitrate_kbps,
-                        payload_bytes: payload,
-                    };
-                    bench_cascade(cfg, json).await?;
-                }
+                BenchCommand::Cascade { load } => bench_cascade(load.config(), load.json).await?,
             },
             Command::Ca { command } => match command {
                 CaCommand::Init { dir } => {

@@ -215,28 +215,25 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-struct Running {
-    state: Arc<PeerState>,
-    task: tokio::task::JoinHandle<()>,
-    signal: SignalClient,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.state.stop.store(true, Ordering::Relaxed);
-        let _ = self.task.await;
-        self.signal.leave().await;
-    }
-}
-
-/// Peers running against some SFU: one publisher and its subscribers.
+/// Peers running against some SFU: one publisher and its subscribers, and the signaling
+/// connections that keep them in their session (none for Janus).
 struct Load {
     publisher: Arc<PeerState>,
     publisher_task: tokio::task::JoinHandle<()>,
     subscribers: Vec<(Arc<PeerState>, tokio::task::JoinHandle<()>)>,
+    signals: Vec<SignalClient>,
 }
 
 impl Load {
+    fn new(publisher: Arc<PeerState>, publisher_task: tokio::task::JoinHandle<()>) -> Self {
+        Self {
+            publisher,
+            publisher_task,
+            subscribers: Vec::new(),
+            signals: Vec::new(),
+        }
+    }
+
     async fn stop(self) {
         for (s, _) in &self.subscribers {
             s.stop.store(true, Ordering::Relaxed);
@@ -246,6 +243,24 @@ impl Load {
         }
         self.publisher.stop.store(true, Ordering::Relaxed);
         let _ = self.publisher_task.await;
+        for s in self.signals {
+            s.leave().await;
+        }
+    }
+
+    /// One-way latencies (µs) of everything the subscribers received in [t0, t1), sorted.
+    fn latencies(&self, t0: Instant, t1: Instant) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (s, _) in &self.subscribers {
+            let got = s.received.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(
+                got.iter()
+                    .filter(|r| r.at >= t0 && r.at < t1)
+                    .map(|r| r.latency.as_micros() as u64),
+            );
+        }
+        out.sort_unstable();
+        out
     }
 }
 
@@ -261,67 +276,157 @@ fn publisher_state(cfg: &FanoutConfig) -> Arc<PeerState> {
     state
 }
 
+/// CPU of the measured processes, of this load generator and of the machine over a window.
+struct Window {
+    t0: Instant,
+    t1: Instant,
+    /// CPU seconds of each measured process.
+    cpu_s: Vec<f64>,
+    /// CPU of everything else, as a share of one core.
+    other_percent: f64,
+    /// Packets the publisher sent.
+    sent: u64,
+}
+
+impl Window {
+    async fn measure(pids: &[u32], publisher: &PeerState, seconds: u64) -> Window {
+        let snap = || {
+            (
+                pids.iter()
+                    .map(|&p| procfs::process_cpu_ns(p).unwrap_or(0))
+                    .collect::<Vec<_>>(),
+                procfs::process_cpu_ns(std::process::id()).unwrap_or(0),
+                procfs::machine_cpu_ticks().unwrap_or((0, 0)).0,
+                publisher.packets_sent.load(Ordering::Relaxed),
+            )
+        };
+        let (c0, me0, m0, s0) = snap();
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let t1 = Instant::now();
+        let (c1, me1, m1, s1) = snap();
+        let secs = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e9;
+        let cpu_s: Vec<f64> = c0.iter().zip(&c1).map(|(a, b)| secs(*a, *b)).collect();
+        let busy = m1.saturating_sub(m0) as f64 / procfs::ticks_per_second() as f64;
+        let window = (t1 - t0).as_secs_f64();
+        let other = (busy - cpu_s.iter().sum::<f64>() - secs(me0, me1)).max(0.0) / window * 100.0;
+        Window {
+            t0,
+            t1,
+            cpu_s,
+            other_percent: other,
+            sent: s1.saturating_sub(s0),
+        }
+    }
+
+    fn seconds(&self) -> f64 {
+        (self.t1 - self.t0).as_secs_f64()
+    }
+}
+
+fn per(num: f64, den: f64) -> f64 {
+    if den > 0.0 {
+        num / den
+    } else {
+        0.0
+    }
+}
+
+fn loss_percent(expected: usize, received: usize) -> f64 {
+    if expected == 0 {
+        return 0.0;
+    }
+    (1.0 - received as f64 / expected as f64).max(0.0) * 100.0
+}
+
 /// Measures one window the same way for any SFU: its process's CPU and memory from /proc,
 /// packets from what the peers sent and received.
 async fn measure(pid: u32, load: &Load, rss_base: u64, cfg: &FanoutConfig) -> FanoutResult {
     let n = load.subscribers.len();
-    let cpu0 = procfs::process_cpu_ns(pid).unwrap_or(0);
-    let me0 = procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
-    let machine0 = procfs::machine_cpu_ticks().unwrap_or((0, 0));
-    let sent0 = load.publisher.packets_sent.load(Ordering::Relaxed);
-    let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(cfg.seconds)).await;
-    let t1 = Instant::now();
-    let cpu1 = procfs::process_cpu_ns(pid).unwrap_or(0);
-    let me1 = procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
-    let machine1 = procfs::machine_cpu_ticks().unwrap_or((0, 0));
-    let sent1 = load.publisher.packets_sent.load(Ordering::Relaxed);
+    let w = Window::measure(&[pid], &load.publisher, cfg.seconds).await;
     let rss = procfs::rss_kib(pid).unwrap_or(0);
-
-    let window = (t1 - t0).as_secs_f64();
-    let sent = sent1.saturating_sub(sent0);
-    let sfu_cpu_s = cpu1.saturating_sub(cpu0) as f64 / 1e9;
-    let me_cpu_s = me1.saturating_sub(me0) as f64 / 1e9;
-    let machine_busy_s =
-        machine1.0.saturating_sub(machine0.0) as f64 / procfs::ticks_per_second() as f64;
-    let other = (machine_busy_s - sfu_cpu_s - me_cpu_s).max(0.0) / window * 100.0;
-    let mut latencies: Vec<u64> = Vec::new();
-    for (s, _) in &load.subscribers {
-        let got = s.received.lock().unwrap_or_else(|e| e.into_inner());
-        latencies.extend(
-            got.iter()
-                .filter(|r| r.at >= t0 && r.at < t1)
-                .map(|r| r.latency.as_micros() as u64),
-        );
-    }
-    latencies.sort_unstable();
+    let latencies = load.latencies(w.t0, w.t1);
     // Packets forwarded = packets the subscribers received: the same definition for every SFU.
     let forwarded = latencies.len();
-    let expected = sent as usize * n;
     FanoutResult {
         subscribers: n,
-        window_s: window,
-        packets_in_per_s: sent as f64 / window,
-        packets_out_per_s: forwarded as f64 / window,
-        cpu_us_per_forwarded_packet: if forwarded > 0 {
-            sfu_cpu_s * 1e6 / forwarded as f64
-        } else {
-            0.0
-        },
-        cpu_percent_of_core: sfu_cpu_s / window * 100.0,
+        window_s: w.seconds(),
+        packets_in_per_s: w.sent as f64 / w.seconds(),
+        packets_out_per_s: forwarded as f64 / w.seconds(),
+        cpu_us_per_forwarded_packet: per(w.cpu_s[0] * 1e6, forwarded as f64),
+        cpu_percent_of_core: w.cpu_s[0] / w.seconds() * 100.0,
         rss_kib: rss,
         rss_kib_per_subscriber: rss.saturating_sub(rss_base) as f64 / n.max(1) as f64,
         latency_p50_us: percentile(&latencies, 0.50),
         latency_p99_us: percentile(&latencies, 0.99),
         latency_max_us: latencies.last().copied().unwrap_or(0),
-        loss_percent: if expected > 0 {
-            (1.0 - forwarded as f64 / expected as f64).max(0.0) * 100.0
-        } else {
-            0.0
-        },
-        other_cpu_percent_of_core: other,
-        disturbed: other > 15.0,
+        loss_percent: loss_percent(w.sent as usize * n, forwarded),
+        other_cpu_percent_of_core: w.other_percent,
+        disturbed: w.other_percent > 15.0,
     }
+}
+
+fn session_for(kind: &str, step: usize) -> Result<crate::ids::SessionId, BenchError> {
+    format!("{kind}-{}-{step}", std::process::id())
+        .parse()
+        .map_err(|e| BenchError::Metrics(format!("{e}")))
+}
+
+fn mint(
+    target: &Target,
+    session: &crate::ids::SessionId,
+    user: &str,
+    role: Role,
+) -> Result<String, BenchError> {
+    let user = user
+        .parse()
+        .map_err(|e| BenchError::Metrics(format!("bench user id: {e}")))?;
+    Ok(target
+        .signer
+        .mint(session, &user, role, Duration::from_secs(3600))?)
+}
+
+/// Publishes from a new user on a Meridian node; returns the load (publisher running) and the
+/// producer id.
+async fn meridian_publisher(
+    target: &Target,
+    session: &crate::ids::SessionId,
+    cfg: &FanoutConfig,
+) -> Result<(Load, String), BenchError> {
+    let (mut sig, _) =
+        SignalClient::join(&target.ws_url, &mint(target, session, "pub", Role::User)?).await?;
+    let mut publisher = RtcPeer::publisher_with(TestCodec::Vp8).await?;
+    let reply = sig
+        .request(json!({"type":"publish","sdp":publisher.offer()?}))
+        .await?;
+    publisher.answer(reply["sdp"].as_str().unwrap_or_default())?;
+    let producer = reply["producers"][0]["producerId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let state = publisher_state(cfg);
+    let task = publisher.spawn(state.clone());
+    let mut load = Load::new(state, task);
+    load.signals.push(sig);
+    Ok((load, producer))
+}
+
+/// Subscribes an already joined participant to `producer` and adds it to the load.
+async fn meridian_subscriber(
+    load: &mut Load,
+    mut sig: SignalClient,
+    producer: &str,
+) -> Result<(), BenchError> {
+    let mut peer = RtcPeer::subscriber_with(TestCodec::Vp8).await?;
+    let reply = sig
+        .request(json!({"type":"subscribe","producerId":producer,"sdp":peer.offer()?}))
+        .await?;
+    peer.answer(reply["sdp"].as_str().unwrap_or_default())?;
+    let state = Arc::new(PeerState::default());
+    let task = peer.spawn(state.clone());
+    load.subscribers.push((state, task));
+    load.signals.push(sig);
+    Ok(())
 }
 
 /// 1 publisher, N subscribers on one Meridian node, for each N in `cfg.subscribers`.
@@ -331,59 +436,18 @@ pub async fn run_fanout(
 ) -> Result<Vec<FanoutResult>, BenchError> {
     let mut results = Vec::new();
     for (step, &n) in cfg.subscribers.iter().enumerate() {
-        let session: crate::ids::SessionId = format!("bench-{}-{step}", std::process::id())
-            .parse()
-            .map_err(|e| BenchError::Metrics(format!("{e}")))?;
-        let ttl = Duration::from_secs(3600);
-        let token = |user: &str, role| {
-            target.signer.mint(
-                &session,
-                &user.parse().expect("bench user ids are valid"),
-                role,
-                ttl,
-            )
-        };
-        let (mut psig, _) = SignalClient::join(&target.ws_url, &token("pub", Role::User)?).await?;
-        let mut publisher = RtcPeer::publisher_with(TestCodec::Vp8).await?;
-        let reply = psig
-            .request(json!({"type":"publish","sdp":publisher.offer()?}))
-            .await?;
-        publisher.answer(reply["sdp"].as_str().unwrap_or_default())?;
-        let producer = reply["producers"][0]["producerId"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let pstate = publisher_state(cfg);
-        let ptask = publisher.spawn(pstate.clone());
+        let session = session_for("bench", step)?;
+        let (mut load, producer) = meridian_publisher(target, &session, cfg).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_base = procfs::rss_kib(target.pid).unwrap_or(0);
-        let mut load = Load {
-            publisher: pstate,
-            publisher_task: ptask,
-            subscribers: Vec::new(),
-        };
-        let mut signals = Vec::new();
         for i in 0..n {
-            let (mut sig, _) =
-                SignalClient::join(&target.ws_url, &token(&format!("sub{i}"), Role::Agent)?)
-                    .await?;
-            let mut peer = RtcPeer::subscriber_with(TestCodec::Vp8).await?;
-            let reply = sig
-                .request(json!({"type":"subscribe","producerId":producer,"sdp":peer.offer()?}))
-                .await?;
-            peer.answer(reply["sdp"].as_str().unwrap_or_default())?;
-            let state = Arc::new(PeerState::default());
-            let task = peer.spawn(state.clone());
-            load.subscribers.push((state, task));
-            signals.push(sig);
+            let token = mint(target, &session, &format!("sub{i}"), Role::Agent)?;
+            let (sig, _) = SignalClient::join(&target.ws_url, &token).await?;
+            meridian_subscriber(&mut load, sig, &producer).await?;
         }
         tokio::time::sleep(Duration::from_secs(cfg.warmup_seconds)).await;
         results.push(measure(target.pid, &load, rss_base, cfg).await);
         load.stop().await;
-        for s in signals {
-            s.leave().await;
-        }
-        psig.leave().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     Ok(results)
@@ -446,11 +510,7 @@ pub async fn run_fanout_janus(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_base = procfs::rss_kib(janus.pid()).unwrap_or(0);
-        let mut load = Load {
-            publisher: pstate,
-            publisher_task: ptask,
-            subscribers: Vec::new(),
-        };
+        let mut load = Load::new(pstate, ptask);
         for _ in 0..n {
             let (sh, mut sev) = client.attach().await?;
             client
@@ -530,150 +590,52 @@ pub async fn run_cascade(
     }
     let mut results = Vec::new();
     for (step, &n) in cfg.subscribers.iter().enumerate() {
-        let session: crate::ids::SessionId = format!("cascade-{}-{step}", std::process::id())
-            .parse()
-            .map_err(|e| BenchError::Metrics(format!("{e}")))?;
-        let ttl = Duration::from_secs(3600);
-        let token = |t: &Target, user: &str, role| {
-            t.signer.mint(
-                &session,
-                &user.parse().expect("bench user ids are valid"),
-                role,
-                ttl,
-            )
-        };
-        // Subscribers' node hosts the session first, so the origin announces to it.
-        let (mut first, _) =
-            SignalClient::join(&edge.ws_url, &token(edge, "sub0", Role::Agent)?).await?;
-        let (mut psig, _) =
-            SignalClient::join(&origin.ws_url, &token(origin, "pub", Role::User)?).await?;
-        let mut publisher = RtcPeer::publisher_with(TestCodec::Vp8).await?;
-        let reply = psig
-            .request(json!({"type":"publish","sdp":publisher.offer()?}))
-            .await?;
-        publisher.answer(reply["sdp"].as_str().unwrap_or_default())?;
-        let producer = reply["producers"][0]["producerId"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let pstate = Arc::new(PeerState::default());
-        let pps = (cfg.bitrate_kbps * 1000 / 8) as f64 / cfg.payload_bytes as f64;
-        pstate
-            .packet_interval_us
-            .store((1e6 / pps.max(1.0)) as u64, Ordering::Relaxed);
-        pstate
-            .payload_bytes
-            .store(cfg.payload_bytes as u64, Ordering::Relaxed);
-        let ptask = publisher.spawn(pstate.clone());
-        loop {
-            let ev = first.event("producerAdded").await?;
-            if ev["producer"]["producerId"] == producer.as_str() {
-                break;
+        let session = session_for("cascade", step)?;
+        // The edge hosts the session first, so the origin announces the producer to it.
+        let mut edge_signals = Vec::new();
+        for i in 0..n {
+            let token = mint(edge, &session, &format!("sub{i}"), Role::Agent)?;
+            edge_signals.push(SignalClient::join(&edge.ws_url, &token).await?.0);
+        }
+        let (mut load, producer) = meridian_publisher(origin, &session, cfg).await?;
+        if let Some(first) = edge_signals.first_mut() {
+            loop {
+                let ev = first.event("producerAdded").await?;
+                if ev["producer"]["producerId"] == producer.as_str() {
+                    break;
+                }
             }
         }
-        let mut subs = Vec::new();
-        let mut signals = vec![first];
-        for i in 1..n {
-            let (sig, _) =
-                SignalClient::join(&edge.ws_url, &token(edge, &format!("sub{i}"), Role::Agent)?)
-                    .await?;
-            signals.push(sig);
-        }
-        for mut sig in signals {
-            let mut peer = RtcPeer::subscriber_with(TestCodec::Vp8).await?;
-            let reply = sig
-                .request(json!({"type":"subscribe","producerId":producer,"sdp":peer.offer()?}))
-                .await?;
-            peer.answer(reply["sdp"].as_str().unwrap_or_default())?;
-            let state = Arc::new(PeerState::default());
-            let task = peer.spawn(state.clone());
-            subs.push(Running {
-                state,
-                task,
-                signal: sig,
-            });
+        for sig in edge_signals {
+            meridian_subscriber(&mut load, sig, &producer).await?;
         }
         tokio::time::sleep(Duration::from_secs(cfg.warmup_seconds)).await;
 
         let pipe0 = metric(origin.http_addr, "meridian_pipe_bytes_out_total").await?;
-        let in0 = metric(origin.http_addr, "meridian_rtp_in_total").await?;
-        let fwd0 = metric(edge.http_addr, "meridian_rtp_forwarded_total").await?;
-        let ocpu0 = procfs::process_cpu_ns(origin.pid).unwrap_or(0);
-        let ecpu0 = procfs::process_cpu_ns(edge.pid).unwrap_or(0);
-        let me0 = procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
-        let machine0 = procfs::machine_cpu_ticks().unwrap_or((0, 0));
-        let sent0 = pstate.packets_sent.load(Ordering::Relaxed);
-        let t0 = Instant::now();
-        tokio::time::sleep(Duration::from_secs(cfg.seconds)).await;
-        let t1 = Instant::now();
+        let w = Window::measure(&[origin.pid, edge.pid], &load.publisher, cfg.seconds).await;
         let pipe1 = metric(origin.http_addr, "meridian_pipe_bytes_out_total").await?;
-        let in1 = metric(origin.http_addr, "meridian_rtp_in_total").await?;
-        let fwd1 = metric(edge.http_addr, "meridian_rtp_forwarded_total").await?;
-        let ocpu1 = procfs::process_cpu_ns(origin.pid).unwrap_or(0);
-        let ecpu1 = procfs::process_cpu_ns(edge.pid).unwrap_or(0);
-        let me1 = procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
-        let machine1 = procfs::machine_cpu_ticks().unwrap_or((0, 0));
-        let sent1 = pstate.packets_sent.load(Ordering::Relaxed);
-
-        let window = (t1 - t0).as_secs_f64();
-        let published = in1.saturating_sub(in0) as f64;
-        let forwarded = fwd1.saturating_sub(fwd0) as f64;
+        let latencies = load.latencies(w.t0, w.t1);
+        let secs = w.seconds();
+        let published = w.sent as f64;
         let pipe_bytes = pipe1.saturating_sub(pipe0) as f64;
-        let ocpu = ocpu1.saturating_sub(ocpu0) as f64 / 1e9;
-        let ecpu = ecpu1.saturating_sub(ecpu0) as f64 / 1e9;
-        let me = me1.saturating_sub(me0) as f64 / 1e9;
-        let busy = machine1.0.saturating_sub(machine0.0) as f64 / procfs::ticks_per_second() as f64;
-        let other = (busy - ocpu - ecpu - me).max(0.0) / window * 100.0;
-        let mut latencies = Vec::new();
-        let mut received = 0usize;
-        for s in &subs {
-            let got = s.state.received.lock().unwrap_or_else(|e| e.into_inner());
-            for r in got.iter().filter(|r| r.at >= t0 && r.at < t1) {
-                received += 1;
-                latencies.push(r.latency.as_micros() as u64);
-            }
-        }
-        latencies.sort_unstable();
-        let expected = sent1.saturating_sub(sent0) as usize * n;
-        // One media frame per published packet: header + RTP (payload + 12-byte header).
+        // One media frame per published packet: frame header + RTP header + payload.
         let frame_bytes = (cfg.payload_bytes + 12 + crate::mesh::wire::FRAME_HEADER) as f64;
         results.push(CascadeResult {
             subscribers: n,
-            window_s: window,
-            published_packets_per_s: published / window,
-            pipe_kbit_per_s: pipe_bytes * 8.0 / window / 1e3,
-            pipe_datagrams_per_published_packet: if published > 0.0 {
-                pipe_bytes / frame_bytes / published
-            } else {
-                0.0
-            },
-            origin_cpu_us_per_packet: if published > 0.0 {
-                ocpu * 1e6 / published
-            } else {
-                0.0
-            },
-            edge_cpu_us_per_forwarded_packet: if forwarded > 0.0 {
-                ecpu * 1e6 / forwarded
-            } else {
-                0.0
-            },
+            window_s: secs,
+            published_packets_per_s: published / secs,
+            pipe_kbit_per_s: pipe_bytes * 8.0 / secs / 1e3,
+            pipe_datagrams_per_published_packet: per(pipe_bytes / frame_bytes, published),
+            origin_cpu_us_per_packet: per(w.cpu_s[0] * 1e6, published),
+            edge_cpu_us_per_forwarded_packet: per(w.cpu_s[1] * 1e6, latencies.len() as f64),
             latency_p50_us: percentile(&latencies, 0.50),
             latency_p99_us: percentile(&latencies, 0.99),
             latency_max_us: latencies.last().copied().unwrap_or(0),
-            loss_percent: if expected > 0 {
-                (1.0 - received as f64 / expected as f64).max(0.0) * 100.0
-            } else {
-                0.0
-            },
-            other_cpu_percent_of_core: other,
-            disturbed: other > 15.0,
+            loss_percent: loss_percent(w.sent as usize * n, latencies.len()),
+            other_cpu_percent_of_core: w.other_percent,
+            disturbed: w.other_percent > 15.0,
         });
-        for s in subs {
-            s.stop().await;
-        }
-        pstate.stop.store(true, Ordering::Relaxed);
-        let _ = ptask.await;
-        psig.leave().await;
+        load.stop().await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Ok(results)
