@@ -333,3 +333,27 @@ async fn pipe_loss_is_repaired_hop_by_hop() {
         "{missing} of {span} packets unrecovered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participants_on_other_nodes_are_announced_and_their_departure_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_mesh(dir.path(), &["india", "us"]).await;
+    let (india, us) = (&nodes[0], &nodes[1]);
+    let session = "kyc-presence";
+    let (mut agent, joined) = Signal::join(us, session, "bob", Role::Agent).await;
+    assert!(joined["participants"].as_array().unwrap().is_empty());
+    let (user, _) = Signal::join(india, session, "alice", Role::User).await;
+    let ev = agent.event("participantJoined").await;
+    assert_eq!(ev["participant"]["userId"], "alice");
+    assert_eq!(ev["participant"]["role"], "user");
+    // Someone joining the US node later is told about alice in `joined`.
+    let (_carol, joined) = Signal::join(us, session, "carol", Role::Observer).await;
+    assert!(joined["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["userId"] == "alice"));
+    drop(user);
+    let ev = agent.event("participantLeft").await;
+    assert_eq!(ev["participant"]["userId"], "alice");
+}

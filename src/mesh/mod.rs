@@ -236,6 +236,7 @@ pub fn start(
         by_node: HashMap::new(),
         active: HashSet::new(),
         producers: HashMap::new(),
+        participants: HashMap::new(),
     };
     tokio::spawn(core.run(events, irx));
     tracing::info!(node = %cfg.node, addr = %local_addr, peers = cfg.peers.len(), "mesh started");
@@ -377,6 +378,15 @@ enum PipeSetupError {
     Control(#[from] wire::ControlError),
 }
 
+fn joined_message(session: &SessionId, p: &crate::sfu::ParticipantInfo) -> Control {
+    Control::ParticipantJoined {
+        session: session.clone(),
+        participant: p.participant_id.clone(),
+        user: p.user_id.clone(),
+        role: p.role,
+    }
+}
+
 async fn read_control(recv: &mut quinn::RecvStream) -> Result<Control, PipeSetupError> {
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await?;
@@ -408,6 +418,9 @@ struct Core {
     active: HashSet<SessionId>,
     /// Local producers by session, to announce to nodes that become interested.
     producers: HashMap<SessionId, HashMap<ProducerId, ProducerAnnouncement>>,
+    /// Local participants by session, likewise.
+    participants:
+        HashMap<SessionId, HashMap<crate::ids::ParticipantId, crate::sfu::ParticipantInfo>>,
 }
 
 impl Core {
@@ -464,6 +477,34 @@ impl Core {
                     self.send(pipe, &msg);
                 }
                 self.active.remove(&session);
+            }
+            MeshEvent::ParticipantJoined {
+                session,
+                participant,
+            } => {
+                self.send_interested(&session, &joined_message(&session, &participant));
+                self.participants
+                    .entry(session)
+                    .or_default()
+                    .insert(participant.participant_id.clone(), participant);
+            }
+            MeshEvent::ParticipantLeft {
+                session,
+                participant,
+            } => {
+                if let Some(m) = self.participants.get_mut(&session) {
+                    m.remove(&participant.participant_id);
+                    if m.is_empty() {
+                        self.participants.remove(&session);
+                    }
+                }
+                self.send_interested(
+                    &session,
+                    &Control::ParticipantLeft {
+                        session: session.clone(),
+                        participant: participant.participant_id,
+                    },
+                );
             }
             MeshEvent::ProducerOpened(a) => {
                 self.send_interested(&a.session, &Control::ProducerAnnounce(a.clone()));
@@ -597,6 +638,11 @@ impl Core {
             Control::Hello { .. } => {}
             Control::Interest { session } => {
                 state.interests.insert(session.clone());
+                if let Some(m) = self.participants.get(&session) {
+                    for p in m.values() {
+                        let _ = state.out.send(joined_message(&session, p).encode());
+                    }
+                }
                 if let Some(m) = self.producers.get(&session) {
                     for a in m.values() {
                         let _ = state
@@ -608,6 +654,41 @@ impl Core {
             Control::InterestEnd { session } => {
                 state.interests.remove(&session);
                 w.mesh_command(Command::PipeSessionEnded { pipe, session });
+            }
+            Control::ParticipantJoined {
+                session,
+                participant,
+                user,
+                role,
+            } => {
+                if self.active.contains(&session) {
+                    w.mesh_command(Command::RemoteParticipant {
+                        pipe,
+                        session,
+                        participant: crate::sfu::ParticipantInfo {
+                            participant_id: participant,
+                            user_id: user,
+                            role,
+                        },
+                        joined: true,
+                    });
+                }
+            }
+            Control::ParticipantLeft {
+                session,
+                participant,
+            } => {
+                // Only the id matters for a departure; the worker knows the rest.
+                w.mesh_command(Command::RemoteParticipant {
+                    pipe,
+                    session,
+                    participant: crate::sfu::ParticipantInfo {
+                        participant_id: participant,
+                        user_id: "unknown".parse().expect("a valid literal id"),
+                        role: crate::auth::Role::Observer,
+                    },
+                    joined: false,
+                });
             }
             Control::ProducerAnnounce(announcement) => {
                 if self.active.contains(&announcement.session) {

@@ -167,6 +167,17 @@ pub enum Control {
     InterestEnd {
         session: SessionId,
     },
+    /// A participant of a session the receiver is interested in joined the sender.
+    ParticipantJoined {
+        session: SessionId,
+        participant: ParticipantId,
+        user: UserId,
+        role: Role,
+    },
+    ParticipantLeft {
+        session: SessionId,
+        participant: ParticipantId,
+    },
     ProducerAnnounce(ProducerAnnouncement),
     ProducerClosed {
         producer: ProducerId,

@@ -37,6 +37,15 @@ pub enum MeshEvent {
     SessionActive(SessionId),
     /// The last participant of a session left.
     SessionInactive(SessionId),
+    /// A participant joined or left a session here.
+    ParticipantJoined {
+        session: SessionId,
+        participant: ParticipantInfo,
+    },
+    ParticipantLeft {
+        session: SessionId,
+        participant: ParticipantInfo,
+    },
     /// A local producer was created.
     ProducerOpened(crate::mesh::wire::ProducerAnnouncement),
     ProducerClosed {
@@ -310,6 +319,13 @@ pub(crate) enum Command {
     RemoteProducer {
         pipe: PipeId,
         announcement: crate::mesh::wire::ProducerAnnouncement,
+    },
+    /// A participant of another node joined (`joined`) or left a session hosted here.
+    RemoteParticipant {
+        pipe: PipeId,
+        session: SessionId,
+        participant: ParticipantInfo,
+        joined: bool,
     },
     RemoteProducerClosed {
         pipe: PipeId,

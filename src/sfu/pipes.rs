@@ -133,6 +133,19 @@ impl Worker {
     /// Tears down everything that came or went through a closed pipe.
     pub(super) fn pipe_down(&mut self, pipe: PipeId) {
         self.pipes.remove(&pipe);
+        // Participants known through this pipe are gone with it.
+        let gone: Vec<(SessionId, crate::sfu::ParticipantInfo)> = self
+            .remote_participants
+            .iter()
+            .flat_map(|(s, list)| {
+                list.iter()
+                    .filter(|(q, _)| *q == pipe)
+                    .map(move |(_, p)| (s.clone(), p.clone()))
+            })
+            .collect();
+        for (session, p) in gone {
+            self.remote_participant(pipe, session, p, false);
+        }
         let piped_in: Vec<usize> = self
             .producers
             .iter()
@@ -195,6 +208,39 @@ impl Worker {
         let info = self.producer_info(pk);
         tracing::info!(producer = %a.producer, pipe, "remote producer added");
         self.notify_session(&a.session, a.role, None, SfuEvent::ProducerAdded(info));
+    }
+
+    /// A participant of another node joined or left a session hosted here.
+    pub(super) fn remote_participant(
+        &mut self,
+        pipe: PipeId,
+        session: SessionId,
+        participant: crate::sfu::ParticipantInfo,
+        joined: bool,
+    ) {
+        if !self.hosts_session(&session) {
+            return;
+        }
+        let list = self.remote_participants.entry(session.clone()).or_default();
+        let event = if joined {
+            if list
+                .iter()
+                .any(|(_, p)| p.participant_id == participant.participant_id)
+            {
+                return;
+            }
+            list.push((pipe, participant.clone()));
+            SfuEvent::ParticipantJoined(participant)
+        } else {
+            let Some(i) = list
+                .iter()
+                .position(|(_, p)| p.participant_id == participant.participant_id)
+            else {
+                return;
+            };
+            SfuEvent::ParticipantLeft(list.remove(i).1)
+        };
+        self.notify_members(&session, event);
     }
 
     pub(super) fn remote_producer_closed(&mut self, pipe: PipeId, producer: &ProducerId) {

@@ -338,6 +338,8 @@ pub(super) struct Worker {
     pub(super) routers: HashMap<SessionId, Vec<usize>>,
     /// Producers of each session, local and piped in.
     pub(super) session_producers: HashMap<SessionId, Vec<usize>>,
+    /// Participants of each session connected to other nodes, by the pipe that told us.
+    pub(super) remote_participants: HashMap<SessionId, Vec<(PipeId, ParticipantInfo)>>,
     pub(super) next_stream: u32,
     pub(super) mesh: Option<mpsc::UnboundedSender<MeshEvent>>,
     pub(super) pipes: HashMap<PipeId, PipeLink>,
@@ -418,6 +420,7 @@ impl Worker {
             participant_ids: HashMap::new(),
             routers: HashMap::new(),
             session_producers: HashMap::new(),
+            remote_participants: HashMap::new(),
             next_stream: 1,
             mesh,
             pipes: HashMap::new(),
@@ -1192,6 +1195,12 @@ impl Worker {
             Command::RemoteProducer { pipe, announcement } => {
                 self.remote_producer(pipe, announcement)
             }
+            Command::RemoteParticipant {
+                pipe,
+                session,
+                participant,
+                joined,
+            } => self.remote_participant(pipe, session, participant, joined),
             Command::RemoteProducerClosed { pipe, producer } => {
                 self.remote_producer_closed(pipe, &producer)
             }
@@ -1324,6 +1333,17 @@ impl Worker {
             participants.push(other.info());
             other.send(SfuEvent::ParticipantJoined(me.clone()));
         }
+        participants.extend(
+            self.remote_participants
+                .get(&session)
+                .into_iter()
+                .flatten()
+                .map(|(_, p)| p.clone()),
+        );
+        self.mesh_event(MeshEvent::ParticipantJoined {
+            session: session.clone(),
+            participant: me.clone(),
+        });
         let producers = self
             .session_producers
             .get(&session)
@@ -1377,6 +1397,15 @@ impl Worker {
             codec: p.codec,
             layers: p.rids.clone(),
             paused: p.paused,
+        }
+    }
+
+    /// Sends an event to every member of `session` here.
+    pub(super) fn notify_members(&self, session: &SessionId, ev: SfuEvent) {
+        if let Some(members) = self.routers.get(session) {
+            for &o in members {
+                self.participants[o].send(ev.clone());
+            }
         }
     }
 
@@ -1898,6 +1927,10 @@ impl Worker {
             self.close_conn(ck);
         }
         let p = self.participants.remove(pk);
+        self.mesh_event(MeshEvent::ParticipantLeft {
+            session: p.session.clone(),
+            participant: p.info(),
+        });
         if let Some(members) = self.routers.get_mut(&p.session) {
             members.retain(|&x| x != pk);
             for &o in members.iter() {
@@ -1916,6 +1949,7 @@ impl Worker {
                 for prk in piped {
                     self.close_producer(prk);
                 }
+                self.remote_participants.remove(&p.session);
                 self.mesh_event(MeshEvent::SessionInactive(p.session.clone()));
             }
         }
