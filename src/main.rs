@@ -418,5 +418,8 @@ async fn dev() -> anyhow::Result<()> {
     println!("page of India and the agent page of US: each sees the other through the pipe.");
     println!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c().await?;
+    drop(nodes);
+    // The throwaway cluster CA and node keys of this run.
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
