@@ -127,6 +127,60 @@ impl<'a> MediaFrame<'a> {
     }
 }
 
+/// The RTP fields a media frame carries, borrowed from a parsed packet.
+pub struct RtpParts<'a> {
+    pub marker: bool,
+    pub payload_type: u8,
+    pub sequence_number: u16,
+    pub timestamp: u32,
+    pub ssrc: u32,
+    pub csrc: &'a [u32],
+    /// One-byte header extensions (RFC 8285): id 1-14, 1-16 bytes each.
+    pub extensions: &'a [(u8, &'a [u8])],
+    pub payload: &'a [u8],
+}
+
+impl RtpParts<'_> {
+    /// Bytes `put` will write.
+    pub fn size(&self) -> usize {
+        let ext: usize = self.extensions.iter().map(|(_, d)| 1 + d.len()).sum();
+        let ext_block = if self.extensions.is_empty() {
+            0
+        } else {
+            4 + ext.div_ceil(4) * 4
+        };
+        12 + 4 * self.csrc.len().min(15) + ext_block + self.payload.len()
+    }
+
+    /// Serializes the packet (no padding) into `out`, without intermediate allocation.
+    pub fn put(&self, out: &mut BytesMut) {
+        let cc = self.csrc.len().min(15);
+        let x = !self.extensions.is_empty();
+        out.put_u8(0x80 | (u8::from(x) << 4) | cc as u8);
+        out.put_u8((u8::from(self.marker) << 7) | (self.payload_type & 0x7f));
+        out.put_u16(self.sequence_number);
+        out.put_u32(self.timestamp);
+        out.put_u32(self.ssrc);
+        for c in &self.csrc[..cc] {
+            out.put_u32(*c);
+        }
+        if x {
+            let ext: usize = self.extensions.iter().map(|(_, d)| 1 + d.len()).sum();
+            let words = ext.div_ceil(4);
+            out.put_u16(0xBEDE);
+            out.put_u16(words as u16);
+            for (id, data) in self.extensions {
+                out.put_u8((id << 4) | (data.len().clamp(1, 16) as u8 - 1));
+                out.put_slice(data);
+            }
+            for _ in ext..words * 4 {
+                out.put_u8(0);
+            }
+        }
+        out.put_slice(self.payload);
+    }
+}
+
 /// A producer as announced to another node: enough to create consumers of it there.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProducerAnnouncement {
@@ -250,6 +304,44 @@ mod tests {
         b.put_slice(&rtp);
         let f = MediaFrame::decode(&b).unwrap();
         assert_eq!((f.stream, f.layer, f.rtp), (77, 2, &rtp[..]));
+    }
+
+    #[test]
+    fn rtp_writer_matches_the_rtc_parser() {
+        use rtc::shared::marshal::{Marshal, Unmarshal};
+        let parts = RtpParts {
+            marker: true,
+            payload_type: 96,
+            sequence_number: 65535,
+            timestamp: 0xdead_beef,
+            ssrc: 0x0102_0304,
+            csrc: &[7],
+            extensions: &[(1, &[0x7f]), (2, &[1, 2])],
+            payload: &[9, 8, 7, 6, 5],
+        };
+        let mut b = BytesMut::new();
+        parts.put(&mut b);
+        assert_eq!(b.len(), parts.size());
+        let mut raw = b.clone().freeze();
+        let p = rtc::rtp::Packet::unmarshal(&mut raw).unwrap();
+        assert_eq!(p.header.sequence_number, 65535);
+        assert_eq!(p.header.timestamp, 0xdead_beef);
+        assert_eq!(p.header.csrc, vec![7]);
+        assert!(p.header.marker);
+        assert_eq!(&p.header.get_extension(1).unwrap()[..], &[0x7f]);
+        assert_eq!(&p.header.get_extension(2).unwrap()[..], &[1, 2]);
+        assert_eq!(&p.payload[..], &[9, 8, 7, 6, 5]);
+        // Without extensions the bytes are exactly what rtc itself would write.
+        let plain = RtpParts {
+            extensions: &[],
+            csrc: &[],
+            ..parts
+        };
+        let mut b = BytesMut::new();
+        plain.put(&mut b);
+        let mut raw = b.clone().freeze();
+        let p = rtc::rtp::Packet::unmarshal(&mut raw).unwrap();
+        assert_eq!(p.marshal().unwrap(), b.freeze());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
-use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
+use rtc::shared::marshal::Unmarshal;
 
 use super::worker::{LayerStat, Origin, Producer, Worker};
 use super::{MediaKind, MeshEvent, PipeId, SfuEvent};
@@ -17,7 +17,7 @@ use crate::ids::{NodeId, ProducerId, SessionId};
 use crate::media::extensions::{IncomingExtensions, FORWARDED};
 use crate::media::Codec;
 use crate::mesh::wire::{
-    Datagram, MediaFrame, NackFrame, ProducerAnnouncement, FRAME_HEADER, MAX_NACK_SEQS,
+    Datagram, MediaFrame, NackFrame, ProducerAnnouncement, RtpParts, FRAME_HEADER, MAX_NACK_SEQS,
 };
 
 /// Counters of one pipe, shared with the mesh for reporting.
@@ -47,6 +47,8 @@ pub struct PipeLink {
 const MAX_NACK_RUN: u16 = 64;
 /// Times one missing packet is asked for before it is given up.
 const NACK_TRIES: u8 = 4;
+/// Size of the buffer pipe frames are cut from.
+const ARENA_CHUNK: usize = 64 * 1024;
 
 impl PipeLink {
     /// Sends one RTP packet of a producer layer as a media frame. Forwarded header extensions
@@ -69,35 +71,43 @@ impl PipeLink {
         }
     }
 
+    /// Sends one RTP packet of a producer layer as a media frame, cut from `arena` (one
+    /// allocation per ~64 KiB of frames, not one per frame). Forwarded header extensions travel
+    /// under wire ids 1.. (their index in `FORWARDED` plus one).
     pub(super) fn send_media(
         &self,
+        arena: &mut BytesMut,
         stream: u32,
         layer: u8,
         pkt: &rtc::rtp::Packet,
         kept: &[Option<Bytes>; FORWARDED.len()],
     ) {
-        let with_ext;
-        let pkt = if kept.iter().any(Option::is_some) {
-            let mut p = pkt.clone();
-            for (i, e) in kept.iter().enumerate() {
-                if let Some(e) = e {
-                    let _ = p.header.set_extension(i as u8 + 1, e.clone());
-                }
+        let mut ext: [(u8, &[u8]); FORWARDED.len()] = [(0, &[]); FORWARDED.len()];
+        let mut n = 0;
+        for (i, e) in kept.iter().enumerate() {
+            if let Some(e) = e.as_ref().filter(|e| (1..=16).contains(&e.len())) {
+                ext[n] = (i as u8 + 1, e);
+                n += 1;
             }
-            with_ext = p;
-            &with_ext
-        } else {
-            pkt
-        };
-        let size = FRAME_HEADER + pkt.marshal_size();
-        let mut buf = BytesMut::with_capacity(size);
-        MediaFrame::put_header(&mut buf, stream, layer);
-        buf.resize(size, 0);
-        if pkt.marshal_to(&mut buf[FRAME_HEADER..]).is_err() {
-            self.counters.send_failed.fetch_add(1, Relaxed);
-            return;
         }
-        match self.conn.send_datagram(buf.freeze()) {
+        let h = &pkt.header;
+        let parts = RtpParts {
+            marker: h.marker,
+            payload_type: h.payload_type,
+            sequence_number: h.sequence_number,
+            timestamp: h.timestamp,
+            ssrc: h.ssrc,
+            csrc: &h.csrc,
+            extensions: &ext[..n],
+            payload: &pkt.payload,
+        };
+        let size = FRAME_HEADER + parts.size();
+        if arena.capacity() < size {
+            arena.reserve(ARENA_CHUNK.max(size));
+        }
+        MediaFrame::put_header(arena, stream, layer);
+        parts.put(arena);
+        match self.conn.send_datagram(arena.split().freeze()) {
             Ok(()) => {
                 self.counters.datagrams_out.fetch_add(1, Relaxed);
                 self.counters.bytes_out.fetch_add(size as u64, Relaxed);
@@ -322,21 +332,30 @@ impl Worker {
 
     /// Resends packets the far end of `pipe` reported missing, from the producer's cache.
     fn pipe_nack(&mut self, pipe: PipeId, nack: &NackFrame) {
-        let (layer, seqs) = (nack.layer, &nack.seqs);
-        let Some(&pk) = self.local_streams.get(&nack.stream) else {
+        let Worker {
+            local_streams,
+            pipes,
+            producers,
+            pipe_arena,
+            ..
+        } = self;
+        let Some(&pk) = local_streams.get(&nack.stream) else {
             return;
         };
-        let Some(link) = self.pipes.get(&pipe) else {
+        let (Some(link), Some(p)) = (pipes.get(&pipe), producers.get(pk)) else {
             return;
         };
-        let p = &self.producers[pk];
-        let Some(cache) = p.layers.get(layer as usize).and_then(|l| l.cache.as_ref()) else {
+        let Some(cache) = p
+            .layers
+            .get(nack.layer as usize)
+            .and_then(|l| l.cache.as_ref())
+        else {
             return;
         };
         let none = Default::default();
-        for &seq in seqs.iter() {
+        for &seq in &nack.seqs {
             if let Some(pkt) = cache.get(seq) {
-                link.send_media(p.stream, layer, pkt, &none);
+                link.send_media(pipe_arena, p.stream, nack.layer, pkt, &none);
                 link.counters.retransmitted.fetch_add(1, Relaxed);
             }
         }

@@ -354,6 +354,8 @@ pub(super) struct Worker {
     pub(super) dirty: Vec<usize>,
     /// Datagrams produced this turn, sent together.
     pub(super) batch: super::batch::SendBatch,
+    /// Buffer pipe media frames are cut from.
+    pub(super) pipe_arena: BytesMut,
     pub(super) rtp_scratch: Vec<(String, rtc::rtp::Packet)>,
     pub(super) rtcp_scratch: Vec<(String, Vec<Box<dyn rtc::rtcp::Packet>>)>,
     pub(super) event_scratch: Vec<RTCPeerConnectionEvent>,
@@ -432,6 +434,7 @@ impl Worker {
             consumer_ids: HashMap::new(),
             dirty: Vec::new(),
             batch: Default::default(),
+            pipe_arena: BytesMut::new(),
             rtp_scratch: Vec::new(),
             rtcp_scratch: Vec::new(),
             event_scratch: Vec::new(),
@@ -829,6 +832,7 @@ impl Worker {
             stats,
             dirty,
             pipes,
+            pipe_arena,
             ..
         } = self;
         let producer = &mut producers[pk];
@@ -864,7 +868,7 @@ impl Worker {
                 continue;
             }
             if let Some(link) = pipes.get(&pipe) {
-                link.send_media(producer.stream, layer, &pkt, &kept);
+                link.send_media(pipe_arena, producer.stream, layer, &pkt, &kept);
             }
         }
         if producer.consumers.is_empty() {
