@@ -300,13 +300,7 @@ async fn pipe_loss_is_repaired_hop_by_hop() {
     .await;
     // Let the last repairs arrive (a NACK round trip is ~200 ms here).
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let mut seqs: Vec<u16> = sub_state
-        .received
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| r.seq)
-        .collect();
+    let mut seqs = sub_state.sequence_numbers();
     pub_state.stop.store(true, Ordering::Relaxed);
     sub_state.stop.store(true, Ordering::Relaxed);
 

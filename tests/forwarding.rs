@@ -204,14 +204,7 @@ async fn consumer_loss_is_repaired_from_the_producer_cache() {
         .subscriber
         .rtp_datagrams_dropped
         .load(Ordering::Relaxed);
-    let mut seqs: Vec<u16> = flow
-        .subscriber
-        .received
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| r.seq)
-        .collect();
+    let mut seqs = flow.subscriber.sequence_numbers();
     flow.stop().await;
 
     assert!(dropped >= 25, "the impairment dropped packets: {dropped}");

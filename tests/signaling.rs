@@ -185,14 +185,7 @@ async fn roles_decide_who_may_publish_and_whom_they_see() {
     // Two users in one session never see each other's media.
     let (mut u1, _) = Signal::join(&node, "kyc-roles", "u1", Role::User).await;
     let (mut u2, _) = Signal::join(&node, "kyc-roles", "u2", Role::User).await;
-    let mut p = RtcPeer::publisher().await.unwrap();
-    let reply = u1
-        .request(json!({"type":"publish","sdp":p.offer().unwrap()}))
-        .await;
-    let producer = reply["producers"][0]["producerId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (producer, _publisher, _task) = publish_as(&mut u1, TestCodec::Vp8).await;
     let mut s = RtcPeer::subscriber().await.unwrap();
     let reply = u2
         .request(json!({"type":"subscribe","producerId":producer,"sdp":s.offer().unwrap()}))
@@ -214,14 +207,7 @@ async fn token_expiring_during_the_session_ends_access() {
     let short = token("kyc-exp", "user", Role::User, Duration::from_secs(2));
     user.send_text(&join_with(&short).to_string()).await;
     assert_eq!(user.recv().await.unwrap()["type"], "joined");
-    let mut p = RtcPeer::publisher().await.unwrap();
-    let reply = user
-        .request(json!({"type":"publish","sdp":p.offer().unwrap()}))
-        .await;
-    let producer = reply["producers"][0]["producerId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (producer, _publisher, _task) = publish_as(&mut user, TestCodec::Vp8).await;
     assert_eq!(
         agent.event("producerAdded").await["producer"]["producerId"],
         producer.as_str()

@@ -94,6 +94,13 @@ pub struct PeerState {
     pub payload_bytes: AtomicU64,
 }
 
+impl PeerState {
+    /// Sequence numbers of everything received so far, in arrival order.
+    pub fn sequence_numbers(&self) -> Vec<u16> {
+        lock(&self.received).iter().map(|r| r.seq).collect()
+    }
+}
+
 /// The video codec a test peer sends or accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestCodec {
