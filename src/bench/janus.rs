@@ -116,7 +116,7 @@ async fn http(
     path: &str,
     body: Option<&Value>,
 ) -> Result<Value, BenchError> {
-    let err = |e: std::io::Error| BenchError::Metrics(format!("janus http: {e}"));
+    let err = |e: std::io::Error| BenchError::Sfu(format!("janus http: {e}"));
     let mut s = tokio::net::TcpStream::connect(addr).await.map_err(err)?;
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let req = format!(
@@ -136,7 +136,7 @@ async fn http(
     let start = json.find(['{', '[']).unwrap_or(0);
     let end = json.rfind(['}', ']']).map(|i| i + 1).unwrap_or(json.len());
     serde_json::from_str(&json[start..end])
-        .map_err(|e| BenchError::Metrics(format!("janus answered {json:?}: {e}")))
+        .map_err(|e| BenchError::Sfu(format!("janus answered {json:?}: {e}")))
 }
 
 /// One Janus API session with its event long-poll.
@@ -162,7 +162,7 @@ impl JanusClient {
         .await?;
         let session = r["data"]["id"]
             .as_u64()
-            .ok_or_else(|| BenchError::Metrics(format!("janus create: {r}")))?;
+            .ok_or_else(|| BenchError::Sfu(format!("janus create: {r}")))?;
         let routes: Arc<Mutex<std::collections::HashMap<u64, mpsc::UnboundedSender<Value>>>> =
             Default::default();
         let poll_routes = routes.clone();
@@ -209,7 +209,7 @@ impl JanusClient {
         .await?;
         let handle = r["data"]["id"]
             .as_u64()
-            .ok_or_else(|| BenchError::Metrics(format!("janus attach: {r}")))?;
+            .ok_or_else(|| BenchError::Sfu(format!("janus attach: {r}")))?;
         let (etx, erx) = mpsc::unbounded_channel();
         self.routes
             .lock()
@@ -264,10 +264,10 @@ pub async fn jsep_event(events: &mut mpsc::UnboundedReceiver<Value>) -> Result<V
     loop {
         let ev = tokio::time::timeout(Duration::from_secs(10), events.recv())
             .await
-            .map_err(|_| BenchError::Metrics("no answer from janus within 10 s".into()))?
-            .ok_or_else(|| BenchError::Metrics("janus session ended".into()))?;
+            .map_err(|_| BenchError::Sfu("no answer from janus within 10 s".into()))?
+            .ok_or_else(|| BenchError::Sfu("janus session ended".into()))?;
         if ev["plugindata"]["data"]["error"].is_string() {
-            return Err(BenchError::Metrics(format!(
+            return Err(BenchError::Sfu(format!(
                 "janus: {}",
                 ev["plugindata"]["data"]
             )));

@@ -107,7 +107,7 @@ impl SpawnedNode {
             .is_err()
         {
             if started.elapsed() > Duration::from_secs(10) {
-                return Err(BenchError::Metrics(format!(
+                return Err(BenchError::Sfu(format!(
                     "the node did not start; see {}",
                     self.log.display()
                 )));
@@ -185,6 +185,8 @@ pub enum BenchError {
     Token(#[from] crate::auth::MintError),
     #[error("cannot read the node's figures: {0}")]
     Metrics(String),
+    #[error("the SFU under test did not do its part: {0}")]
+    Sfu(String),
 }
 
 /// Scrapes one counter from the node's `/metrics`.
@@ -366,10 +368,10 @@ async fn measure(pid: u32, load: &Load, rss_base: u64, cfg: &FanoutConfig) -> Fa
     }
 }
 
-fn session_for(kind: &str, step: usize) -> Result<crate::ids::SessionId, BenchError> {
+fn session_for(kind: &str, step: usize) -> crate::ids::SessionId {
     format!("{kind}-{}-{step}", std::process::id())
         .parse()
-        .map_err(|e| BenchError::Metrics(format!("{e}")))
+        .expect("letters, digits and dashes make a valid session id")
 }
 
 fn mint(
@@ -380,7 +382,7 @@ fn mint(
 ) -> Result<String, BenchError> {
     let user = user
         .parse()
-        .map_err(|e| BenchError::Metrics(format!("bench user id: {e}")))?;
+        .expect("the benchmark's user names are valid ids");
     Ok(target
         .signer
         .mint(session, &user, role, Duration::from_secs(3600))?)
@@ -436,7 +438,7 @@ pub async fn run_fanout(
 ) -> Result<Vec<FanoutResult>, BenchError> {
     let mut results = Vec::new();
     for (step, &n) in cfg.subscribers.iter().enumerate() {
-        let session = session_for("bench", step)?;
+        let session = session_for("bench", step);
         let (mut load, producer) = meridian_publisher(target, &session, cfg).await?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_base = procfs::rss_kib(target.pid).unwrap_or(0);
@@ -462,7 +464,7 @@ pub async fn run_fanout_janus(
     let started = Instant::now();
     while tokio::net::TcpStream::connect(janus.http).await.is_err() {
         if started.elapsed() > Duration::from_secs(10) {
-            return Err(BenchError::Metrics(format!(
+            return Err(BenchError::Sfu(format!(
                 "janus did not start; see {}",
                 janus.log.display()
             )));
@@ -501,7 +503,7 @@ pub async fn run_fanout_janus(
         let since = Instant::now();
         while !pstate.connected.load(Ordering::Relaxed) {
             if since.elapsed() > Duration::from_secs(10) {
-                return Err(BenchError::Metrics(format!(
+                return Err(BenchError::Sfu(format!(
                     "the publisher never connected to janus; see {}",
                     janus.log.display()
                 )));
@@ -582,7 +584,7 @@ pub async fn run_cascade(
         .is_err()
     {
         if started.elapsed() > Duration::from_secs(10) {
-            return Err(BenchError::Metrics(
+            return Err(BenchError::Sfu(
                 "the pipe between the nodes did not come up".into(),
             ));
         }
@@ -590,7 +592,7 @@ pub async fn run_cascade(
     }
     let mut results = Vec::new();
     for (step, &n) in cfg.subscribers.iter().enumerate() {
-        let session = session_for("cascade", step)?;
+        let session = session_for("cascade", step);
         // The edge hosts the session first, so the origin announces the producer to it.
         let mut edge_signals = Vec::new();
         for i in 0..n {

@@ -113,11 +113,6 @@ impl RtpRewriter {
             None
         }
     }
-
-    /// Output SSRC's current source, if any.
-    pub fn source_ssrc(&self) -> Option<u32> {
-        self.source.map(|s| s.ssrc)
-    }
 }
 
 #[cfg(test)]

@@ -662,7 +662,7 @@ impl Core {
                 role,
             } => {
                 if self.active.contains(&session) {
-                    w.mesh_command(Command::RemoteParticipant {
+                    w.mesh_command(Command::RemoteParticipantJoined {
                         pipe,
                         session,
                         participant: crate::sfu::ParticipantInfo {
@@ -670,7 +670,6 @@ impl Core {
                             user_id: user,
                             role,
                         },
-                        joined: true,
                     });
                 }
             }
@@ -678,16 +677,9 @@ impl Core {
                 session,
                 participant,
             } => {
-                // Only the id matters for a departure; the worker knows the rest.
-                w.mesh_command(Command::RemoteParticipant {
-                    pipe,
+                w.mesh_command(Command::RemoteParticipantLeft {
                     session,
-                    participant: crate::sfu::ParticipantInfo {
-                        participant_id: participant,
-                        user_id: "unknown".parse().expect("a valid literal id"),
-                        role: crate::auth::Role::Observer,
-                    },
-                    joined: false,
+                    participant,
                 });
             }
             Control::ProducerAnnounce(announcement) => {

@@ -36,10 +36,6 @@ impl SendBatch {
         self.items.push((dst, src, data));
     }
 
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }

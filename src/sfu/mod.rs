@@ -320,12 +320,16 @@ pub(crate) enum Command {
         pipe: PipeId,
         announcement: crate::mesh::wire::ProducerAnnouncement,
     },
-    /// A participant of another node joined (`joined`) or left a session hosted here.
-    RemoteParticipant {
+    /// A participant of another node joined a session hosted here.
+    RemoteParticipantJoined {
         pipe: PipeId,
         session: SessionId,
         participant: ParticipantInfo,
-        joined: bool,
+    },
+    /// It left.
+    RemoteParticipantLeft {
+        session: SessionId,
+        participant: ParticipantId,
     },
     RemoteProducerClosed {
         pipe: PipeId,

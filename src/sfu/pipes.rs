@@ -144,17 +144,17 @@ impl Worker {
     pub(super) fn pipe_down(&mut self, pipe: PipeId) {
         self.pipes.remove(&pipe);
         // Participants known through this pipe are gone with it.
-        let gone: Vec<(SessionId, crate::sfu::ParticipantInfo)> = self
+        let gone: Vec<(SessionId, crate::ids::ParticipantId)> = self
             .remote_participants
             .iter()
             .flat_map(|(s, list)| {
                 list.iter()
                     .filter(|(q, _)| *q == pipe)
-                    .map(move |(_, p)| (s.clone(), p.clone()))
+                    .map(move |(_, p)| (s.clone(), p.participant_id.clone()))
             })
             .collect();
         for (session, p) in gone {
-            self.remote_participant(pipe, session, p, false);
+            self.remote_participant_left(&session, &p);
         }
         let piped_in: Vec<usize> = self
             .producers
@@ -192,7 +192,7 @@ impl Worker {
             .map(|_| LayerStat::new(kind))
             .collect();
         let stream = self.allocate_stream();
-        let producer = Producer::new_piped(
+        let producer = Producer::new(
             a.producer.clone(),
             a.session.clone(),
             crate::sfu::ParticipantInfo {
@@ -220,37 +220,44 @@ impl Worker {
         self.notify_session(&a.session, a.role, None, SfuEvent::ProducerAdded(info));
     }
 
-    /// A participant of another node joined or left a session hosted here.
-    pub(super) fn remote_participant(
+    /// A participant of another node joined a session hosted here.
+    pub(super) fn remote_participant_joined(
         &mut self,
         pipe: PipeId,
         session: SessionId,
         participant: crate::sfu::ParticipantInfo,
-        joined: bool,
     ) {
         if !self.hosts_session(&session) {
             return;
         }
         let list = self.remote_participants.entry(session.clone()).or_default();
-        let event = if joined {
-            if list
-                .iter()
-                .any(|(_, p)| p.participant_id == participant.participant_id)
-            {
-                return;
-            }
-            list.push((pipe, participant.clone()));
-            SfuEvent::ParticipantJoined(participant)
-        } else {
-            let Some(i) = list
-                .iter()
-                .position(|(_, p)| p.participant_id == participant.participant_id)
-            else {
-                return;
-            };
-            SfuEvent::ParticipantLeft(list.remove(i).1)
+        if list
+            .iter()
+            .any(|(_, p)| p.participant_id == participant.participant_id)
+        {
+            return;
+        }
+        list.push((pipe, participant.clone()));
+        self.notify_members(&session, SfuEvent::ParticipantJoined(participant));
+    }
+
+    /// A participant of another node left a session hosted here.
+    pub(super) fn remote_participant_left(
+        &mut self,
+        session: &SessionId,
+        participant: &crate::ids::ParticipantId,
+    ) {
+        let Some(list) = self.remote_participants.get_mut(session) else {
+            return;
         };
-        self.notify_members(&session, event);
+        let Some(i) = list
+            .iter()
+            .position(|(_, p)| p.participant_id == *participant)
+        else {
+            return;
+        };
+        let (_, info) = list.remove(i);
+        self.notify_members(session, SfuEvent::ParticipantLeft(info));
     }
 
     pub(super) fn remote_producer_closed(&mut self, pipe: PipeId, producer: &ProducerId) {

@@ -251,7 +251,7 @@ pub(super) struct Producer {
 
 impl Producer {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn new_piped(
+    pub(super) fn new(
         id: ProducerId,
         session: SessionId,
         owner: ParticipantInfo,
@@ -1199,12 +1199,15 @@ impl Worker {
             Command::RemoteProducer { pipe, announcement } => {
                 self.remote_producer(pipe, announcement)
             }
-            Command::RemoteParticipant {
+            Command::RemoteParticipantJoined {
                 pipe,
                 session,
                 participant,
-                joined,
-            } => self.remote_participant(pipe, session, participant, joined),
+            } => self.remote_participant_joined(pipe, session, participant),
+            Command::RemoteParticipantLeft {
+                session,
+                participant,
+            } => self.remote_participant_left(&session, &participant),
             Command::RemoteProducerClosed { pipe, producer } => {
                 self.remote_producer_closed(pipe, &producer)
             }
@@ -1562,7 +1565,7 @@ impl Worker {
                 .collect();
             let owner = self.participants[pk].info();
             let session = self.participants[pk].session.clone();
-            pending.push(Producer::new_piped(
+            pending.push(Producer::new(
                 ProducerId::random(),
                 session,
                 owner,

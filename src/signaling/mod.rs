@@ -6,7 +6,7 @@ pub mod protocol;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
@@ -174,6 +174,10 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     ] {
         out.push_str(&format!("# HELP {name} {help}\n{name}{{{labels}}} {v}\n"));
     }
+    out.push_str(&format!(
+        "# HELP meridian_signaling_connections_total WebSocket connections accepted\nmeridian_signaling_connections_total{{{labels}}} {}\n",
+        s.metrics.connections.load(std::sync::atomic::Ordering::Relaxed)
+    ));
     out.push_str("# HELP meridian_signaling_errors_total Signaling input refused, by code\n");
     if let Ok(errors) = s.metrics.errors.lock() {
         for (code, v) in errors.iter() {
@@ -300,9 +304,6 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
         .connections
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (mut sink, mut stream) = socket.split();
-    let span = tracing::info_span!("signaling", client = %redact(peer));
-    let _enter = span.enter();
-    drop(_enter);
 
     // Phase 1: the first message must be a valid join, within the join timeout.
     let first = tokio::time::timeout(state.join_timeout, stream.next()).await;
@@ -472,7 +473,7 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
                     Ok(msg) => {
                         let reply = handle_request(&state, &pid, msg).await;
                         if let ServerMessage::Error { code, .. } = &reply {
-                            state.metrics.count(static_code(code));
+                            state.metrics.count(code);
                         }
                         if !send(&mut sink, &reply).await { break; }
                     }
@@ -509,28 +510,6 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
     state.worker.leave(pid);
 }
 
-/// Error codes come from a fixed set; map them back to `'static` for the metrics table.
-fn static_code(code: &str) -> &'static str {
-    const CODES: &[&str] = &[
-        "not_joined",
-        "not_allowed",
-        "bad_sdp",
-        "too_many_producers",
-        "too_many_consumers",
-        "unknown_producer",
-        "unknown_consumer",
-        "codec_unknown",
-        "no_transport",
-        "bad_candidate",
-        "internal",
-    ];
-    CODES
-        .iter()
-        .find(|c| **c == code)
-        .copied()
-        .unwrap_or("other")
-}
-
 async fn handle_request(
     state: &AppState,
     pid: &ParticipantId,
@@ -544,7 +523,8 @@ async fn handle_request(
     };
     match msg {
         ClientMessage::Join { .. } => ServerMessage::error(None, "not_allowed", "already joined"),
-        ClientMessage::Leave => ServerMessage::Pong { request_id: None },
+        // The connection loop closes on `leave` before dispatching requests here.
+        ClientMessage::Leave => ServerMessage::Ok { request_id: 0 },
         ClientMessage::Ping { request_id } => ServerMessage::Pong { request_id },
         ClientMessage::Publish { request_id, sdp } => match w.publish(p, sdp).await {
             Ok(pb) => ServerMessage::Published {
@@ -635,12 +615,4 @@ async fn handle_request(
             consumer_id,
         } => ok_or(request_id, w.close_consumer(p, consumer_id).await),
     }
-}
-
-/// Seconds since the epoch, for logs and tokens.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
 }

@@ -213,7 +213,8 @@ pub enum ServerMessage {
     Error {
         #[serde(skip_serializing_if = "Option::is_none")]
         request_id: Option<u64>,
-        code: String,
+        /// One of the codes in docs/signaling.md; also the metrics label.
+        code: &'static str,
         message: String,
     },
     #[serde(rename_all = "camelCase")]
@@ -253,10 +254,10 @@ pub struct PublishedProducer {
 }
 
 impl ServerMessage {
-    pub fn error(request_id: Option<u64>, code: &str, message: impl Into<String>) -> Self {
+    pub fn error(request_id: Option<u64>, code: &'static str, message: impl Into<String>) -> Self {
         ServerMessage::Error {
             request_id,
-            code: code.into(),
+            code,
             message: message.into(),
         }
     }
