@@ -4,6 +4,7 @@
 //! Every struct rejects unknown keys, and [`NodeConfig::validate`] rejects values that parse but
 //! make no sense, naming the key so an operator can fix the file.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -29,6 +30,57 @@ pub struct NodeConfig {
     /// Pipes to other nodes; without it the node runs alone.
     #[serde(default)]
     pub mesh: Option<MeshSection>,
+    /// How clients are sent to the nearest edge (`GET /v1/edge`).
+    #[serde(default)]
+    pub routing: RoutingSection,
+}
+
+/// Edge selection and client location (see docs/routing.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingSection {
+    /// `nearest` (region by distance and weight, then least loaded node) or `least_loaded`.
+    #[serde(default)]
+    pub selector: crate::mesh::selector::SelectorKind,
+    /// A MaxMind DB City file (GeoLite2-City.mmdb, GeoIP2-City.mmdb). Unset: the built-in
+    /// development table (`regions/geoip-dev.csv`), which places only reserved test addresses.
+    #[serde(default)]
+    pub geoip_file: Option<PathBuf>,
+    /// Region for clients whose address has no location (private or unknown addresses).
+    #[serde(default)]
+    pub default_region: Option<RegionId>,
+    /// Let a client without a known location ask for a region (`/v1/edge?region=`).
+    #[serde(default)]
+    pub allow_region_hint: bool,
+    /// Proxies whose `X-Forwarded-For` / `Forwarded` headers are believed, as networks
+    /// (`10.0.0.0/8`). Headers from any other peer are ignored.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::cidr::Cidr>,
+    /// Region weights (default 1): a region's distance is divided by its weight, so 2 makes
+    /// it attract clients from twice as far.
+    #[serde(default)]
+    pub region_weights: HashMap<RegionId, f64>,
+    /// Country code (ISO 3166-1 alpha-2, e.g. `KE`) to region, when network paths disagree
+    /// with geography. Checked before continents.
+    #[serde(default)]
+    pub country_overrides: HashMap<String, RegionId>,
+    /// Continent code (AF AN AS EU NA OC SA) to region.
+    #[serde(default)]
+    pub continent_overrides: HashMap<String, RegionId>,
+}
+
+/// Finding peers in DNS (see docs/membership.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverySection {
+    /// SRV name listing the mesh's nodes, e.g. `_meridian._udp.mesh.example.com.`.
+    pub srv_name: String,
+    /// Name servers (`ip:port`) to ask; empty uses the system's resolver configuration.
+    #[serde(default)]
+    pub servers: Vec<SocketAddr>,
+    /// Seconds between lookups; also the longest a DNS answer is cached.
+    #[serde(default = "default_discovery_interval")]
+    pub interval_secs: u64,
 }
 
 /// QUIC pipes between nodes, authenticated by a cluster CA (`meridian ca ...`).
@@ -37,9 +89,17 @@ pub struct NodeConfig {
 pub struct MeshSection {
     /// UDP address of the pipe endpoint, e.g. `0.0.0.0:7100`.
     pub listen: SocketAddr,
-    /// Pipe addresses of nodes this node dials. List each pair of nodes on one side only.
+    /// Pipe address other nodes reach this one on; defaults to `listen` (which must then not
+    /// be a wildcard when discovery is on). Discovery matches it against DNS answers.
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// Static peers: the whole peer list without `discovery`, the fallback before DNS has
+    /// answered with it. Listing a pair on both sides is fine: one pipe is kept.
     #[serde(default)]
     pub peers: Vec<SocketAddr>,
+    /// Find peers in DNS SRV/TXT records.
+    #[serde(default)]
+    pub discovery: Option<DiscoverySection>,
     /// The cluster CA certificate (PEM).
     pub ca_file: PathBuf,
     /// This node's certificate (PEM), issued by the cluster CA.
@@ -69,6 +129,11 @@ pub struct NodeSection {
 pub struct SignalingSection {
     /// Address the HTTP/WebSocket server binds, e.g. `0.0.0.0:7001`.
     pub listen: SocketAddr,
+    /// WebSocket URL clients use to reach this node from outside (`wss://in-1.example.com/v1/ws`),
+    /// handed out by `/v1/edge`. Defaults to `ws://<listen>/v1/ws`, which needs a non-wildcard
+    /// `listen`.
+    #[serde(default)]
+    pub public_url: Option<String>,
     /// Largest accepted signaling message in bytes; larger ones close the connection (1009).
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
@@ -148,6 +213,12 @@ pub struct LimitsSection {
     /// Consumers one participant may hold.
     #[serde(default = "default_max_consumers")]
     pub max_consumers_per_participant: usize,
+    /// Consumers on the whole node at which it counts as full for routing.
+    #[serde(default = "default_node_consumers")]
+    pub max_consumers: usize,
+    /// Fraction of the machine's CPU (0..=1) at which the node counts as full for routing.
+    #[serde(default = "default_max_cpu")]
+    pub max_cpu: f64,
 }
 
 impl Default for LimitsSection {
@@ -157,6 +228,8 @@ impl Default for LimitsSection {
             max_participants_per_session: default_max_participants(),
             max_producers_per_participant: default_max_producers(),
             max_consumers_per_participant: default_max_consumers(),
+            max_consumers: default_node_consumers(),
+            max_cpu: default_max_cpu(),
         }
     }
 }
@@ -190,6 +263,15 @@ fn default_max_producers() -> usize {
 }
 fn default_max_consumers() -> usize {
     32
+}
+fn default_node_consumers() -> usize {
+    20_000
+}
+fn default_max_cpu() -> f64 {
+    0.85
+}
+fn default_discovery_interval() -> u64 {
+    5
 }
 
 /// Why a configuration could not be used.
@@ -345,9 +427,106 @@ impl NodeConfig {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        if l.max_consumers == 0 {
+            return Err(invalid("limits.max_consumers", "must be at least 1"));
+        }
+        if !(l.max_cpu > 0.0 && l.max_cpu <= 1.0) {
+            return Err(invalid(
+                "limits.max_cpu",
+                "must be a fraction of the machine in (0, 1]",
+            ));
+        }
+        match &self.signaling.public_url {
+            Some(u) if !(u.starts_with("ws://") || u.starts_with("wss://")) => {
+                return Err(invalid(
+                    "signaling.public_url",
+                    "must be a ws:// or wss:// URL, e.g. wss://in-1.example.com/v1/ws",
+                ))
+            }
+            None if self.signaling.listen.ip().is_unspecified() => {
+                return Err(invalid(
+                    "signaling.public_url",
+                    "must be set when signaling.listen is a wildcard address",
+                ))
+            }
+            _ => {}
+        }
+        if let Some(m) = &self.mesh {
+            if let Some(d) = &m.discovery {
+                if d.srv_name.trim().is_empty() {
+                    return Err(invalid("mesh.discovery.srv_name", "must not be empty"));
+                }
+                if d.interval_secs == 0 {
+                    return Err(invalid(
+                        "mesh.discovery.interval_secs",
+                        "must be at least 1",
+                    ));
+                }
+                if m.advertise.is_none() && m.listen.ip().is_unspecified() {
+                    return Err(invalid(
+                        "mesh.advertise",
+                        "must be set when mesh.listen is a wildcard and discovery is on",
+                    ));
+                }
+            }
+        }
+        let r = &self.routing;
+        for (region, w) in &r.region_weights {
+            if !(w.is_finite() && *w > 0.0) {
+                return Err(invalid(
+                    "routing.region_weights",
+                    format!("weight of {region} must be a positive number"),
+                ));
+            }
+        }
+        for code in r.country_overrides.keys() {
+            if code.len() != 2 || !code.chars().all(|c| c.is_ascii_alphabetic()) {
+                return Err(invalid(
+                    "routing.country_overrides",
+                    format!("{code:?} is not an ISO 3166-1 alpha-2 country code"),
+                ));
+            }
+        }
+        for code in r.continent_overrides.keys() {
+            if !CONTINENTS.contains(&code.to_ascii_uppercase().as_str()) {
+                return Err(invalid(
+                    "routing.continent_overrides",
+                    format!("{code:?} is not one of {}", CONTINENTS.join(" ")),
+                ));
+            }
+        }
         Ok(())
     }
+
+    /// The WebSocket URL clients use to join this node.
+    pub fn signaling_url(&self, bound: SocketAddr) -> String {
+        self.signaling
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("ws://{bound}/v1/ws"))
+    }
+
+    /// The routing policy, with override codes in upper case.
+    pub fn routing_policy(&self) -> crate::mesh::selector::RoutingPolicy {
+        let r = &self.routing;
+        let upper = |m: &HashMap<String, RegionId>| {
+            m.iter()
+                .map(|(k, v)| (k.to_ascii_uppercase(), v.clone()))
+                .collect()
+        };
+        crate::mesh::selector::RoutingPolicy {
+            selector: r.selector,
+            default_region: r.default_region.clone(),
+            allow_region_hint: r.allow_region_hint,
+            region_weights: r.region_weights.clone(),
+            country_overrides: upper(&r.country_overrides),
+            continent_overrides: upper(&r.continent_overrides),
+        }
+    }
 }
+
+/// MaxMind continent codes.
+const CONTINENTS: [&str; 7] = ["AF", "AN", "AS", "EU", "NA", "OC", "SA"];
 
 fn env_source() -> config::Environment {
     config::Environment::with_prefix("MERIDIAN")

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod bench;
+pub mod cidr;
 pub mod client;
 pub mod config;
 pub mod ids;

@@ -386,6 +386,8 @@ async fn dev() -> anyhow::Result<()> {
     for (i, (mut cfg, f)) in configs.into_iter().zip(files).enumerate() {
         cfg.mesh = Some(MeshSection {
             listen: ([127, 0, 0, 1], DEV_PIPE_PORTS[i]).into(),
+            advertise: None,
+            discovery: None,
             peers: DEV_PIPE_PORTS[..i]
                 .iter()
                 .map(|&p| ([127, 0, 0, 1], p).into())

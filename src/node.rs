@@ -1,11 +1,19 @@
 //! One Meridian node: media worker plus signaling server, started from a [`NodeConfig`].
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 use crate::auth::TokenVerifier;
 use crate::config::{ConfigError, NodeConfig};
 use crate::ids::{NodeId, RegionId};
+use crate::mesh::discovery::DnsDiscovery;
+use crate::mesh::geo::{GeoDb, GeoError};
+use crate::mesh::load::{Capacity, LoadMeter};
+use crate::mesh::membership::{MemberView, NodeInfo};
 use crate::mesh::{self, tls::NodeTls, MeshConfig, MeshHandle};
 use crate::sfu::{spawn_worker, WorkerConfig, WorkerHandle};
 use crate::signaling::{self, AppState, SignalingMetrics};
@@ -24,6 +32,8 @@ pub enum StartError {
     Mesh(#[from] mesh::MeshError),
     #[error("cannot load the mesh certificates: {0}")]
     MeshTls(#[from] mesh::tls::TlsError),
+    #[error(transparent)]
+    Geo(#[from] GeoError),
     #[error("cannot bind signaling on {addr}: {source} (is signaling.listen in use?)")]
     Signaling {
         addr: SocketAddr,
@@ -41,7 +51,11 @@ pub struct Node {
     /// Pipes to other nodes, when `[mesh]` is configured.
     pub mesh: Option<MeshHandle>,
     pub metrics: std::sync::Arc<SignalingMetrics>,
+    draining: Arc<AtomicBool>,
+    members: watch::Receiver<Arc<Vec<MemberView>>>,
     server: tokio::task::JoinHandle<()>,
+    /// Publishes the membership of a node without a mesh.
+    solo: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Node {
@@ -66,20 +80,6 @@ impl Node {
             addr: listen,
             source,
         })?;
-        let mesh = match (&cfg.mesh, mesh_tls) {
-            (Some(m), Some(tls)) => Some(mesh::start(
-                MeshConfig {
-                    node: cfg.node_id(),
-                    region: cfg.node.region.clone(),
-                    listen: m.listen,
-                    tls,
-                    peers: m.peers.clone(),
-                },
-                worker.clone(),
-                mesh_rx,
-            )?),
-            _ => None,
-        };
         let listener = tokio::net::TcpListener::bind(cfg.signaling.listen)
             .await
             .map_err(|source| StartError::Signaling {
@@ -92,6 +92,76 @@ impl Node {
                 addr: cfg.signaling.listen,
                 source,
             })?;
+        let geo = Arc::new(match &cfg.routing.geoip_file {
+            Some(path) => GeoDb::open(path)?,
+            None => GeoDb::dev(),
+        });
+        let info = NodeInfo {
+            node: cfg.node_id(),
+            region: cfg.node.region.clone(),
+            signaling_url: cfg.signaling_url(signaling_addr),
+            latitude: cfg.node.latitude,
+            longitude: cfg.node.longitude,
+            pipe_addr: cfg.mesh.as_ref().and_then(|m| m.advertise),
+        };
+        let capacity = Capacity {
+            max_sessions: cfg.limits.max_sessions,
+            max_consumers: cfg.limits.max_consumers,
+            max_cpu: cfg.limits.max_cpu,
+        };
+        let draining = Arc::new(AtomicBool::new(false));
+        let mesh = match (&cfg.mesh, mesh_tls) {
+            (Some(m), Some(tls)) => Some(mesh::start(
+                MeshConfig {
+                    info: info.clone(),
+                    listen: m.listen,
+                    tls,
+                    peers: m.peers.clone(),
+                    discovery: m.discovery.as_ref().map(|d| DnsDiscovery {
+                        name: d.srv_name.clone(),
+                        servers: d.servers.clone(),
+                        interval: Duration::from_secs(d.interval_secs),
+                    }),
+                    capacity,
+                    draining: draining.clone(),
+                },
+                worker.clone(),
+                mesh_rx,
+            )?),
+            _ => None,
+        };
+        let (members, solo) = match &mesh {
+            Some(m) => (m.watch_members(), None),
+            None => {
+                let (tx, rx) = watch::channel(Arc::new(vec![mesh::local_view(
+                    &info,
+                    Default::default(),
+                    false,
+                )]));
+                let mut meter = LoadMeter::new(worker.shared_stats(), capacity);
+                let draining = draining.clone();
+                let task = tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_millis(250));
+                    let mut last = std::time::Instant::now();
+                    loop {
+                        tick.tick().await;
+                        let now = std::time::Instant::now();
+                        let load = if now.duration_since(last) >= Duration::from_secs(1) {
+                            last = now;
+                            meter.sample(now)
+                        } else {
+                            tx.borrow().first().map(|v| v.load).unwrap_or_default()
+                        };
+                        let view =
+                            Arc::new(vec![mesh::local_view(&info, load, draining.load(Relaxed))]);
+                        if tx.send(view).is_err() {
+                            break;
+                        }
+                    }
+                });
+                (rx, Some(task))
+            }
+        };
         let metrics = std::sync::Arc::new(SignalingMetrics::default());
         let pipes = mesh.as_ref().map(|m| {
             let m = m.reports();
@@ -107,6 +177,14 @@ impl Node {
             region: cfg.node.region.clone(),
             node: cfg.node_id(),
             pipes,
+            edge: Arc::new(signaling::edge::EdgeRouting {
+                geo,
+                policy: cfg.routing_policy(),
+                trusted_proxies: cfg.routing.trusted_proxies.clone(),
+                members: members.clone(),
+                metrics: Default::default(),
+            }),
+            mesh_stats: mesh.as_ref().map(|m| m.stats.clone()),
         };
         let app = signaling::router(state).into_make_service_with_connect_info::<SocketAddr>();
         let server = tokio::spawn(async move {
@@ -122,8 +200,22 @@ impl Node {
             worker,
             mesh,
             metrics,
+            draining,
+            members,
             server,
+            solo,
         })
+    }
+
+    /// Stops (or resumes) taking new sessions: routing skips a draining node, its peers learn
+    /// within a heartbeat; sessions already here carry on.
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Relaxed);
+    }
+
+    /// The mesh as this node sees it, itself first.
+    pub fn members(&self) -> Arc<Vec<MemberView>> {
+        self.members.borrow().clone()
     }
 
     /// Base URL of the signaling server.
@@ -140,6 +232,9 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.server.abort();
+        if let Some(t) = &self.solo {
+            t.abort();
+        }
         if let Some(m) = &self.mesh {
             m.shutdown();
         }

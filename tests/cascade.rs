@@ -259,6 +259,8 @@ async fn a_node_with_a_foreign_certificate_is_refused_on_both_sides() {
     cfg.node.region = "mallory".parse().unwrap();
     cfg.mesh = Some(meridian::config::MeshSection {
         listen: "127.0.0.1:0".parse().unwrap(),
+        advertise: None,
+        discovery: None,
         peers: vec![india.mesh.as_ref().unwrap().local_addr],
         ca_file: f.ca_file,
         cert_file: f.cert_file,

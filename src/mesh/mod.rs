@@ -7,19 +7,28 @@
 //! bypass the core: the worker sends datagrams itself, and each pipe's datagram reader hands
 //! received frames straight to the worker.
 
+pub mod discovery;
+pub mod geo;
+pub mod load;
+pub mod membership;
+pub mod selector;
 pub mod tls;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
-use crate::ids::{NodeId, ProducerId, RegionId, SessionId};
+use discovery::{DnsDiscovery, PeerRecord, PeerResolver};
+use load::{Capacity, LoadMeter};
+use membership::{Load, MemberView, Membership, NodeInfo, HEARTBEAT_EVERY};
+
+use crate::ids::{NodeId, ProducerId, SessionId};
 use crate::sfu::{Command, MeshEvent, PipeCounters, PipeId, PipeLink, WorkerHandle};
 use tls::{NodeTls, TlsError, CLUSTER_SERVER_NAME};
 use wire::{Control, ProducerAnnouncement, MAX_CONTROL, WIRE_VERSION};
@@ -27,13 +36,17 @@ use wire::{Control, ProducerAnnouncement, MAX_CONTROL, WIRE_VERSION};
 /// What the mesh of one node needs.
 #[derive(Clone)]
 pub struct MeshConfig {
-    pub node: NodeId,
-    pub region: RegionId,
+    /// This node as its peers see it. A `pipe_addr` of `None` means the bound address.
+    pub info: NodeInfo,
     /// UDP address of this node's QUIC endpoint.
     pub listen: SocketAddr,
     pub tls: NodeTls,
-    /// Nodes this node dials (each pair of nodes needs to be listed on one side only).
+    /// Static peers: all of them without discovery, the fallback until DNS answers with it.
     pub peers: Vec<SocketAddr>,
+    pub discovery: Option<DnsDiscovery>,
+    pub capacity: Capacity,
+    /// Set by the operator: take no new sessions.
+    pub draining: Arc<AtomicBool>,
 }
 
 /// Why the mesh could not start.
@@ -46,6 +59,8 @@ pub enum MeshError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Discovery(#[from] discovery::DiscoveryError),
 }
 
 /// Mesh-wide counters.
@@ -56,6 +71,12 @@ pub struct MeshStats {
     pub handshakes_refused: AtomicU64,
     /// Control messages that did not decode; the pipe carrying them is closed.
     pub control_errors: AtomicU64,
+    /// DNS lookups that failed (the last good answer stays in force).
+    pub discovery_errors: AtomicU64,
+    /// Peers in the last DNS answer.
+    pub peers_discovered: AtomicU64,
+    /// Peers declared down for missing heartbeats.
+    pub peers_silent: AtomicU64,
 }
 
 /// A pipe's figures, for metrics and routing.
@@ -88,9 +109,20 @@ pub struct MeshHandle {
     pub stats: Arc<MeshStats>,
     registry: Arc<Mutex<HashMap<PipeId, PipeEntry>>>,
     endpoint: quinn::Endpoint,
+    members: watch::Receiver<Arc<Vec<MemberView>>>,
 }
 
 impl MeshHandle {
+    /// The current membership, this node first.
+    pub fn members(&self) -> Arc<Vec<MemberView>> {
+        self.members.borrow().clone()
+    }
+
+    /// A receiver of membership changes (for routing).
+    pub fn watch_members(&self) -> watch::Receiver<Arc<Vec<MemberView>>> {
+        self.members.clone()
+    }
+
     /// Open pipes with their current figures.
     pub fn pipes(&self) -> Vec<PipeReport> {
         reports(&self.registry)
@@ -142,7 +174,9 @@ fn reports(registry: &Mutex<HashMap<PipeId, PipeEntry>>) -> Vec<PipeReport> {
 enum Internal {
     Ready {
         pipe: PipeId,
-        node: NodeId,
+        info: NodeInfo,
+        /// This node dialed the pipe.
+        dialer: bool,
         conn: quinn::Connection,
         out: mpsc::UnboundedSender<Bytes>,
     },
@@ -153,6 +187,19 @@ enum Internal {
     Closed {
         pipe: PipeId,
     },
+    /// A DNS answer: the peers this node should be connected to.
+    Discovered(Vec<PeerRecord>),
+}
+
+/// The view of a node that is alone (no peers yet, or no mesh at all).
+pub fn local_view(info: &NodeInfo, load: Load, draining: bool) -> MemberView {
+    MemberView {
+        info: info.clone(),
+        load,
+        draining,
+        local: true,
+        rtt: None,
+    }
 }
 
 /// Starts the endpoint, the dialers and the core.
@@ -173,17 +220,26 @@ pub fn start(
         addr: cfg.listen,
         source,
     })?;
+    let resolver = match &cfg.discovery {
+        Some(d) => Some((PeerResolver::new(d)?, d.interval)),
+        None => None,
+    };
+    let mut info = cfg.info.clone();
+    if info.pipe_addr.is_none() && !local_addr.ip().is_unspecified() {
+        info.pipe_addr = Some(local_addr);
+    }
     let stats = Arc::new(MeshStats::default());
     let registry = Arc::new(Mutex::new(HashMap::new()));
     let (itx, irx) = mpsc::unbounded_channel();
     let next_pipe = Arc::new(AtomicU64::new(1));
+    let connected = Arc::new(Mutex::new(HashSet::new()));
     let ctx = PipeCtx {
-        node: cfg.node.clone(),
-        region: cfg.region.clone(),
+        hello: hello(&info),
         worker: worker.clone(),
-        internal: itx,
+        internal: itx.clone(),
         stats: stats.clone(),
         next_pipe,
+        connected: connected.clone(),
     };
     // Incoming pipes.
     {
@@ -195,7 +251,9 @@ pub fn start(
                 tokio::spawn(async move {
                     let remote = incoming.remote_address();
                     match incoming.await {
-                        Ok(conn) => ctx.run_pipe(conn, false).await,
+                        Ok(conn) => {
+                            ctx.run_pipe(conn, false).await;
+                        }
                         Err(e) => {
                             ctx.stats.handshakes_refused.fetch_add(1, Relaxed);
                             tracing::warn!(peer = %remote, error = %e, "refused a pipe handshake");
@@ -205,31 +263,55 @@ pub fn start(
             }
         });
     }
-    // Outgoing pipes, re-dialed while the node runs.
-    for addr in cfg.peers.clone() {
-        let endpoint = endpoint.clone();
-        let ctx = ctx.clone();
+    let mut dialers = Dialers {
+        endpoint: endpoint.clone(),
+        ctx: ctx.clone(),
+        running: HashMap::new(),
+    };
+    dialers.set_targets(
+        &info,
+        cfg.peers
+            .iter()
+            .map(|&addr| PeerRecord {
+                addr,
+                node: None,
+                region: None,
+                version: None,
+            })
+            .collect(),
+    );
+    if let Some((resolver, interval)) = resolver {
+        let itx = itx.clone();
+        let stats = stats.clone();
         tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                match endpoint.connect(addr, CLUSTER_SERVER_NAME) {
-                    Ok(connecting) => match connecting.await {
-                        Ok(conn) => ctx.run_pipe(conn, true).await,
-                        Err(e) => {
-                            ctx.stats.handshakes_refused.fetch_add(1, Relaxed);
-                            tracing::warn!(peer = %addr, error = %e, "pipe handshake failed");
+                tick.tick().await;
+                match resolver.resolve().await {
+                    Ok(peers) => {
+                        stats.peers_discovered.store(peers.len() as u64, Relaxed);
+                        if itx.send(Internal::Discovered(peers)).is_err() {
+                            break;
                         }
-                    },
+                    }
                     Err(e) => {
-                        tracing::warn!(peer = %addr, error = %e, "cannot dial peer");
+                        stats.discovery_errors.fetch_add(1, Relaxed);
+                        tracing::warn!(error = %e, "peer discovery failed; keeping the last answer");
                     }
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
             }
         });
     }
+    let (views_tx, views_rx) = watch::channel(Arc::new(vec![local_view(
+        &info,
+        Load::default(),
+        cfg.draining.load(Relaxed),
+    )]));
     let core = Core {
-        node: cfg.node.clone(),
-        worker,
+        node: info.node.clone(),
+        info: info.clone(),
+        worker: worker.clone(),
         stats: stats.clone(),
         registry: registry.clone(),
         pipes: HashMap::new(),
@@ -237,42 +319,138 @@ pub fn start(
         active: HashSet::new(),
         producers: HashMap::new(),
         participants: HashMap::new(),
+        membership: Membership::new(),
+        load: LoadMeter::new(worker.shared_stats(), cfg.capacity),
+        local_load: Load::default(),
+        draining: cfg.draining.clone(),
+        sent_draining: false,
+        last_heartbeat: None,
+        views: views_tx,
+        discovered: None,
+        dialers,
+        connected,
     };
     tokio::spawn(core.run(events, irx));
-    tracing::info!(node = %cfg.node, addr = %local_addr, peers = cfg.peers.len(), "mesh started");
+    tracing::info!(node = %info.node, addr = %local_addr, peers = cfg.peers.len(), dns = cfg.discovery.is_some(), "mesh started");
     Ok(MeshHandle {
         local_addr,
         stats,
         registry,
         endpoint,
+        members: views_rx,
     })
+}
+
+fn hello(info: &NodeInfo) -> Control {
+    Control::Hello {
+        version: WIRE_VERSION,
+        node: info.node.clone(),
+        region: info.region.clone(),
+        signaling_url: info.signaling_url.clone(),
+        latitude: info.latitude,
+        longitude: info.longitude,
+        pipe_addr: info.pipe_addr.map(|a| a.to_string()),
+    }
+}
+
+/// Longest pause between dial attempts to an unreachable or refusing peer.
+const MAX_REDIAL: Duration = Duration::from_secs(8);
+
+/// The dialing side of the mesh: one task per peer address, re-dialing while the address is a
+/// target. A dialer whose peer is already connected (it dialed us) waits instead of dialing.
+struct Dialers {
+    endpoint: quinn::Endpoint,
+    ctx: PipeCtx,
+    running: HashMap<SocketAddr, tokio::task::JoinHandle<()>>,
+}
+
+impl Dialers {
+    /// Dials exactly these peers from now on. Of two nodes that know each other's ids, the one
+    /// with the lower id dials, so a pair makes one pipe, not two.
+    fn set_targets(&mut self, me: &NodeInfo, peers: Vec<PeerRecord>) {
+        let wanted: HashMap<SocketAddr, Option<NodeId>> = peers
+            .into_iter()
+            .filter(|p| Some(p.addr) != me.pipe_addr && p.node.as_ref() != Some(&me.node))
+            .filter(|p| p.node.as_ref().is_none_or(|n| me.node < *n))
+            .map(|p| (p.addr, p.node))
+            .collect();
+        self.running.retain(|addr, task| {
+            let keep = wanted.contains_key(addr);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (addr, node) in wanted {
+            if self.running.contains_key(&addr) {
+                continue;
+            }
+            let endpoint = self.endpoint.clone();
+            let ctx = self.ctx.clone();
+            let task = tokio::spawn(async move {
+                let mut known = node;
+                let mut pause = Duration::from_secs(1);
+                loop {
+                    let connected = known.as_ref().is_some_and(|n| {
+                        ctx.connected.lock().map(|c| c.contains(n)).unwrap_or(false)
+                    });
+                    if !connected {
+                        match endpoint.connect(addr, CLUSTER_SERVER_NAME) {
+                            Ok(connecting) => match connecting.await {
+                                Ok(conn) => {
+                                    if let Some(n) = ctx.run_pipe(conn, true).await {
+                                        known = Some(n);
+                                        pause = Duration::from_secs(1);
+                                    }
+                                }
+                                Err(e) => {
+                                    ctx.stats.handshakes_refused.fetch_add(1, Relaxed);
+                                    tracing::debug!(peer = %addr, error = %e, "pipe handshake failed");
+                                }
+                            },
+                            Err(e) => {
+                                tracing::warn!(peer = %addr, error = %e, "cannot dial peer");
+                            }
+                        }
+                    }
+                    tokio::time::sleep(pause).await;
+                    if !connected {
+                        pause = (pause * 2).min(MAX_REDIAL);
+                    }
+                }
+            });
+            self.running.insert(addr, task);
+        }
+    }
+}
+
+impl Drop for Dialers {
+    fn drop(&mut self) {
+        for task in self.running.values() {
+            task.abort();
+        }
+    }
 }
 
 /// What every pipe task shares.
 #[derive(Clone)]
 struct PipeCtx {
-    node: NodeId,
-    region: RegionId,
+    hello: Control,
     worker: WorkerHandle,
     internal: mpsc::UnboundedSender<Internal>,
     stats: Arc<MeshStats>,
     next_pipe: Arc<AtomicU64>,
+    /// Nodes with an open pipe (kept by the core), so dialers do not dial them again.
+    connected: Arc<Mutex<HashSet<NodeId>>>,
 }
 
 /// How long the `Hello` exchange may take before the pipe is given up.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl PipeCtx {
-    fn hello(&self) -> Control {
-        Control::Hello {
-            version: WIRE_VERSION,
-            node: self.node.clone(),
-            region: self.region.clone(),
-        }
-    }
-
-    /// Runs one established connection until it closes.
-    async fn run_pipe(&self, conn: quinn::Connection, dialer: bool) {
+    /// Runs one established connection until it closes. Returns the peer's node id when the
+    /// Hello exchange succeeded.
+    async fn run_pipe(&self, conn: quinn::Connection, dialer: bool) -> Option<NodeId> {
         let peer = conn.remote_address();
         // quinn reports a successful handshake even when the server then refuses our client
         // certificate; only the Hello exchange proves the pipe is accepted on both sides.
@@ -282,7 +460,7 @@ impl PipeCtx {
             } else {
                 conn.accept_bi().await?
             };
-            send.write_all(&self.hello().encode()).await?;
+            send.write_all(&self.hello.encode()).await?;
             let first = read_control(&mut recv).await?;
             Ok::<_, PipeSetupError>((send, recv, first))
         })
@@ -296,34 +474,52 @@ impl PipeCtx {
                     .map(|r| r.to_string())
                     .unwrap_or_else(|| e.to_string());
                 tracing::warn!(peer = %peer, reason = %reason, "pipe refused or broken during setup");
-                return;
+                return None;
             }
             Err(_) => {
                 self.stats.handshakes_refused.fetch_add(1, Relaxed);
                 tracing::warn!(peer = %peer, "no Hello from peer in time");
                 conn.close(1u32.into(), b"no hello");
-                return;
+                return None;
             }
         };
-        let Control::Hello { version, node, .. } = first else {
+        let Control::Hello {
+            version,
+            node,
+            region,
+            signaling_url,
+            latitude,
+            longitude,
+            pipe_addr,
+        } = first
+        else {
             self.stats.control_errors.fetch_add(1, Relaxed);
             conn.close(2u32.into(), b"first message must be hello");
-            return;
+            return None;
         };
         if version != WIRE_VERSION {
             tracing::warn!(peer = %peer, version, "peer speaks another pipe protocol version");
             conn.close(3u32.into(), b"unsupported version");
-            return;
+            return None;
         }
+        let info = NodeInfo {
+            node: node.clone(),
+            region,
+            signaling_url,
+            latitude,
+            longitude,
+            pipe_addr: pipe_addr.and_then(|a| a.parse().ok()),
+        };
         let pipe = self.next_pipe.fetch_add(1, Relaxed);
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
         let _ = self.internal.send(Internal::Ready {
             pipe,
-            node: node.clone(),
+            info,
+            dialer,
             conn: conn.clone(),
             out: out_tx,
         });
-        tracing::info!(pipe, peer = %peer, node = %node, "pipe established");
+        tracing::debug!(pipe, peer = %peer, node = %node, "pipe handshake done");
         let writer = tokio::spawn(async move {
             while let Some(b) = out_rx.recv().await {
                 if send.write_all(&b).await.is_err() {
@@ -363,7 +559,15 @@ impl PipeCtx {
         writer.abort();
         datagrams.abort();
         let _ = self.internal.send(Internal::Closed { pipe });
+        Some(node)
     }
+}
+
+/// Whether a DNS answer lists this peer, by node id or by pipe address.
+fn published(peers: &[PeerRecord], info: &NodeInfo) -> bool {
+    peers
+        .iter()
+        .any(|r| r.node.as_ref() == Some(&info.node) || Some(r.addr) == info.pipe_addr)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -401,6 +605,9 @@ async fn read_control(recv: &mut quinn::RecvStream) -> Result<Control, PipeSetup
 
 struct PipeState {
     node: NodeId,
+    info: NodeInfo,
+    /// Which end dialed: of duplicate pipes, both ends keep the one the lower id dialed.
+    dialed_by: NodeId,
     out: mpsc::UnboundedSender<Bytes>,
     conn: quinn::Connection,
     /// Sessions the far end hosts.
@@ -421,7 +628,23 @@ struct Core {
     /// Local participants by session, likewise.
     participants:
         HashMap<SessionId, HashMap<crate::ids::ParticipantId, crate::sfu::ParticipantInfo>>,
+    info: NodeInfo,
+    membership: Membership,
+    load: LoadMeter,
+    local_load: Load,
+    draining: Arc<AtomicBool>,
+    /// Drain state in the last heartbeat sent.
+    sent_draining: bool,
+    last_heartbeat: Option<Instant>,
+    views: watch::Sender<Arc<Vec<MemberView>>>,
+    /// The last DNS answer; `None` without discovery or before the first answer.
+    discovered: Option<Vec<PeerRecord>>,
+    dialers: Dialers,
+    connected: Arc<Mutex<HashSet<NodeId>>>,
 }
+
+/// How often the core checks heartbeats, drain state and silence.
+const TICK: Duration = Duration::from_millis(250);
 
 impl Core {
     async fn run(
@@ -429,8 +652,11 @@ impl Core {
         mut events: mpsc::UnboundedReceiver<MeshEvent>,
         mut internal: mpsc::UnboundedReceiver<Internal>,
     ) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = tick.tick() => self.on_tick(Instant::now()),
                 ev = events.recv() => match ev {
                     Some(ev) => self.on_event(ev),
                     None => break,
@@ -561,72 +787,186 @@ impl Core {
         match msg {
             Internal::Ready {
                 pipe,
-                node,
+                info,
+                dialer,
                 conn,
                 out,
-            } => {
-                if node == self.node {
-                    conn.close(5u32.into(), b"connected to itself");
-                    return;
-                }
-                if self.by_node.contains_key(&node) {
-                    // Both ends dialed: keep the pipe that exists.
-                    conn.close(6u32.into(), b"duplicate pipe");
-                    return;
-                }
-                let counters = Arc::new(PipeCounters::default());
-                if let Ok(mut reg) = self.registry.lock() {
-                    reg.insert(
-                        pipe,
-                        PipeEntry {
-                            node: node.clone(),
-                            conn: conn.clone(),
-                            counters: counters.clone(),
-                        },
-                    );
-                }
-                self.worker.mesh_command(Command::PipeUp {
-                    pipe,
-                    link: PipeLink {
-                        conn: conn.clone(),
-                        node: node.clone(),
-                        counters,
-                    },
-                });
-                self.by_node.insert(node.clone(), pipe);
-                self.pipes.insert(
-                    pipe,
-                    PipeState {
-                        node,
-                        out,
-                        conn,
-                        interests: HashSet::new(),
-                    },
-                );
-                self.stats.pipes_open.fetch_add(1, Relaxed);
-                for session in &self.active {
-                    self.send(
-                        pipe,
-                        &Control::Interest {
-                            session: session.clone(),
-                        },
-                    );
-                }
-            }
-            Internal::Closed { pipe } => {
-                if let Some(p) = self.pipes.remove(&pipe) {
-                    self.by_node.remove(&p.node);
-                    p.conn.close(0u32.into(), b"closed");
-                    self.stats.pipes_open.fetch_sub(1, Relaxed);
-                    if let Ok(mut reg) = self.registry.lock() {
-                        reg.remove(&pipe);
-                    }
-                    self.worker.mesh_command(Command::PipeDown { pipe });
-                    tracing::info!(pipe, node = %p.node, "pipe closed");
-                }
-            }
+            } => self.on_ready(pipe, info, dialer, conn, out),
+            Internal::Closed { pipe } => self.drop_pipe(pipe, 0, b"closed"),
+            Internal::Discovered(peers) => self.on_discovered(peers),
             Internal::Control { pipe, msg } => self.on_control(pipe, msg),
         }
+    }
+
+    /// A pipe finished its Hello: admit it as a member, or refuse it.
+    fn on_ready(
+        &mut self,
+        pipe: PipeId,
+        info: NodeInfo,
+        dialer: bool,
+        conn: quinn::Connection,
+        out: mpsc::UnboundedSender<Bytes>,
+    ) {
+        let node = info.node.clone();
+        if node == self.node {
+            conn.close(5u32.into(), b"connected to itself");
+            return;
+        }
+        if let Some(peers) = &self.discovered {
+            if !published(peers, &info) {
+                tracing::info!(node = %node, "refusing a pipe from a node not published in DNS");
+                conn.close(8u32.into(), b"not in discovery");
+                return;
+            }
+        }
+        let dialed_by = if dialer {
+            self.node.clone()
+        } else {
+            node.clone()
+        };
+        if let Some(&old) = self.by_node.get(&node) {
+            let old_alive = self.pipes[&old].conn.close_reason().is_none();
+            if old_alive && self.pipes[&old].dialed_by <= dialed_by {
+                conn.close(6u32.into(), b"duplicate pipe");
+                return;
+            }
+            // Both ends keep the pipe the lower id dialed; the other one goes.
+            self.drop_pipe(old, 6, b"duplicate pipe");
+        }
+        let counters = Arc::new(PipeCounters::default());
+        if let Ok(mut reg) = self.registry.lock() {
+            reg.insert(
+                pipe,
+                PipeEntry {
+                    node: node.clone(),
+                    conn: conn.clone(),
+                    counters: counters.clone(),
+                },
+            );
+        }
+        self.worker.mesh_command(Command::PipeUp {
+            pipe,
+            link: PipeLink {
+                conn: conn.clone(),
+                node: node.clone(),
+                counters,
+            },
+        });
+        self.by_node.insert(node.clone(), pipe);
+        if let Ok(mut c) = self.connected.lock() {
+            c.insert(node.clone());
+        }
+        self.membership
+            .handle_joined(Instant::now(), pipe, info.clone());
+        // Tell the new member our load and drain state at once rather than within a second.
+        let _ = out.send(
+            Control::Heartbeat {
+                load: self.local_load,
+                draining: self.sent_draining,
+            }
+            .encode(),
+        );
+        self.pipes.insert(
+            pipe,
+            PipeState {
+                node: node.clone(),
+                info,
+                dialed_by,
+                out,
+                conn,
+                interests: HashSet::new(),
+            },
+        );
+        self.stats.pipes_open.fetch_add(1, Relaxed);
+        tracing::info!(pipe, node = %node, "pipe established");
+        for session in &self.active {
+            self.send(
+                pipe,
+                &Control::Interest {
+                    session: session.clone(),
+                },
+            );
+        }
+        self.publish_views();
+    }
+
+    /// Forgets a pipe: its remote producers and participants go from every session here.
+    fn drop_pipe(&mut self, pipe: PipeId, code: u32, reason: &'static [u8]) {
+        let Some(p) = self.pipes.remove(&pipe) else {
+            return;
+        };
+        if self.by_node.get(&p.node) == Some(&pipe) {
+            self.by_node.remove(&p.node);
+            if let Ok(mut c) = self.connected.lock() {
+                c.remove(&p.node);
+            }
+        }
+        p.conn.close(code.into(), reason);
+        self.stats.pipes_open.fetch_sub(1, Relaxed);
+        if let Ok(mut reg) = self.registry.lock() {
+            reg.remove(&pipe);
+        }
+        self.membership.handle_pipe_closed(pipe);
+        self.worker.mesh_command(Command::PipeDown { pipe });
+        tracing::info!(pipe, node = %p.node, reason = %String::from_utf8_lossy(reason), "pipe closed");
+        self.publish_views();
+    }
+
+    /// A new DNS answer: dial what is new, drop what is gone.
+    fn on_discovered(&mut self, peers: Vec<PeerRecord>) {
+        let gone: Vec<PipeId> = self
+            .pipes
+            .iter()
+            .filter(|(_, p)| !published(&peers, &p.info))
+            .map(|(&id, _)| id)
+            .collect();
+        for pipe in gone {
+            self.drop_pipe(pipe, 9, b"removed from discovery");
+        }
+        self.dialers.set_targets(&self.info, peers.clone());
+        self.discovered = Some(peers);
+    }
+
+    /// Heartbeats out, silent peers down, membership published.
+    fn on_tick(&mut self, now: Instant) {
+        let draining = self.draining.load(Relaxed);
+        let due = self
+            .last_heartbeat
+            .is_none_or(|t| now.saturating_duration_since(t) >= HEARTBEAT_EVERY);
+        if due || draining != self.sent_draining {
+            self.local_load = self.load.sample(now);
+            self.sent_draining = draining;
+            self.last_heartbeat = Some(now);
+            let msg = Control::Heartbeat {
+                load: self.local_load,
+                draining,
+            }
+            .encode();
+            for p in self.pipes.values() {
+                let _ = p.out.send(msg.clone());
+            }
+        }
+        for (node, pipe) in self.membership.poll_silent(now) {
+            self.stats.peers_silent.fetch_add(1, Relaxed);
+            tracing::warn!(node = %node, pipe, "peer silent for 3 s: declaring it down");
+            self.drop_pipe(pipe, 7, b"heartbeat timeout");
+        }
+        self.publish_views();
+    }
+
+    fn publish_views(&self) {
+        let local = local_view(&self.info, self.local_load, self.sent_draining);
+        let views = self
+            .membership
+            .views(local, |pipe| self.pipes.get(&pipe).map(|p| p.conn.rtt()));
+        self.views.send_if_modified(|v| {
+            if **v == views {
+                false
+            } else {
+                *v = Arc::new(views);
+                true
+            }
+        });
     }
 
     fn on_control(&mut self, pipe: PipeId, msg: Control) {
@@ -636,6 +976,10 @@ impl Core {
         let w = &self.worker;
         match msg {
             Control::Hello { .. } => {}
+            Control::Heartbeat { load, draining } => {
+                self.membership
+                    .handle_heartbeat(Instant::now(), pipe, load, draining);
+            }
             Control::Interest { session } => {
                 state.interests.insert(session.clone());
                 if let Some(m) = self.participants.get(&session) {

@@ -212,6 +212,22 @@ pub enum Control {
         version: u8,
         node: NodeId,
         region: RegionId,
+        /// Where clients join the sender, its site, and the pipe address it is published under.
+        #[serde(default)]
+        signaling_url: String,
+        #[serde(default)]
+        latitude: f64,
+        #[serde(default)]
+        longitude: f64,
+        /// `ip:port` text (MessagePack has no address type).
+        #[serde(default)]
+        pipe_addr: Option<String>,
+    },
+    /// Sent every second on every pipe, and at once when the drain state changes. Silence
+    /// for three seconds means the sender is down.
+    Heartbeat {
+        load: super::membership::Load,
+        draining: bool,
     },
     /// The sender hosts participants of `session`: announce its producers to the sender.
     Interest {
@@ -387,6 +403,19 @@ mod tests {
                 version: 1,
                 node: "india-1".parse().unwrap(),
                 region: "india".parse().unwrap(),
+                signaling_url: "wss://in-1.example.com/v1/ws".into(),
+                latitude: 19.07,
+                longitude: 72.87,
+                pipe_addr: Some("10.0.0.5:7100".into()),
+            },
+            Control::Heartbeat {
+                load: super::super::membership::Load {
+                    cpu: 0.5,
+                    consumers: 40,
+                    factor: 0.5,
+                    ..Default::default()
+                },
+                draining: true,
             },
             Control::Consume {
                 producer: "pr-1".parse().unwrap(),

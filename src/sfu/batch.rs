@@ -27,6 +27,8 @@ const MAX_PER_CALL: usize = 512;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Flushed {
     pub sent: usize,
+    /// Payload bytes of the datagrams sent.
+    pub bytes: usize,
     pub failed: usize,
     pub syscalls: usize,
 }
@@ -111,6 +113,10 @@ impl SendBatch {
                 continue;
             }
             out.sent += r as usize;
+            out.bytes += self.iovs[at..at + r as usize]
+                .iter()
+                .map(|v| v.iov_len)
+                .sum::<usize>();
             at += (r as usize).max(1).min(count);
             if r == 0 {
                 out.failed += 1;
@@ -221,6 +227,7 @@ mod tests {
             f,
             Flushed {
                 sent: 10,
+                bytes: 10 * 100,
                 failed: 0,
                 syscalls: 1
             }

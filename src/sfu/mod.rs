@@ -371,6 +371,8 @@ pub(crate) enum Command {
 pub struct WorkerStats {
     pub datagrams_in: AtomicU64,
     pub datagrams_out: AtomicU64,
+    /// Bytes of the datagrams sent to clients.
+    pub bytes_out: AtomicU64,
     pub datagrams_unroutable: AtomicU64,
     pub datagrams_oversized: AtomicU64,
     pub rtp_in: AtomicU64,
@@ -415,6 +417,11 @@ impl WorkerHandle {
 
     pub fn stats(&self) -> &WorkerStats {
         &self.stats
+    }
+
+    /// The counters, shared, for holders that outlive a borrow (the load meter).
+    pub fn shared_stats(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
     }
 
     async fn call<T, E>(

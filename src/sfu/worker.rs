@@ -607,6 +607,7 @@ impl Worker {
         }
         let f = self.batch.flush(self.socket.as_raw_fd());
         self.stats.datagrams_out.fetch_add(f.sent as u64, Relaxed);
+        self.stats.bytes_out.fetch_add(f.bytes as u64, Relaxed);
         self.stats.send_errors.fetch_add(f.failed as u64, Relaxed);
         self.stats
             .send_syscalls

@@ -1,6 +1,7 @@
 //! The service edge: HTTP + WebSocket signaling, the browser SDK and demo pages, health and
 //! Prometheus metrics. It authenticates, parses and relays; media state lives in the SFU worker.
 
+pub mod edge;
 pub mod protocol;
 
 use std::collections::BTreeMap;
@@ -56,6 +57,10 @@ pub struct AppState {
     pub node: NodeId,
     /// Pipe figures for `/metrics`, when the node is part of a mesh.
     pub pipes: Option<Arc<dyn Fn() -> Vec<crate::mesh::PipeReport> + Send + Sync>>,
+    /// Edge selection for `/v1/edge`.
+    pub edge: Arc<edge::EdgeRouting>,
+    /// Mesh counters, when the node is part of a mesh.
+    pub mesh_stats: Option<Arc<crate::mesh::MeshStats>>,
 }
 
 const SDK_JS: &str = include_str!("../../web/sdk/meridian.js");
@@ -71,6 +76,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/ws", get(ws_upgrade))
+        .route("/v1/edge", get(edge::edge))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route(
@@ -238,7 +244,92 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             }
         }
     }
+    membership_metrics(&s, &labels, &mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Membership, discovery and routing figures.
+fn membership_metrics(s: &AppState, labels: &str, out: &mut String) {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let members = s.edge.members.borrow().clone();
+    let _ = write!(
+        out,
+        "# HELP meridian_members Nodes in the mesh as this node sees it, itself included
+meridian_members{{{labels}}} {}
+",
+        members.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP meridian_member_load Load factor of each member (1 = at capacity)"
+    );
+    for m in members.iter() {
+        let _ = writeln!(
+            out,
+            "meridian_member_load{{{labels},member=\"{}\",member_region=\"{}\",draining=\"{}\"}} {:.3}",
+            m.info.node, m.info.region, m.draining, m.load.factor
+        );
+    }
+    let e = &s.edge.metrics;
+    let _ = writeln!(
+        out,
+        "# HELP meridian_edge_decisions_total Edge answers given, by why the first node was chosen"
+    );
+    for (reason, c) in [
+        ("nearest", &e.nearest),
+        ("override", &e.overridden),
+        ("hint", &e.hinted),
+        ("default", &e.defaulted),
+        ("unlocated", &e.unlocated),
+        ("leastLoaded", &e.least_loaded),
+    ] {
+        let _ = writeln!(
+            out,
+            "meridian_edge_decisions_total{{{labels},reason=\"{reason}\"}} {}",
+            c.load(Relaxed)
+        );
+    }
+    for (name, help, v) in [
+        (
+            "meridian_edge_unavailable_total",
+            "Edge requests refused because every node was draining, down or full",
+            e.no_edge.load(Relaxed),
+        ),
+        (
+            "meridian_edge_untrusted_forwarding_total",
+            "Forwarding headers ignored because the sender is not a trusted proxy",
+            e.untrusted_forwarding.load(Relaxed),
+        ),
+    ] {
+        let _ = write!(out, "# HELP {name} {help}\n{name}{{{labels}}} {v}\n");
+    }
+    if let Some(m) = &s.mesh_stats {
+        for (name, help, v) in [
+            (
+                "meridian_discovery_errors_total",
+                "DNS discovery lookups that failed",
+                m.discovery_errors.load(Relaxed),
+            ),
+            (
+                "meridian_discovery_peers",
+                "Peers in the last DNS answer",
+                m.peers_discovered.load(Relaxed),
+            ),
+            (
+                "meridian_peers_silent_total",
+                "Peers declared down after missing heartbeats",
+                m.peers_silent.load(Relaxed),
+            ),
+            (
+                "meridian_pipe_handshakes_refused_total",
+                "Pipe handshakes refused or failed",
+                m.handshakes_refused.load(Relaxed),
+            ),
+        ] {
+            let _ = write!(out, "# HELP {name} {help}\n{name}{{{labels}}} {v}\n");
+        }
+    }
 }
 
 async fn ws_upgrade(

@@ -118,6 +118,8 @@ pub async fn mesh_node(
     cfg.node.region = region.parse().unwrap();
     cfg.mesh = Some(meridian::config::MeshSection {
         listen: "127.0.0.1:0".parse().unwrap(),
+        advertise: None,
+        discovery: None,
         peers,
         ca_file: files.ca_file,
         cert_file: files.cert_file,

@@ -25,7 +25,16 @@ async function main() {
     setState("no token in URL", "bad");
     return;
   }
-  const client = new MeridianClient({ url: params.get("ws") || undefined, token });
+  // #route=1 asks this node's /v1/edge for the nearest edge and joins there.
+  const client = new MeridianClient({
+    url: params.get("ws") || undefined,
+    route: params.get("route") === "1" ? true : params.get("route") || undefined,
+    regionHint: params.get("region") || undefined,
+    token,
+  });
+  client.addEventListener("edge", (e) =>
+    log("EDGE", { node: e.detail.joined.node, region: e.detail.joined.region, reason: e.detail.reason }),
+  );
   client.addEventListener("connectionstate", (e) => {
     log("STATE", e.detail);
     if (e.detail.state === "connected") setState("connected", "ok");

@@ -8,6 +8,13 @@
 //     const { track } = await client.subscribe(e.detail.producerId, e.detail.kind);
 //   });
 //
+// Nearest edge: pass `route` (the base URL of any node, or `true` for the page's own origin)
+// instead of `url`, and connect() first asks that node's `GET /v1/edge` where to go, then joins
+// the chosen edge, trying the alternates in order if it cannot be reached:
+//
+//   const client = new MeridianClient({ route: "https://any-node.example", token });
+//   await client.connect();            // client.edge says which node was chosen, and why
+//
 // Two peer connections per client, as in LiveKit: one to publish (the client offers its
 // tracks), one to receive (the client offers a recvonly m-line per subscription). The node is
 // ICE-lite and always answers, so no candidates need to be sent to it.
@@ -29,9 +36,12 @@ export class MeridianError extends Error {
 }
 
 export class MeridianClient extends EventTarget {
-  constructor({ url, token, iceServers = [] }) {
+  constructor({ url, route, regionHint, token, iceServers = [] }) {
     super();
     this.url = url || defaultUrl();
+    this.route = route === true ? location.origin : route || null;
+    this.regionHint = regionHint || null;
+    this.edge = null; // the /v1/edge answer when routing was used
     this.token = token;
     this.iceServers = iceServers;
     this.ws = null;
@@ -47,13 +57,53 @@ export class MeridianClient extends EventTarget {
     this.closed = false;
   }
 
-  /** Opens the signaling connection and joins the token's session. */
-  connect() {
+  /**
+   * Opens the signaling connection and joins the token's session: on the edge chosen by
+   * `/v1/edge` when `route` was given (alternates tried in order), else on `url`.
+   */
+  async connect() {
+    if (!this.route) return this._join(this.url);
+    const query = this.regionHint ? `?region=${encodeURIComponent(this.regionHint)}` : "";
+    let answer = null;
+    try {
+      const res = await fetch(`${this.route.replace(/\/$/, "")}/v1/edge${query}`, { cache: "no-store" });
+      const body = await res.json();
+      if (!res.ok) throw new MeridianError(body.error?.code || "routing", body.error?.message || `HTTP ${res.status}`);
+      answer = body;
+    } catch (e) {
+      if (e instanceof MeridianError && e.code === "noEdge") throw e;
+      // Routing unavailable: join where we were pointed.
+      this._emit("routingfailed", { message: String(e.message || e) });
+      return this._join(this.url);
+    }
+    this.edge = answer;
+    const candidates = [answer.edge, ...answer.alternates];
+    let lastError = null;
+    for (const candidate of candidates) {
+      try {
+        const joined = await this._join(candidate.url);
+        this.edge = { ...answer, joined: candidate };
+        this._emit("edge", this.edge);
+        return joined;
+      } catch (e) {
+        lastError = e;
+        // Only an unreachable node moves us on; a refusal (bad token, full session) is final.
+        if (e.code !== "unreachable") throw e;
+      }
+    }
+    throw lastError;
+  }
+
+  _join(url) {
+    this.url = url;
+    this.closed = false;
     return new Promise((resolve, reject) => {
-      const ws = new WebSocket(this.url);
+      const ws = new WebSocket(url);
+      let opened = false;
       this.ws = ws;
       let joined = false;
       ws.onopen = () => {
+        opened = true;
         ws.send(JSON.stringify({ type: "join", version: PROTOCOL_VERSION, token: this.token }));
       };
       ws.onmessage = (ev) => {
@@ -82,7 +132,8 @@ export class MeridianClient extends EventTarget {
           rej(new MeridianError("closed", `signaling closed (${ev.code})`));
         }
         this.pending.clear();
-        if (!joined) reject(new MeridianError("closed", `signaling closed (${ev.code} ${ev.reason})`));
+        if (!joined && !opened) reject(new MeridianError("unreachable", `cannot reach ${url}`));
+        else if (!joined) reject(new MeridianError("closed", `signaling closed (${ev.code} ${ev.reason})`));
         this._emit("closed", { code: ev.code, reason: ev.reason });
       };
       ws.onerror = () => {};

@@ -1,0 +1,239 @@
+//! Membership: which nodes are in the mesh right now, where they are, how loaded they are and
+//! whether they accept new sessions. Protocol logic only: the mesh core feeds it pipe events
+//! and heartbeats with the time, and asks it which peers have gone silent. No sockets, no clock.
+//!
+//! A member is a node with an established pipe (its `Hello` received). Every node sends a
+//! heartbeat on each pipe once a second; a peer not heard from for [`FAILURE_AFTER`] is
+//! declared down even if its QUIC connection has not timed out yet, and the driver closes its
+//! pipe, which cleans the peer's remote state out of every session on this node.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{NodeId, RegionId};
+use crate::sfu::PipeId;
+
+/// How often each node sends a heartbeat on every pipe.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// Silence after which a peer is declared down (three missed heartbeats).
+pub const FAILURE_AFTER: Duration = Duration::from_secs(3);
+
+/// What a node tells its peers about itself when a pipe opens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node: NodeId,
+    pub region: RegionId,
+    /// WebSocket URL clients use to join this node, e.g. `wss://in-1.example.com/v1/ws`.
+    pub signaling_url: String,
+    pub latitude: f64,
+    pub longitude: f64,
+    /// Pipe address this node is reachable on (what discovery publishes for it).
+    pub pipe_addr: Option<SocketAddr>,
+}
+
+/// A node's load, sent in every heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    /// Fraction of the machine's CPU the node used over the last interval (0..=1).
+    pub cpu: f32,
+    pub sessions: u32,
+    pub participants: u32,
+    pub producers: u32,
+    pub consumers: u32,
+    /// Media bits per second sent to clients and pipes.
+    pub bitrate_out: u64,
+    /// Load relative to the node's capacity: 1.0 means full. The largest of CPU over its
+    /// limit, sessions over `limits.max_sessions` and consumers over `limits.max_consumers`.
+    pub factor: f32,
+}
+
+/// One member as routing sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberView {
+    pub info: NodeInfo,
+    pub load: Load,
+    /// Draining nodes keep their sessions but get no new ones.
+    pub draining: bool,
+    /// This node itself.
+    pub local: bool,
+    /// Smoothed round-trip time of the pipe to it (none for the local node).
+    pub rtt: Option<Duration>,
+}
+
+struct Peer {
+    info: NodeInfo,
+    pipe: PipeId,
+    load: Load,
+    draining: bool,
+    last_heard: Instant,
+}
+
+/// The peers this node has heard from.
+pub struct Membership {
+    peers: HashMap<NodeId, Peer>,
+}
+
+impl Default for Membership {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Membership {
+    pub fn new() -> Self {
+        Membership {
+            peers: HashMap::new(),
+        }
+    }
+
+    /// A pipe to `info.node` completed its Hello exchange.
+    pub fn handle_joined(&mut self, now: Instant, pipe: PipeId, info: NodeInfo) {
+        self.peers.insert(
+            info.node.clone(),
+            Peer {
+                info,
+                pipe,
+                load: Load::default(),
+                draining: false,
+                last_heard: now,
+            },
+        );
+    }
+
+    /// A heartbeat arrived on `pipe`. Heartbeats on a pipe that is not the member's current one
+    /// (a replaced duplicate) are ignored.
+    pub fn handle_heartbeat(&mut self, now: Instant, pipe: PipeId, load: Load, draining: bool) {
+        if let Some(p) = self.peers.values_mut().find(|p| p.pipe == pipe) {
+            p.load = load;
+            p.draining = draining;
+            p.last_heard = now;
+        }
+    }
+
+    /// The pipe closed: the member is gone.
+    pub fn handle_pipe_closed(&mut self, pipe: PipeId) -> Option<NodeId> {
+        let node = self
+            .peers
+            .iter()
+            .find(|(_, p)| p.pipe == pipe)
+            .map(|(n, _)| n.clone())?;
+        self.peers.remove(&node);
+        Some(node)
+    }
+
+    /// Peers silent for longer than [`FAILURE_AFTER`]: removed here, and their pipes returned so
+    /// the driver closes them.
+    pub fn poll_silent(&mut self, now: Instant) -> Vec<(NodeId, PipeId)> {
+        let silent: Vec<(NodeId, PipeId)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.last_heard) > FAILURE_AFTER)
+            .map(|(n, p)| (n.clone(), p.pipe))
+            .collect();
+        for (n, _) in &silent {
+            self.peers.remove(n);
+        }
+        silent
+    }
+
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// Every member, this node first, peers in node id order. `rtt` gives a pipe's RTT.
+    pub fn views(
+        &self,
+        local: MemberView,
+        rtt: impl Fn(PipeId) -> Option<Duration>,
+    ) -> Vec<MemberView> {
+        let mut peers: Vec<&Peer> = self.peers.values().collect();
+        peers.sort_by(|a, b| a.info.node.cmp(&b.info.node));
+        std::iter::once(local)
+            .chain(peers.into_iter().map(|p| MemberView {
+                info: p.info.clone(),
+                load: p.load,
+                draining: p.draining,
+                local: false,
+                rtt: rtt(p.pipe),
+            }))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(node: &str, region: &str) -> NodeInfo {
+        NodeInfo {
+            node: node.parse().unwrap(),
+            region: region.parse().unwrap(),
+            signaling_url: format!("ws://{node}/v1/ws"),
+            latitude: 0.0,
+            longitude: 0.0,
+            pipe_addr: None,
+        }
+    }
+
+    fn local() -> MemberView {
+        MemberView {
+            info: info("a-1", "a"),
+            load: Load::default(),
+            draining: false,
+            local: true,
+            rtt: None,
+        }
+    }
+
+    #[test]
+    fn silent_peer_is_declared_down_after_three_missed_heartbeats() {
+        let t0 = Instant::now();
+        let mut m = Membership::new();
+        m.handle_joined(t0, 1, info("b-1", "b"));
+        m.handle_joined(t0, 2, info("c-1", "c"));
+        for s in 1..=10u64 {
+            let now = t0 + Duration::from_secs(s);
+            // b keeps talking, c went quiet after joining.
+            m.handle_heartbeat(now, 1, Load::default(), false);
+            let down = m.poll_silent(now);
+            if s <= 3 {
+                assert!(down.is_empty(), "at {s}s");
+            } else if s == 4 {
+                assert_eq!(down, vec![("c-1".parse().unwrap(), 2)]);
+            } else {
+                assert!(down.is_empty());
+            }
+        }
+        let views = m.views(local(), |_| None);
+        let nodes: Vec<&str> = views.iter().map(|v| v.info.node.as_str()).collect();
+        assert_eq!(nodes, ["a-1", "b-1"]);
+    }
+
+    #[test]
+    fn heartbeats_carry_load_and_drain_state() {
+        let t0 = Instant::now();
+        let mut m = Membership::new();
+        m.handle_joined(t0, 7, info("b-1", "b"));
+        let load = Load {
+            consumers: 12,
+            factor: 0.25,
+            ..Load::default()
+        };
+        m.handle_heartbeat(t0, 7, load, true);
+        // A heartbeat on an unknown pipe (a duplicate being replaced) changes nothing.
+        m.handle_heartbeat(t0, 8, Load::default(), false);
+        let v = m.views(local(), |p| Some(Duration::from_millis(p)));
+        assert_eq!(v[1].load, load);
+        assert!(v[1].draining);
+        assert_eq!(v[1].rtt, Some(Duration::from_millis(7)));
+        assert_eq!(m.handle_pipe_closed(7), Some("b-1".parse().unwrap()));
+        assert!(m.is_empty());
+    }
+}

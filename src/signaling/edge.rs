@@ -1,0 +1,309 @@
+//! `GET /v1/edge`: which node a client should join. Any node answers, from its membership
+//! view and its GeoIP database; the client then opens its WebSocket to the chosen node.
+//!
+//! The client's address is the socket peer's, unless the peer is a configured trusted proxy:
+//! then the `Forwarded` (RFC 7239) or `X-Forwarded-For` chain is walked from the right, past
+//! trusted proxies, to the first address that is not one. Headers from anyone else are
+//! ignored, so a client cannot choose where it appears to be.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::AppState;
+use crate::cidr::{normalize, Cidr};
+use crate::ids::{NodeId, RegionId};
+use crate::mesh::geo::GeoDb;
+use crate::mesh::membership::MemberView;
+use crate::mesh::selector::{self, Reason, RoutingPolicy};
+
+/// What `/v1/edge` needs.
+pub struct EdgeRouting {
+    pub geo: Arc<GeoDb>,
+    pub policy: RoutingPolicy,
+    pub trusted_proxies: Vec<Cidr>,
+    pub members: watch::Receiver<Arc<Vec<MemberView>>>,
+    pub metrics: EdgeMetrics,
+}
+
+/// Routing counters for `/metrics`.
+#[derive(Default)]
+pub struct EdgeMetrics {
+    pub nearest: AtomicU64,
+    pub overridden: AtomicU64,
+    pub hinted: AtomicU64,
+    pub defaulted: AtomicU64,
+    pub unlocated: AtomicU64,
+    pub least_loaded: AtomicU64,
+    /// Requests refused because no node could take a session.
+    pub no_edge: AtomicU64,
+    /// Forwarding headers ignored because the peer is not a trusted proxy.
+    pub untrusted_forwarding: AtomicU64,
+}
+
+impl EdgeMetrics {
+    fn count(&self, reason: Reason) {
+        match reason {
+            Reason::Nearest => &self.nearest,
+            Reason::Override => &self.overridden,
+            Reason::Hint => &self.hinted,
+            Reason::Default => &self.defaulted,
+            Reason::Unlocated => &self.unlocated,
+            Reason::LeastLoaded => &self.least_loaded,
+        }
+        .fetch_add(1, Relaxed);
+    }
+}
+
+/// The address a request comes from: the peer's, or from forwarding headers when the peer is
+/// a trusted proxy.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+    let peer = normalize(peer);
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+    if !is_trusted(peer) {
+        return peer;
+    }
+    let chain = forwarded_chain(headers);
+    let mut client = peer;
+    // Right to left: each hop was appended by the proxy in front of it.
+    for hop in chain.iter().rev() {
+        let Some(ip) = hop else {
+            // An obfuscated or malformed hop: nothing left of it can be trusted.
+            break;
+        };
+        client = normalize(*ip);
+        if !is_trusted(client) {
+            break;
+        }
+    }
+    client
+}
+
+/// Whether the request carries forwarding headers at all.
+fn has_forwarding(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::FORWARDED) || headers.contains_key("x-forwarded-for")
+}
+
+/// Hops of `Forwarded` (preferred) or `X-Forwarded-For`, left to right; `None` for a hop that
+/// is not an IP address (`unknown`, `_hidden`, garbage).
+fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
+    let forwarded: Vec<&str> = headers
+        .get_all(header::FORWARDED)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if !forwarded.is_empty() {
+        return forwarded
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(|element| {
+                element
+                    .split(';')
+                    .filter_map(|pair| pair.trim().split_once('='))
+                    .find(|(k, _)| k.eq_ignore_ascii_case("for"))
+                    .and_then(|(_, v)| parse_node(v.trim().trim_matches('"')))
+            })
+            .collect();
+    }
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .flat_map(|v| {
+            v.to_str()
+                .unwrap_or("")
+                .split(',')
+                .map(|s| parse_node(s.trim()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// `192.0.2.1`, `192.0.2.1:4711`, `[2001:db8::1]:4711`, `2001:db8::1`.
+fn parse_node(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    s.strip_prefix('[')
+        .and_then(|r| r.split_once(']'))
+        .and_then(|(ip, _)| ip.parse().ok())
+}
+
+#[derive(Deserialize)]
+pub(super) struct EdgeQuery {
+    region: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EdgeNode {
+    node: NodeId,
+    region: RegionId,
+    url: String,
+    load: f32,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClientPlace {
+    country: Option<String>,
+    continent: Option<String>,
+    city: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EdgeAnswer {
+    edge: EdgeNode,
+    alternates: Vec<EdgeNode>,
+    reason: Reason,
+    /// Where GeoIP placed the client; `null` when unknown. Coordinates are not echoed.
+    client: Option<ClientPlace>,
+    /// The node that answered.
+    answered_by: NodeId,
+}
+
+fn error(status: StatusCode, code: &'static str, message: String) -> Response {
+    (
+        status,
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        ],
+        Json(serde_json::json!({ "error": { "code": code, "message": message } })),
+    )
+        .into_response()
+}
+
+pub(super) async fn edge(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Query(q): Query<EdgeQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let r = &s.edge;
+    let hint = match q.region.as_deref() {
+        None | Some("") => None,
+        Some(text) => match text.parse::<RegionId>() {
+            Ok(region) => Some(region),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "badRegion",
+                    format!("`region` query parameter: {e}"),
+                )
+            }
+        },
+    };
+    let ip = client_ip(peer.ip(), &headers, &r.trusted_proxies);
+    if ip == normalize(peer.ip()) && has_forwarding(&headers) {
+        r.metrics.untrusted_forwarding.fetch_add(1, Relaxed);
+    }
+    let place = r.geo.lookup(ip);
+    let members = r.members.borrow().clone();
+    let chosen = match selector::select(&r.policy, place.as_ref(), hint.as_ref(), &members) {
+        Ok(c) => c,
+        Err(e) => {
+            r.metrics.no_edge.fetch_add(1, Relaxed);
+            return error(StatusCode::SERVICE_UNAVAILABLE, "noEdge", e.to_string());
+        }
+    };
+    r.metrics.count(chosen.reason);
+    let node = |i: usize| {
+        let m = &members[i];
+        EdgeNode {
+            node: m.info.node.clone(),
+            region: m.info.region.clone(),
+            url: m.info.signaling_url.clone(),
+            load: m.load.factor,
+        }
+    };
+    let mut order = chosen.order.into_iter();
+    let Some(first) = order.next() else {
+        // select() never returns an empty order; answer as if no edge rather than panic.
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "noEdge",
+            "no node can take new sessions".into(),
+        );
+    };
+    let answer = EdgeAnswer {
+        edge: node(first),
+        alternates: order.map(node).collect(),
+        reason: chosen.reason,
+        client: place.map(|p| ClientPlace {
+            country: p.country,
+            continent: p.continent,
+            city: p.city,
+        }),
+        answered_by: s.node.clone(),
+    };
+    (
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        ],
+        Json(answer),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn forwarding_headers_from_untrusted_peers_are_ignored() {
+        let h = headers(&[("x-forwarded-for", "192.0.2.1")]);
+        assert_eq!(client_ip(ip("198.51.100.7"), &h, &[]), ip("198.51.100.7"));
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        assert_eq!(
+            client_ip(ip("198.51.100.7"), &h, &trusted),
+            ip("198.51.100.7")
+        );
+    }
+
+    #[test]
+    fn trusted_proxy_chain_is_walked_from_the_right() {
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        // The client forged the first entry; the proxies appended the real one.
+        let h = headers(&[("x-forwarded-for", "192.0.2.1, 203.0.113.5, 10.1.1.1")]);
+        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("203.0.113.5"));
+        let h = headers(&[(
+            "forwarded",
+            "for=192.0.2.1;proto=https, for=\"[2001:db8:4::9]:4711\"",
+        )]);
+        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("2001:db8:4::9"));
+        // A garbage hop stops the walk at the last trusted address.
+        let h = headers(&[("x-forwarded-for", "192.0.2.1, not-an-ip")]);
+        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("10.0.0.2"));
+        // Dual-stack sockets report IPv4 peers as mapped IPv6.
+        let h = headers(&[("x-forwarded-for", "192.0.2.1:5000")]);
+        assert_eq!(
+            client_ip(ip("::ffff:10.0.0.2"), &h, &trusted),
+            ip("192.0.2.1")
+        );
+    }
+}
