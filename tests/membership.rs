@@ -49,7 +49,11 @@ async fn dns_node(
 }
 
 fn member_ids(n: &Node) -> Vec<String> {
-    let mut ids: Vec<String> = n.members().iter().map(|m| m.info.node.to_string()).collect();
+    let mut ids: Vec<String> = n
+        .members()
+        .iter()
+        .map(|m| m.info.node.to_string())
+        .collect();
     ids.sort();
     ids
 }
@@ -90,7 +94,10 @@ async fn nodes_knowing_only_a_dns_server_form_a_full_mesh_and_follow_record_chan
     }
     // Members carry where their clients go and the site of their region.
     let view = nodes[0].members();
-    let us = view.iter().find(|m| m.info.node.as_str() == "us-1").unwrap();
+    let us = view
+        .iter()
+        .find(|m| m.info.node.as_str() == "us-1")
+        .unwrap();
     assert_eq!(us.info.region.as_str(), "us");
     assert_eq!(
         us.info.signaling_url,

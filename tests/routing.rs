@@ -1,0 +1,252 @@
+//! Nearest edge: `GET /v1/edge` on any node sends a client to the nearest healthy region by
+//! GeoIP (the built-in development database), skipping drained and dead nodes, believing
+//! forwarding headers only from trusted proxies.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::*;
+use meridian::config::NodeConfig;
+use meridian::node::Node;
+use serde_json::Value;
+
+/// Real sites of the three regions.
+const SITES: [(&str, f64, f64); 3] = [
+    ("india", 19.076, 72.8777),
+    ("europe", 50.1109, 8.6821),
+    ("us", 39.0438, -77.4874),
+];
+
+/// India, Europe and US joined by pipes, each configured by `tweak` as well.
+async fn routed_mesh(dir: &std::path::Path, tweak: impl Fn(&mut NodeConfig)) -> Vec<Node> {
+    let ids: Vec<meridian::ids::NodeId> = SITES
+        .iter()
+        .map(|(r, ..)| format!("{r}-1").parse().unwrap())
+        .collect();
+    let files = meridian::mesh::tls::write_cluster(dir, &ids).unwrap();
+    let mut nodes: Vec<Node> = Vec::new();
+    for ((region, lat, lon), f) in SITES.iter().zip(files) {
+        let mut cfg = test_config("127.0.0.1", "127.0.0.1");
+        cfg.node.region = region.parse().unwrap();
+        cfg.node.latitude = *lat;
+        cfg.node.longitude = *lon;
+        cfg.routing.default_region = Some("europe".parse().unwrap());
+        cfg.mesh = Some(meridian::config::MeshSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            discovery: None,
+            peers: nodes
+                .iter()
+                .map(|n| n.mesh.as_ref().unwrap().local_addr)
+                .collect(),
+            ca_file: f.ca_file,
+            cert_file: f.cert_file,
+            key_file: f.key_file,
+        });
+        tweak(&mut cfg);
+        cfg.validate().unwrap();
+        nodes.push(Node::start(cfg).await.unwrap());
+    }
+    wait_for(
+        "all members known everywhere",
+        Duration::from_secs(10),
+        || nodes.iter().all(|n| n.members().len() == 3),
+    )
+    .await;
+    nodes
+}
+
+fn trust_loopback(cfg: &mut NodeConfig) {
+    cfg.routing.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+}
+
+const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+/// Asks `node` for an edge, from `from`, with extra headers.
+async fn edge(node: &Node, from: IpAddr, path: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let (status, body) = http_get_as(node.signaling_addr, from, path, headers).await;
+    let v = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    (status, v)
+}
+
+/// The edge region chosen for a client behind a trusted proxy at `client`.
+async fn region_for(node: &Node, client: &str) -> (String, Value) {
+    let (status, v) = edge(node, LOCAL, "/v1/edge", &[("X-Forwarded-For", client)]).await;
+    assert_eq!(status, 200, "{v}");
+    (v["edge"]["region"].as_str().unwrap().to_owned(), v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_in_real_cities_are_sent_to_the_nearest_region_by_any_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = routed_mesh(dir.path(), trust_loopback).await;
+    // Addresses the development database places in these cities (regions/geoip-dev.csv).
+    let cases = [
+        ("192.0.2.1", "Mumbai", "india"),
+        ("192.0.2.17", "Bangalore", "india"),
+        ("192.0.2.33", "Singapore", "india"),
+        ("192.0.2.49", "Frankfurt", "europe"),
+        ("192.0.2.65", "London", "europe"),
+        ("192.0.2.81", "Madrid", "europe"),
+        ("192.0.2.97", "New York", "us"),
+        ("192.0.2.113", "Sao Paulo", "us"),
+        ("192.0.2.129", "Toronto", "us"),
+        ("2001:db8:4::77", "Frankfurt", "europe"),
+    ];
+    for node in &nodes {
+        for (addr, city, want) in cases {
+            let (region, v) = region_for(node, addr).await;
+            assert_eq!(region, want, "{city} asked {}: {v}", node.id);
+            assert_eq!(v["client"]["city"], city, "{v}");
+            assert_eq!(v["reason"], "nearest");
+            assert_eq!(v["answeredBy"], node.id.as_str());
+            // The edge URL is where that node's signaling listens.
+            let chosen = nodes.iter().find(|n| n.region.as_str() == want).unwrap();
+            assert_eq!(
+                v["edge"]["url"],
+                format!("ws://{}/v1/ws", chosen.signaling_addr)
+            );
+            // Every other node is an alternate, nearest first.
+            let alternates: Vec<&str> = v["alternates"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["region"].as_str().unwrap())
+                .collect();
+            assert_eq!(alternates.len(), 2, "{v}");
+            assert!(!alternates.contains(&want));
+        }
+    }
+    // Mumbai's alternates: Europe (6,560 km) before US (12,900 km).
+    let (_, v) = region_for(&nodes[2], "192.0.2.1").await;
+    assert_eq!(v["alternates"][0]["region"], "europe");
+    assert_eq!(v["alternates"][1]["region"], "us");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_or_dead_region_sends_its_clients_to_the_next_nearest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = routed_mesh(dir.path(), trust_loopback).await;
+    let mumbai = "192.0.2.1";
+    assert_eq!(region_for(&nodes[1], mumbai).await.0, "india");
+
+    // Draining India: every node learns it within a heartbeat and routes Mumbai to Europe.
+    nodes[0].set_draining(true);
+    for n in &nodes {
+        wait_for("India seen draining", Duration::from_secs(3), || {
+            n.members()
+                .iter()
+                .any(|m| m.info.node.as_str() == "india-1" && m.draining)
+        })
+        .await;
+        let (region, v) = region_for(n, mumbai).await;
+        assert_eq!(region, "europe", "{v}");
+        let alternates = v["alternates"].as_array().unwrap();
+        assert_eq!(alternates.len(), 1, "a draining node is no alternate: {v}");
+        assert_eq!(alternates[0]["region"], "us");
+    }
+    let metrics = http_get(&nodes[1], "/metrics").await;
+    assert!(
+        metrics.contains("member=\"india-1\",member_region=\"india\",draining=\"true\""),
+        "{metrics}"
+    );
+    nodes[0].set_draining(false);
+    wait_for("India back", Duration::from_secs(3), || {
+        nodes[2]
+            .members()
+            .iter()
+            .any(|m| m.info.node.as_str() == "india-1" && !m.draining)
+    })
+    .await;
+    assert_eq!(region_for(&nodes[2], mumbai).await.0, "india");
+
+    // India dies: its clients go to Europe.
+    drop(nodes.remove(0));
+    wait_for("India gone", Duration::from_secs(5), || {
+        nodes.iter().all(|n| n.members().len() == 2)
+    })
+    .await;
+    for n in &nodes {
+        assert_eq!(region_for(n, mumbai).await.0, "europe");
+        assert_eq!(region_for(n, "192.0.2.33").await.0, "europe", "Singapore");
+    }
+
+    // Everyone draining: no edge, a clear error.
+    for n in &nodes {
+        n.set_draining(true);
+    }
+    wait_for("all draining", Duration::from_secs(3), || {
+        nodes[0].members().iter().all(|m| m.draining)
+    })
+    .await;
+    let (status, v) = edge(&nodes[0], LOCAL, "/v1/edge", &[]).await;
+    assert_eq!(status, 503);
+    assert_eq!(v["error"]["code"], "noEdge", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    // Only 10.0.0.0/8 is a trusted proxy; the test client on 127.0.0.1 is not.
+    let nodes = routed_mesh(dir.path(), |cfg| {
+        cfg.routing.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    for headers in [
+        [("X-Forwarded-For", "192.0.2.1")],
+        [("Forwarded", "for=192.0.2.1")],
+    ] {
+        let (status, v) = edge(&nodes[2], LOCAL, "/v1/edge", &headers).await;
+        assert_eq!(status, 200);
+        // 127.0.0.1 has no place: the default region, whatever the header claims.
+        assert_eq!(v["reason"], "default", "{v}");
+        assert_eq!(v["edge"]["region"], "europe");
+        assert_eq!(v["client"], Value::Null);
+    }
+    let metrics = http_get(&nodes[2], "/metrics").await;
+    assert!(
+        metrics.contains("meridian_edge_untrusted_forwarding_total{region=\"us\",node=\"us-1\"} 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_address_places_the_client_and_hints_only_when_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = routed_mesh(dir.path(), |cfg| {
+        if cfg.node.region.as_str() == "us" {
+            cfg.routing.allow_region_hint = true;
+        }
+    })
+    .await;
+    // Loopback test blocks of the development database: 127.1/16 Mumbai, 127.5/16 Sao Paulo.
+    let (_, v) = edge(&nodes[1], "127.1.0.9".parse().unwrap(), "/v1/edge", &[]).await;
+    assert_eq!(v["edge"]["region"], "india", "{v}");
+    let (_, v) = edge(&nodes[0], "127.5.0.9".parse().unwrap(), "/v1/edge", &[]).await;
+    assert_eq!(v["edge"]["region"], "us", "{v}");
+    // An unplaced client's hint counts only where the operator allows hints.
+    let (_, v) = edge(&nodes[0], LOCAL, "/v1/edge?region=us", &[]).await;
+    assert_eq!(
+        (v["reason"].as_str(), v["edge"]["region"].as_str()),
+        (Some("default"), Some("europe"))
+    );
+    let (_, v) = edge(&nodes[2], LOCAL, "/v1/edge?region=india", &[]).await;
+    assert_eq!(
+        (v["reason"].as_str(), v["edge"]["region"].as_str()),
+        (Some("hint"), Some("india"))
+    );
+    // A placed client's hint is ignored: geography wins.
+    let (_, v) = edge(
+        &nodes[2],
+        "127.3.0.1".parse().unwrap(),
+        "/v1/edge?region=india",
+        &[],
+    )
+    .await;
+    assert_eq!(v["edge"]["region"], "us", "{v}");
+    let (status, v) = edge(&nodes[2], LOCAL, "/v1/edge?region=no%20such/region", &[]).await;
+    assert_eq!(status, 400);
+    assert_eq!(v["error"]["code"], "badRegion");
+}
