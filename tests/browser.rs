@@ -310,6 +310,69 @@ async fn firefox_user_and_chromium_agent_decode_each_others_video() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_follows_the_edge_answer_to_the_nearest_node_from_any_node() {
+    assert_isolated_network();
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = routed_mesh(dir.path(), |_| {}).await;
+    let (india, europe, us) = (&nodes[0], &nodes[1], &nodes[2]);
+    // The user's browser reaches the nodes through a SOCKS proxy whose connections leave from
+    // 127.1.0.7: the development GeoIP table puts that address in Mumbai.
+    let mumbai = common::socks::SocksProxy::start("127.1.0.7".parse().unwrap()).await;
+    let day = Duration::from_secs(3600);
+    let session = "kyc-routed";
+    let user_url = format!(
+        "{}/demo/user.html#token={}&route=1",
+        us.http_url(),
+        token(session, "alice", Role::User, day)
+    );
+    let user = Browser::open_with(
+        &user_url,
+        &[
+            format!("--proxy-server=socks5://{}", mumbai.addr),
+            // Chromium never proxies loopback unless told to.
+            "--proxy-bypass-list=<-loopback>".into(),
+        ],
+    );
+    // The agent has no place (127.0.0.1): the default region, Europe, whichever node it asks.
+    let agent_url = format!(
+        "{}/demo/agent.html#token={}&route=1",
+        india.http_url(),
+        token(session, "bob", Role::Agent, day)
+    );
+    let agent = Browser::open(&agent_url);
+    wait_until(
+        "both pages routed",
+        Duration::from_secs(30),
+        &[&user, &agent],
+        || !user.reports("EDGE").is_empty() && !agent.reports("EDGE").is_empty(),
+    )
+    .await;
+    let u = &user.reports("EDGE")[0];
+    assert_eq!(
+        (u["node"].as_str(), u["reason"].as_str()),
+        (Some("india-1"), Some("nearest")),
+        "asked US, placed in Mumbai: India"
+    );
+    let a = &agent.reports("EDGE")[0];
+    assert_eq!(
+        (a["node"].as_str(), a["reason"].as_str()),
+        (Some("europe-1"), Some("default")),
+        "asked India, no place: the default region"
+    );
+    // Joined where routed, and the call works across the pipe.
+    both_decoding("user (India) and agent (Europe) decoding", &user, &agent).await;
+    let participants = |n: &meridian::node::Node| {
+        n.worker
+            .stats()
+            .participants
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(participants(india), 1);
+    assert_eq!(participants(europe), 1);
+    assert_eq!(participants(us), 0);
+}
+
 #[test]
 fn console_lines_of_both_browsers_parse() {
     let chrome = r#"[1:2:INFO:CONSOLE(41)] "MERIDIAN_STATS {"role":"agent"}", source: http://127.0.0.1:1/demo/demo.js (41)"#;

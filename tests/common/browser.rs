@@ -61,6 +61,11 @@ pub struct Browser {
 
 impl Browser {
     pub fn open(url: &str) -> Browser {
+        Self::open_with(url, &[])
+    }
+
+    /// The page in Chromium started with extra command-line flags.
+    pub fn open_with(url: &str, extra: &[String]) -> Browser {
         let profile = tempfile::tempdir().unwrap();
         let tmp: PathBuf = profile.path().join("tmp");
         std::fs::create_dir_all(&tmp).unwrap();
@@ -83,6 +88,7 @@ impl Browser {
                 "--v=0",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
             .arg(url)
             .env("TMPDIR", &tmp)
             .stdin(Stdio::null())

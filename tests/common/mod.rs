@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod dns;
+pub mod socks;
 
 pub use meridian::client::peer::*;
 
@@ -127,6 +128,52 @@ pub async fn mesh_node(
         key_file: files.key_file,
     });
     Node::start(cfg).await.expect("node starts")
+}
+
+/// Real sites of the three regions.
+pub const SITES: [(&str, f64, f64); 3] = [
+    ("india", 19.076, 72.8777),
+    ("europe", 50.1109, 8.6821),
+    ("us", 39.0438, -77.4874),
+];
+
+/// India, Europe and US joined by pipes, each configured by `tweak` as well.
+pub async fn routed_mesh(dir: &std::path::Path, tweak: impl Fn(&mut NodeConfig)) -> Vec<Node> {
+    let ids: Vec<meridian::ids::NodeId> = SITES
+        .iter()
+        .map(|(r, ..)| format!("{r}-1").parse().unwrap())
+        .collect();
+    let files = meridian::mesh::tls::write_cluster(dir, &ids).unwrap();
+    let mut nodes: Vec<Node> = Vec::new();
+    for ((region, lat, lon), f) in SITES.iter().zip(files) {
+        let mut cfg = test_config("127.0.0.1", "127.0.0.1");
+        cfg.node.region = region.parse().unwrap();
+        cfg.node.latitude = *lat;
+        cfg.node.longitude = *lon;
+        cfg.routing.default_region = Some("europe".parse().unwrap());
+        cfg.mesh = Some(meridian::config::MeshSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            discovery: None,
+            peers: nodes
+                .iter()
+                .map(|n| n.mesh.as_ref().unwrap().local_addr)
+                .collect(),
+            ca_file: f.ca_file,
+            cert_file: f.cert_file,
+            key_file: f.key_file,
+        });
+        tweak(&mut cfg);
+        cfg.validate().unwrap();
+        nodes.push(Node::start(cfg).await.unwrap());
+    }
+    wait_for(
+        "all members known everywhere",
+        Duration::from_secs(10),
+        || nodes.iter().all(|n| n.members().len() == 3),
+    )
+    .await;
+    nodes
 }
 
 /// The pipe of `from` that leads to the node of `to`.
