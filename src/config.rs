@@ -594,4 +594,42 @@ mod tests {
             .to_string()
             .contains("node.latitude"));
     }
+
+    #[test]
+    fn routing_section_parses_overrides_weights_and_proxies() {
+        let text = format!(
+            "{INDIA}\ntrusted_proxies = [\"10.0.0.0/8\", \"2001:db8::/32\"]\ncountry_overrides = {{ KE = \"europe\" }}\ncontinent_overrides = {{ AF = \"europe\" }}\nregion_weights = {{ europe = 2.0 }}\n"
+        );
+        let cfg = NodeConfig::from_toml_str(&text).unwrap();
+        let p = cfg.routing_policy();
+        assert_eq!(p.country_overrides["KE"].as_str(), "europe");
+        assert_eq!(p.continent_overrides["AF"].as_str(), "europe");
+        assert_eq!(p.default_region.unwrap().as_str(), "europe");
+        assert_eq!(cfg.routing.trusted_proxies.len(), 2);
+    }
+
+    #[test]
+    fn bad_routing_values_are_rejected_naming_the_key() {
+        for (extra, key) in [
+            (
+                "continent_overrides = { XX = \"europe\" }",
+                "routing.continent_overrides",
+            ),
+            (
+                "country_overrides = { KEN = \"europe\" }",
+                "routing.country_overrides",
+            ),
+            (
+                "region_weights = { europe = 0.0 }",
+                "routing.region_weights",
+            ),
+            ("trusted_proxies = [\"10.0.0.0/40\"]", "prefix"),
+            ("selektor = \"nearest\"", "selektor"),
+        ] {
+            let err = NodeConfig::from_toml_str(&format!("{INDIA}\n{extra}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
 }

@@ -418,6 +418,8 @@ async fn dev() -> anyhow::Result<()> {
     }
     println!("\nOpen a user page and an agent page in two browser windows, for example the user");
     println!("page of India and the agent page of US: each sees the other through the pipe.");
+    println!("Add &route=1 to a link and the page asks that node's /v1/edge where to join first;");
+    println!("localhost has no GeoIP place, so it lands on the default region (Europe).");
     println!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c().await?;
     drop(nodes);

@@ -7,8 +7,11 @@
 //! ```text
 //! _meridian._udp.mesh.example.com. 30 IN SRV 10 10 7100 in-1.mesh.example.com.
 //! in-1.mesh.example.com.           30 IN A   10.20.0.5
-//! in-1.mesh.example.com.           30 IN TXT "node=india-1" "region=india" "version=1"
+//! in-1.mesh.example.com.           30 IN TXT "node=india-1" "region=india" "version=2"
 //! ```
+//!
+//! A peer whose TXT names another pipe protocol version is not dialed (it would refuse the
+//! Hello anyway); upgrade the mesh node by node with both versions published meanwhile.
 //!
 //! The name is re-resolved every `interval`; answers are cached for at most that long, so a
 //! record added or removed takes effect within two intervals. A failed lookup (timeout,

@@ -372,6 +372,13 @@ impl Dialers {
             .into_iter()
             .filter(|p| Some(p.addr) != me.pipe_addr && p.node.as_ref() != Some(&me.node))
             .filter(|p| p.node.as_ref().is_none_or(|n| me.node < *n))
+            .filter(|p| {
+                let speaks = p.version.as_ref().is_none_or(|v| *v == WIRE_VERSION.to_string());
+                if !speaks {
+                    tracing::warn!(peer = %p.addr, "not dialing a peer published with another pipe protocol version");
+                }
+                speaks
+            })
             .map(|p| (p.addr, p.node))
             .collect();
         self.running.retain(|addr, task| {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Role;
 use crate::ids::{NodeId, ParticipantId, ProducerId, RegionId, SessionId, UserId};
 
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// ALPN protocol id of pipe connections.
 pub const ALPN: &[u8] = b"meridian-pipe/1";
 
