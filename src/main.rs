@@ -8,6 +8,7 @@ use meridian::auth::{generate_ed25519_pem, Role, TokenSigner};
 use meridian::config::MeshSection;
 use meridian::config::NodeConfig;
 use meridian::ids::{NodeId, SessionId, UserId};
+use meridian::mesh::geo::GeoDb;
 use meridian::mesh::tls::{write_cluster, write_pem, ClusterCa};
 use meridian::node::Node;
 
@@ -59,6 +60,11 @@ enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// Look addresses up in a GeoIP City database, or write the development table as one.
+    Geoip {
+        #[command(subcommand)]
+        command: GeoipCommand,
     },
     /// Write a new Ed25519 key pair for EdDSA tokens.
     Keygen {
@@ -127,6 +133,24 @@ enum BenchCommand {
     Cascade {
         #[command(flatten)]
         load: LoadArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum GeoipCommand {
+    /// Where the database places each address (country, continent, city, coordinates).
+    Lookup {
+        /// A MaxMind DB City file; without it, the built-in development table.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        addresses: Vec<std::net::IpAddr>,
+    },
+    /// Build a MaxMind DB City file from a table (network,city,country,continent,lat,lon).
+    Build {
+        #[arg(long, default_value = "regions/geoip-dev.csv")]
+        table: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -239,6 +263,35 @@ fn main() -> anyhow::Result<()> {
                     write_pem(&dir.join(format!("{node}.pem")), &pair.cert_pem, false)?;
                     write_pem(&dir.join(format!("{node}.key")), &pair.key_pem, true)?;
                     println!("wrote {0}/{node}.pem and {0}/{node}.key", dir.display());
+                }
+            },
+            Command::Geoip { command } => match command {
+                GeoipCommand::Lookup { file, addresses } => {
+                    let db = match file {
+                        Some(f) => GeoDb::open(&f)?,
+                        None => GeoDb::dev(),
+                    };
+                    for ip in addresses {
+                        match db.lookup(ip) {
+                            Some(p) => println!(
+                                "{ip}\t{}\t{}\t{}\t{:.4},{:.4}",
+                                p.country.as_deref().unwrap_or("-"),
+                                p.continent.as_deref().unwrap_or("-"),
+                                p.city.as_deref().unwrap_or("-"),
+                                p.latitude,
+                                p.longitude
+                            ),
+                            None => println!("{ip}\tno place (routed to routing.default_region)"),
+                        }
+                    }
+                }
+                GeoipCommand::Build { table, out } => {
+                    let text = std::fs::read_to_string(&table)?;
+                    let rows = meridian::mesh::geo::parse_table(&text)?;
+                    std::fs::write(&out, meridian::mesh::geo::build_city_db(&rows)?)?;
+                    // Prove the file opens as a City database before saying so.
+                    GeoDb::open(&out)?;
+                    println!("wrote {} ({} networks)", out.display(), rows.len());
                 }
             },
             Command::Keygen { private, public } => {

@@ -204,3 +204,51 @@ async fn socket_address_places_the_client_and_hints_only_when_allowed() {
     assert_eq!(status, 400);
     assert_eq!(v["error"]["code"], "badRegion");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_city_database_file_written_by_the_cli_is_what_the_node_routes_by() {
+    let dir = tempfile::tempdir().unwrap();
+    // A table of our own: 198.51.100.0/24 placed in Madrid (the dev table says Chennai).
+    let table = dir.path().join("table.csv");
+    std::fs::write(
+        &table,
+        "198.51.100.0/24, Madrid, ES, EU, 40.4168, -3.7038\n",
+    )
+    .unwrap();
+    let mmdb = dir.path().join("city.mmdb");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["geoip", "build", "--table"])
+        .arg(&table)
+        .arg("--out")
+        .arg(&mmdb)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["geoip", "lookup", "--file"])
+        .arg(&mmdb)
+        .args(["198.51.100.20", "192.0.2.1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("198.51.100.20\tES\tEU\tMadrid"), "{text}");
+    assert!(text.contains("192.0.2.1\tno place"), "{text}");
+
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let nodes = routed_mesh(&certs, |cfg| {
+        trust_loopback(cfg);
+        cfg.routing.geoip_file = Some(mmdb.clone());
+    })
+    .await;
+    assert_eq!(region_for(&nodes[0], "198.51.100.20").await.0, "europe");
+    // Not in this file: no place, the default region.
+    let (_, v) = region_for(&nodes[0], "192.0.2.1").await;
+    assert_eq!(v["reason"], "default");
+
+    // A file that is not a City database stops the node with a message naming the key.
+    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
+    cfg.routing.geoip_file = Some(table);
+    let err = Node::start(cfg).await.err().unwrap().to_string();
+    assert!(err.contains("routing.geoip_file"), "{err}");
+}
