@@ -5,6 +5,9 @@
 //! then the `Forwarded` (RFC 7239) or `X-Forwarded-For` chain is walked from the right, past
 //! trusted proxies, to the first address that is not one. Headers from anyone else are
 //! ignored, so a client cannot choose where it appears to be.
+//!
+//! The endpoint needs no token (a client asks before it joins) and so tells nothing a client
+//! does not need: node ids, regions and public signaling URLs, never loads or addresses.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -149,7 +152,6 @@ struct EdgeNode {
     node: NodeId,
     region: RegionId,
     url: String,
-    load: f32,
 }
 
 #[derive(Serialize)]
@@ -224,7 +226,6 @@ pub(super) async fn edge(
             node: m.info.node.clone(),
             region: m.info.region.clone(),
             url: m.info.signaling_url.clone(),
-            load: m.load.factor,
         }
     };
     let mut order = chosen.order.into_iter();

@@ -290,7 +290,7 @@ meridian_members{{{labels}}} {}
             c.load(Relaxed)
         );
     }
-    for (name, help, v) in [
+    let mut scalars = vec![
         (
             "meridian_edge_unavailable_total",
             "Edge requests refused because every node was draining, down or full",
@@ -301,11 +301,9 @@ meridian_members{{{labels}}} {}
             "Forwarding headers ignored because the sender is not a trusted proxy",
             e.untrusted_forwarding.load(Relaxed),
         ),
-    ] {
-        let _ = write!(out, "# HELP {name} {help}\n{name}{{{labels}}} {v}\n");
-    }
+    ];
     if let Some(m) = &s.mesh_stats {
-        for (name, help, v) in [
+        scalars.extend([
             (
                 "meridian_discovery_errors_total",
                 "DNS discovery lookups that failed",
@@ -326,9 +324,10 @@ meridian_members{{{labels}}} {}
                 "Pipe handshakes refused or failed",
                 m.handshakes_refused.load(Relaxed),
             ),
-        ] {
-            let _ = write!(out, "# HELP {name} {help}\n{name}{{{labels}}} {v}\n");
-        }
+        ]);
+    }
+    for (name, help, v) in scalars {
+        let _ = write!(out, "# HELP {name} {help}\n{name}{{{labels}}} {v}\n");
     }
 }
 
