@@ -9,6 +9,10 @@ use meridian::config::MeshSection;
 use meridian::config::NodeConfig;
 use meridian::ids::{NodeId, SessionId, UserId};
 use meridian::mesh::geo::GeoDb;
+
+/// Counts allocations for `/metrics` (see `meridian::alloc`).
+#[global_allocator]
+static ALLOCATOR: meridian::alloc::CountingAllocator = meridian::alloc::CountingAllocator;
 use meridian::mesh::tls::{write_cluster, write_pem, ClusterCa};
 use meridian::node::Node;
 

@@ -51,5 +51,15 @@ fn fanout_benchmark_measures_a_separate_node_process() {
         assert!(step["cpu_us_per_forwarded_packet"].as_f64().unwrap() > 0.0);
         assert!(step["latency_p50_us"].as_u64().unwrap() > 0);
         assert!(step["loss_percent"].as_f64().unwrap() < 5.0, "{step}");
+        // The node counts its allocations: rtc's send path allocates for every copy.
+        assert!(
+            step["allocs_per_packet_rtc"].as_f64().unwrap() > 1.0,
+            "{step}"
+        );
+        assert!(
+            step["allocs_per_packet_meridian"].as_f64().is_some(),
+            "{step}"
+        );
     }
+    assert!(stdout.contains("allocs/pkt(own+rtc)"), "{stdout}");
 }

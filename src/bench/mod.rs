@@ -172,6 +172,12 @@ pub struct FanoutResult {
     pub other_cpu_percent_of_core: f64,
     /// True when other processes used enough CPU to make the figures doubtful.
     pub disturbed: bool,
+    /// Heap allocations on Meridian's media thread per forwarded packet, in Meridian's own
+    /// code and inside the rtc crate (`None` for other SFUs).
+    #[serde(default)]
+    pub allocs_per_packet_meridian: Option<f64>,
+    #[serde(default)]
+    pub allocs_per_packet_rtc: Option<f64>,
 }
 
 /// Why a benchmark could not run.
@@ -189,8 +195,23 @@ pub enum BenchError {
     Sfu(String),
 }
 
-/// Scrapes one counter from the node's `/metrics`.
-pub async fn metric(addr: std::net::SocketAddr, name: &str) -> Result<u64, BenchError> {
+/// The media thread's allocation counters (Meridian's code, rtc) from `/metrics`.
+async fn media_allocations(addr: std::net::SocketAddr) -> Option<(u64, u64)> {
+    let body = metrics_text(addr).await.ok()?;
+    let find = |code: &str| {
+        body.lines()
+            .find(|l| {
+                l.starts_with("meridian_allocations_total{")
+                    && l.contains("thread=\"media\"")
+                    && l.contains(&format!("code=\"{code}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    Some((find("meridian")?, find("rtc")?))
+}
+
+async fn metrics_text(addr: std::net::SocketAddr) -> Result<String, BenchError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
@@ -202,6 +223,12 @@ pub async fn metric(addr: std::net::SocketAddr, name: &str) -> Result<u64, Bench
     s.read_to_string(&mut body)
         .await
         .map_err(|e| BenchError::Metrics(e.to_string()))?;
+    Ok(body)
+}
+
+/// Scrapes one counter from the node's `/metrics`.
+pub async fn metric(addr: std::net::SocketAddr, name: &str) -> Result<u64, BenchError> {
+    let body = metrics_text(addr).await?;
     body.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
         .and_then(|l| l.rsplit(' ').next())
@@ -343,9 +370,23 @@ fn loss_percent(expected: usize, received: usize) -> f64 {
 
 /// Measures one window the same way for any SFU: its process's CPU and memory from /proc,
 /// packets from what the peers sent and received.
-async fn measure(pid: u32, load: &Load, rss_base: u64, cfg: &FanoutConfig) -> FanoutResult {
+async fn measure(
+    pid: u32,
+    load: &Load,
+    rss_base: u64,
+    cfg: &FanoutConfig,
+    metrics: Option<std::net::SocketAddr>,
+) -> FanoutResult {
     let n = load.subscribers.len();
+    let a0 = match metrics {
+        Some(m) => media_allocations(m).await,
+        None => None,
+    };
     let w = Window::measure(&[pid], &load.publisher, cfg.seconds).await;
+    let a1 = match metrics {
+        Some(m) => media_allocations(m).await,
+        None => None,
+    };
     let rss = procfs::rss_kib(pid).unwrap_or(0);
     let latencies = load.latencies(w.t0, w.t1);
     // Packets forwarded = packets the subscribers received: the same definition for every SFU.
@@ -365,6 +406,12 @@ async fn measure(pid: u32, load: &Load, rss_base: u64, cfg: &FanoutConfig) -> Fa
         loss_percent: loss_percent(w.sent as usize * n, forwarded),
         other_cpu_percent_of_core: w.other_percent,
         disturbed: w.other_percent > 15.0,
+        allocs_per_packet_meridian: a0
+            .zip(a1)
+            .map(|((m0, _), (m1, _))| per(m1.saturating_sub(m0) as f64, forwarded as f64)),
+        allocs_per_packet_rtc: a0
+            .zip(a1)
+            .map(|((_, r0), (_, r1))| per(r1.saturating_sub(r0) as f64, forwarded as f64)),
     }
 }
 
@@ -448,7 +495,7 @@ pub async fn run_fanout(
             meridian_subscriber(&mut load, sig, &producer).await?;
         }
         tokio::time::sleep(Duration::from_secs(cfg.warmup_seconds)).await;
-        results.push(measure(target.pid, &load, rss_base, cfg).await);
+        results.push(measure(target.pid, &load, rss_base, cfg, Some(target.http_addr)).await);
         load.stop().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -538,7 +585,7 @@ pub async fn run_fanout_janus(
             load.subscribers.push((state, task));
         }
         tokio::time::sleep(Duration::from_secs(cfg.warmup_seconds)).await;
-        results.push(measure(janus.pid(), &load, rss_base, cfg).await);
+        results.push(measure(janus.pid(), &load, rss_base, cfg, None).await);
         load.stop().await;
         let _ = client
             .message(admin, json!({"request":"destroy","room":room}), None)
@@ -719,11 +766,11 @@ pub fn fanout_svg(series: &[(&str, &[FanoutResult])]) -> String {
 /// A fixed-width table of results.
 pub fn table(results: &[FanoutResult]) -> String {
     let mut out = String::from(
-        "subs  pkts_in/s  pkts_out/s  cpu_us/pkt  cpu%core  rss_MiB  kib/sub  lat_p50_us  lat_p99_us  lat_max_us  loss%  other%core\n",
+        "subs  pkts_in/s  pkts_out/s  cpu_us/pkt  cpu%core  rss_MiB  kib/sub  lat_p50_us  lat_p99_us  lat_max_us  loss%  other%core  allocs/pkt(own+rtc)\n",
     );
     for r in results {
         out.push_str(&format!(
-            "{:>4}  {:>9.0}  {:>10.0}  {:>10.2}  {:>8.1}  {:>7.1}  {:>7.0}  {:>10}  {:>10}  {:>10}  {:>5.2}  {:>8.1}{}\n",
+            "{:>4}  {:>9.0}  {:>10.0}  {:>10.2}  {:>8.1}  {:>7.1}  {:>7.0}  {:>10}  {:>10}  {:>10}  {:>5.2}  {:>10.1}  {:>19}{}\n",
             r.subscribers,
             r.packets_in_per_s,
             r.packets_out_per_s,
@@ -736,6 +783,10 @@ pub fn table(results: &[FanoutResult]) -> String {
             r.latency_max_us,
             r.loss_percent,
             r.other_cpu_percent_of_core,
+            match (r.allocs_per_packet_meridian, r.allocs_per_packet_rtc) {
+                (Some(o), Some(t)) => format!("{o:.2}+{t:.2}"),
+                _ => "-".into(),
+            },
             if r.disturbed { "  DISTURBED" } else { "" },
         ));
     }

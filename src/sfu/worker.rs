@@ -91,6 +91,7 @@ pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
     std::thread::Builder::new()
         .name(format!("media-{}", bound.port()))
         .spawn(move || {
+            crate::alloc::mark_worker_thread();
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -564,15 +565,17 @@ impl Worker {
     ) {
         let local_addr = self.announced;
         let conn = &mut self.conns[ck];
-        let res = conn.pc.handle_read(TaggedBytesMut {
-            now,
-            transport: TransportContext {
-                local_addr,
-                peer_addr: src,
-                ecn: None,
-                transport_protocol,
-            },
-            message,
+        let res = crate::alloc::in_rtc(|| {
+            conn.pc.handle_read(TaggedBytesMut {
+                now,
+                transport: TransportContext {
+                    local_addr,
+                    peer_addr: src,
+                    ecn: None,
+                    transport_protocol,
+                },
+                message,
+            })
         });
         if let Err(e) = res {
             // A malformed datagram from a known peer: counted, never fatal.
@@ -621,7 +624,7 @@ impl Worker {
         };
         conn.dirty = false;
         let src_ip = conn.src_ip;
-        while let Some(msg) = conn.pc.poll_write() {
+        while let Some(msg) = crate::alloc::in_rtc(|| conn.pc.poll_write()) {
             if msg.transport.transport_protocol == TransportProtocol::TCP {
                 let sent = self
                     .tcp_out
@@ -636,10 +639,10 @@ impl Worker {
             self.batch
                 .push(msg.transport.peer_addr, src_ip, msg.message);
         }
-        while let Some(ev) = conn.pc.poll_event() {
+        while let Some(ev) = crate::alloc::in_rtc(|| conn.pc.poll_event()) {
             self.event_scratch.push(ev);
         }
-        while let Some(msg) = conn.pc.poll_read() {
+        while let Some(msg) = crate::alloc::in_rtc(|| conn.pc.poll_read()) {
             match msg.message {
                 RTCMessage::RtpPacket(track, pkt) => self.rtp_scratch.push((track, pkt)),
                 RTCMessage::RtcpPacket(track, pkts) => self.rtcp_scratch.push((track, pkts)),
@@ -671,7 +674,7 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(ck) else {
             return;
         };
-        let next = conn.pc.poll_timeout();
+        let next = crate::alloc::in_rtc(|| conn.pc.poll_timeout());
         if next != conn.deadline {
             conn.deadline = next;
             if let Some(t) = next {
@@ -693,7 +696,7 @@ impl Worker {
                 continue; // superseded
             }
             conn.deadline = None;
-            if let Err(e) = conn.pc.handle_timeout(now) {
+            if let Err(e) = crate::alloc::in_rtc(|| conn.pc.handle_timeout(now)) {
                 tracing::debug!(error = %e, "peer connection timeout handling failed");
             }
             self.process_conn(now, ck);
@@ -909,7 +912,7 @@ impl Worker {
                 }
             }
             if let Some(mut sender) = conn.pc.rtp_sender(c.sender) {
-                if sender.write_rtp(now, out).is_ok() {
+                if crate::alloc::in_rtc(|| sender.write_rtp(now, out)).is_ok() {
                     stats.rtp_forwarded.fetch_add(1, Relaxed);
                 }
             }
@@ -986,7 +989,7 @@ impl Worker {
             .get_mut(ck)
             .and_then(|conn| conn.pc.rtp_sender(c.sender))
         {
-            if sender.write_rtp(now, pkt).is_ok() {
+            if crate::alloc::in_rtc(|| sender.write_rtp(now, pkt)).is_ok() {
                 self.stats.rtp_retransmitted.fetch_add(1, Relaxed);
             }
         }
@@ -1043,7 +1046,7 @@ impl Worker {
                 sender_ssrc: 0,
                 media_ssrc: ssrc,
             };
-            if r.write_rtcp(now, vec![Box::new(pli)]).is_ok() {
+            if crate::alloc::in_rtc(|| r.write_rtcp(now, vec![Box::new(pli)])).is_ok() {
                 self.stats.keyframe_requests.fetch_add(1, Relaxed);
             }
         }
@@ -1892,7 +1895,7 @@ impl Worker {
         }
         let mut conn = self.conns.remove(ck);
         let _ = conn.pc.close();
-        while let Some(msg) = conn.pc.poll_write() {
+        while let Some(msg) = crate::alloc::in_rtc(|| conn.pc.poll_write()) {
             self.batch
                 .push(msg.transport.peer_addr, conn.src_ip, msg.message);
         }

@@ -290,6 +290,15 @@ meridian_members{{{labels}}} {}
             c.load(Relaxed)
         );
     }
+    let a = crate::alloc::counts();
+    let _ = write!(
+        out,
+        "# HELP meridian_allocations_total Heap allocations (0 unless the meridian binary's counting allocator is installed)\n\
+         meridian_allocations_total{{{labels},thread=\"all\",code=\"all\"}} {}\n\
+         meridian_allocations_total{{{labels},thread=\"media\",code=\"meridian\"}} {}\n\
+         meridian_allocations_total{{{labels},thread=\"media\",code=\"rtc\"}} {}\n",
+        a.total, a.worker_own, a.worker_rtc
+    );
     let mut scalars = vec![
         (
             "meridian_edge_unavailable_total",
