@@ -1,5 +1,6 @@
 //! Mutation fuzzing of every decoder that reads bytes from the network: pipe datagrams, pipe
-//! control messages, signaling messages, STUN usernames on the media port, RTP payload headers.
+//! control messages, signaling messages, STUN usernames on the media port, RTP payload headers,
+//! DNS TXT records, HTTP forwarding headers, and GeoIP tables.
 //! Each target starts from valid inputs and applies random bit flips, truncations, insertions
 //! and splices; a decoder passes when it never panics. Seeded, so a failure reproduces; the
 //! iteration count can be raised with MERIDIAN_FUZZ_ITERS for longer runs.
@@ -8,7 +9,9 @@ use bytes::{BufMut, BytesMut};
 use meridian::media::demux::binding_request_local_ufrag;
 use meridian::media::keyframe::is_keyframe;
 use meridian::media::Codec;
+use meridian::mesh::discovery::parse_txt;
 use meridian::mesh::wire::{Control, Datagram, MediaFrame, NackFrame, ProducerAnnouncement};
+use meridian::signaling::edge::client_ip;
 use meridian::signaling::protocol::parse;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -122,6 +125,24 @@ fn pipe_control_decoder_never_panics() {
             producer: "pr-1".parse().unwrap(),
             bitrates: vec![Some(1), None],
         },
+        Control::Hello {
+            version: 2,
+            node: "india-1".parse().unwrap(),
+            region: "india".parse().unwrap(),
+            signaling_url: "wss://in-1.example.com/v1/ws".into(),
+            latitude: 19.07,
+            longitude: 72.87,
+            pipe_addr: Some("10.0.0.5:7100".into()),
+        },
+        Control::Heartbeat {
+            load: meridian::mesh::membership::Load {
+                cpu: 0.25,
+                consumers: 12,
+                factor: 0.3,
+                ..Default::default()
+            },
+            draining: true,
+        },
     ]
     .iter()
     .map(|m| m.encode()[4..].to_vec())
@@ -170,6 +191,53 @@ fn keyframe_detection_never_panics() {
     fuzz("keyframe", seeds, |d| {
         for c in [Codec::Vp8, Codec::Vp9, Codec::H264, Codec::Opus] {
             let _ = is_keyframe(c, d);
+        }
+    });
+}
+
+#[test]
+fn dns_txt_reader_never_panics() {
+    let seeds = vec![
+        b"node=india-1".to_vec(),
+        b"region=india".to_vec(),
+        b"version=2".to_vec(),
+    ];
+    fuzz("txt", seeds, |d| {
+        // TXT records hold several strings: read the input as one, and as split pieces.
+        let _ = parse_txt([d]);
+        let _ = parse_txt(d.split(|&b| b == b';'));
+    });
+}
+
+#[test]
+fn forwarding_header_reader_never_panics() {
+    let trusted: Vec<meridian::cidr::Cidr> =
+        vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
+    let seeds = vec![
+        b"192.0.2.1, 203.0.113.5, 10.1.1.1".to_vec(),
+        b"for=192.0.2.1;proto=https, for=\"[2001:db8:4::9]:4711\"".to_vec(),
+        b"for=unknown, for=_hidden".to_vec(),
+    ];
+    fuzz("forwarded", seeds, |d| {
+        let Ok(value) = axum::http::HeaderValue::from_bytes(d) else {
+            return;
+        };
+        for name in ["x-forwarded-for", "forwarded"] {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert(name, value.clone());
+            let _ = client_ip("10.0.0.1".parse().unwrap(), &h, &trusted);
+        }
+    });
+}
+
+#[test]
+fn geoip_table_reader_never_panics() {
+    let seeds = vec![meridian::mesh::geo::DEV_TABLE.as_bytes()[..600].to_vec()];
+    fuzz("geoip-table", seeds, |d| {
+        if let Ok(text) = std::str::from_utf8(d) {
+            if let Ok(rows) = meridian::mesh::geo::parse_table(text) {
+                let _ = meridian::mesh::geo::build_city_db(&rows);
+            }
         }
     });
 }

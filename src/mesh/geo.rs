@@ -210,7 +210,15 @@ pub fn build_city_db(rows: &[GeoRow]) -> Result<Vec<u8>, GeoError> {
         .description
         .insert("en".into(), "Meridian development City database".into());
     db.metadata.languages = vec!["en".into()];
-    for row in rows {
+    // Broader networks first, so a more specific one inside them always wins, whatever the
+    // table's order.
+    let mut ordered: Vec<&GeoRow> = rows.iter().collect();
+    // (IPv4 networks live under ::/96, so their depth in the tree is 96 more.)
+    ordered.sort_by_key(|r| match r.network.addr {
+        IpAddr::V4(_) => r.network.prefix + 96,
+        IpAddr::V6(_) => r.network.prefix,
+    });
+    for row in ordered {
         let data = db
             .insert_value(CityRecord {
                 city: Names {
@@ -282,6 +290,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("latitude"), "{err}");
+    }
+
+    #[test]
+    fn the_most_specific_network_wins_whatever_the_table_order() {
+        for text in [
+            "198.51.0.0/16,Madrid,ES,EU,40.4,-3.7\n198.51.100.0/24,Paris,FR,EU,48.8,2.3\n",
+            "198.51.100.0/24,Paris,FR,EU,48.8,2.3\n198.51.0.0/16,Madrid,ES,EU,40.4,-3.7\n",
+            "198.51.0.0/16,Madrid,ES,EU,40.4,-3.7\n::/0,Lagos,NG,AF,6.5,3.4\n198.51.100.0/24,Paris,FR,EU,48.8,2.3\n",
+        ] {
+            let db = GeoDb::from_table(text, "test").unwrap();
+            let inner = db.lookup("198.51.100.1".parse().unwrap()).unwrap();
+            let outer = db.lookup("198.51.1.1".parse().unwrap()).unwrap();
+            assert_eq!(inner.city.as_deref(), Some("Paris"), "{text}");
+            assert_eq!(outer.city.as_deref(), Some("Madrid"), "{text}");
+        }
     }
 
     #[test]
