@@ -15,5 +15,6 @@ pub mod media;
 pub mod mesh;
 pub mod netem;
 pub mod node;
+pub mod procfs;
 pub mod sfu;
 pub mod signaling;

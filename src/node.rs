@@ -13,7 +13,7 @@ use crate::ids::{NodeId, RegionId};
 use crate::mesh::discovery::DnsDiscovery;
 use crate::mesh::geo::{GeoDb, GeoError};
 use crate::mesh::load::{Capacity, LoadMeter};
-use crate::mesh::membership::{MemberView, NodeInfo};
+use crate::mesh::membership::{MemberView, NodeInfo, HEARTBEAT_EVERY};
 use crate::mesh::{self, tls::NodeTls, MeshConfig, MeshHandle};
 use crate::sfu::{spawn_worker, WorkerConfig, WorkerHandle};
 use crate::signaling::{self, AppState, SignalingMetrics};
@@ -140,18 +140,19 @@ impl Node {
                 )]));
                 let mut meter = LoadMeter::new(worker.shared_stats(), capacity);
                 let draining = draining.clone();
+                // Alone, the node is its whole membership: the same cadence as the mesh core
+                // (drain state each tick, load once per heartbeat interval), without peers.
                 let task = tokio::spawn(async move {
                     let mut tick = tokio::time::interval(Duration::from_millis(250));
-                    let mut last = std::time::Instant::now();
+                    let mut load = Default::default();
+                    let mut sampled: Option<std::time::Instant> = None;
                     loop {
                         tick.tick().await;
                         let now = std::time::Instant::now();
-                        let load = if now.duration_since(last) >= Duration::from_secs(1) {
-                            last = now;
-                            meter.sample(now)
-                        } else {
-                            tx.borrow().first().map(|v| v.load).unwrap_or_default()
-                        };
+                        if sampled.is_none_or(|t| now - t >= HEARTBEAT_EVERY) {
+                            sampled = Some(now);
+                            load = meter.sample(now);
+                        }
                         let view =
                             Arc::new(vec![mesh::local_view(&info, load, draining.load(Relaxed))]);
                         if tx.send(view).is_err() {

@@ -5,7 +5,6 @@
 
 pub mod janus;
 pub mod plot;
-pub mod procfs;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,6 +16,7 @@ use serde_json::json;
 use crate::auth::{Role, TokenSigner};
 use crate::client::peer::{PeerState, RtcPeer, TestCodec};
 use crate::client::signal::{SignalClient, SignalError};
+use crate::procfs;
 
 /// Where the node under test is and how to get in.
 pub struct Target {

@@ -72,16 +72,16 @@ impl GeoDb {
     }
 
     /// Builds a City database from a table (see [`parse_table`]).
-    pub fn from_table(text: &str, source: &str) -> Result<GeoDb, GeoError> {
+    pub fn from_table(text: &str, origin: &str) -> Result<GeoDb, GeoError> {
         let rows = parse_table(text)?;
         let bytes = build_city_db(&rows)?;
         let reader = maxminddb::Reader::from_source(bytes).map_err(|source| GeoError::Open {
-            path: source.to_string(),
+            path: origin.to_string(),
             source,
         })?;
         Ok(GeoDb {
             reader,
-            source: source.to_string(),
+            source: origin.to_string(),
         })
     }
 

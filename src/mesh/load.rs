@@ -42,7 +42,7 @@ impl LoadMeter {
     /// Samples now; CPU and bitrate are averages since the previous call.
     pub fn sample(&mut self, now: Instant) -> Load {
         let s = &self.stats;
-        let cpu_ns = crate::bench::procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
+        let cpu_ns = crate::procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
         let bytes = WorkerStats::get(&s.bytes_out);
         let (cpu, bitrate_out) = match self.last {
             Some((t, c, b)) => {

@@ -139,10 +139,6 @@ impl Membership {
         silent
     }
 
-    pub fn len(&self) -> usize {
-        self.peers.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.peers.is_empty()
     }

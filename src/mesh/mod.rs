@@ -113,11 +113,6 @@ pub struct MeshHandle {
 }
 
 impl MeshHandle {
-    /// The current membership, this node first.
-    pub fn members(&self) -> Arc<Vec<MemberView>> {
-        self.members.borrow().clone()
-    }
-
     /// A receiver of membership changes (for routing).
     pub fn watch_members(&self) -> watch::Receiver<Arc<Vec<MemberView>>> {
         self.members.clone()
@@ -267,6 +262,7 @@ pub fn start(
         endpoint: endpoint.clone(),
         ctx: ctx.clone(),
         running: HashMap::new(),
+        wrong_version: HashSet::new(),
     };
     dialers.set_targets(
         &info,
@@ -362,6 +358,8 @@ struct Dialers {
     endpoint: quinn::Endpoint,
     ctx: PipeCtx,
     running: HashMap<SocketAddr, tokio::task::JoinHandle<()>>,
+    /// Peers already reported as speaking another protocol version.
+    wrong_version: HashSet<SocketAddr>,
 }
 
 impl Dialers {
@@ -374,8 +372,9 @@ impl Dialers {
             .filter(|p| p.node.as_ref().is_none_or(|n| me.node < *n))
             .filter(|p| {
                 let speaks = p.version.as_ref().is_none_or(|v| *v == WIRE_VERSION.to_string());
-                if !speaks {
-                    tracing::warn!(peer = %p.addr, "not dialing a peer published with another pipe protocol version");
+                // Said once per address, not at every lookup.
+                if !speaks && self.wrong_version.insert(p.addr) {
+                    tracing::warn!(peer = %p.addr, version = ?p.version, "not dialing a peer published with another pipe protocol version");
                 }
                 speaks
             })

@@ -207,7 +207,11 @@ pub(super) async fn edge(
         },
     };
     let ip = client_ip(peer.ip(), &headers, &r.trusted_proxies);
-    if ip == normalize(peer.ip()) && has_forwarding(&headers) {
+    let peer_trusted = r
+        .trusted_proxies
+        .iter()
+        .any(|c| c.contains(normalize(peer.ip())));
+    if !peer_trusted && has_forwarding(&headers) {
         r.metrics.untrusted_forwarding.fetch_add(1, Relaxed);
     }
     let place = r.geo.lookup(ip);

@@ -132,8 +132,12 @@ export class MeridianClient extends EventTarget {
           rej(new MeridianError("closed", `signaling closed (${ev.code})`));
         }
         this.pending.clear();
-        if (!joined && !opened) reject(new MeridianError("unreachable", `cannot reach ${url}`));
-        else if (!joined) reject(new MeridianError("closed", `signaling closed (${ev.code} ${ev.reason})`));
+        if (!joined && !opened) {
+          // Never connected: the caller tries the next edge; this connection was never "up".
+          reject(new MeridianError("unreachable", `cannot reach ${url}`));
+          return;
+        }
+        if (!joined) reject(new MeridianError("closed", `signaling closed (${ev.code} ${ev.reason})`));
         this._emit("closed", { code: ev.code, reason: ev.reason });
       };
       ws.onerror = () => {};
