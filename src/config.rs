@@ -33,6 +33,39 @@ pub struct NodeConfig {
     /// How clients are sent to the nearest edge (`GET /v1/edge`).
     #[serde(default)]
     pub routing: RoutingSection,
+    /// The Prometheus endpoint, kept off the client-facing listener.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// Where `/metrics` is served. Loads, drain state and counts are operational data: they are
+/// never on the signaling listener that clients reach.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Address of the metrics listener; loopback by default, so only a local scraper (or an
+    /// operator's tunnel) reads it.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+/// Which forwarding header a trusted proxy's client address is read from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAddressHeader {
+    /// `X-Forwarded-For`, as the documented NGINX configuration appends it.
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded`.
+    Forwarded,
 }
 
 /// Edge selection and client location (see docs/routing.md).
@@ -56,6 +89,11 @@ pub struct RoutingSection {
     /// (`10.0.0.0/8`). Headers from any other peer are ignored.
     #[serde(default)]
     pub trusted_proxies: Vec<crate::cidr::Cidr>,
+    /// The one forwarding header read from trusted proxies: `x-forwarded-for` (default) or
+    /// `forwarded`. The other is ignored, since a client can send it through a proxy that
+    /// only appends to the configured one.
+    #[serde(default)]
+    pub client_address_header: ClientAddressHeader,
     /// Region weights (default 1): a region's distance is divided by its weight, so 2 makes
     /// it attract clients from twice as far.
     #[serde(default)]
@@ -140,6 +178,22 @@ pub struct SignalingSection {
     /// Seconds a connection may stay open without sending `join`.
     #[serde(default = "default_join_timeout_secs")]
     pub join_timeout_secs: u64,
+    /// Seconds to receive a complete HTTP request head, on a new connection or an idle
+    /// kept-alive one; a silent connection is closed then.
+    #[serde(default = "default_header_timeout_secs")]
+    pub header_timeout_secs: u64,
+    /// Seconds a joined WebSocket may go without a frame from the client (the node pings
+    /// every 15 s, which browsers answer on their own) before it is closed (4410).
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// Connections (HTTP and WebSocket) open at once. The node raises its file descriptor
+    /// limit to fit this plus the ICE-TCP connections, or refuses to start.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections open at once from one source address; trusted proxies
+    /// (`routing.trusted_proxies`) count only against `max_connections`.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
 }
 
 /// Media sockets. Like mediasoup's WebRtcServer, one UDP port serves every peer connection.
@@ -185,7 +239,8 @@ pub struct AuthSection {
     /// PEM file with the Ed25519 public key, for EdDSA.
     #[serde(default)]
     pub public_key_file: Option<PathBuf>,
-    /// Clock skew tolerated on `exp`/`nbf`, in seconds.
+    /// Clock skew tolerated on `nbf`, in seconds (at most 300). Never applied to `exp`: a token
+    /// is refused from its expiry second on.
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
 }
@@ -239,6 +294,21 @@ fn default_max_message_bytes() -> usize {
 }
 fn default_join_timeout_secs() -> u64 {
     10
+}
+fn default_header_timeout_secs() -> u64 {
+    10
+}
+fn default_idle_timeout_secs() -> u64 {
+    60
+}
+fn default_max_connections() -> usize {
+    8192
+}
+fn default_max_connections_per_source() -> usize {
+    64
+}
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 fn default_listen_ip() -> IpAddr {
     IpAddr::from([0, 0, 0, 0])
@@ -352,8 +422,40 @@ impl NodeConfig {
                 "must be between 1024 and 16777216",
             ));
         }
-        if self.signaling.join_timeout_secs == 0 {
-            return Err(invalid("signaling.join_timeout_secs", "must be at least 1"));
+        for (key, v) in [
+            (
+                "signaling.join_timeout_secs",
+                self.signaling.join_timeout_secs,
+            ),
+            (
+                "signaling.header_timeout_secs",
+                self.signaling.header_timeout_secs,
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.signaling.idle_timeout_secs < 20 {
+            return Err(invalid(
+                "signaling.idle_timeout_secs",
+                "must be at least 20 (the node pings every 15 s)",
+            ));
+        }
+        if self.signaling.max_connections == 0 {
+            return Err(invalid("signaling.max_connections", "must be at least 1"));
+        }
+        if self.signaling.max_connections_per_source == 0 {
+            return Err(invalid(
+                "signaling.max_connections_per_source",
+                "must be at least 1",
+            ));
+        }
+        if self.auth.leeway_secs > 300 {
+            return Err(invalid(
+                "auth.leeway_secs",
+                "at most 300: it tolerates clock skew, it must not extend access",
+            ));
         }
         if self.rtc.announced_ip.is_unspecified() {
             return Err(invalid(

@@ -11,6 +11,7 @@ pub mod cidr;
 pub mod client;
 pub mod config;
 pub mod ids;
+pub mod logging;
 pub mod media;
 pub mod mesh;
 pub mod netem;

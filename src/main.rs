@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use meridian::auth::{generate_ed25519_pem, Role, TokenSigner};
 use meridian::config::MeshSection;
 use meridian::config::NodeConfig;
-use meridian::ids::{NodeId, SessionId, UserId};
+use meridian::ids::{NodeId, RegionId, SessionId, UserId};
 use meridian::mesh::geo::GeoDb;
 
 /// Counts allocations for `/metrics` (see `meridian::alloc`).
@@ -171,6 +171,10 @@ enum CaCommand {
         dir: PathBuf,
         #[arg(long)]
         node: NodeId,
+        /// Bind the certificate to this region too: peers refuse a Hello from the node that
+        /// names another region.
+        #[arg(long)]
+        region: Option<RegionId>,
     },
 }
 
@@ -191,10 +195,9 @@ const DEV_REGIONS: [&str; 3] = [
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rtc=warn,rtc_dtls=error,webrtc=warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            meridian::logging::directives(std::env::var("RUST_LOG").ok().as_deref()),
+        ))
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new()?;
@@ -261,9 +264,9 @@ fn main() -> anyhow::Result<()> {
                         dir.display()
                     );
                 }
-                CaCommand::Issue { dir, node } => {
+                CaCommand::Issue { dir, node, region } => {
                     let ca = ClusterCa::load(&dir.join("ca.pem"), &dir.join("ca.key"))?;
-                    let pair = ca.issue(&node)?;
+                    let pair = ca.issue(&node, region.as_ref())?;
                     write_pem(&dir.join(format!("{node}.pem")), &pair.cert_pem, false)?;
                     write_pem(&dir.join(format!("{node}.key")), &pair.key_pem, true)?;
                     println!("wrote {0}/{node}.pem and {0}/{node}.key", dir.display());
@@ -463,7 +466,12 @@ async fn dev() -> anyhow::Result<()> {
     for (node, signer) in &nodes {
         let user = signer.mint(&session, &"demo-user".parse()?, Role::User, day)?;
         let agent = signer.mint(&session, &"demo-agent".parse()?, Role::Agent, day)?;
-        println!("  {:<7} {}", node.region, node.http_url());
+        println!(
+            "  {:<7} {}   (metrics: http://{}/metrics)",
+            node.region,
+            node.http_url(),
+            node.metrics_addr
+        );
         println!(
             "          user page:  {}/demo/user.html#token={user}",
             node.http_url()

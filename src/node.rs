@@ -16,6 +16,7 @@ use crate::mesh::load::{Capacity, LoadMeter};
 use crate::mesh::membership::{MemberView, NodeInfo, HEARTBEAT_EVERY};
 use crate::mesh::{self, tls::NodeTls, MeshConfig, MeshHandle};
 use crate::sfu::{spawn_worker, WorkerConfig, WorkerHandle};
+use crate::signaling::server::{self, Admission, ConnectionLimits};
 use crate::signaling::{self, AppState, SignalingMetrics};
 
 /// Why a node could not start.
@@ -32,6 +33,17 @@ pub enum StartError {
     Mesh(#[from] mesh::MeshError),
     #[error("cannot load the mesh certificates: {0}")]
     MeshTls(#[from] mesh::tls::TlsError),
+    #[error(
+        "mesh.cert_file is issued to node {cert_node}{cert_region}, but this node is {node} in \
+         region {region}: peers would refuse its pipes. Issue it a certificate with \
+         `meridian ca issue --node {node}` (or set node.id)"
+    )]
+    MeshIdentity {
+        cert_node: String,
+        cert_region: String,
+        node: NodeId,
+        region: RegionId,
+    },
     #[error(transparent)]
     Geo(#[from] GeoError),
     #[error("cannot bind signaling on {addr}: {source} (is signaling.listen in use?)")]
@@ -39,6 +51,52 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot bind metrics on {addr}: {source} (is metrics.listen in use?)")]
+    Metrics {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "the open-file limit is {hard}, but signaling.max_connections plus ICE-TCP and the node's \
+         own sockets need {needed}: raise the hard limit (LimitNOFILE= in the service unit, or \
+         ulimit -Hn) or lower signaling.max_connections"
+    )]
+    FdLimit { needed: u64, hard: u64 },
+    #[error("cannot read the open-file limit: {0}")]
+    FdLimitUnreadable(std::io::Error),
+}
+
+/// Descriptors the node needs beyond client connections: media, pipe and DNS sockets, files.
+const FD_RESERVE: u64 = 1024;
+
+/// Raises the soft open-file limit to `needed`, or says why it cannot be.
+fn raise_fd_limit(needed: u64) -> Result<(), StartError> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given, which lives for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(StartError::FdLimitUnreadable(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if lim.rlim_max != libc::RLIM_INFINITY && lim.rlim_max < needed {
+        return Err(StartError::FdLimit {
+            needed,
+            hard: lim.rlim_max,
+        });
+    }
+    if lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur < needed {
+        lim.rlim_cur = needed;
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(StartError::FdLimitUnreadable(
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A running node.
@@ -47,6 +105,8 @@ pub struct Node {
     pub id: NodeId,
     /// Where signaling listens (the real port when the config said 0).
     pub signaling_addr: SocketAddr,
+    /// Where `/metrics` is served (the real port when the config said 0).
+    pub metrics_addr: SocketAddr,
     pub worker: WorkerHandle,
     /// Pipes to other nodes, when `[mesh]` is configured.
     pub mesh: Option<MeshHandle>,
@@ -54,16 +114,37 @@ pub struct Node {
     draining: Arc<AtomicBool>,
     members: watch::Receiver<Arc<Vec<MemberView>>>,
     server: tokio::task::JoinHandle<()>,
+    metrics_server: tokio::task::JoinHandle<()>,
     /// Publishes the membership of a node without a mesh.
     solo: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Node {
     pub async fn start(cfg: NodeConfig) -> Result<Node, StartError> {
+        raise_fd_limit(
+            cfg.signaling.max_connections as u64
+                + crate::sfu::MAX_TCP_CONNECTIONS as u64
+                + FD_RESERVE,
+        )?;
         let verifier = TokenVerifier::from_config(&cfg.auth)?;
         let listen = SocketAddr::new(cfg.rtc.listen_ip, cfg.rtc.port);
         let mesh_tls = match &cfg.mesh {
-            Some(m) => Some(NodeTls::load(&m.ca_file, &m.cert_file, &m.key_file)?),
+            Some(m) => {
+                let tls = NodeTls::load(&m.ca_file, &m.cert_file, &m.key_file)?;
+                let own = tls.own_identity()?;
+                if !own.admits(&cfg.node_id(), &cfg.node.region) {
+                    return Err(StartError::MeshIdentity {
+                        cert_region: own
+                            .region
+                            .map(|r| format!(" in region {r}"))
+                            .unwrap_or_default(),
+                        cert_node: own.node,
+                        node: cfg.node_id(),
+                        region: cfg.node.region.clone(),
+                    });
+                }
+                Some(tls)
+            }
             None => None,
         };
         let (mesh_tx, mesh_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -163,6 +244,24 @@ impl Node {
                 (rx, Some(task))
             }
         };
+        let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics.listen)
+            .await
+            .map_err(|source| StartError::Metrics {
+                addr: cfg.metrics.listen,
+                source,
+            })?;
+        let metrics_addr = metrics_listener
+            .local_addr()
+            .map_err(|source| StartError::Metrics {
+                addr: cfg.metrics.listen,
+                source,
+            })?;
+        let admission = Admission::new(ConnectionLimits {
+            max: cfg.signaling.max_connections,
+            per_source: cfg.signaling.max_connections_per_source,
+            exempt: cfg.routing.trusted_proxies.clone(),
+            header_timeout: Duration::from_secs(cfg.signaling.header_timeout_secs),
+        });
         let metrics = std::sync::Arc::new(SignalingMetrics::default());
         let pipes = mesh.as_ref().map(|m| {
             let m = m.reports();
@@ -175,6 +274,8 @@ impl Node {
             metrics: metrics.clone(),
             max_message_bytes: cfg.signaling.max_message_bytes,
             join_timeout: Duration::from_secs(cfg.signaling.join_timeout_secs),
+            idle_timeout: Duration::from_secs(cfg.signaling.idle_timeout_secs),
+            admission: admission.clone(),
             region: cfg.node.region.clone(),
             node: cfg.node_id(),
             pipes,
@@ -182,28 +283,38 @@ impl Node {
                 geo,
                 policy: cfg.routing_policy(),
                 trusted_proxies: cfg.routing.trusted_proxies.clone(),
+                client_address_header: cfg.routing.client_address_header,
                 members: members.clone(),
                 metrics: Default::default(),
             }),
             mesh_stats: mesh.as_ref().map(|m| m.stats.clone()),
         };
-        let app = signaling::router(state).into_make_service_with_connect_info::<SocketAddr>();
-        let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "signaling server stopped");
-            }
+        // The metrics listener is for a local scraper: a small cap of its own.
+        let metrics_admission = Admission::new(ConnectionLimits {
+            max: 64,
+            per_source: 64,
+            exempt: Vec::new(),
+            header_timeout: Duration::from_secs(cfg.signaling.header_timeout_secs),
         });
-        tracing::info!(region = %cfg.node.region, signaling = %signaling_addr, media = %worker.media_addr(), "node started");
+        let metrics_server = tokio::spawn(server::serve(
+            metrics_listener,
+            signaling::metrics_router(state.clone()),
+            metrics_admission,
+        ));
+        let server = tokio::spawn(server::serve(listener, signaling::router(state), admission));
+        tracing::info!(region = %cfg.node.region, signaling = %signaling_addr, metrics = %metrics_addr, media = %worker.media_addr(), "node started");
         Ok(Node {
             region: cfg.node.region.clone(),
             id: cfg.node_id(),
             signaling_addr,
+            metrics_addr,
             worker,
             mesh,
             metrics,
             draining,
             members,
             server,
+            metrics_server,
             solo,
         })
     }
@@ -233,6 +344,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.server.abort();
+        self.metrics_server.abort();
         if let Some(t) = &self.solo {
             t.abort();
         }

@@ -104,7 +104,7 @@ async fn remote_subscribers_get_media_with_one_copy_per_remote_node() {
     );
     assert_eq!(us.worker.stats().consumers.load(Ordering::Relaxed), 10);
     // Per-pipe figures are exported.
-    let metrics = http_get(india, "/metrics").await;
+    let metrics = metrics(india).await;
     for name in [
         "meridian_pipe_rtt_seconds",
         "meridian_pipe_bytes_out_total",

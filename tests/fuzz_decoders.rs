@@ -6,7 +6,7 @@
 //! iteration count can be raised with MERIDIAN_FUZZ_ITERS for longer runs.
 
 use bytes::{BufMut, BytesMut};
-use meridian::media::demux::binding_request_local_ufrag;
+use meridian::media::demux::{binding_request_is_authentic, binding_request_local_ufrag};
 use meridian::media::keyframe::is_keyframe;
 use meridian::media::Codec;
 use meridian::mesh::discovery::parse_txt;
@@ -175,8 +175,14 @@ fn stun_username_reader_never_panics() {
     m.extend_from_slice(&[1; 12]);
     m.extend_from_slice(&[0x00, 0x06, 0x00, 0x09]);
     m.extend_from_slice(b"abcd:efgh\0\0\0");
-    fuzz("stun", vec![m], |d| {
+    // The same request with a MESSAGE-INTEGRITY after the username.
+    let mut signed = m.clone();
+    signed[3] = 0x28;
+    signed.extend_from_slice(&[0x00, 0x08, 0x00, 0x14]);
+    signed.extend_from_slice(&[9; 20]);
+    fuzz("stun", vec![m, signed], |d| {
         let _ = binding_request_local_ufrag(d);
+        let _ = binding_request_is_authentic(d, b"password");
     });
 }
 
@@ -225,7 +231,12 @@ fn forwarding_header_reader_never_panics() {
         for name in ["x-forwarded-for", "forwarded"] {
             let mut h = axum::http::HeaderMap::new();
             h.insert(name, value.clone());
-            let _ = client_ip("10.0.0.1".parse().unwrap(), &h, &trusted);
+            for from in [
+                meridian::config::ClientAddressHeader::XForwardedFor,
+                meridian::config::ClientAddressHeader::Forwarded,
+            ] {
+                let _ = client_ip("10.0.0.1".parse().unwrap(), &h, &trusted, from);
+            }
         }
     });
 }

@@ -177,7 +177,7 @@ async fn dns_failure_keeps_the_static_seeds_working() {
     })
     .await;
     assert_eq!(member_ids(&us), ["europe-1", "us-1"]);
-    let metrics = http_get(&us, "/metrics").await;
+    let metrics = metrics(&us).await;
     assert!(
         metrics.contains("meridian_discovery_errors_total{"),
         "{metrics}"

@@ -101,7 +101,7 @@ async fn drained_or_dead_region_sends_its_clients_to_the_next_nearest() {
         assert_eq!(alternates.len(), 1, "a draining node is no alternate: {v}");
         assert_eq!(alternates[0]["region"], "us");
     }
-    let metrics = http_get(&nodes[1], "/metrics").await;
+    let metrics = metrics(&nodes[1]).await;
     assert!(
         metrics.contains("member=\"india-1\",member_region=\"india\",draining=\"true\""),
         "{metrics}"
@@ -159,11 +159,36 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
         assert_eq!(v["edge"]["region"], "europe");
         assert_eq!(v["client"], Value::Null);
     }
-    let metrics = http_get(&nodes[2], "/metrics").await;
+    let metrics = metrics(&nodes[2]).await;
     assert!(
         metrics.contains("meridian_edge_untrusted_forwarding_total{region=\"us\",node=\"us-1\"} 2"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_place_itself_with_the_header_its_proxy_does_not_write() {
+    // The proxy appends the client's real address (Mumbai) to X-Forwarded-For; the client
+    // sent a Forwarded header of its own claiming New York.
+    let headers = [
+        ("Forwarded", "for=192.0.2.97"),
+        ("X-Forwarded-For", "192.0.2.1"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = routed_mesh(dir.path(), trust_loopback).await;
+    let (status, v) = edge(&nodes[1], LOCAL, "/v1/edge", &headers).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["edge"]["region"], "india", "{v}");
+    drop(nodes);
+    // Behind a proxy that writes Forwarded, the operator says so, and only Forwarded counts.
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = routed_mesh(dir.path(), |cfg| {
+        trust_loopback(cfg);
+        cfg.routing.client_address_header = meridian::config::ClientAddressHeader::Forwarded;
+    })
+    .await;
+    let (_, v) = edge(&nodes[1], LOCAL, "/v1/edge", &headers).await;
+    assert_eq!(v["edge"]["region"], "us", "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

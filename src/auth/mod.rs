@@ -56,9 +56,22 @@ pub struct Claims {
     pub aud: String,
 }
 
+/// Latest expiry accepted: the start of the year 10000. Anything later is not a real expiry
+/// and would overflow the clock arithmetic that ends access.
+pub const MAX_EXP: u64 = 253_402_300_800;
+
 impl Claims {
+    /// When access ends. Saturates far in the future for an `exp` that [`TokenVerifier`]
+    /// would have refused, so no caller can overflow.
     pub fn expires_at(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(self.exp)
+        UNIX_EPOCH
+            .checked_add(Duration::from_secs(self.exp.min(MAX_EXP)))
+            .unwrap_or(UNIX_EPOCH + Duration::from_secs(MAX_EXP))
+    }
+
+    /// Whether access has ended at `now`.
+    pub fn expired_at(&self, now: SystemTime) -> bool {
+        now >= self.expires_at()
     }
 }
 
@@ -176,7 +189,24 @@ impl TokenVerifier {
     }
 
     /// Checks signature, algorithm, issuer, audience and time; returns the claims.
+    ///
+    /// The leeway absorbs clock skew on `nbf` only: a token whose `exp` has passed is refused
+    /// outright, because every second past `exp` would be access the issuer did not grant.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let claims = self.verify_signature(token)?;
+        if claims.exp > MAX_EXP {
+            return Err(TokenError::Malformed(format!(
+                "exp {} is beyond any plausible expiry (at most {MAX_EXP})",
+                claims.exp
+            )));
+        }
+        if claims.expired_at(SystemTime::now()) {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
+    }
+
+    fn verify_signature(&self, token: &str) -> Result<Claims, TokenError> {
         if token.is_empty() {
             return Err(TokenError::Missing);
         }

@@ -22,8 +22,10 @@ use crate::procfs;
 pub struct Target {
     /// WebSocket signaling URL.
     pub ws_url: String,
-    /// Signaling address, for `/metrics`.
+    /// Signaling address.
     pub http_addr: std::net::SocketAddr,
+    /// Metrics listener, for `/metrics`.
+    pub metrics_addr: std::net::SocketAddr,
     /// The node's process, measured from /proc.
     pub pid: u32,
     pub signer: TokenSigner,
@@ -33,6 +35,7 @@ pub struct Target {
 pub struct SpawnedNode {
     child: std::process::Child,
     http_addr: std::net::SocketAddr,
+    metrics_addr: std::net::SocketAddr,
     secret: String,
     log: std::path::PathBuf,
 }
@@ -51,6 +54,7 @@ impl SpawnedNode {
     ) -> std::io::Result<SpawnedNode> {
         std::fs::create_dir_all(dir)?;
         let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let udp = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
         // All nodes of one run share the secret so one signer serves them all.
         let secret = std::fs::read_to_string(dir.join("secret")).unwrap_or_else(|_| {
@@ -65,6 +69,7 @@ impl SpawnedNode {
         let mut text = format!(
             "[node]\nregion = \"{name}\"\nlatitude = 0.0\nlongitude = 0.0\n\
              [signaling]\nlisten = \"{http}\"\n\
+             [metrics]\nlisten = \"{metrics}\"\n\
              [rtc]\nlisten_ip = \"127.0.0.1\"\nannounced_ip = \"127.0.0.1\"\nport = {}\n\
              [auth]\nissuer = \"bench\"\naudience = \"meridian\"\nalgorithm = \"HS256\"\nsecret = \"{secret}\"\n\
              [limits]\nmax_participants_per_session = 1000\nmax_consumers_per_participant = 8\n",
@@ -94,6 +99,7 @@ impl SpawnedNode {
         Ok(SpawnedNode {
             child,
             http_addr: http,
+            metrics_addr: metrics,
             secret,
             log,
         })
@@ -125,6 +131,7 @@ impl SpawnedNode {
         Target {
             ws_url: format!("ws://{}/v1/ws", self.http_addr),
             http_addr: self.http_addr,
+            metrics_addr: self.metrics_addr,
             pid: self.child.id(),
             signer: TokenSigner::hs256(self.secret.as_bytes(), "bench", "meridian"),
         }
@@ -495,7 +502,7 @@ pub async fn run_fanout(
             meridian_subscriber(&mut load, sig, &producer).await?;
         }
         tokio::time::sleep(Duration::from_secs(cfg.warmup_seconds)).await;
-        results.push(measure(target.pid, &load, rss_base, cfg, Some(target.http_addr)).await);
+        results.push(measure(target.pid, &load, rss_base, cfg, Some(target.metrics_addr)).await);
         load.stop().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -626,7 +633,7 @@ pub async fn run_cascade(
 ) -> Result<Vec<CascadeResult>, BenchError> {
     // Wait for the pipe.
     let started = Instant::now();
-    while metric(origin.http_addr, "meridian_pipe_bytes_out_total")
+    while metric(origin.metrics_addr, "meridian_pipe_bytes_out_total")
         .await
         .is_err()
     {
@@ -660,9 +667,9 @@ pub async fn run_cascade(
         }
         tokio::time::sleep(Duration::from_secs(cfg.warmup_seconds)).await;
 
-        let pipe0 = metric(origin.http_addr, "meridian_pipe_bytes_out_total").await?;
+        let pipe0 = metric(origin.metrics_addr, "meridian_pipe_bytes_out_total").await?;
         let w = Window::measure(&[origin.pid, edge.pid], &load.publisher, cfg.seconds).await;
-        let pipe1 = metric(origin.http_addr, "meridian_pipe_bytes_out_total").await?;
+        let pipe1 = metric(origin.metrics_addr, "meridian_pipe_bytes_out_total").await?;
         let latencies = load.latencies(w.t0, w.t1);
         let secs = w.seconds();
         let published = w.sent as f64;

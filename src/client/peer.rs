@@ -87,6 +87,12 @@ pub struct PeerState {
     /// (loss on the last hop, which the node must repair).
     pub drop_every_nth_rtp: AtomicU64,
     pub rtp_datagrams_dropped: AtomicU64,
+    /// Encrypted bytes of the RTP datagrams dropped above, by sequence number, until the same
+    /// sequence number arrives again.
+    pub dropped_rtp: Mutex<std::collections::HashMap<u16, Vec<u8>>>,
+    /// For each dropped datagram that arrived again (a retransmission): (original, resent),
+    /// both as they came off the wire.
+    pub resent_rtp: Mutex<Vec<(Vec<u8>, Vec<u8>)>>,
     /// Keyframe requests the subscriber should send now, one after another.
     pub send_plis: AtomicU64,
     /// Publisher: time between packets in µs (0: 20 ms), and payload size (0: 1000 bytes).
@@ -442,9 +448,19 @@ impl RtcPeer {
                         let is_rtp = n > 1 && (128..=191).contains(&buf[0]) && !(200..=206).contains(&buf[1]);
                         let nth = state.drop_every_nth_rtp.load(Ordering::Relaxed);
                         if is_rtp && nth > 0 {
+                            // The SRTP header is in clear: the sequence number is readable.
+                            let seq = u16::from_be_bytes([buf[2], buf[3]]);
+                            if let Some(original) = lock(&state.dropped_rtp).remove(&seq) {
+                                lock(&state.resent_rtp).push((original, buf[..n].to_vec()));
+                            }
                             rtp_datagrams += 1;
                             if rtp_datagrams % nth == 0 {
                                 state.rtp_datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+                                let mut dropped = lock(&state.dropped_rtp);
+                                if dropped.len() >= 4096 {
+                                    dropped.clear(); // never repaired; keep the record bounded
+                                }
+                                dropped.insert(seq, buf[..n].to_vec());
                                 continue;
                             }
                         }

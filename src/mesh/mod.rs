@@ -30,7 +30,7 @@ use membership::{Load, MemberView, Membership, NodeInfo, HEARTBEAT_EVERY};
 
 use crate::ids::{NodeId, ProducerId, SessionId};
 use crate::sfu::{Command, MeshEvent, PipeCounters, PipeId, PipeLink, WorkerHandle};
-use tls::{NodeTls, TlsError, CLUSTER_SERVER_NAME};
+use tls::{CertIdentity, NodeTls, TlsError, CLUSTER_SERVER_NAME};
 use wire::{Control, ProducerAnnouncement, MAX_CONTROL, WIRE_VERSION};
 
 /// What the mesh of one node needs.
@@ -77,6 +77,9 @@ pub struct MeshStats {
     pub peers_discovered: AtomicU64,
     /// Peers declared down for missing heartbeats.
     pub peers_silent: AtomicU64,
+    /// Pipes refused because the peer's `Hello` named another node or region than its
+    /// certificate (also counted in `handshakes_refused`).
+    pub identity_mismatches: AtomicU64,
 }
 
 /// A pipe's figures, for metrics and routing.
@@ -506,6 +509,22 @@ impl PipeCtx {
         if version != WIRE_VERSION {
             tracing::warn!(peer = %peer, version, "peer speaks another pipe protocol version");
             conn.close(3u32.into(), b"unsupported version");
+            return None;
+        }
+        // The certificate, not the Hello, says who the peer is: any cluster certificate
+        // proves membership, but only its own lets a node speak as itself.
+        let proven = CertIdentity::of_peer(&conn);
+        if !proven.as_ref().is_some_and(|id| id.admits(&node, &region)) {
+            self.stats.identity_mismatches.fetch_add(1, Relaxed);
+            self.stats.handshakes_refused.fetch_add(1, Relaxed);
+            tracing::warn!(
+                peer = %peer,
+                claimed = %node,
+                claimed_region = %region,
+                certificate = ?proven,
+                "refusing a pipe whose Hello does not match its certificate"
+            );
+            conn.close(10u32.into(), b"hello does not match the certificate");
             return None;
         }
         let info = NodeInfo {

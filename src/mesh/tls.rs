@@ -13,10 +13,11 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::wire::ALPN;
-use crate::ids::NodeId;
+use crate::ids::{NodeId, RegionId};
 
 /// Name every node certificate carries and every dialer checks: cluster membership is proven
-/// by the CA's signature, the node's identity by its certificate's common name and `Hello`.
+/// by the CA's signature, the node's identity by its certificate's common name, which both
+/// ends compare with the peer's `Hello` (see [`CertIdentity`]).
 pub const CLUSTER_SERVER_NAME: &str = "node.meridian.internal";
 
 /// Why TLS material could not be made or loaded.
@@ -68,8 +69,10 @@ impl ClusterCa {
         })
     }
 
-    /// A certificate for `node`, valid as TLS server and client.
-    pub fn issue(&self, node: &NodeId) -> Result<CertPair, TlsError> {
+    /// A certificate for `node`, valid as TLS server and client. With a `region`, the
+    /// certificate binds the node to it too (organizational unit): peers then refuse a
+    /// `Hello` from this node that names another region.
+    pub fn issue(&self, node: &NodeId, region: Option<&RegionId>) -> Result<CertPair, TlsError> {
         let ca_key = KeyPair::from_pem(&self.pair.key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(&self.pair.cert_pem, ca_key)?;
         let key = KeyPair::generate()?;
@@ -77,6 +80,11 @@ impl ClusterCa {
         params
             .distinguished_name
             .push(DnType::CommonName, node.as_str());
+        if let Some(region) = region {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, region.as_str());
+        }
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -141,7 +149,7 @@ pub fn write_cluster(dir: &Path, nodes: &[NodeId]) -> Result<Vec<NodeFiles>, Tls
     nodes
         .iter()
         .map(|node| {
-            let pair = ca.issue(node)?;
+            let pair = ca.issue(node, None)?;
             let files = NodeFiles {
                 ca_file: ca_file.clone(),
                 cert_file: dir.join(format!("{node}.pem")),
@@ -152,6 +160,44 @@ pub fn write_cluster(dir: &Path, nodes: &[NodeId]) -> Result<Vec<NodeFiles>, Tls
             Ok(files)
         })
         .collect()
+}
+
+/// Who a node certificate vouches for: the node id (common name) and, when the certificate
+/// was issued with one, the region (organizational unit). A pipe's `Hello` must match it, so
+/// holding one cluster certificate does not let a node speak as another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertIdentity {
+    pub node: String,
+    pub region: Option<String>,
+}
+
+impl CertIdentity {
+    /// Reads the identity from a DER certificate; `None` if it is not one or names no node.
+    pub fn from_der(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let subject = cert.subject();
+        let node = subject.iter_common_name().next()?.as_str().ok()?.to_owned();
+        let region = subject
+            .iter_organizational_unit()
+            .next()
+            .and_then(|ou| ou.as_str().ok())
+            .map(str::to_owned);
+        Some(Self { node, region })
+    }
+
+    /// The identity a QUIC peer proved with its certificate during the handshake.
+    pub fn of_peer(conn: &quinn::Connection) -> Option<Self> {
+        let certs = conn
+            .peer_identity()?
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .ok()?;
+        Self::from_der(certs.first()?.as_ref())
+    }
+
+    /// Whether a `Hello` naming `node` in `region` is what this certificate vouches for.
+    pub fn admits(&self, node: &NodeId, region: &RegionId) -> bool {
+        self.node == node.as_str() && self.region.as_deref().is_none_or(|r| r == region.as_str())
+    }
 }
 
 /// What a node needs for pipes: the cluster CA certificate and its own pair.
@@ -170,6 +216,18 @@ impl NodeTls {
                 key_pem: read(key)?,
             },
         })
+    }
+
+    /// The identity this node's own certificate vouches for.
+    pub fn own_identity(&self) -> Result<CertIdentity, TlsError> {
+        let (_, chain, _) = self.parts()?;
+        chain
+            .first()
+            .and_then(|c| CertIdentity::from_der(c.as_ref()))
+            .ok_or(TlsError::Pem {
+                path: "node certificate".into(),
+                what: "certificate with a common name",
+            })
     }
 
     fn parts(
@@ -268,4 +326,34 @@ fn transport() -> Arc<quinn::TransportConfig> {
     bbr.initial_window(256 * 1024);
     t.congestion_controller_factory(Arc::new(bbr));
     Arc::new(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_certificate_names_its_node_and_optionally_its_region() {
+        let ca = ClusterCa::generate("test CA").unwrap();
+        let node: NodeId = "us-1".parse().unwrap();
+        let us: RegionId = "us".parse().unwrap();
+        let india: RegionId = "india".parse().unwrap();
+        let plain = CertIdentity::from_der(&der(&ca.issue(&node, None).unwrap().cert_pem)).unwrap();
+        assert_eq!(plain.node, "us-1");
+        assert!(plain.admits(&node, &india), "no region in the certificate");
+        assert!(!plain.admits(&"us-2".parse().unwrap(), &us));
+        let bound =
+            CertIdentity::from_der(&der(&ca.issue(&node, Some(&us)).unwrap().cert_pem)).unwrap();
+        assert_eq!(bound.region.as_deref(), Some("us"));
+        assert!(bound.admits(&node, &us));
+        assert!(!bound.admits(&node, &india));
+        assert_eq!(CertIdentity::from_der(b"not a certificate"), None);
+    }
 }

@@ -24,6 +24,7 @@ use crate::media::layers::Layer;
 use crate::media::Codec;
 
 pub use pipes::{PipeCounters, PipeLink};
+pub use tcp::MAX_TCP_CONNECTIONS;
 pub use worker::{spawn_worker, WorkerConfig};
 
 /// A pipe (QUIC connection to another node), numbered by the mesh.
@@ -138,6 +139,76 @@ pub enum SfuEvent {
         transport: TransportKind,
         state: String,
     },
+    /// The node let this participant go; the last event it gets.
+    Dismissed(Dismissal),
+}
+
+/// Why the node ended a participant's connection on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Dismissal {
+    #[error("a newer connection joined this session as the same user; this one is closed")]
+    Replaced,
+    #[error("this connection did not read its events in time and was closed; rejoin to resume")]
+    TooSlow,
+}
+
+impl Dismissal {
+    /// Stable code sent in the signaling error and counted in metrics.
+    pub fn code(self) -> &'static str {
+        match self {
+            Dismissal::Replaced => "replaced",
+            Dismissal::TooSlow => "too_slow",
+        }
+    }
+}
+
+/// Events queued for one participant before its connection counts as not reading.
+pub const EVENT_QUEUE: usize = 256;
+
+/// The worker's end of a participant's event queue. The queue is bounded so that a client
+/// that stops reading cannot grow the node: ordinary events use all slots but one, and the
+/// last slot is kept for the single [`SfuEvent::Dismissed`] that tells the connection why it
+/// is being let go. A participant whose queue fills is dismissed as too slow.
+#[derive(Debug)]
+pub struct EventSender {
+    tx: mpsc::Sender<SfuEvent>,
+    dismissed: std::sync::atomic::AtomicBool,
+}
+
+/// A new participant event queue: the worker's sender and the connection's receiver.
+pub fn event_channel() -> (EventSender, mpsc::Receiver<SfuEvent>) {
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    (
+        EventSender {
+            tx,
+            dismissed: false.into(),
+        },
+        rx,
+    )
+}
+
+impl EventSender {
+    /// Queues an ordinary event. Returns false when this call found the queue full and
+    /// dismissed the participant (the caller counts it).
+    pub(crate) fn send(&self, ev: SfuEvent) -> bool {
+        if self.dismissed.load(Ordering::Relaxed) {
+            return true;
+        }
+        // Only the worker sends, so the capacity seen here is still free at `try_send`.
+        if self.tx.capacity() > 1 {
+            let _ = self.tx.try_send(ev);
+            return true;
+        }
+        self.dismiss(Dismissal::TooSlow);
+        false
+    }
+
+    /// Sends the last event; nothing is queued after it.
+    pub(crate) fn dismiss(&self, why: Dismissal) {
+        if !self.dismissed.swap(true, Ordering::Relaxed) {
+            let _ = self.tx.try_send(SfuEvent::Dismissed(why));
+        }
+    }
 }
 
 /// Result of `join`.
@@ -254,7 +325,7 @@ pub(crate) enum Command {
         session: SessionId,
         user: UserId,
         role: Role,
-        events: mpsc::UnboundedSender<SfuEvent>,
+        events: EventSender,
         reply: oneshot::Sender<Result<Joined, JoinError>>,
     },
     Publish {
@@ -385,6 +456,10 @@ pub struct WorkerStats {
     pub send_syscalls: AtomicU64,
     pub tcp_frames_in: AtomicU64,
     pub tcp_connections: AtomicU64,
+    /// ICE-TCP connections refused at accept (node or source at its cap).
+    pub tcp_refused: AtomicU64,
+    /// ICE-TCP connections closed for sending no authenticated Binding in time, or going idle.
+    pub tcp_timed_out: AtomicU64,
     pub keyframe_requests: AtomicU64,
     pub pipe_frames_in: AtomicU64,
     pub pipe_frames_bad: AtomicU64,
@@ -393,6 +468,14 @@ pub struct WorkerStats {
     pub producers: AtomicU64,
     pub consumers: AtomicU64,
     pub peer_connections: AtomicU64,
+    /// Binding requests from unbound addresses whose MESSAGE-INTEGRITY did not verify.
+    pub stun_unauthenticated: AtomicU64,
+    /// Binding requests from unbound addresses dropped by the per-source rate limit.
+    pub stun_rate_limited: AtomicU64,
+    /// Participants dismissed because their connection stopped reading events.
+    pub events_overflowed: AtomicU64,
+    /// Participants replaced by a newer connection of the same user.
+    pub participants_replaced: AtomicU64,
 }
 
 impl WorkerStats {
@@ -441,7 +524,7 @@ impl WorkerHandle {
         session: SessionId,
         user: UserId,
         role: Role,
-        events: mpsc::UnboundedSender<SfuEvent>,
+        events: EventSender,
     ) -> Result<Joined, JoinError> {
         self.call(
             |reply| Command::Join {

@@ -238,7 +238,7 @@ impl Worker {
             return;
         }
         list.push((pipe, participant.clone()));
-        self.notify_members(&session, SfuEvent::ParticipantJoined(participant));
+        self.notify_presence(&session, &participant, true);
     }
 
     /// A participant of another node left a session hosted here.
@@ -257,7 +257,7 @@ impl Worker {
             return;
         };
         let (_, info) = list.remove(i);
-        self.notify_members(session, SfuEvent::ParticipantLeft(info));
+        self.notify_presence(session, &info, false);
     }
 
     pub(super) fn remote_producer_closed(&mut self, pipe: PipeId, producer: &ProducerId) {
@@ -359,10 +359,9 @@ impl Worker {
         else {
             return;
         };
-        let none = Default::default();
         for &seq in &nack.seqs {
-            if let Some(pkt) = cache.get(seq) {
-                link.send_media(pipe_arena, p.stream, nack.layer, pkt, &none);
+            if let Some(c) = cache.get(seq) {
+                link.send_media(pipe_arena, p.stream, nack.layer, &c.pkt, &c.kept);
                 link.counters.retransmitted.fetch_add(1, Relaxed);
             }
         }

@@ -3,9 +3,11 @@
 //! RTP or RTCP packet). Connections are owned by small tasks that hand frames to the worker and
 //! write what the worker gives them; the worker routes frames exactly as it routes datagrams.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,6 +31,16 @@ pub(super) enum TcpEvent {
 
 /// Open TCP media connections a node accepts at once; more are refused at accept.
 pub const MAX_TCP_CONNECTIONS: usize = 4096;
+/// Open TCP media connections from one source address. Each participant needs two.
+pub const MAX_TCP_PER_SOURCE: usize = 16;
+/// A connection must send an authenticated Binding request (which the worker answers) within
+/// this time, or it is closed: silent connections cannot hold places.
+pub const AUTH_DEADLINE: Duration = Duration::from_secs(5);
+/// A connection that delivers no complete frame for this long is closed. Clients send
+/// consent checks every few seconds (RFC 7675 gives up after 30 s without them).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A write that cannot complete this long means the client stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued towards one slow TCP client before further ones are dropped.
 const OUT_QUEUE: usize = 512;
 
@@ -66,67 +78,134 @@ pub fn frame(packet: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Open connections by source address, for the per-source cap.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+/// One accepted connection's place; dropping it frees the place.
+struct Place {
+    open: Arc<Mutex<Open>>,
+    ip: IpAddr,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        o.total = o.total.saturating_sub(1);
+        if let Some(n) = o.by_source.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                o.by_source.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn take_place(open: &Arc<Mutex<Open>>, ip: IpAddr) -> Option<Place> {
+    // Poisoning only means a task panicked mid-update; the counts stay usable.
+    let mut o = open.lock().unwrap_or_else(|e| e.into_inner());
+    let n = o.by_source.get(&ip).copied().unwrap_or(0);
+    if o.total >= MAX_TCP_CONNECTIONS || n >= MAX_TCP_PER_SOURCE {
+        return None;
+    }
+    o.total += 1;
+    *o.by_source.entry(ip).or_default() += 1;
+    Some(Place {
+        open: open.clone(),
+        ip,
+    })
+}
+
 /// Accepts connections until the worker goes away.
-pub(super) async fn accept_loop(listener: TcpListener, events: mpsc::UnboundedSender<TcpEvent>) {
-    let open = Arc::new(AtomicUsize::new(0));
+pub(super) async fn accept_loop(
+    listener: TcpListener,
+    events: mpsc::UnboundedSender<TcpEvent>,
+    stats: Arc<super::WorkerStats>,
+) {
+    let open = Arc::new(Mutex::new(Open::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "ICE-TCP accept failed");
+                // Out of descriptors: wait rather than spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         if events.is_closed() {
             return;
         }
-        if open.load(Ordering::Relaxed) >= MAX_TCP_CONNECTIONS {
+        let Some(place) = take_place(&open, crate::cidr::normalize(peer.ip())) else {
+            stats.tcp_refused.fetch_add(1, Relaxed);
             continue; // dropping the stream refuses it
-        }
+        };
         let _ = stream.set_nodelay(true);
-        open.fetch_add(1, Ordering::Relaxed);
         let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
         if events.send(TcpEvent::Opened { peer, out: out_tx }).is_err() {
             return;
         }
         let events = events.clone();
-        let open = open.clone();
+        let stats = stats.clone();
         tokio::spawn(async move {
-            connection(stream, peer, out_rx, &events).await;
+            if let Err(why) = connection(stream, peer, out_rx, &events).await {
+                stats.tcp_timed_out.fetch_add(1, Relaxed);
+                tracing::debug!(reason = why, "closing an ICE-TCP connection");
+            }
             let _ = events.send(TcpEvent::Closed { peer });
-            open.fetch_sub(1, Ordering::Relaxed);
+            drop(place);
         });
     }
 }
 
+/// Runs one connection until either side ends it; `Err` says which timeout closed it.
 async fn connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     mut out: mpsc::Receiver<Bytes>,
     events: &mpsc::UnboundedSender<TcpEvent>,
-) {
+) -> Result<(), &'static str> {
     let mut decoder = FrameDecoder::default();
     let mut buf = vec![0u8; 16 * 1024];
+    // The worker writes to a connection only after an authenticated Binding request on it,
+    // so its first write is the proof that the client holds the ICE password.
+    let mut authenticated = false;
+    let auth_deadline = tokio::time::sleep(AUTH_DEADLINE);
+    tokio::pin!(auth_deadline);
+    let idle = tokio::time::sleep(IDLE_TIMEOUT);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
+            _ = &mut auth_deadline, if !authenticated => {
+                return Err("no authenticated Binding request in time");
+            }
+            // Only complete frames count: a frame announced and never finished is silence.
+            _ = &mut idle => return Err("idle"),
             read = stream.read(&mut buf) => {
                 let n = match read {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) | Err(_) => return Ok(()),
                     Ok(n) => n,
                 };
                 decoder.extend(&buf[..n]);
                 while let Some(data) = decoder.next_frame() {
+                    idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
                     if events.send(TcpEvent::Frame { peer, data }).is_err() {
-                        return;
+                        return Ok(());
                     }
                 }
             }
             packet = out.recv() => {
                 // The worker dropping its sender means it gave up on this connection.
-                let Some(packet) = packet else { return };
+                let Some(packet) = packet else { return Ok(()) };
+                authenticated = true;
                 let Some(framed) = frame(&packet) else { continue };
-                if stream.write_all(&framed).await.is_err() {
-                    return;
+                match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&framed)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Ok(()),
+                    Err(_) => return Err("the client stopped reading"),
                 }
             }
         }

@@ -41,7 +41,7 @@ use super::tcp::TcpEvent;
 use super::*;
 use crate::config::LimitsSection;
 use crate::media::cache::PacketCache;
-use crate::media::demux::binding_request_local_ufrag;
+use crate::media::demux::{binding_request_is_authentic, binding_request_local_ufrag};
 use crate::media::extensions::{IncomingExtensions, OutgoingExtensions, FORWARDED};
 use crate::media::keyframe::is_keyframe;
 use crate::media::layers::{Decision, LayerSelector};
@@ -114,7 +114,7 @@ pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
                 if let Some(l) = tcp_listener {
                     match tokio::net::TcpListener::from_std(l) {
                         Ok(l) => {
-                            tokio::spawn(super::tcp::accept_loop(l, tcp_tx));
+                            tokio::spawn(super::tcp::accept_loop(l, tcp_tx, stats.clone()));
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "cannot register the ICE-TCP listener")
@@ -142,6 +142,8 @@ pub(super) struct Conn {
     kind: TransportKind,
     participant: usize,
     ufrag: String,
+    /// Local ICE password: the key of the MESSAGE-INTEGRITY that binds a new address.
+    ice_pwd: String,
     addrs: Vec<SocketAddr>,
     tcp_peers: Vec<SocketAddr>,
     /// Local address the client sends to; replies leave from it so the client sees the
@@ -163,7 +165,9 @@ pub(super) struct Participant {
     session: SessionId,
     user: UserId,
     role: Role,
-    events: mpsc::UnboundedSender<SfuEvent>,
+    events: EventSender,
+    /// Where a dismissal for not reading events is counted.
+    stats: Arc<WorkerStats>,
     publish: Option<usize>,
     subscribe: Option<usize>,
     producers: Vec<usize>,
@@ -179,7 +183,37 @@ impl Participant {
         }
     }
     fn send(&self, ev: SfuEvent) {
-        let _ = self.events.send(ev);
+        if !self.events.send(ev) {
+            self.stats.events_overflowed.fetch_add(1, Relaxed);
+            tracing::info!(participant = %self.id, "dismissing a participant whose connection stopped reading events");
+        }
+    }
+}
+
+/// Payloads of the [`FORWARDED`] header extensions one packet carried, by index.
+pub(super) type KeptExtensions = [Option<bytes::Bytes>; FORWARDED.len()];
+
+/// A packet as it was forwarded: the header without the publisher's extensions, and the
+/// forwarded extensions' payloads. A retransmission rebuilds exactly the bytes of the
+/// original copy from it: the same sequence number with different bytes would reuse an
+/// AES-GCM nonce under SRTP.
+#[derive(Clone)]
+pub(super) struct CachedPacket {
+    pub(super) pkt: rtc::rtp::Packet,
+    pub(super) kept: KeptExtensions,
+}
+
+/// Writes the kept extensions under one consumer's negotiated ids, in [`FORWARDED`] order,
+/// so every copy of one packet to one consumer is built the same way.
+fn set_forwarded_extensions(
+    out: &mut rtc::rtp::Packet,
+    kept: &KeptExtensions,
+    ids: &OutgoingExtensions,
+) {
+    for (i, payload) in kept.iter().enumerate() {
+        if let (Some(payload), Some(id)) = (payload, ids.id(i)) {
+            let _ = out.header.set_extension(id, payload.clone());
+        }
     }
 }
 
@@ -193,7 +227,7 @@ pub(super) struct LayerStat {
     last_packet: Option<Instant>,
     last_keyframe_request: Option<Instant>,
     /// One copy of recent packets for every consumer's NACKs; video only.
-    pub(super) cache: Option<PacketCache<rtc::rtp::Packet>>,
+    pub(super) cache: Option<PacketCache<CachedPacket>>,
     /// Highest sequence number seen from a pipe, to find gaps to repair.
     pub(super) highest_seq: Option<u16>,
     /// Packets missing from a pipe stream: (seq, when last asked for, times asked).
@@ -328,6 +362,7 @@ pub(super) struct Worker {
     pub(super) stats: Arc<WorkerStats>,
     pub(super) conns: Slab<Conn>,
     pub(super) by_addr: HashMap<SocketAddr, usize>,
+    pub(super) unauthenticated: UnauthenticatedLimiter,
     /// ICE-TCP connections: where to write, and which peer connection they serve once known.
     pub(super) tcp_out: HashMap<SocketAddr, mpsc::Sender<bytes::Bytes>>,
     pub(super) by_tcp_addr: HashMap<SocketAddr, usize>,
@@ -392,10 +427,48 @@ fn simulcast_rids(sdp: &str, mid: &str) -> Vec<String> {
     Vec::new()
 }
 
-fn ice_ufrag(sdp: &str) -> Option<String> {
+fn sdp_attribute(sdp: &str, prefix: &str) -> Option<String> {
     sdp.lines()
-        .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
+        .find_map(|l| l.trim_end().strip_prefix(prefix))
         .map(str::to_owned)
+}
+
+/// Binding requests from addresses not yet bound, checked per source address and second:
+/// more than this from one address are dropped unchecked, so a flood of forged requests
+/// costs bounded HMAC work and cannot crowd out a real client's checks from its own address.
+const UNAUTHENTICATED_PER_SOURCE: u32 = 50;
+/// Source addresses tracked per second; past this, new ones wait for the next second.
+const UNAUTHENTICATED_SOURCES: usize = 4096;
+
+/// Rate limit for STUN from sources not bound to any connection (sans-I/O: time passed in).
+pub(super) struct UnauthenticatedLimiter {
+    window: Option<Instant>,
+    counts: HashMap<IpAddr, u32>,
+}
+
+impl UnauthenticatedLimiter {
+    fn new() -> Self {
+        Self {
+            window: None,
+            counts: HashMap::new(),
+        }
+    }
+
+    fn allow(&mut self, now: Instant, ip: IpAddr) -> bool {
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.counts.clear();
+        }
+        if self.counts.len() >= UNAUTHENTICATED_SOURCES && !self.counts.contains_key(&ip) {
+            return false;
+        }
+        let n = self.counts.entry(ip).or_default();
+        *n += 1;
+        *n <= UNAUTHENTICATED_PER_SOURCE
+    }
 }
 
 impl Worker {
@@ -415,6 +488,7 @@ impl Worker {
             stats,
             conns: Slab::new(),
             by_addr: HashMap::new(),
+            unauthenticated: UnauthenticatedLimiter::new(),
             tcp_out: HashMap::new(),
             by_tcp_addr: HashMap::new(),
             by_ufrag: HashMap::new(),
@@ -510,7 +584,7 @@ impl Worker {
             self.stats.datagrams_oversized.fetch_add(1, Relaxed);
             return;
         }
-        let Some(ck) = self.route(src, dst_ip, d) else {
+        let Some(ck) = self.route(now, src, dst_ip, d) else {
             self.stats.datagrams_unroutable.fetch_add(1, Relaxed);
             return;
         };
@@ -536,12 +610,13 @@ impl Worker {
                 self.stats.tcp_frames_in.fetch_add(1, Relaxed);
                 let ck = match self.by_tcp_addr.get(&peer) {
                     Some(&ck) => Some(ck),
-                    None => binding_request_local_ufrag(&data)
-                        .and_then(|u| self.by_ufrag.get(u).copied())
+                    None => self
+                        .authenticate(now, peer, &data)
                         .filter(|&ck| self.conns[ck].tcp_peers.len() < MAX_ADDRS_PER_CONN),
                 };
                 let Some(ck) = ck else {
-                    // A connection that does not open with a known ICE username is cut.
+                    // A connection that does not open with an authenticated Binding request
+                    // for a known connection is cut.
                     self.stats.datagrams_unroutable.fetch_add(1, Relaxed);
                     self.tcp_out.remove(&peer);
                     return;
@@ -585,21 +660,44 @@ impl Worker {
         self.process_conn(now, ck);
     }
 
-    fn route(&mut self, src: SocketAddr, dst_ip: Option<IpAddr>, d: &[u8]) -> Option<usize> {
+    fn route(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        dst_ip: Option<IpAddr>,
+        d: &[u8],
+    ) -> Option<usize> {
         if let Some(&ck) = self.by_addr.get(&src) {
             return Some(ck);
         }
-        let ufrag = binding_request_local_ufrag(d)?;
-        let ck = *self.by_ufrag.get(ufrag)?;
+        let ck = self.authenticate(now, src, d)?;
         let conn = &mut self.conns[ck];
         if conn.addrs.len() >= MAX_ADDRS_PER_CONN {
-            return None;
+            // Only the client can bind addresses, so the oldest one is the stalest.
+            let old = conn.addrs.remove(0);
+            self.by_addr.remove(&old);
         }
         conn.addrs.push(src);
         if conn.src_ip.is_none() {
             conn.src_ip = dst_ip;
         }
         self.by_addr.insert(src, ck);
+        Some(ck)
+    }
+
+    /// The connection a STUN Binding request from an unbound address belongs to, if it is
+    /// signed with that connection's ICE password. The username alone travels in clear, so
+    /// binding on it would let anyone who saw it take the connection's address slots.
+    fn authenticate(&mut self, now: Instant, src: SocketAddr, d: &[u8]) -> Option<usize> {
+        let ck = *self.by_ufrag.get(binding_request_local_ufrag(d)?)?;
+        if !self.unauthenticated.allow(now, src.ip()) {
+            self.stats.stun_rate_limited.fetch_add(1, Relaxed);
+            return None;
+        }
+        if !binding_request_is_authentic(d, self.conns[ck].ice_pwd.as_bytes()) {
+            self.stats.stun_unauthenticated.fetch_add(1, Relaxed);
+            return None;
+        }
         Some(ck)
     }
 
@@ -843,7 +941,7 @@ impl Worker {
         // Extension ids were negotiated with the publisher, not with each subscriber: keep
         // the payloads of the forwarded ones and write them under each consumer's id below;
         // drop the rest (the subscriber's own interceptors add what its connection needs).
-        let mut kept: [Option<bytes::Bytes>; FORWARDED.len()] = Default::default();
+        let mut kept: KeptExtensions = Default::default();
         if pkt.header.extension {
             for e in &pkt.header.extensions {
                 if let Some(i) = producer.extensions.index(e.id) {
@@ -859,8 +957,14 @@ impl Worker {
             l.bytes += pkt.payload.len() as u64;
             l.last_packet = Some(now);
             if let Some(cache) = &mut l.cache {
-                // Header vectors are empty and the payload is reference-counted: no copy.
-                cache.insert(seq, pkt.clone());
+                // Header vectors are empty and payloads are reference-counted: no copy.
+                cache.insert(
+                    seq,
+                    CachedPacket {
+                        pkt: pkt.clone(),
+                        kept: kept.clone(),
+                    },
+                );
             }
         }
         if producer.paused {
@@ -906,11 +1010,7 @@ impl Worker {
             out.header.sequence_number = out_seq;
             out.header.timestamp = out_ts;
             out.header.payload_type = c.payload_type;
-            for (i, payload) in kept.iter().enumerate() {
-                if let (Some(payload), Some(id)) = (payload, c.extensions.id(i)) {
-                    let _ = out.header.set_extension(id, payload.clone());
-                }
-            }
+            set_forwarded_extensions(&mut out, &kept, &c.extensions);
             if let Some(mut sender) = conn.pc.rtp_sender(c.sender) {
                 if crate::alloc::in_rtc(|| sender.write_rtp(now, out)).is_ok() {
                     stats.rtp_forwarded.fetch_add(1, Relaxed);
@@ -967,7 +1067,7 @@ impl Worker {
             let layer = p.layers.iter().find(|l| l.ssrc == Some(ssrc))?;
             layer.cache.as_ref()?.get(seq).cloned()
         });
-        let Some(mut pkt) = cached else {
+        let Some(CachedPacket { mut pkt, kept }) = cached else {
             self.stats.nack_unserved.fetch_add(1, Relaxed);
             return;
         };
@@ -983,6 +1083,7 @@ impl Worker {
         pkt.header.sequence_number = out_seq;
         pkt.header.timestamp = out_ts;
         pkt.header.payload_type = c.payload_type;
+        set_forwarded_extensions(&mut pkt, &kept, &c.extensions);
         let ck = c.conn;
         if let Some(mut sender) = self
             .conns
@@ -1305,8 +1406,27 @@ impl Worker {
         session: SessionId,
         user: UserId,
         role: Role,
-        events: mpsc::UnboundedSender<SfuEvent>,
+        events: EventSender,
     ) -> Result<Joined, JoinError> {
+        // One live connection per user and session: the newest replaces the older, so a
+        // user who reconnects is never locked out by their own stale seat.
+        let stale: Vec<ParticipantId> = self
+            .routers
+            .get(&session)
+            .into_iter()
+            .flatten()
+            .map(|&o| &self.participants[o])
+            .filter(|o| o.user == user)
+            .map(|o| o.id.clone())
+            .collect();
+        for old in stale {
+            if let Some(&ok) = self.participant_ids.get(&old) {
+                self.participants[ok].events.dismiss(Dismissal::Replaced);
+            }
+            self.stats.participants_replaced.fetch_add(1, Relaxed);
+            tracing::info!(participant = %old, "replaced by a newer connection of the same user");
+            self.leave(&old);
+        }
         let limits = &self.cfg.limits;
         match self.routers.get(&session) {
             None if self.routers.len() >= limits.max_sessions => {
@@ -1324,6 +1444,7 @@ impl Worker {
             user,
             role,
             events,
+            stats: self.stats.clone(),
             publish: None,
             subscribe: None,
             producers: Vec::new(),
@@ -1339,16 +1460,22 @@ impl Worker {
         members.push(pk);
         let me = self.participants[pk].info();
         let mut participants = Vec::new();
+        // Participants are shown by the same rule as their media: users see agents only.
         for &o in &others {
             let other = &self.participants[o];
-            participants.push(other.info());
-            other.send(SfuEvent::ParticipantJoined(me.clone()));
+            if role.may_see(other.role) {
+                participants.push(other.info());
+            }
+            if other.role.may_see(role) {
+                other.send(SfuEvent::ParticipantJoined(me.clone()));
+            }
         }
         participants.extend(
             self.remote_participants
                 .get(&session)
                 .into_iter()
                 .flatten()
+                .filter(|(_, p)| role.may_see(p.role))
                 .map(|(_, p)| p.clone()),
         );
         self.mesh_event(MeshEvent::ParticipantJoined {
@@ -1411,11 +1538,18 @@ impl Worker {
         }
     }
 
-    /// Sends an event to every member of `session` here.
-    pub(super) fn notify_members(&self, session: &SessionId, ev: SfuEvent) {
+    /// Tells every member of `session` here allowed to see `who` that it joined or left.
+    pub(super) fn notify_presence(&self, session: &SessionId, who: &ParticipantInfo, joined: bool) {
         if let Some(members) = self.routers.get(session) {
             for &o in members {
-                self.participants[o].send(ev.clone());
+                let p = &self.participants[o];
+                if p.role.may_see(who.role) {
+                    p.send(if joined {
+                        SfuEvent::ParticipantJoined(who.clone())
+                    } else {
+                        SfuEvent::ParticipantLeft(who.clone())
+                    });
+                }
             }
         }
     }
@@ -1446,6 +1580,7 @@ impl Worker {
             kind,
             participant: pk,
             ufrag: String::new(),
+            ice_pwd: String::new(),
             addrs: Vec::new(),
             tcp_peers: Vec::new(),
             src_ip: None,
@@ -1482,7 +1617,9 @@ impl Worker {
             .map(|d| d.sdp)
             .ok_or_else(|| "no local description after answering".to_string())?;
         if conn.ufrag.is_empty() {
-            let ufrag = ice_ufrag(&sdp).ok_or("answer carries no ICE ufrag")?;
+            let ufrag = sdp_attribute(&sdp, "a=ice-ufrag:").ok_or("answer carries no ICE ufrag")?;
+            conn.ice_pwd =
+                sdp_attribute(&sdp, "a=ice-pwd:").ok_or("answer carries no ICE password")?;
             conn.ufrag = ufrag.clone();
             self.by_ufrag.insert(ufrag, ck);
         }
@@ -1944,10 +2081,9 @@ impl Worker {
         });
         if let Some(members) = self.routers.get_mut(&p.session) {
             members.retain(|&x| x != pk);
-            for &o in members.iter() {
-                self.participants[o].send(SfuEvent::ParticipantLeft(p.info()));
-            }
-            if members.is_empty() {
+            let empty = members.is_empty();
+            self.notify_presence(&p.session, &p.info(), false);
+            if empty {
                 self.routers.remove(&p.session);
                 // Producers piped in for this session have no audience left here.
                 let piped: Vec<usize> = self

@@ -2,9 +2,11 @@
 //! view and its GeoIP database; the client then opens its WebSocket to the chosen node.
 //!
 //! The client's address is the socket peer's, unless the peer is a configured trusted proxy:
-//! then the `Forwarded` (RFC 7239) or `X-Forwarded-For` chain is walked from the right, past
-//! trusted proxies, to the first address that is not one. Headers from anyone else are
-//! ignored, so a client cannot choose where it appears to be.
+//! then the configured header's chain (`X-Forwarded-For` by default, or RFC 7239 `Forwarded`)
+//! is walked from the right, past trusted proxies, to the first address that is not one. The
+//! other header is never read: a proxy appends to one of them, and a client could fill in the
+//! other itself. Headers from anyone else are ignored, so a client cannot choose where it
+//! appears to be.
 //!
 //! The endpoint needs no token (a client asks before it joins) and so tells nothing a client
 //! does not need: node ids, regions and public signaling URLs, never loads or addresses.
@@ -22,6 +24,7 @@ use tokio::sync::watch;
 
 use super::AppState;
 use crate::cidr::{normalize, Cidr};
+use crate::config::ClientAddressHeader;
 use crate::ids::{NodeId, RegionId};
 use crate::mesh::geo::GeoDb;
 use crate::mesh::membership::MemberView;
@@ -32,6 +35,7 @@ pub struct EdgeRouting {
     pub geo: Arc<GeoDb>,
     pub policy: RoutingPolicy,
     pub trusted_proxies: Vec<Cidr>,
+    pub client_address_header: ClientAddressHeader,
     pub members: watch::Receiver<Arc<Vec<MemberView>>>,
     pub metrics: EdgeMetrics,
 }
@@ -67,13 +71,18 @@ impl EdgeMetrics {
 
 /// The address a request comes from: the peer's, or from forwarding headers when the peer is
 /// a trusted proxy.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
+pub fn client_ip(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[Cidr],
+    from: ClientAddressHeader,
+) -> IpAddr {
     let peer = normalize(peer);
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     if !is_trusted(peer) {
         return peer;
     }
-    let chain = forwarded_chain(headers);
+    let chain = forwarded_chain(headers, from);
     let mut client = peer;
     // Right to left: each hop was appended by the proxy in front of it.
     for hop in chain.iter().rev() {
@@ -94,17 +103,14 @@ fn has_forwarding(headers: &HeaderMap) -> bool {
     headers.contains_key(header::FORWARDED) || headers.contains_key("x-forwarded-for")
 }
 
-/// Hops of `Forwarded` (preferred) or `X-Forwarded-For`, left to right; `None` for a hop that
-/// is not an IP address (`unknown`, `_hidden`, garbage).
-fn forwarded_chain(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
-    let forwarded: Vec<&str> = headers
-        .get_all(header::FORWARDED)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    if !forwarded.is_empty() {
-        return forwarded
+/// Hops of the configured header, left to right; `None` for a hop that is not an IP address
+/// (`unknown`, `_hidden`, garbage).
+fn forwarded_chain(headers: &HeaderMap, from: ClientAddressHeader) -> Vec<Option<IpAddr>> {
+    if from == ClientAddressHeader::Forwarded {
+        return headers
+            .get_all(header::FORWARDED)
             .iter()
+            .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(|element| {
                 element
@@ -206,7 +212,12 @@ pub(super) async fn edge(
             }
         },
     };
-    let ip = client_ip(peer.ip(), &headers, &r.trusted_proxies);
+    let ip = client_ip(
+        peer.ip(),
+        &headers,
+        &r.trusted_proxies,
+        r.client_address_header,
+    );
     let peer_trusted = r
         .trusted_proxies
         .iter()
@@ -275,6 +286,8 @@ mod tests {
         h
     }
 
+    const XFF: ClientAddressHeader = ClientAddressHeader::XForwardedFor;
+
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
@@ -282,10 +295,13 @@ mod tests {
     #[test]
     fn forwarding_headers_from_untrusted_peers_are_ignored() {
         let h = headers(&[("x-forwarded-for", "192.0.2.1")]);
-        assert_eq!(client_ip(ip("198.51.100.7"), &h, &[]), ip("198.51.100.7"));
+        assert_eq!(
+            client_ip(ip("198.51.100.7"), &h, &[], XFF),
+            ip("198.51.100.7")
+        );
         let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
         assert_eq!(
-            client_ip(ip("198.51.100.7"), &h, &trusted),
+            client_ip(ip("198.51.100.7"), &h, &trusted, XFF),
             ip("198.51.100.7")
         );
     }
@@ -295,19 +311,43 @@ mod tests {
         let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
         // The client forged the first entry; the proxies appended the real one.
         let h = headers(&[("x-forwarded-for", "192.0.2.1, 203.0.113.5, 10.1.1.1")]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("203.0.113.5"));
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &h, &trusted, XFF),
+            ip("203.0.113.5")
+        );
         let h = headers(&[(
             "forwarded",
             "for=192.0.2.1;proto=https, for=\"[2001:db8:4::9]:4711\"",
         )]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("2001:db8:4::9"));
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &h, &trusted, ClientAddressHeader::Forwarded),
+            ip("2001:db8:4::9")
+        );
         // A garbage hop stops the walk at the last trusted address.
         let h = headers(&[("x-forwarded-for", "192.0.2.1, not-an-ip")]);
-        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted), ip("10.0.0.2"));
+        assert_eq!(client_ip(ip("10.0.0.2"), &h, &trusted, XFF), ip("10.0.0.2"));
         // Dual-stack sockets report IPv4 peers as mapped IPv6.
         let h = headers(&[("x-forwarded-for", "192.0.2.1:5000")]);
         assert_eq!(
-            client_ip(ip("::ffff:10.0.0.2"), &h, &trusted),
+            client_ip(ip("::ffff:10.0.0.2"), &h, &trusted, XFF),
+            ip("192.0.2.1")
+        );
+    }
+
+    #[test]
+    fn only_the_configured_forwarding_header_is_read() {
+        let trusted: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap()];
+        // The proxy appends X-Forwarded-For; the client sent its own Forwarded.
+        let h = headers(&[
+            ("forwarded", "for=192.0.2.1"),
+            ("x-forwarded-for", "203.0.113.5"),
+        ]);
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &h, &trusted, XFF),
+            ip("203.0.113.5")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &h, &trusted, ClientAddressHeader::Forwarded),
             ip("192.0.2.1")
         );
     }

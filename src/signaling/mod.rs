@@ -3,6 +3,7 @@
 
 pub mod edge;
 pub mod protocol;
+pub mod server;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,15 +13,14 @@ use std::time::{Duration, SystemTime};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
 use axum::http::header;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 
 use crate::auth::{TokenError, TokenVerifier};
 use crate::ids::{NodeId, ParticipantId, RegionId};
-use crate::sfu::{WorkerHandle, WorkerStats};
+use crate::sfu::{Dismissal, SfuEvent, WorkerHandle, WorkerStats};
 use protocol::{close, ClientMessage, ParseError, PublishedProducer, ServerMessage};
 
 /// Counters of refused signaling input, by error code.
@@ -53,6 +53,10 @@ pub struct AppState {
     pub metrics: Arc<SignalingMetrics>,
     pub max_message_bytes: usize,
     pub join_timeout: Duration,
+    /// A joined WebSocket silent this long is closed.
+    pub idle_timeout: Duration,
+    /// Signaling connections admitted and refused, for `/metrics`.
+    pub admission: Arc<server::Admission>,
     pub region: RegionId,
     pub node: NodeId,
     /// Pipe figures for `/metrics`, when the node is part of a mesh.
@@ -69,30 +73,57 @@ const AGENT_HTML: &str = include_str!("../../web/demo/agent.html");
 const DEMO_JS: &str = include_str!("../../web/demo/demo.js");
 const DEMO_CSS: &str = include_str!("../../web/demo/demo.css");
 
+/// Headers every page and script carries: the demo pages read a JWT from the URL and open the
+/// camera, so they may not be framed, sniffed, or leak their URL to another site.
+const SECURITY_HEADERS: [(header::HeaderName, &str); 4] = [
+    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+    (header::X_FRAME_OPTIONS, "DENY"),
+    (header::REFERRER_POLICY, "no-referrer"),
+    (
+        header::CONTENT_SECURITY_POLICY,
+        // The SDK may ask another node's /v1/edge and join any node's WebSocket.
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+         media-src 'self' blob: mediastream:; connect-src 'self' ws: wss: http: https:; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    ),
+];
+
 fn asset(content_type: &'static str, body: &'static str) -> Response {
-    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+    let mut r = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    for (name, value) in SECURITY_HEADERS {
+        r.headers_mut()
+            .insert(name, header::HeaderValue::from_static(value));
+    }
+    r
 }
 
+/// The client-facing routes: signaling, edge selection, health, the SDK and demo pages.
 pub fn router(state: AppState) -> Router {
+    const JS: &str = "text/javascript; charset=utf-8";
+    const HTML: &str = "text/html; charset=utf-8";
     Router::new()
         .route("/v1/ws", get(ws_upgrade))
         .route("/v1/edge", get(edge::edge))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/metrics", get(metrics))
-        .route(
-            "/sdk/meridian.js",
-            get(|| async { asset("text/javascript; charset=utf-8", SDK_JS) }),
-        )
-        .route(
-            "/demo/demo.js",
-            get(|| async { asset("text/javascript; charset=utf-8", DEMO_JS) }),
-        )
+        .route("/sdk/meridian.js", get(|| async { asset(JS, SDK_JS) }))
+        .route("/demo/demo.js", get(|| async { asset(JS, DEMO_JS) }))
         .route(
             "/demo/demo.css",
             get(|| async { asset("text/css; charset=utf-8", DEMO_CSS) }),
         )
-        .route("/demo/user.html", get(|| async { Html(USER_HTML) }))
-        .route("/demo/agent.html", get(|| async { Html(AGENT_HTML) }))
+        .route("/demo/user.html", get(|| async { asset(HTML, USER_HTML) }))
+        .route(
+            "/demo/agent.html",
+            get(|| async { asset(HTML, AGENT_HTML) }),
+        )
+        .with_state(state)
+}
+
+/// The operator-facing routes, served on `metrics.listen` only.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
 }
 
@@ -148,6 +179,26 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             g(&w.send_syscalls),
         ),
         (
+            "meridian_stun_unauthenticated_total",
+            "Binding requests from unbound addresses whose MESSAGE-INTEGRITY did not verify",
+            g(&w.stun_unauthenticated),
+        ),
+        (
+            "meridian_stun_rate_limited_total",
+            "Binding requests from unbound addresses dropped by the per-source rate limit",
+            g(&w.stun_rate_limited),
+        ),
+        (
+            "meridian_tcp_refused_total",
+            "ICE-TCP connections refused at accept (node or source at its cap)",
+            g(&w.tcp_refused),
+        ),
+        (
+            "meridian_tcp_timed_out_total",
+            "ICE-TCP connections closed unauthenticated, idle or not reading",
+            g(&w.tcp_timed_out),
+        ),
+        (
             "meridian_keyframe_requests_total",
             "PLIs sent to publishers",
             g(&w.keyframe_requests),
@@ -184,6 +235,26 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         "# HELP meridian_signaling_connections_total WebSocket connections accepted\nmeridian_signaling_connections_total{{{labels}}} {}\n",
         s.metrics.connections.load(std::sync::atomic::Ordering::Relaxed)
     ));
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let a = &s.admission;
+        let ev = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
+        out.push_str(&format!(
+            "# HELP meridian_signaling_open_connections Signaling connections open now\n\
+             meridian_signaling_open_connections{{{labels}}} {}\n\
+             # HELP meridian_signaling_refused_total Signaling connections refused at accept, by reason\n\
+             meridian_signaling_refused_total{{{labels},reason=\"node_full\"}} {}\n\
+             meridian_signaling_refused_total{{{labels},reason=\"source_full\"}} {}\n\
+             # HELP meridian_participants_dismissed_total Participants the node let go, by reason\n\
+             meridian_participants_dismissed_total{{{labels},reason=\"too_slow\"}} {}\n\
+             meridian_participants_dismissed_total{{{labels},reason=\"replaced\"}} {}\n",
+            a.open(),
+            ev(&a.refused_full),
+            ev(&a.refused_source),
+            ev(&w.events_overflowed),
+            ev(&w.participants_replaced),
+        ));
+    }
     out.push_str("# HELP meridian_signaling_errors_total Signaling input refused, by code\n");
     if let Ok(errors) = s.metrics.errors.lock() {
         for (code, v) in errors.iter() {
@@ -333,6 +404,11 @@ meridian_members{{{labels}}} {}
                 "Pipe handshakes refused or failed",
                 m.handshakes_refused.load(Relaxed),
             ),
+            (
+                "meridian_pipe_identity_mismatches_total",
+                "Pipes refused because the Hello named another node or region than the certificate",
+                m.identity_mismatches.load(Relaxed),
+            ),
         ]);
     }
     for (name, help, v) in scalars {
@@ -344,30 +420,53 @@ async fn ws_upgrade(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    permit: Option<axum::Extension<Arc<server::ConnPermit>>>,
 ) -> Response {
     // The transport limit is a backstop well above the protocol limit, so that a message just
     // over the protocol limit still gets a precise error before the close.
     let hard = state.max_message_bytes.saturating_mul(4);
+    // The WebSocket outlives the HTTP exchange that upgraded it: it keeps the connection's
+    // admission permit until it closes.
+    let permit = permit.map(|axum::Extension(p)| p);
     ws.max_message_size(hard)
         .max_frame_size(hard)
-        .on_upgrade(move |socket| connection(socket, state, peer))
+        .on_upgrade(move |socket| async move {
+            connection(socket, state, peer).await;
+            drop(permit);
+        })
 }
 
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
 
+/// A write that takes longer than this means the client stopped reading: the connection is
+/// dropped rather than left holding memory.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A joined connection is pinged this often, so an idle but healthy client is heard from.
+const PING_EVERY: Duration = Duration::from_secs(15);
+
 async fn send(sink: &mut Sink, msg: &ServerMessage) -> bool {
-    sink.send(Message::Text(msg.to_json().into())).await.is_ok()
+    matches!(
+        tokio::time::timeout(
+            WRITE_TIMEOUT,
+            sink.send(Message::Text(msg.to_json().into()))
+        )
+        .await,
+        Ok(Ok(()))
+    )
 }
 
 async fn close_with(sink: &mut Sink, code: u16, reason: &str) {
     let reason: String = reason.chars().take(120).collect();
-    let _ = sink
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
-        .await;
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+        let _ = sink
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await;
+        let _ = sink.close().await;
+    })
+    .await;
 }
 
 /// Refuses and closes, counting the refusal.
@@ -395,6 +494,28 @@ fn redact(peer: SocketAddr) -> String {
             format!("{:x}:{:x}:{:x}::x", s[0], s[1], s[2])
         }
     }
+}
+
+/// Removes a joined participant from the worker however its connection ends (return, error,
+/// panic), so no seat is ever left behind.
+struct LeaveOnDrop {
+    worker: WorkerHandle,
+    participant: ParticipantId,
+}
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        self.worker.leave(self.participant.clone());
+    }
+}
+
+/// Why a joined connection's loop ended and what the client is told.
+enum Ending {
+    /// The client left, went away, or could not be written to: nothing more to say.
+    Quiet,
+    /// Say this error, then close with this code.
+    Refuse(&'static str, String, u16),
+    Expired,
 }
 
 async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
@@ -503,7 +624,7 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             .await;
         }
     };
-    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let (events_tx, mut events_rx) = crate::sfu::event_channel();
     let joined = match state
         .worker
         .join(
@@ -521,6 +642,10 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
         }
     };
     let pid = joined.participant_id.clone();
+    let _leave = LeaveOnDrop {
+        worker: state.worker.clone(),
+        participant: pid.clone(),
+    };
     let ok = send(
         &mut sink,
         &ServerMessage::Joined {
@@ -536,77 +661,117 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
     )
     .await;
     if !ok {
-        state.worker.leave(pid);
         return;
     }
 
     // Phase 2: requests, events and the token's expiry.
-    let until_expiry = claims
-        .expires_at()
+    let expires_at = claims.expires_at();
+    let until_expiry = expires_at
         .duration_since(SystemTime::now())
         .unwrap_or_default();
     let expiry = tokio::time::sleep(until_expiry);
     tokio::pin!(expiry);
-    loop {
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    let mut last_heard = tokio::time::Instant::now();
+    let ending = loop {
         tokio::select! {
+            // Expiry first: once the token has run out, no pending request is served.
+            biased;
+            _ = &mut expiry => break Ending::Expired,
+            ev = events_rx.recv() => {
+                let Some(ev) = ev else {
+                    break Ending::Refuse("internal", "the media worker has stopped".into(), close::INTERNAL);
+                };
+                if let SfuEvent::Dismissed(why) = ev {
+                    let close_code = match why {
+                        Dismissal::Replaced => close::REPLACED,
+                        Dismissal::TooSlow => close::TOO_SLOW,
+                    };
+                    break Ending::Refuse(why.code(), why.to_string(), close_code);
+                }
+                if !send(&mut sink, &ServerMessage::from(ev)).await {
+                    state.metrics.count("too_slow");
+                    break Ending::Quiet;
+                }
+            }
             incoming = stream.next() => {
+                last_heard = tokio::time::Instant::now();
                 let text = match incoming {
-                    None | Some(Err(_)) => break,
+                    None | Some(Err(_)) => break Ending::Quiet,
                     Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(Message::Close(_))) => break,
+                    Some(Ok(Message::Close(_))) => break Ending::Quiet,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                     Some(Ok(Message::Binary(_))) => {
-                        refuse(&state, &mut sink, "unsupported_data", "only text frames carry signaling".into(), close::UNSUPPORTED_DATA).await;
-                        break;
+                        break Ending::Refuse("unsupported_data", "only text frames carry signaling".into(), close::UNSUPPORTED_DATA);
                     }
                 };
                 if text.len() > state.max_message_bytes {
-                    refuse(&state, &mut sink, "too_big", format!("message of {} bytes exceeds the limit of {}", text.len(), state.max_message_bytes), close::TOO_BIG).await;
-                    break;
+                    break Ending::Refuse("too_big", format!("message of {} bytes exceeds the limit of {}", text.len(), state.max_message_bytes), close::TOO_BIG);
+                }
+                // A request that arrives as the token runs out is not served.
+                if claims.expired_at(SystemTime::now()) {
+                    break Ending::Expired;
                 }
                 match protocol::parse(&text) {
                     Ok(ClientMessage::Leave) => {
                         close_with(&mut sink, close::NORMAL, "bye").await;
-                        break;
+                        break Ending::Quiet;
                     }
                     Ok(msg) => {
                         let reply = handle_request(&state, &pid, msg).await;
                         if let ServerMessage::Error { code, .. } = &reply {
                             state.metrics.count(code);
                         }
-                        if !send(&mut sink, &reply).await { break; }
+                        if !send(&mut sink, &reply).await { break Ending::Quiet; }
                     }
                     Err(e @ ParseError::UnknownType(_)) => {
                         // Kept open: a newer client may send types this node does not know.
                         state.metrics.count(e.code());
                         let reply = ServerMessage::error(ParseError::request_id(&text), e.code(), e.to_string());
-                        if !send(&mut sink, &reply).await { break; }
+                        if !send(&mut sink, &reply).await { break Ending::Quiet; }
                     }
                     Err(e) => {
                         state.metrics.count(e.code());
                         let reply = ServerMessage::error(ParseError::request_id(&text), e.code(), e.to_string());
                         let _ = send(&mut sink, &reply).await;
                         close_with(&mut sink, close::MALFORMED, "malformed message").await;
-                        break;
+                        break Ending::Quiet;
                     }
                 }
             }
-            ev = events_rx.recv() => {
-                let Some(ev) = ev else { break };
-                if !send(&mut sink, &ServerMessage::from(ev)).await { break; }
-            }
-            _ = &mut expiry => {
-                state.metrics.count("session_expired");
-                state.worker.leave(pid.clone());
-                let _ = send(&mut sink, &ServerMessage::SessionExpired {
-                    message: "your access token expired; media has stopped. Rejoin with a new token.".into(),
-                }).await;
-                close_with(&mut sink, close::SESSION_EXPIRED, "token expired").await;
-                break;
+            _ = ping.tick() => {
+                if last_heard.elapsed() >= state.idle_timeout {
+                    break Ending::Refuse("idle", format!("nothing heard from the client for {} s", state.idle_timeout.as_secs()), close::IDLE);
+                }
+                let ping = tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Ping(Default::default()))).await;
+                if !matches!(ping, Ok(Ok(()))) {
+                    state.metrics.count("too_slow");
+                    break Ending::Quiet;
+                }
             }
         }
+    };
+    match ending {
+        Ending::Quiet => {}
+        Ending::Refuse(code, message, close_code) => {
+            refuse(&state, &mut sink, code, message, close_code).await;
+        }
+        Ending::Expired => {
+            state.metrics.count("session_expired");
+            // Media stops before the client is told, so nothing flows past the expiry.
+            state.worker.leave(pid.clone());
+            let _ = send(
+                &mut sink,
+                &ServerMessage::SessionExpired {
+                    message:
+                        "your access token expired; media has stopped. Rejoin with a new token."
+                            .into(),
+                },
+            )
+            .await;
+            close_with(&mut sink, close::SESSION_EXPIRED, "token expired").await;
+        }
     }
-    state.worker.leave(pid);
 }
 
 async fn handle_request(

@@ -20,6 +20,9 @@ pub mod close {
     pub const MALFORMED: u16 = 4400;
     pub const UNAUTHORIZED: u16 = 4401;
     pub const JOIN_TIMEOUT: u16 = 4408;
+    pub const REPLACED: u16 = 4409;
+    pub const IDLE: u16 = 4410;
+    pub const TOO_SLOW: u16 = 4412;
     pub const FULL: u16 = 4429;
     pub const SESSION_EXPIRED: u16 = 4440;
 }
@@ -290,6 +293,7 @@ impl From<SfuEvent> for ServerMessage {
             SfuEvent::TransportState { transport, state } => {
                 ServerMessage::TransportState { transport, state }
             }
+            SfuEvent::Dismissed(why) => ServerMessage::error(None, why.code(), why.to_string()),
         }
     }
 }

@@ -35,6 +35,8 @@ longitude = 72.8
 listen = "127.0.0.1:0"
 max_message_bytes = 16384
 join_timeout_secs = 2
+[metrics]
+listen = "127.0.0.1:0"
 [rtc]
 listen_ip = "{listen_ip}"
 announced_ip = "{announced}"
@@ -189,8 +191,18 @@ pub fn pipe_to(from: &Node, to: &Node) -> meridian::mesh::PipeReport {
 
 /// A plain HTTP/1.0 GET against the node's signaling server; returns the body.
 pub async fn http_get(node: &Node, path: &str) -> String {
+    http_get_at(node.signaling_addr, path).await
+}
+
+/// The node's `/metrics`, from its own listener.
+pub async fn metrics(node: &Node) -> String {
+    http_get_at(node.metrics_addr, "/metrics").await
+}
+
+/// A plain HTTP/1.0 GET to `addr`; returns the body.
+pub async fn http_get_at(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = TcpStream::connect(node.signaling_addr).await.unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .await
         .unwrap();
@@ -270,14 +282,44 @@ impl Signal {
         }
     }
 
+    /// A client over an already open WebSocket.
+    pub fn from_ws(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Signal {
+        Signal {
+            ws,
+            next_id: 1,
+            events: Vec::new(),
+        }
+    }
+
+    /// A WebSocket to `node` from source address `from` (any 127/8 address works on `lo`).
+    pub async fn connect_from(node: &Node, from: std::net::IpAddr) -> Signal {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(from, 0)).unwrap();
+        let stream = sock.connect(node.signaling_addr).await.unwrap();
+        let url = format!("ws://{}/v1/ws", node.signaling_addr);
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("ws connects");
+        Signal {
+            ws,
+            next_id: 1,
+            events: Vec::new(),
+        }
+    }
+
     pub async fn join(node: &Node, session: &str, user: &str, role: Role) -> (Signal, Value) {
-        let mut s = Signal::connect(node).await;
+        let s = Signal::connect(node).await;
         let t = token(session, user, role, Duration::from_secs(600));
-        s.send_text(&json!({"type":"join","version":1,"token":t}).to_string())
+        s.join_with(&t).await
+    }
+
+    /// Sends `join` with `token` and expects `joined`.
+    pub async fn join_with(mut self, token: &str) -> (Signal, Value) {
+        self.send_text(&json!({"type":"join","version":1,"token":token}).to_string())
             .await;
-        let joined = s.recv().await.expect("joined");
+        let joined = self.recv().await.expect("joined");
         assert_eq!(joined["type"], "joined", "{joined}");
-        (s, joined)
+        (self, joined)
     }
 
     pub async fn send_text(&mut self, text: &str) {
