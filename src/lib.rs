@@ -4,6 +4,7 @@
 //! consumers on one node), [`signaling`] (the HTTP/WebSocket edge), plus [`auth`] and
 //! [`config`] shared by all.
 
+pub mod admission;
 pub mod alloc;
 pub mod auth;
 pub mod bench;

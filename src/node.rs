@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::admission::{Admission, Limits};
 use crate::auth::TokenVerifier;
 use crate::config::{ConfigError, NodeConfig};
 use crate::ids::{NodeId, RegionId};
@@ -16,7 +17,7 @@ use crate::mesh::load::{Capacity, LoadMeter};
 use crate::mesh::membership::{MemberView, NodeInfo, HEARTBEAT_EVERY};
 use crate::mesh::{self, tls::NodeTls, MeshConfig, MeshHandle};
 use crate::sfu::{spawn_worker, WorkerConfig, WorkerHandle};
-use crate::signaling::server::{self, Admission, ConnectionLimits};
+use crate::signaling::server;
 use crate::signaling::{self, AppState, SignalingMetrics};
 
 /// Why a node could not start.
@@ -64,6 +65,13 @@ pub enum StartError {
     FdLimit { needed: u64, hard: u64 },
     #[error("cannot read the open-file limit: {0}")]
     FdLimitUnreadable(std::io::Error),
+}
+
+/// A TCP listener on `addr` and the address it really bound (port 0 picks one).
+async fn bind_tcp(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    Ok((listener, bound))
 }
 
 /// Descriptors the node needs beyond client connections: media, pipe and DNS sockets, files.
@@ -161,18 +169,13 @@ impl Node {
             addr: listen,
             source,
         })?;
-        let listener = tokio::net::TcpListener::bind(cfg.signaling.listen)
-            .await
-            .map_err(|source| StartError::Signaling {
-                addr: cfg.signaling.listen,
-                source,
-            })?;
-        let signaling_addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Signaling {
-                addr: cfg.signaling.listen,
-                source,
-            })?;
+        let (listener, signaling_addr) =
+            bind_tcp(cfg.signaling.listen)
+                .await
+                .map_err(|source| StartError::Signaling {
+                    addr: cfg.signaling.listen,
+                    source,
+                })?;
         let geo = Arc::new(match &cfg.routing.geoip_file {
             Some(path) => GeoDb::open(path)?,
             None => GeoDb::dev(),
@@ -244,24 +247,19 @@ impl Node {
                 (rx, Some(task))
             }
         };
-        let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics.listen)
-            .await
-            .map_err(|source| StartError::Metrics {
-                addr: cfg.metrics.listen,
-                source,
-            })?;
-        let metrics_addr = metrics_listener
-            .local_addr()
-            .map_err(|source| StartError::Metrics {
-                addr: cfg.metrics.listen,
-                source,
-            })?;
-        let admission = Admission::new(ConnectionLimits {
+        let (metrics_listener, metrics_addr) =
+            bind_tcp(cfg.metrics.listen)
+                .await
+                .map_err(|source| StartError::Metrics {
+                    addr: cfg.metrics.listen,
+                    source,
+                })?;
+        let admission = Admission::new(Limits {
             max: cfg.signaling.max_connections,
             per_source: cfg.signaling.max_connections_per_source,
             exempt: cfg.routing.trusted_proxies.clone(),
-            header_timeout: Duration::from_secs(cfg.signaling.header_timeout_secs),
         });
+        let header_timeout = Duration::from_secs(cfg.signaling.header_timeout_secs);
         let metrics = std::sync::Arc::new(SignalingMetrics::default());
         let pipes = mesh.as_ref().map(|m| {
             let m = m.reports();
@@ -290,18 +288,23 @@ impl Node {
             mesh_stats: mesh.as_ref().map(|m| m.stats.clone()),
         };
         // The metrics listener is for a local scraper: a small cap of its own.
-        let metrics_admission = Admission::new(ConnectionLimits {
+        let metrics_admission = Admission::new(Limits {
             max: 64,
             per_source: 64,
             exempt: Vec::new(),
-            header_timeout: Duration::from_secs(cfg.signaling.header_timeout_secs),
         });
         let metrics_server = tokio::spawn(server::serve(
             metrics_listener,
             signaling::metrics_router(state.clone()),
             metrics_admission,
+            header_timeout,
         ));
-        let server = tokio::spawn(server::serve(listener, signaling::router(state), admission));
+        let server = tokio::spawn(server::serve(
+            listener,
+            signaling::router(state),
+            admission,
+            header_timeout,
+        ));
         tracing::info!(region = %cfg.node.region, signaling = %signaling_addr, metrics = %metrics_addr, media = %worker.media_addr(), "node started");
         Ok(Node {
             region: cfg.node.region.clone(),

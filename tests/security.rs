@@ -591,18 +591,11 @@ async fn debug_logs_carry_no_ice_passwords_or_client_addresses() {
     )
     .await;
     let addr = addr.unwrap();
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
-        .await
-        .unwrap();
-    let mut s = Signal::from_ws(ws);
     let t = token("kyc-logs", "agent", Role::Agent, Duration::from_secs(60));
-    let (mut s, _) = {
-        s.send_text(&json!({"type":"join","version":1,"token":t}).to_string())
-            .await;
-        let joined = s.recv().await.unwrap();
-        assert_eq!(joined["type"], "joined");
-        (s, joined)
-    };
+    let (mut s, _) = Signal::connect_url(&format!("ws://{addr}/v1/ws"))
+        .await
+        .join_with(&t)
+        .await;
     let mut publisher = RtcPeer::publisher_with(TestCodec::Vp8).await.unwrap();
     let offer = publisher.offer().unwrap();
     let reply = s.request(json!({"type":"publish","sdp":offer})).await;

@@ -3,16 +3,17 @@
 //! RTP or RTCP packet). Connections are owned by small tasks that hand frames to the worker and
 //! write what the worker gives them; the worker routes frames exactly as it routes datagrams.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+
+use crate::admission::{Admission, Limits};
 
 /// What connection tasks tell the worker.
 pub(super) enum TcpEvent {
@@ -78,54 +79,17 @@ pub fn frame(packet: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Open connections by source address, for the per-source cap.
-#[derive(Default)]
-struct Open {
-    total: usize,
-    by_source: HashMap<IpAddr, usize>,
-}
-
-/// One accepted connection's place; dropping it frees the place.
-struct Place {
-    open: Arc<Mutex<Open>>,
-    ip: IpAddr,
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        let mut o = self.open.lock().unwrap_or_else(|e| e.into_inner());
-        o.total = o.total.saturating_sub(1);
-        if let Some(n) = o.by_source.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                o.by_source.remove(&self.ip);
-            }
-        }
-    }
-}
-
-fn take_place(open: &Arc<Mutex<Open>>, ip: IpAddr) -> Option<Place> {
-    // Poisoning only means a task panicked mid-update; the counts stay usable.
-    let mut o = open.lock().unwrap_or_else(|e| e.into_inner());
-    let n = o.by_source.get(&ip).copied().unwrap_or(0);
-    if o.total >= MAX_TCP_CONNECTIONS || n >= MAX_TCP_PER_SOURCE {
-        return None;
-    }
-    o.total += 1;
-    *o.by_source.entry(ip).or_default() += 1;
-    Some(Place {
-        open: open.clone(),
-        ip,
-    })
-}
-
 /// Accepts connections until the worker goes away.
 pub(super) async fn accept_loop(
     listener: TcpListener,
     events: mpsc::UnboundedSender<TcpEvent>,
     stats: Arc<super::WorkerStats>,
 ) {
-    let open = Arc::new(Mutex::new(Open::default()));
+    let admission = Admission::new(Limits {
+        max: MAX_TCP_CONNECTIONS,
+        per_source: MAX_TCP_PER_SOURCE,
+        exempt: Vec::new(),
+    });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -139,7 +103,7 @@ pub(super) async fn accept_loop(
         if events.is_closed() {
             return;
         }
-        let Some(place) = take_place(&open, crate::cidr::normalize(peer.ip())) else {
+        let Ok(permit) = admission.admit(peer.ip()) else {
             stats.tcp_refused.fetch_add(1, Relaxed);
             continue; // dropping the stream refuses it
         };
@@ -156,7 +120,7 @@ pub(super) async fn accept_loop(
                 tracing::debug!(reason = why, "closing an ICE-TCP connection");
             }
             let _ = events.send(TcpEvent::Closed { peer });
-            drop(place);
+            drop(permit);
         });
     }
 }

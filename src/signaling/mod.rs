@@ -56,7 +56,7 @@ pub struct AppState {
     /// A joined WebSocket silent this long is closed.
     pub idle_timeout: Duration,
     /// Signaling connections admitted and refused, for `/metrics`.
-    pub admission: Arc<server::Admission>,
+    pub admission: Arc<crate::admission::Admission>,
     pub region: RegionId,
     pub node: NodeId,
     /// Pipe figures for `/metrics`, when the node is part of a mesh.
@@ -420,7 +420,7 @@ async fn ws_upgrade(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    permit: Option<axum::Extension<Arc<server::ConnPermit>>>,
+    permit: Option<axum::Extension<Arc<crate::admission::Permit>>>,
 ) -> Response {
     // The transport limit is a backstop well above the protocol limit, so that a message just
     // over the protocol limit still gets a precise error before the close.

@@ -271,15 +271,14 @@ pub struct Signal {
 
 impl Signal {
     pub async fn connect(node: &Node) -> Signal {
-        let url = format!("ws://{}/v1/ws", node.signaling_addr);
+        Self::connect_url(&format!("ws://{}/v1/ws", node.signaling_addr)).await
+    }
+
+    pub async fn connect_url(url: &str) -> Signal {
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("ws connects");
-        Signal {
-            ws,
-            next_id: 1,
-            events: Vec::new(),
-        }
+        Self::from_ws(ws)
     }
 
     /// A client over an already open WebSocket.
@@ -300,11 +299,7 @@ impl Signal {
         let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
             .await
             .expect("ws connects");
-        Signal {
-            ws,
-            next_id: 1,
-            events: Vec::new(),
-        }
+        Self::from_ws(ws)
     }
 
     pub async fn join(node: &Node, session: &str, user: &str, role: Role) -> (Signal, Value) {
