@@ -353,3 +353,45 @@ async fn participants_on_other_nodes_are_announced_and_their_departure_too() {
     let ev = agent.event("participantLeft").await;
     assert_eq!(ev["participant"]["userId"], "alice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joined_on_a_node_new_to_the_session_shows_the_whole_mesh_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = start_mesh(dir.path(), &["india", "us"]).await;
+    let (india, us) = (&nodes[0], &nodes[1]);
+    let session = "kyc-joined";
+    let (mut user, producer, publisher, _task) = publish(india, session).await;
+    wait_for("publisher connected", Duration::from_secs(10), || {
+        publisher.connected.load(Ordering::Relaxed)
+    })
+    .await;
+    // The US node hosts nothing of the session yet: its `joined` must still carry alice and
+    // her producer, not leave them to events a few tens of milliseconds later.
+    let (mut agent, joined) = Signal::join(us, session, "bob", Role::Agent).await;
+    let participants = joined["participants"].as_array().unwrap();
+    assert!(
+        participants.iter().any(|p| p["userId"] == "alice"),
+        "{joined}"
+    );
+    let producers = joined["producers"].as_array().unwrap();
+    assert!(
+        producers
+            .iter()
+            .any(|p| p["producerId"] == producer.as_str()),
+        "{joined}"
+    );
+    // And what `joined` told is not told again as events.
+    let r = agent.request(json!({"type":"ping"})).await;
+    assert_eq!(r["type"], "pong");
+    assert!(
+        agent
+            .events
+            .iter()
+            .all(|e| e["type"] != "producerAdded" && e["type"] != "participantJoined"),
+        "{:?}",
+        agent.events
+    );
+    // The agent's arrival reaches alice as usual.
+    let ev = user.event("participantJoined").await;
+    assert_eq!(ev["participant"]["userId"], "bob");
+}

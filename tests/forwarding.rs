@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use meridian::auth::Role;
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// A publisher on a user's publish transport and a subscriber consuming it on an agent's
 /// subscribe transport, both running.
@@ -219,6 +219,67 @@ async fn a_retransmission_is_byte_identical_to_the_original_copy() {
         .unwrap()
         .iter()
         .all(|r| r.orientation == Some(TEST_ORIENTATION)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_checking_consent_every_seven_seconds_receives_without_gaps() {
+    let node = start_node().await;
+    let (mut user, _) = Signal::join(&node, "kyc-consent", "alice", Role::User).await;
+    let (mut agent, _) = Signal::join(&node, "kyc-consent", "bob", Role::Agent).await;
+    let (producer, publisher, _p) = publish_as(&mut user, TestCodec::Vp8).await;
+    wait_for("publisher connected", Duration::from_secs(10), || {
+        publisher.connected.load(Ordering::Relaxed)
+    })
+    .await;
+    // RFC 7675 lets a client pace its consent checks; this one checks every 7 s.
+    let mut sub = RtcPeer::paced_subscriber(TestCodec::Vp8, Duration::from_secs(7))
+        .await
+        .unwrap();
+    let reply = agent
+        .request(json!({"type":"subscribe","producerId":producer,"sdp":sub.offer().unwrap()}))
+        .await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    sub.answer(reply["sdp"].as_str().unwrap()).unwrap();
+    let state = Arc::new(PeerState::default());
+    let _s = sub.spawn(state.clone());
+    wait_for("media flowing", Duration::from_secs(10), || {
+        state.received.lock().unwrap().len() >= 25
+    })
+    .await;
+    // Three check intervals.
+    let from = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    let arrivals: Vec<std::time::Instant> = state
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.at)
+        .filter(|&t| t >= from)
+        .collect();
+    let longest = arrivals
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(Duration::MAX);
+    assert!(
+        longest < Duration::from_millis(700),
+        "media paused for {longest:?} between consent checks"
+    );
+    let r = agent.request(json!({"type":"ping"})).await;
+    assert_eq!(r["type"], "pong");
+    let states: Vec<&Value> = agent
+        .events
+        .iter()
+        .filter(|e| e["type"] == "transportState")
+        .map(|e| &e["state"])
+        .collect();
+    assert!(
+        states
+            .iter()
+            .all(|s| *s == "connecting" || *s == "connected"),
+        "{states:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -236,3 +236,53 @@ async fn token_expiring_during_the_session_ends_access() {
         0
     );
 }
+
+/// `offer` with its video section repeated under mid `mid` (no SSRCs): one more track.
+fn with_extra_video(offer: &str, mid: &str) -> String {
+    let start = offer.find("m=video").expect("a video section");
+    let end = offer[start + 1..]
+        .find("\r\nm=")
+        .map(|i| start + 1 + i + 2)
+        .unwrap_or(offer.len());
+    let section: String = offer[start..end]
+        .lines()
+        .filter(|l| !l.starts_with("a=ssrc") && !l.starts_with("a=msid"))
+        .map(|l| {
+            if l.starts_with("a=mid:") {
+                format!("a=mid:{mid}\r\n")
+            } else {
+                format!("{l}\r\n")
+            }
+        })
+        .collect();
+    let group = offer
+        .lines()
+        .find(|l| l.starts_with("a=group:BUNDLE"))
+        .unwrap_or("");
+    let mut out = offer.replacen(group, &format!("{group} {mid}"), 1);
+    if !out.ends_with("\r\n") {
+        out.push_str("\r\n");
+    }
+    out.push_str(&section);
+    out
+}
+
+#[tokio::test]
+async fn a_publish_over_the_producer_limit_leaves_the_transport_as_it_was() {
+    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
+    cfg.limits.max_producers_per_participant = 1;
+    let node = Node::start(cfg).await.unwrap();
+    let (mut s, _) = Signal::join(&node, "kyc-limit", "alice", Role::User).await;
+    let mut publisher = RtcPeer::publisher_with(TestCodec::Vp8).await.unwrap();
+    let offer = publisher.offer().unwrap();
+    let first = s.request(json!({"type":"publish","sdp":offer})).await;
+    assert_eq!(first["type"], "published", "{first}");
+    let refused = s
+        .request(json!({"type":"publish","sdp":with_extra_video(&offer, "7")}))
+        .await;
+    assert_eq!(refused["code"], "too_many_producers", "{refused}");
+    // The client rolls back and renegotiates what it had: the node must still agree.
+    let again = s.request(json!({"type":"publish","sdp":offer})).await;
+    assert_eq!(again["type"], "published", "{again}");
+    assert_eq!(again["producers"], first["producers"]);
+}

@@ -14,6 +14,7 @@ use rtc::peer_connection::configuration::interceptor_registry::register_default_
 use rtc::peer_connection::configuration::media_engine::{
     MediaEngine, MIME_TYPE_H264, MIME_TYPE_VP8,
 };
+use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::message::RTCMessage;
 use rtc::peer_connection::sdp::RTCSessionDescription;
@@ -195,14 +196,17 @@ pub struct RtcPeer {
 
 impl RtcPeer {
     async fn new(publish: bool, codec: TestCodec) -> Result<RtcPeer, ClientError> {
-        Self::build(publish, codec, true, LOOPBACK).await
+        Self::build(publish, codec, true, LOOPBACK, None).await
     }
 
+    /// `consent`: how often the peer sends ICE consent checks once connected (rtc's default
+    /// when `None`).
     async fn build(
         publish: bool,
         codec: TestCodec,
         with_transceiver: bool,
         ip: std::net::IpAddr,
+        consent: Option<Duration>,
     ) -> Result<RtcPeer, ClientError> {
         let socket = tokio::net::UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
         let local = socket.local_addr()?;
@@ -213,8 +217,18 @@ impl RtcPeer {
             crate::sfu::engine::DeliverFeedback::default(),
         );
         let registry = register_default_interceptors(registry, &mut media)?;
+        let mut settings = SettingEngineBuilder::new();
+        if let Some(every) = consent {
+            // Checks this far apart, and patience to match on this side.
+            settings = settings.with_ice_timeouts(
+                Some(Duration::from_secs(60)),
+                Some(Duration::from_secs(60)),
+                Some(every),
+            );
+        }
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
+            .with_setting_engine(settings.build())
             .with_media_engine(media)
             .with_interceptor_registry(registry)
             .build(Instant::now())?;
@@ -281,7 +295,7 @@ impl RtcPeer {
     /// A receiving peer that answers the other side's offer (as Janus's VideoRoom offers to
     /// its subscribers) instead of offering.
     pub async fn answerer(codec: TestCodec) -> Result<RtcPeer, ClientError> {
-        Self::build(false, codec, false, LOOPBACK).await
+        Self::build(false, codec, false, LOOPBACK, None).await
     }
 
     /// Like [`RtcPeer::answerer`] / [`RtcPeer::publisher_with`], with the socket on `ip`.
@@ -290,7 +304,7 @@ impl RtcPeer {
         publish: bool,
         codec: TestCodec,
     ) -> Result<RtcPeer, ClientError> {
-        Self::build(publish, codec, publish, ip).await
+        Self::build(publish, codec, publish, ip, None).await
     }
 
     /// Applies a remote offer and returns the local answer's SDP.
@@ -316,6 +330,15 @@ impl RtcPeer {
 
     pub async fn subscriber_with(codec: TestCodec) -> Result<RtcPeer, ClientError> {
         Self::new(false, codec).await
+    }
+
+    /// A subscriber that sends ICE consent checks only every `every` (RFC 7675 allows
+    /// pacing them; aiortc checks every 4-6 s, Firefox every few seconds).
+    pub async fn paced_subscriber(
+        codec: TestCodec,
+        every: Duration,
+    ) -> Result<RtcPeer, ClientError> {
+        Self::build(false, codec, true, LOOPBACK, Some(every)).await
     }
 
     /// Creates and applies the local offer; returns its SDP.

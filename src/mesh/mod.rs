@@ -316,6 +316,7 @@ pub fn start(
         pipes: HashMap::new(),
         by_node: HashMap::new(),
         active: HashSet::new(),
+        replaying: HashMap::new(),
         producers: HashMap::new(),
         participants: HashMap::new(),
         membership: Membership::new(),
@@ -648,6 +649,8 @@ struct Core {
     by_node: HashMap<NodeId, PipeId>,
     /// Sessions hosted here.
     active: HashSet<SessionId>,
+    /// Sessions that just became active here, with the pipes whose replay of them is awaited.
+    replaying: HashMap<SessionId, HashSet<PipeId>>,
     /// Local producers by session, to announce to nodes that become interested.
     producers: HashMap<SessionId, HashMap<ProducerId, ProducerAnnouncement>>,
     /// Local participants by session, likewise.
@@ -700,6 +703,22 @@ impl Core {
         }
     }
 
+    /// Tells the worker of every session whose replay is complete: what the mesh knows of
+    /// it is now known here.
+    fn settle_replays(&mut self) {
+        let done: Vec<SessionId> = self
+            .replaying
+            .iter()
+            .filter(|(_, waiting)| waiting.is_empty())
+            .map(|(s, _)| s.clone())
+            .collect();
+        for session in done {
+            self.replaying.remove(&session);
+            self.worker
+                .mesh_command(Command::SessionReplayed { session });
+        }
+    }
+
     fn send_interested(&self, session: &SessionId, msg: &Control) {
         let enc = msg.encode();
         for p in self.pipes.values() {
@@ -718,6 +737,11 @@ impl Core {
                 for &pipe in self.pipes.keys() {
                     self.send(pipe, &msg);
                 }
+                // The worker answers the first join once every pipe has replayed what it
+                // knows of the session (or its own deadline passes).
+                self.replaying
+                    .insert(session.clone(), self.pipes.keys().copied().collect());
+                self.settle_replays();
                 self.active.insert(session);
             }
             MeshEvent::SessionInactive(session) => {
@@ -933,6 +957,10 @@ impl Core {
         }
         self.membership.handle_pipe_closed(pipe);
         self.worker.mesh_command(Command::PipeDown { pipe });
+        for waiting in self.replaying.values_mut() {
+            waiting.remove(&pipe);
+        }
+        self.settle_replays();
         tracing::info!(pipe, node = %p.node, reason = %String::from_utf8_lossy(reason), "pipe closed");
         self.publish_views();
     }
@@ -1019,6 +1047,15 @@ impl Core {
                             .send(Control::ProducerAnnounce(a.clone()).encode());
                     }
                 }
+                let _ = state
+                    .out
+                    .send(Control::InterestReplayed { session }.encode());
+            }
+            Control::InterestReplayed { session } => {
+                if let Some(waiting) = self.replaying.get_mut(&session) {
+                    waiting.remove(&pipe);
+                }
+                self.settle_replays();
             }
             Control::InterestEnd { session } => {
                 state.interests.remove(&session);

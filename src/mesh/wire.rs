@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Role;
 use crate::ids::{NodeId, ParticipantId, ProducerId, RegionId, SessionId, UserId};
 
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// ALPN protocol id of pipe connections.
 pub const ALPN: &[u8] = b"meridian-pipe/1";
 
@@ -235,6 +235,11 @@ pub enum Control {
     },
     /// The sender no longer hosts participants of `session`.
     InterestEnd {
+        session: SessionId,
+    },
+    /// Answer to `interest`, after the participants and producers of `session` the sender
+    /// hosts (possibly none): the receiver now knows the session as the sender does.
+    InterestReplayed {
         session: SessionId,
     },
     /// A participant of a session the receiver is interested in joined the sender.

@@ -159,6 +159,11 @@ impl Interceptor for DeliverFeedback {
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
 
+/// Silence after which a transport is reported `disconnected` (forwarding continues).
+pub const CONSENT_DISCONNECTED: std::time::Duration = std::time::Duration::from_secs(10);
+/// Silence after which consent has expired (RFC 7675): the transport fails, media stops.
+pub const CONSENT_EXPIRY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A new ICE-lite, DTLS-server peer connection that answers on `announced`.
 pub(super) fn build_peer_connection(
     kind: TransportKind,
@@ -190,6 +195,13 @@ pub(super) fn build_peer_connection(
     let registry = configure_rtcp_reports(registry);
     let settings = SettingEngineBuilder::new()
         .with_lite(true)
+        // RFC 7675: consent lasts 30 s after the last authenticated check. Disconnected at
+        // 10 s (reported, media continues), failed 20 s later (media stops).
+        .with_ice_timeouts(
+            Some(CONSENT_DISCONNECTED),
+            Some(CONSENT_EXPIRY - CONSENT_DISCONNECTED),
+            None,
+        )
         .with_answering_dtls_role(RTCDtlsRole::Server)
         .build();
     let mut pc = RTCPeerConnectionBuilder::new()

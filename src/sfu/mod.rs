@@ -426,6 +426,11 @@ pub(crate) enum Command {
         producer: ProducerId,
         layer: u8,
     },
+    /// Every pipe has replayed what its node knows of `session` (participants, producers):
+    /// joins waiting for the mesh can be answered.
+    SessionReplayed {
+        session: SessionId,
+    },
     /// The node behind `pipe` no longer hosts `session`: stop sending it that session.
     PipeSessionEnded {
         pipe: PipeId,

@@ -135,6 +135,15 @@ const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
 /// A layer that sent nothing for this long is considered stopped.
 const LAYER_IDLE: Duration = Duration::from_millis(1500);
 const RECV_BATCH: usize = 16;
+/// Longest a join to a session new here waits for other nodes to replay the session.
+const MESH_REPLAY_WAIT: Duration = Duration::from_millis(500);
+
+/// Joins waiting for the mesh: participant, reply, answer-by.
+type AwaitingMesh = Vec<(
+    ParticipantId,
+    oneshot::Sender<Result<Joined, JoinError>>,
+    Instant,
+)>;
 const MAX_ADDRS_PER_CONN: usize = 8;
 
 pub(super) struct Conn {
@@ -168,6 +177,9 @@ pub(super) struct Participant {
     events: EventSender,
     /// Where a dismissal for not reading events is counted.
     stats: Arc<WorkerStats>,
+    /// Joined a session new here and waits for the mesh's replay of it: events are held
+    /// back, since `joined` will describe the session as it is then.
+    syncing: bool,
     publish: Option<usize>,
     subscribe: Option<usize>,
     producers: Vec<usize>,
@@ -183,6 +195,10 @@ impl Participant {
         }
     }
     fn send(&self, ev: SfuEvent) {
+        // Until its `joined` is answered, what happens is part of that answer.
+        if self.syncing {
+            return;
+        }
         if !self.events.send(ev) {
             self.stats.events_overflowed.fetch_add(1, Relaxed);
             tracing::info!(participant = %self.id, "dismissing a participant whose connection stopped reading events");
@@ -362,6 +378,7 @@ pub(super) struct Worker {
     pub(super) stats: Arc<WorkerStats>,
     pub(super) conns: Slab<Conn>,
     pub(super) by_addr: HashMap<SocketAddr, usize>,
+    pub(super) awaiting_mesh: HashMap<SessionId, AwaitingMesh>,
     pub(super) unauthenticated: UnauthenticatedLimiter,
     /// ICE-TCP connections: where to write, and which peer connection they serve once known.
     pub(super) tcp_out: HashMap<SocketAddr, mpsc::Sender<bytes::Bytes>>,
@@ -427,6 +444,35 @@ fn simulcast_rids(sdp: &str, mid: &str) -> Vec<String> {
     Vec::new()
 }
 
+/// The mids of an offer's media sections that send (`sendonly`, `sendrecv` or no direction),
+/// leaving out rejected ones (port 0) and data channels.
+fn sending_mids(sdp: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for section in sdp.split("\nm=").skip(1) {
+        let mut lines = section.lines();
+        let media = lines.next().unwrap_or("");
+        let mut fields = media.split_whitespace();
+        let (kind, port) = (fields.next(), fields.next());
+        if !matches!(kind, Some("audio" | "video")) || port == Some("0") {
+            continue;
+        }
+        let mut mid = None;
+        let mut sends = true;
+        for l in lines.map(str::trim_end) {
+            if let Some(m) = l.strip_prefix("a=mid:") {
+                mid = Some(m.to_owned());
+            }
+            if matches!(l, "a=recvonly" | "a=inactive") {
+                sends = false;
+            }
+        }
+        if let (true, Some(mid)) = (sends, mid) {
+            out.push(mid);
+        }
+    }
+    out
+}
+
 fn sdp_attribute(sdp: &str, prefix: &str) -> Option<String> {
     sdp.lines()
         .find_map(|l| l.trim_end().strip_prefix(prefix))
@@ -488,6 +534,7 @@ impl Worker {
             stats,
             conns: Slab::new(),
             by_addr: HashMap::new(),
+            awaiting_mesh: HashMap::new(),
             unauthenticated: UnauthenticatedLimiter::new(),
             tcp_out: HashMap::new(),
             by_tcp_addr: HashMap::new(),
@@ -832,7 +879,15 @@ impl Worker {
                 let Some(conn) = self.conns.get_mut(ck) else {
                     return;
                 };
-                conn.connected = state == RTCPeerConnectionState::Connected;
+                let was_connected = conn.connected;
+                // Media keeps flowing while the client's consent is fresh (RFC 7675): ICE
+                // calls a pair disconnected after 10 s without a check and fails it at 30 s,
+                // and only failure or close stops forwarding. Clients that check every 5-7 s
+                // (Firefox, aiortc, RFC 7675 pacing) are never cut off between checks.
+                conn.connected = matches!(
+                    state,
+                    RTCPeerConnectionState::Connected | RTCPeerConnectionState::Disconnected
+                );
                 let (pk, kind) = (conn.participant, conn.kind);
                 tracing::debug!(?kind, %state, "peer connection state");
                 if let Some(p) = self.participants.get(pk) {
@@ -841,7 +896,10 @@ impl Worker {
                         state: state.to_string(),
                     });
                 }
-                if conn_connected(&self.conns, ck) && kind == TransportKind::Subscribe {
+                if !was_connected
+                    && conn_connected(&self.conns, ck)
+                    && kind == TransportKind::Subscribe
+                {
                     // Consumers waiting on this transport need a keyframe now.
                     let consumers: Vec<usize> = self.participants[pk].consumers.clone();
                     for c in consumers {
@@ -1156,6 +1214,26 @@ impl Worker {
 
     fn on_tick(&mut self, now: Instant) {
         self.ticks += 1;
+        // Joins whose mesh replay is late are answered with what is known by now.
+        let late: Vec<SessionId> = self
+            .awaiting_mesh
+            .iter()
+            .filter(|(_, w)| w.iter().any(|(_, _, deadline)| *deadline <= now))
+            .map(|(s, _)| s.clone())
+            .collect();
+        for session in late {
+            let waiting = self.awaiting_mesh.remove(&session).unwrap_or_default();
+            for (id, reply, deadline) in waiting {
+                if deadline <= now {
+                    self.answer_join(&id, reply);
+                } else {
+                    self.awaiting_mesh
+                        .entry(session.clone())
+                        .or_default()
+                        .push((id, reply, deadline));
+                }
+            }
+        }
         let measure = self.ticks % 10 == 0;
         let mut wants: Vec<usize> = Vec::new();
         let mut bitrates: Vec<Option<u64>> = Vec::new();
@@ -1210,7 +1288,30 @@ impl Worker {
                 events,
                 reply,
             } => {
-                let _ = reply.send(self.join(session, user, role, events));
+                let now = Instant::now();
+                match self.join(session.clone(), user, role, events) {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    // A session new here: the mesh is asked what it knows, and the answer
+                    // waits for that, so `joined` shows the session as the mesh knows it.
+                    Ok(pk) if self.participants[pk].syncing => {
+                        let id = self.participants[pk].id.clone();
+                        self.awaiting_mesh.entry(session).or_default().push((
+                            id,
+                            reply,
+                            now + MESH_REPLAY_WAIT,
+                        ));
+                    }
+                    Ok(pk) => {
+                        let _ = reply.send(Ok(self.joined(pk)));
+                    }
+                }
+            }
+            Command::SessionReplayed { session } => {
+                for (id, reply, _) in self.awaiting_mesh.remove(&session).unwrap_or_default() {
+                    self.answer_join(&id, reply);
+                }
             }
             Command::Publish {
                 participant,
@@ -1407,7 +1508,7 @@ impl Worker {
         user: UserId,
         role: Role,
         events: EventSender,
-    ) -> Result<Joined, JoinError> {
+    ) -> Result<usize, JoinError> {
         // One live connection per user and session: the newest replaces the older, so a
         // user who reconnects is never locked out by their own stale seat.
         let stale: Vec<ParticipantId> = self
@@ -1438,6 +1539,10 @@ impl Worker {
             _ => {}
         }
         let id = ParticipantId::random();
+        // A session new here, on a node in a mesh (or one still waiting for it): the
+        // participant's view waits for the mesh's replay.
+        let syncing = self.cfg.mesh.is_some()
+            && (!self.routers.contains_key(&session) || self.awaiting_mesh.contains_key(&session));
         let pk = self.participants.insert(Participant {
             id: id.clone(),
             session: session.clone(),
@@ -1445,6 +1550,7 @@ impl Worker {
             role,
             events,
             stats: self.stats.clone(),
+            syncing,
             publish: None,
             subscribe: None,
             producers: Vec::new(),
@@ -1459,44 +1565,72 @@ impl Worker {
         let others: Vec<usize> = members.clone();
         members.push(pk);
         let me = self.participants[pk].info();
-        let mut participants = Vec::new();
-        // Participants are shown by the same rule as their media: users see agents only.
         for &o in &others {
             let other = &self.participants[o];
-            if role.may_see(other.role) {
-                participants.push(other.info());
-            }
             if other.role.may_see(role) {
                 other.send(SfuEvent::ParticipantJoined(me.clone()));
             }
         }
+        self.mesh_event(MeshEvent::ParticipantJoined {
+            session: session.clone(),
+            participant: me,
+        });
+        self.update_gauges();
+        tracing::info!(participant = %id, ?role, "participant joined");
+        Ok(pk)
+    }
+
+    /// The session as participant `pk` may see it now: the others here and on other nodes,
+    /// and the producers its role may see.
+    fn joined(&self, pk: usize) -> Joined {
+        let me = &self.participants[pk];
+        let role = me.role;
+        // Participants are shown by the same rule as their media: users see agents only.
+        let mut participants: Vec<ParticipantInfo> = self
+            .routers
+            .get(&me.session)
+            .into_iter()
+            .flatten()
+            .filter(|&&o| o != pk)
+            .map(|&o| &self.participants[o])
+            .filter(|o| role.may_see(o.role))
+            .map(|o| o.info())
+            .collect();
         participants.extend(
             self.remote_participants
-                .get(&session)
+                .get(&me.session)
                 .into_iter()
                 .flatten()
                 .filter(|(_, p)| role.may_see(p.role))
                 .map(|(_, p)| p.clone()),
         );
-        self.mesh_event(MeshEvent::ParticipantJoined {
-            session: session.clone(),
-            participant: me.clone(),
-        });
         let producers = self
             .session_producers
-            .get(&session)
+            .get(&me.session)
             .into_iter()
             .flatten()
             .filter(|&&prk| role.may_see(self.producers[prk].owner.role))
             .map(|&prk| self.producer_info(prk))
             .collect();
-        self.update_gauges();
-        tracing::info!(participant = %id, ?role, "participant joined");
-        Ok(Joined {
-            participant_id: id,
+        Joined {
+            participant_id: me.id.clone(),
             participants,
             producers,
-        })
+        }
+    }
+
+    /// Answers a join that waited for the mesh, and lets events flow to it from now on.
+    fn answer_join(
+        &mut self,
+        id: &ParticipantId,
+        reply: oneshot::Sender<Result<Joined, JoinError>>,
+    ) {
+        let Some(&pk) = self.participant_ids.get(id) else {
+            return; // it left while waiting
+        };
+        let p = &mut self.participants[pk];
+        p.syncing = false;
+        let _ = reply.send(Ok(self.joined(pk)));
     }
 
     pub(super) fn hosts_session(&self, session: &SessionId) -> bool {
@@ -1648,6 +1782,26 @@ impl Worker {
                 .new_conn(now, pk, TransportKind::Publish)
                 .map_err(PublishError::BadSdp)?,
         };
+        // Limits are checked before the offer is applied: a refused offer must leave the peer
+        // connection as it was, in step with the client's rolled-back one.
+        let known: Vec<&str> = self
+            .producers
+            .iter()
+            .filter_map(|(_, p)| match &p.origin {
+                Origin::Local { conn, mid, .. } if *conn == ck => Some(mid.as_str()),
+                _ => None,
+            })
+            .collect();
+        let new = sending_mids(&offer)
+            .into_iter()
+            .filter(|m| !known.contains(&m.as_str()))
+            .count();
+        if self.participants[pk].producers.len() + new > max {
+            if fresh {
+                self.close_conn(ck);
+            }
+            return Err(PublishError::TooManyProducers(max));
+        }
         let remote_sdp = offer.clone();
         let answer = match self.negotiate(now, ck, offer) {
             Ok(a) => a,
@@ -1965,7 +2119,19 @@ impl Worker {
         }
         if let Some(conn) = self.conns.get_mut(c.conn) {
             conn.track_consumer.remove(&c.track_id);
+            // Stopped, not only emptied: rtc gives an emptied transceiver to the next track
+            // added, so the next subscription would be answered on this m-line, which the
+            // client has stopped, instead of on the m-line it offered for it.
+            let ids: Vec<_> = conn.pc.get_transceivers().collect();
+            let transceiver = ids.into_iter().find(|&t| {
+                conn.pc
+                    .rtp_transceiver(t)
+                    .is_some_and(|t| t.sender() == Some(c.sender))
+            });
             let _ = conn.pc.remove_track(c.sender);
+            if let Some(mut t) = transceiver.and_then(|t| conn.pc.rtp_transceiver(t)) {
+                let _ = t.stop();
+            }
         }
         self.mark_dirty(c.conn);
         self.update_gauges();
@@ -2134,6 +2300,16 @@ fn conn_connected(conns: &Slab<Conn>, ck: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sending_sections_of_an_offer_are_found_by_mid() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendonly\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\n\
+                   m=video 0 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=sendonly\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:3\r\na=recvonly\r\n\
+                   m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:4\r\n";
+        assert_eq!(sending_mids(sdp), ["0", "1"]);
+    }
 
     #[test]
     fn simulcast_rids_are_read_in_order_for_the_right_mid() {

@@ -28,9 +28,10 @@ pub fn zone(origin: &str, records: &str) -> String {
 /// SRV, A and TXT records for one node's pipe endpoint.
 pub fn node_records(node: &str, region: &str, pipe: SocketAddr) -> String {
     format!(
-        "_meridian._udp IN SRV 10 10 {port} {node}\n{node} IN A {ip}\n{node} IN TXT \"node={node}\" \"region={region}\" \"version=2\"\n",
+        "_meridian._udp IN SRV 10 10 {port} {node}\n{node} IN A {ip}\n{node} IN TXT \"node={node}\" \"region={region}\" \"version={version}\"\n",
         port = pipe.port(),
         ip = pipe.ip(),
+        version = meridian::mesh::wire::WIRE_VERSION,
     )
 }
 

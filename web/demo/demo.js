@@ -99,7 +99,7 @@ async function main() {
         log("LIFTED", { consumerId: id });
       }
     }
-    log("STATS", { role, consumers: stats });
+    log("STATS", { role, consumers: stats, publisher: await client.publisherStats() });
   }, 1000);
 }
 

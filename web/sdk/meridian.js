@@ -166,9 +166,7 @@ export class MeridianClient extends EventTarget {
         this._emit("producerclosed", msg);
         break;
       case "consumerClosed": {
-        const c = this.consumers.get(msg.consumerId);
-        this.consumers.delete(msg.consumerId);
-        if (c) c.track.stop();
+        this._dropConsumer(msg.consumerId);
         this._emit("consumerclosed", msg);
         break;
       }
@@ -225,6 +223,9 @@ export class MeridianClient extends EventTarget {
     return this._serial("publish", async () => {
       const pc = this._pc("publish");
       const added = tracks.map((track) => {
+        // A verification call is about detail (faces, documents): under CPU or bandwidth
+        // pressure the browser should drop frame rate, not resolution.
+        if (track.kind === "video" && "contentHint" in track && !track.contentHint) track.contentHint = "detail";
         const init = { direction: "sendonly" };
         if (track.kind === "video" && simulcast) {
           init.sendEncodings = Array.isArray(simulcast) ? simulcast : SIMULCAST_ENCODINGS;
@@ -233,10 +234,19 @@ export class MeridianClient extends EventTarget {
       });
       const offer = await pc.createOffer();
       await pc.setLocalDescription(offer);
-      const reply = await this._request({ type: "publish", sdp: pc.localDescription.sdp });
+      let reply;
+      try {
+        reply = await this._request({ type: "publish", sdp: pc.localDescription.sdp });
+      } catch (e) {
+        // Refused: take the new m-lines back so the next offer stays in step with the node.
+        await pc.setLocalDescription({ type: "rollback" }).catch(() => {});
+        for (const { transceiver } of added) stopTransceiver(transceiver);
+        throw e;
+      }
       await pc.setRemoteDescription({ type: "answer", sdp: reply.sdp });
       const out = [];
       for (const { track, transceiver } of added) {
+        if (track.kind === "video") await preferResolution(transceiver.sender);
         const p = reply.producers.find((x) => x.mid === transceiver.mid);
         if (!p) throw new MeridianError("bad_sdp", `no producer for mid ${transceiver.mid}`);
         this.published.set(p.producerId, { track, transceiver });
@@ -271,9 +281,13 @@ export class MeridianClient extends EventTarget {
         throw e;
       }
       await pc.setRemoteDescription({ type: "answer", sdp: reply.sdp });
-      const track = transceiver.receiver.track;
+      // The node names the m-line that carries this consumer: use that one, whatever the
+      // browser did with the transceiver just added.
+      const carrier = pc.getTransceivers().find((t) => t.mid === reply.mid) || transceiver;
+      if (carrier !== transceiver) stopTransceiver(transceiver);
+      const track = carrier.receiver.track;
       const stream = new MediaStream([track]);
-      this.consumers.set(reply.consumerId, { producerId, track, transceiver });
+      this.consumers.set(reply.consumerId, { producerId, track, transceiver: carrier });
       return { consumerId: reply.consumerId, producerId, track, stream, mid: reply.mid };
     });
   }
@@ -300,8 +314,38 @@ export class MeridianClient extends EventTarget {
     return this._request({ type: "resumeConsumer", consumerId });
   }
   closeConsumer(consumerId) {
-    this.consumers.delete(consumerId);
+    this._dropConsumer(consumerId);
     return this._request({ type: "closeConsumer", consumerId });
+  }
+
+  /** Forgets a consumer and stops its m-line, which the node will not use again. */
+  _dropConsumer(consumerId) {
+    const c = this.consumers.get(consumerId);
+    this.consumers.delete(consumerId);
+    if (!c) return;
+    c.track.stop();
+    stopTransceiver(c.transceiver);
+  }
+
+  /**
+   * Outbound video statistics per published layer (rid): frames encoded and sent, size,
+   * bytes, and why the browser limits quality ("cpu", "bandwidth", "none").
+   */
+  async publisherStats() {
+    const out = [];
+    if (!this.publishPc) return out;
+    const report = await this.publishPc.getStats();
+    report.forEach((s) => {
+      if (s.type !== "outbound-rtp" || s.kind !== "video") return;
+      out.push({
+        rid: s.rid || null,
+        frameWidth: s.frameWidth || 0,
+        framesEncoded: s.framesEncoded || 0,
+        bytesSent: s.bytesSent || 0,
+        qualityLimitationReason: s.qualityLimitationReason || null,
+      });
+    });
+    return out;
   }
 
   /** Inbound video/audio statistics per consumer: frames decoded, size, bytes, loss. */
@@ -337,6 +381,25 @@ export class MeridianClient extends EventTarget {
     if (this.publishPc) this.publishPc.close();
     if (this.subscribePc) this.subscribePc.close();
     this.publishPc = this.subscribePc = null;
+  }
+}
+
+function stopTransceiver(t) {
+  try {
+    if (t && !t.stopped && t.currentDirection !== "stopped") t.stop();
+  } catch {
+    // Already stopped or the connection is closed.
+  }
+}
+
+/** Asks the browser to keep resolution and give up frame rate under pressure. */
+async function preferResolution(sender) {
+  try {
+    const params = sender.getParameters();
+    params.degradationPreference = "maintain-resolution";
+    await sender.setParameters(params);
+  } catch {
+    // Not every browser lets the preference be set; the content hint still applies.
   }
 }
 
