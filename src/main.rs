@@ -194,7 +194,13 @@ const DEV_REGIONS: [&str; 3] = [
 ];
 
 fn main() -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    // Logs go to stderr, so what a command prints for people (links, figures) stays apart;
+    // colour only on a terminal, and never with NO_COLOR set.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_env_filter(tracing_subscriber::EnvFilter::new(
             meridian::logging::directives(std::env::var("RUST_LOG").ok().as_deref()),
         ))
@@ -209,7 +215,7 @@ fn main() -> anyhow::Result<()> {
                 println!("meridian {} listening on {}", node.region, node.http_url());
                 tokio::select! {
                     _ = node.wait() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+                    r = stop_signal() => r?,
                 }
             }
             Command::Dev => dev().await?,
@@ -441,6 +447,8 @@ async fn dev() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let ids: Vec<NodeId> = configs.iter().map(|c| c.node_id()).collect();
     let dir = std::env::temp_dir().join(format!("meridian-dev-{}", std::process::id()));
+    // The throwaway cluster CA and node keys of this run go with it, however it ends.
+    let _cleanup = RemoveOnDrop(dir.clone());
     let files = write_cluster(&dir, &ids)?;
     let mut nodes = Vec::new();
     for (i, (mut cfg, f)) in configs.into_iter().zip(files).enumerate() {
@@ -460,6 +468,22 @@ async fn dev() -> anyhow::Result<()> {
         let node = Node::start(cfg).await?;
         nodes.push((node, signer));
     }
+    // Let start-up settle (every pipe up) before printing the links, so log lines do not
+    // land in the middle of them.
+    let want = nodes.len() - 1;
+    let settled = tokio::time::timeout(Duration::from_secs(10), async {
+        while !nodes
+            .iter()
+            .all(|(n, _)| n.mesh.as_ref().is_some_and(|m| m.pipes().len() == want))
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if settled.is_err() {
+        eprintln!("warning: not every pipe came up within 10 s; the links work on their own node");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let session: SessionId = "demo-kyc".parse()?;
     let day = Duration::from_secs(24 * 3600);
     println!("\nMeridian dev mesh is up: India, Europe and US nodes joined by QUIC pipes.\n");
@@ -486,9 +510,28 @@ async fn dev() -> anyhow::Result<()> {
     println!("Add &route=1 to a link and the page asks that node's /v1/edge where to join first;");
     println!("localhost has no GeoIP place, so it lands on the default region (Europe).");
     println!("Press Ctrl-C to stop.");
-    tokio::signal::ctrl_c().await?;
+    stop_signal().await?;
     drop(nodes);
-    // The throwaway cluster CA and node keys of this run.
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Removes a directory when dropped: on return, on error, on a stop signal.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits for Ctrl-C, SIGTERM (systemd, `kill`, container stop) or SIGHUP (terminal closed).
+async fn stop_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+        _ = hup.recv() => Ok(()),
+    }
 }

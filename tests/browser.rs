@@ -380,3 +380,263 @@ fn console_lines_of_both_browsers_parse() {
     let firefox = r#"console.log: "MERIDIAN_STATS {\"role\":\"user\"}""#;
     assert_eq!(parse_console(firefox).unwrap().1["role"], "user");
 }
+
+/// The newest consumer of `kind` the page subscribed to, and its frames/samples so far.
+fn newest_consumer(b: &Browser, kind: &str) -> Option<String> {
+    b.reports("SUBSCRIBED")
+        .iter()
+        .rev()
+        .find(|r| r["kind"] == kind)
+        .and_then(|r| r["consumerId"].as_str().map(str::to_owned))
+}
+
+fn consumer_field(b: &Browser, consumer: &str, field: &str) -> u64 {
+    b.reports("STATS")
+        .last()
+        .and_then(|r| r["consumers"][consumer][field].as_u64())
+        .unwrap_or(0)
+}
+
+/// The user reloads (a new connection with the same token), then closes the page for good:
+/// the agent decodes the new video, then is shown that the user left.
+async fn rejoin_and_leave(firefox_agent: bool) {
+    assert_isolated_network();
+    let node = start_node().await;
+    let day = Duration::from_secs(3600);
+    let session = if firefox_agent {
+        "kyc-rejoin-ff"
+    } else {
+        "kyc-rejoin"
+    };
+    let user_url = format!(
+        "{}/demo/user.html#token={}",
+        node.http_url(),
+        token(session, "alice", Role::User, day)
+    );
+    let agent_url = format!(
+        "{}/demo/agent.html#token={}",
+        node.http_url(),
+        token(session, "bob", Role::Agent, day)
+    );
+    let user = Browser::open(&user_url);
+    let agent = if firefox_agent {
+        Browser::firefox(&agent_url)
+    } else {
+        Browser::open(&agent_url)
+    };
+    both_decoding("the first call", &user, &agent).await;
+    let first = newest_consumer(&agent, "video").unwrap();
+    // The user reloads the page.
+    drop(user);
+    let user = Browser::open(&user_url);
+    wait_until(
+        "the agent decoding the rejoined user's new video",
+        Duration::from_secs(60),
+        &[&user, &agent],
+        || {
+            newest_consumer(&agent, "video")
+                .is_some_and(|c| c != first && consumer_field(&agent, &c, "framesDecoded") >= 30)
+        },
+    )
+    .await;
+    let mids: Vec<String> = agent
+        .reports("SUBSCRIBED")
+        .iter()
+        .filter_map(|r| r["mid"].as_str().map(str::to_owned))
+        .collect();
+    let mut unique = mids.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        mids.len(),
+        "every consumer on its own m-line: {mids:?}"
+    );
+    // The user closes the page: the agent is shown that they left.
+    drop(user);
+    wait_until(
+        "the agent page showing that the user left",
+        Duration::from_secs(15),
+        &[&agent],
+        || agent.reports("REMOTE").iter().any(|r| r["state"] == "left"),
+    )
+    .await;
+    assert!(agent
+        .reports("PRESENCE")
+        .iter()
+        .any(|r| r["event"] == "left" && r["userId"] == "alice"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_who_reloads_is_seen_again_and_one_who_leaves_is_shown_gone() {
+    rejoin_and_leave(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firefox_agent_sees_a_reloaded_user_again_and_is_shown_when_they_leave() {
+    rejoin_and_leave(true).await;
+}
+
+/// Both pages play each other's sound, the user's page fits a phone with a self-view large
+/// enough to frame a document, and the agent's console shows readable figures.
+async fn sound_and_phone_layout(firefox_user: bool) {
+    assert_isolated_network();
+    let node = start_node().await;
+    let day = Duration::from_secs(3600);
+    let session = if firefox_user {
+        "kyc-phone-ff"
+    } else {
+        "kyc-phone"
+    };
+    let url = |role: &str, user: &str, r: Role| {
+        format!(
+            "{}/demo/{role}.html#token={}",
+            node.http_url(),
+            token(session, user, r, day)
+        )
+    };
+    let user = Browser::phone(&url("user", "alice", Role::User), firefox_user);
+    let agent = Browser::desktop(&url("agent", "bob", Role::Agent));
+    both_decoding("phone user and agent decoding", &user, &agent).await;
+    let hears = |b: &Browser| {
+        let r = b.reports("STATS");
+        let Some(last) = r.last() else { return false };
+        let audio = last["consumers"]
+            .as_object()
+            .map(|m| {
+                m.values().any(|c| {
+                    c["kind"] == "audio" && c["totalSamplesReceived"].as_u64().unwrap_or(0) > 0
+                })
+            })
+            .unwrap_or(false);
+        let level = r.iter().any(|s| {
+            s["consumers"].as_object().is_some_and(|m| {
+                m.values()
+                    .any(|c| c["kind"] == "audio" && c["audioLevel"].as_f64().unwrap_or(0.0) > 0.0)
+            })
+        });
+        audio && level && last["remoteMuted"] == false
+    };
+    wait_until(
+        "both pages playing the other's sound",
+        Duration::from_secs(30),
+        &[&user, &agent],
+        || hears(&user) && hears(&agent),
+    )
+    .await;
+    let layout = user.reports("LAYOUT");
+    let l = layout.last().expect("the user page reports its layout");
+    let (viewport, own) = (l["viewport"].as_u64().unwrap(), l["self"].as_u64().unwrap());
+    assert!(viewport <= 520, "{l}");
+    assert!(
+        own * 100 >= viewport * 85,
+        "the self-view fills the phone's width to frame an ID card: {l}"
+    );
+    assert!(l["remote"].as_u64().unwrap() * 2 <= own + 1, "{l}");
+    let a = agent.reports("LAYOUT");
+    let a = a.last().unwrap();
+    assert!(
+        a["remote"].as_u64().unwrap() > 2 * a["self"].as_u64().unwrap(),
+        "the agent sees the customer large: {a}"
+    );
+    let video = newest_consumer(&agent, "video").unwrap();
+    assert!(consumer_field(&agent, &video, "fps") > 0);
+    assert!(consumer_field(&agent, &video, "kbps") > 0);
+    // The node never called a transport disconnected during the call (consent is paced by
+    // each browser; forwarding must not stall between checks).
+    for b in [&user, &agent] {
+        assert!(
+            b.reports("TRANSPORT")
+                .iter()
+                .all(|t| t["state"] != "disconnected"),
+            "{}",
+            b.transcript()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_on_a_phone_and_the_agent_hear_each_other() {
+    sound_and_phone_layout(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firefox_on_a_phone_and_the_agent_hear_each_other() {
+    sound_and_phone_layout(true).await;
+}
+
+/// Serves one HTML page on a port of its own (another origin than the node's).
+async fn serve_page(html: String) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let html = html.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    html.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(html.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_integrators_page_on_another_origin_imports_the_sdk_and_sees_producers_already_there() {
+    assert_isolated_network();
+    let node = start_node().await;
+    // The user publishes before the integrator's agent page joins.
+    let (mut user, _) = Signal::join(&node, "kyc-cors", "alice", Role::User).await;
+    let (_producer, publisher, _task) = publish_as(&mut user, TestCodec::Vp8).await;
+    let node_url = node.http_url();
+    // The README's example, with `url` instead of `route`; one agent per browser.
+    let page = |agent: &str| {
+        let token = token("kyc-cors", agent, Role::Agent, Duration::from_secs(600));
+        format!(
+            r#"<!doctype html><meta charset="utf-8"><body><script type="module">
+import {{ MeridianClient }} from "{node_url}/sdk/meridian.js";
+const client = new MeridianClient({{ url: "ws://{host}/v1/ws", token: "{token}" }});
+const show = async (p) => {{
+  const {{ track }} = await client.subscribe(p.producerId, p.kind);
+  console.log("MERIDIAN_TRACK " + JSON.stringify({{ kind: track.kind }}));
+}};
+client.addEventListener("produceradded", (e) => show(e.detail));
+const joined = await client.connect();
+console.log("MERIDIAN_JOINED " + JSON.stringify({{ producers: joined.producers.length }}));
+joined.producers.forEach(show);
+</script>"#,
+            host = node.signaling_addr,
+        )
+    };
+    let (a, b) = (
+        serve_page(page("bob")).await,
+        serve_page(page("carol")).await,
+    );
+    assert_ne!(a.port(), node.signaling_addr.port());
+    let chromium = Browser::open(&format!("http://{a}/"));
+    let firefox = Browser::firefox(&format!("http://{b}/"));
+    wait_until(
+        "both browsers importing the SDK cross-origin and receiving the producer",
+        Duration::from_secs(30),
+        &[&chromium, &firefox],
+        || {
+            [&chromium, &firefox]
+                .iter()
+                .all(|b| b.reports("TRACK").iter().any(|t| t["kind"] == "video"))
+        },
+    )
+    .await;
+    for b in [&chromium, &firefox] {
+        assert_eq!(b.reports("JOINED")[0]["producers"], 1);
+    }
+    publisher
+        .stop
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+}

@@ -140,6 +140,16 @@ async fn malformed_oversized_and_unknown_messages_get_their_own_answers() {
     let (seen, close) = s.until_closed().await;
     assert_eq!(seen.last().unwrap()["code"], "too_big");
     assert_eq!(close, Some(1009));
+    // So does one far over it (past the transport's own limit), and a join without a token
+    // is `token_missing`, as documented.
+    let (mut s, _) = Signal::join(&node, "kyc-bad", "frank", Role::User).await;
+    let huge = json!({"type":"publish","requestId":1,"sdp":"x".repeat(100_000)}).to_string();
+    s.send_text(&huge).await;
+    let (seen, close) = s.until_closed().await;
+    assert_eq!(seen.last().unwrap()["code"], "too_big", "{seen:?}");
+    assert_eq!(close, Some(1009));
+    let (code, close) = refused_join(&node, json!({"type":"join","version":1})).await;
+    assert_eq!((code.as_str(), close), ("token_missing", Some(4401)));
 
     // A binary frame closes with 1003.
     let mut s = Signal::connect(&node).await;

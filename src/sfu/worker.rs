@@ -29,7 +29,7 @@ use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
-use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId};
+use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDirection};
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use slab::Slab;
@@ -1055,7 +1055,8 @@ impl Worker {
             let Some((out_seq, out_ts)) = c.rewriter.rewrite(now, ssrc, seq, ts) else {
                 continue;
             };
-            if before != c.selector.current() {
+            // Only a simulcast consumer has layers to report.
+            if before != c.selector.current() && producer.layers.len() > 1 {
                 if let Some(p) = participants.get(c.participant) {
                     p.send(SfuEvent::ConsumerLayerChanged {
                         consumer_id: c.id.clone(),
@@ -1750,11 +1751,15 @@ impl Worker {
             .local_description()
             .map(|d| d.sdp)
             .ok_or_else(|| "no local description after answering".to_string())?;
-        if conn.ufrag.is_empty() {
-            let ufrag = sdp_attribute(&sdp, "a=ice-ufrag:").ok_or("answer carries no ICE ufrag")?;
+        // The local credentials are set by the first answer and change on an ICE restart
+        // (which a browser also does when its BUNDLE transport changes): STUN is routed by
+        // the current ones.
+        let ufrag = sdp_attribute(&sdp, "a=ice-ufrag:").ok_or("answer carries no ICE ufrag")?;
+        if ufrag != conn.ufrag {
             conn.ice_pwd =
                 sdp_attribute(&sdp, "a=ice-pwd:").ok_or("answer carries no ICE password")?;
-            conn.ufrag = ufrag.clone();
+            let old = std::mem::replace(&mut conn.ufrag, ufrag.clone());
+            self.by_ufrag.remove(&old);
             self.by_ufrag.insert(ufrag, ck);
         }
         self.mark_dirty(ck);
@@ -2087,6 +2092,12 @@ impl Worker {
             TransportKind::Subscribe => p.subscribe,
         }
         .ok_or(ControlError::NoTransport(transport))?;
+        // The value of RTCIceCandidate.candidate (`candidate:...`); an SDP line's `a=` is
+        // tolerated.
+        let candidate = candidate
+            .strip_prefix("a=")
+            .map(str::to_owned)
+            .unwrap_or(candidate);
         if candidate.is_empty() {
             return Ok(()); // end of candidates
         }
@@ -2119,18 +2130,19 @@ impl Worker {
         }
         if let Some(conn) = self.conns.get_mut(c.conn) {
             conn.track_consumer.remove(&c.track_id);
-            // Stopped, not only emptied: rtc gives an emptied transceiver to the next track
-            // added, so the next subscription would be answered on this m-line, which the
-            // client has stopped, instead of on the m-line it offered for it.
+            // The m-line goes inactive but keeps its sender: rtc gives a transceiver without
+            // a sender to the next track added, and the next subscription must be answered
+            // on the m-line the client offered for it, not on this one, which the client has
+            // given up. Stopping it instead would reject the m-line, and when it is the
+            // BUNDLE tag the browser moves the whole connection to a new transport.
             let ids: Vec<_> = conn.pc.get_transceivers().collect();
             let transceiver = ids.into_iter().find(|&t| {
                 conn.pc
                     .rtp_transceiver(t)
                     .is_some_and(|t| t.sender() == Some(c.sender))
             });
-            let _ = conn.pc.remove_track(c.sender);
             if let Some(mut t) = transceiver.and_then(|t| conn.pc.rtp_transceiver(t)) {
-                let _ = t.stop();
+                t.set_direction(RTCRtpTransceiverDirection::Inactive);
             }
         }
         self.mark_dirty(c.conn);

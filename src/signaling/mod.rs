@@ -97,6 +97,22 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     r
 }
 
+/// The SDK is imported by integrators' pages on their own origins: a module script from
+/// another origin loads only with CORS.
+fn sdk() -> Response {
+    let mut r = asset("text/javascript; charset=utf-8", SDK_JS);
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::HeaderValue::from_static("*"),
+    );
+    h.insert(
+        "cross-origin-resource-policy",
+        header::HeaderValue::from_static("cross-origin"),
+    );
+    r
+}
+
 /// The client-facing routes: signaling, edge selection, health, the SDK and demo pages.
 pub fn router(state: AppState) -> Router {
     const JS: &str = "text/javascript; charset=utf-8";
@@ -105,7 +121,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ws", get(ws_upgrade))
         .route("/v1/edge", get(edge::edge))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/sdk/meridian.js", get(|| async { asset(JS, SDK_JS) }))
+        .route("/sdk/meridian.js", get(|| async { sdk() }))
         .route("/demo/demo.js", get(|| async { asset(JS, DEMO_JS) }))
         .route(
             "/demo/demo.css",
@@ -496,6 +512,21 @@ fn redact(peer: SocketAddr) -> String {
     }
 }
 
+/// Whether a WebSocket read failed because the frame or message exceeded the transport limit
+/// (four times the protocol limit): answered like any message over the limit.
+fn too_big_for_transport(e: &axum::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+}
+
+fn too_big_message(state: &AppState) -> String {
+    format!(
+        "a message exceeds the limit of {} bytes",
+        state.max_message_bytes
+    )
+}
+
 /// Removes a joined participant from the worker however its connection ends (return, error,
 /// panic), so no seat is ever left behind.
 struct LeaveOnDrop {
@@ -535,6 +566,16 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
                 "join_timeout",
                 "no join message in time".into(),
                 close::JOIN_TIMEOUT,
+            )
+            .await;
+        }
+        Ok(Some(Err(e))) if too_big_for_transport(&e) => {
+            return refuse(
+                &state,
+                &mut sink,
+                "too_big",
+                too_big_message(&state),
+                close::TOO_BIG,
             )
             .await;
         }
@@ -655,6 +696,8 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             user_id: claims.sub.clone(),
             role: claims.role,
             expires_at: claims.exp,
+            node: state.node.clone(),
+            region: state.region.clone(),
             participants: joined.participants,
             producers: joined.producers,
         },
@@ -697,6 +740,9 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             incoming = stream.next() => {
                 last_heard = tokio::time::Instant::now();
                 let text = match incoming {
+                    Some(Err(e)) if too_big_for_transport(&e) => {
+                        break Ending::Refuse("too_big", too_big_message(&state), close::TOO_BIG);
+                    }
                     None | Some(Err(_)) => break Ending::Quiet,
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(Message::Close(_))) => break Ending::Quiet,

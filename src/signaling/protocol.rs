@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Role;
-use crate::ids::{ConsumerId, ProducerId, SessionId, UserId};
+use crate::ids::{ConsumerId, NodeId, ProducerId, RegionId, SessionId, UserId};
 use crate::media::layers::Layer;
 use crate::sfu::{MediaKind, ParticipantInfo, ProducerInfo, SfuEvent, TransportKind};
 
@@ -35,6 +35,8 @@ pub enum ClientMessage {
     Join {
         /// Protocol version the client speaks; must be 1.
         version: u32,
+        /// Missing is the same as empty: refused as `token_missing`, not as malformed.
+        #[serde(default)]
         token: String,
         /// If given, must match the token's session.
         #[serde(default)]
@@ -188,6 +190,9 @@ pub enum ServerMessage {
         role: Role,
         /// Token expiry, seconds since the Unix epoch: access ends then.
         expires_at: u64,
+        /// The node and region the client joined, for display and support.
+        node: NodeId,
+        region: RegionId,
         participants: Vec<ParticipantInfo>,
         producers: Vec<ProducerInfo>,
     },

@@ -101,16 +101,49 @@ impl Browser {
 
     /// The page in headless Firefox ESR.
     pub fn firefox(url: &str) -> Browser {
+        Self::firefox_with(url, &[], "")
+    }
+
+    /// The page in a phone's window (390 × 844). Both headless browsers widen a window to at
+    /// least 500 pixels, so the page sees a 500-pixel viewport: still a phone's layout, which
+    /// the pages use below 800.
+    pub fn phone(url: &str, firefox: bool) -> Browser {
+        if firefox {
+            Self::firefox_with(
+                url,
+                &[
+                    ("MOZ_HEADLESS_WIDTH", "390"),
+                    ("MOZ_HEADLESS_HEIGHT", "844"),
+                ],
+                "",
+            )
+        } else {
+            Self::open_with(url, &["--window-size=390,844".to_string()])
+        }
+    }
+
+    /// The page in a desktop-sized window (1280 × 800), as an agent's console is used.
+    pub fn desktop(url: &str) -> Browser {
+        Self::open_with(url, &["--window-size=1280,800".to_string()])
+    }
+
+    /// The page in headless Firefox ESR, with extra environment variables and preferences.
+    pub fn firefox_with(url: &str, env: &[(&str, &str)], prefs: &str) -> Browser {
         assert!(
             std::path::Path::new(FIREFOX).exists(),
             "{FIREFOX} is missing: tests/run.sh installs Debian's firefox-esr package"
         );
         let profile = tempfile::tempdir().unwrap();
-        std::fs::write(profile.path().join("user.js"), FIREFOX_PREFS).unwrap();
+        std::fs::write(
+            profile.path().join("user.js"),
+            format!("{FIREFOX_PREFS}{prefs}"),
+        )
+        .unwrap();
         let child = Command::new(FIREFOX)
             .args(["--headless", "--no-remote", "--profile"])
             .arg(profile.path())
             .arg(url)
+            .envs(env.iter().copied())
             .env("TMPDIR", profile.path())
             .env("HOME", profile.path())
             .stdin(Stdio::null())

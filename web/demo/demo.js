@@ -1,13 +1,22 @@
 // Demo page logic shared by the user and agent pages. Options come from the URL fragment, so
 // tokens never reach server logs: #token=...&simulcast=1&maxLayer=0&liftAfterFrames=90
+//
+// The pages double as test fixtures: every state a person sees is also printed as one
+// `MERIDIAN_<KIND> <json>` console line (JOINED, PRESENCE, REMOTE, STATS, LAYOUT, ...), which
+// the browser tests read.
 import { MeridianClient } from "/sdk/meridian.js";
 
 const params = new URLSearchParams(location.hash.slice(1));
 const role = document.body.dataset.role;
-const stateEl = document.getElementById("state");
+const other = role === "user" ? "agent" : "customer";
+const $ = (id) => document.getElementById(id);
+const stateEl = $("state");
 const statsBody = document.querySelector("#stats tbody");
-const remoteVideo = document.getElementById("remote");
-const remoteNote = document.getElementById("remote-note");
+const remoteVideo = $("remote");
+const localVideo = $("local");
+const presenceEl = $("presence");
+const remoteNote = $("remote-note");
+const levelEl = $("level");
 
 function setState(text, cls) {
   stateEl.textContent = text;
@@ -19,7 +28,24 @@ function log(kind, data) {
   console.log(`MERIDIAN_${kind} ${JSON.stringify(data)}`);
 }
 
+/** What the page says about the other side's media: waiting, receiving, stopped or left. */
+let remoteState = null;
+function setRemote(state, text) {
+  remoteNote.textContent = text;
+  remoteNote.className = "note" + (state === "left" || state === "stalled" ? " gone" : "");
+  if (state !== remoteState) {
+    remoteState = state;
+    log("REMOTE", { state, text });
+  }
+}
+
+function logLayout() {
+  const w = (el) => Math.round(el.getBoundingClientRect().width);
+  log("LAYOUT", { viewport: window.innerWidth, self: w(localVideo), remote: w(remoteVideo) });
+}
+
 async function main() {
+  let left = false;
   const token = params.get("token");
   if (!token) {
     setState("no token in URL", "bad");
@@ -39,9 +65,32 @@ async function main() {
     log("STATE", e.detail);
     if (e.detail.state === "connected") setState("connected", "ok");
     else if (e.detail.state === "failed") setState("media failed", "bad");
+    else if (e.detail.state === "disconnected") setState("reconnecting media…");
   });
+  // The node's view of each transport (the browser's own view is `connectionstate`).
+  client.addEventListener("transportstate", (e) => log("TRANSPORT", { transport: e.detail.transport, state: e.detail.state }));
   client.addEventListener("sessionexpired", () => setState("session expired", "bad"));
-  client.addEventListener("closed", (e) => log("CLOSED", e.detail));
+  client.addEventListener("closed", (e) => {
+    log("CLOSED", e.detail);
+    if (!left) setState("disconnected from the node", "bad");
+    setRemote("left", "The connection to the service was lost.");
+  });
+
+  // Who else is here, as the node lets this role see them.
+  const renderPresence = () => {
+    const names = [...client.participants.values()].map((p) => `${p.userId} (${p.role})`);
+    presenceEl.textContent = names.length ? `In the call: ${names.join(", ")}` : `The ${other} is not in the call.`;
+  };
+  client.addEventListener("participantjoined", (e) => {
+    renderPresence();
+    log("PRESENCE", { event: "joined", userId: e.detail.userId, present: presentIds() });
+  });
+  client.addEventListener("participantleft", (e) => {
+    renderPresence();
+    log("PRESENCE", { event: "left", userId: e.detail.userId, present: presentIds() });
+    setRemote("left", `${e.detail.userId} left the call.`);
+  });
+  const presentIds = () => [...client.participants.values()].map((p) => p.userId);
 
   let joined;
   try {
@@ -52,55 +101,177 @@ async function main() {
     return;
   }
   setState(`joined as ${joined.role}`);
-  log("JOINED", { participantId: joined.participantId, role: joined.role });
+  $("where").textContent = `Node ${joined.node}, region ${joined.region}`;
+  log("JOINED", { participantId: joined.participantId, role: joined.role, node: joined.node });
+  renderPresence();
+  log("PRESENCE", { event: "initial", present: presentIds() });
 
+  // The other side's media, by producer.
   const remoteStream = new MediaStream();
   remoteVideo.srcObject = remoteStream;
+  const remote = new Map(); // producerId -> { consumerId, kind, track, userId }
   const maxLayer = params.has("maxLayer") ? Number(params.get("maxLayer")) : undefined;
   const liftAfter = params.has("liftAfterFrames") ? Number(params.get("liftAfterFrames")) : null;
   let lifted = false;
-  const subscribed = new Set();
+  const subscribing = new Set();
   async function consume(p) {
-    if (subscribed.has(p.producerId)) return;
-    subscribed.add(p.producerId);
+    if (subscribing.has(p.producerId) || remote.has(p.producerId)) return;
+    subscribing.add(p.producerId);
     try {
       const c = await client.subscribe(p.producerId, p.kind, { maxLayer });
+      // A rejoined participant's new track replaces its old one of the same kind.
+      for (const t of remoteStream.getTracks()) if (t.kind === p.kind) remoteStream.removeTrack(t);
       remoteStream.addTrack(c.track);
-      remoteNote.textContent = `Receiving ${p.kind} from ${p.userId}`;
-      log("SUBSCRIBED", { consumerId: c.consumerId, producerId: p.producerId, kind: p.kind });
+      remote.set(p.producerId, { consumerId: c.consumerId, kind: p.kind, track: c.track, userId: p.userId });
+      setRemote("receiving", `Receiving ${p.userId}'s ${p.kind === "video" ? "camera" : "microphone"}.`);
+      log("SUBSCRIBED", { consumerId: c.consumerId, producerId: p.producerId, kind: p.kind, mid: c.mid });
+      playRemote();
     } catch (e) {
-      subscribed.delete(p.producerId);
       log("ERROR", { code: e.code, message: e.message });
+    } finally {
+      subscribing.delete(p.producerId);
     }
   }
+  const dropRemote = (producerId) => {
+    const r = remote.get(producerId);
+    if (!r) return;
+    remote.delete(producerId);
+    remoteStream.removeTrack(r.track);
+    if (r.kind === "video") setRemote("stopped", `${r.userId}'s camera stopped.`);
+  };
   // Listen before anything is awaited so that no announcement is missed.
   client.addEventListener("produceradded", (e) => consume(e.detail));
+  client.addEventListener("producerclosed", (e) => dropRemote(e.detail.producerId));
+  client.addEventListener("consumerclosed", (e) => {
+    for (const [id, r] of remote) if (r.consumerId === e.detail.consumerId) dropRemote(id);
+  });
+  client.addEventListener("producerpaused", (e) => {
+    const r = remote.get(e.detail.producerId);
+    if (r) setRemote("paused", `${r.userId} turned their ${r.kind === "video" ? "camera" : "microphone"} off.`);
+  });
+  client.addEventListener("producerresumed", (e) => {
+    const r = remote.get(e.detail.producerId);
+    if (r) setRemote("receiving", `Receiving ${r.userId}'s ${r.kind === "video" ? "camera" : "microphone"}.`);
+  });
   for (const p of joined.producers) consume(p);
+
+  // Sound: browsers may refuse to start audible playback without a click.
+  const soundButton = $("sound");
+  async function playRemote() {
+    remoteVideo.muted = false;
+    try {
+      await remoteVideo.play();
+      soundButton.hidden = true;
+    } catch {
+      remoteVideo.muted = true;
+      soundButton.hidden = false;
+      remoteVideo.play().catch(() => {});
+    }
+    log("AUDIO", { muted: remoteVideo.muted });
+  }
+  soundButton.addEventListener("click", playRemote);
 
   const local = await navigator.mediaDevices.getUserMedia({
     video: { width: 1280, height: 720, frameRate: 30 },
     audio: true,
   });
-  document.getElementById("local").srcObject = local;
+  localVideo.srcObject = local;
   const published = await client.publish(local, { simulcast: params.get("simulcast") === "1" });
   log("PUBLISHED", published.map((p) => ({ producerId: p.producerId, kind: p.kind })));
 
+  // Controls: mute, camera, leave. Muting pauses the producer on the node too, so the other
+  // side is told rather than left guessing.
+  const toggle = (buttonId, kind, onText, offText) => {
+    const button = $(buttonId);
+    const p = published.find((x) => x.kind === kind);
+    if (!p) {
+      button.disabled = true;
+      return;
+    }
+    button.addEventListener("click", async () => {
+      const off = p.track.enabled;
+      p.track.enabled = !off;
+      button.textContent = off ? offText : onText;
+      button.setAttribute("aria-pressed", String(off));
+      try {
+        await (off ? client.pauseProducer(p.producerId) : client.resumeProducer(p.producerId));
+      } catch (e) {
+        log("ERROR", { code: e.code, message: e.message });
+      }
+    });
+  };
+  toggle("mic", "audio", "Mute", "Unmute");
+  toggle("cam", "video", "Stop camera", "Start camera");
+  $("leave").addEventListener("click", () => {
+    left = true;
+    client.close();
+    for (const t of local.getTracks()) t.stop();
+    setState("you left the call", "bad");
+    log("LEFT", {});
+  });
 
+  // Once a second: statistics a person can read, stall detection, the lift used by tests.
+  let previous = {};
+  let lastFrames = 0;
+  let stalledFor = 0;
+  logLayout();
+  window.addEventListener("resize", logLayout);
   setInterval(async () => {
+    if (left) return;
     const stats = await client.consumerStats();
-    statsBody.innerHTML = "";
+    const rtt = await roundTripTime(client.subscribePc);
+    statsBody.replaceChildren();
+    let frames = 0;
     for (const [id, s] of Object.entries(stats)) {
+      const before = previous[id] || { bytesReceived: 0, framesDecoded: 0, at: Date.now() - 1000 };
+      const seconds = Math.max((Date.now() - before.at) / 1000, 0.001);
+      s.kbps = Math.round(((s.bytesReceived - before.bytesReceived) * 8) / seconds / 1000);
+      s.fps = Math.round((s.framesDecoded - before.framesDecoded) / seconds);
+      s.at = Date.now();
       const row = document.createElement("tr");
-      row.innerHTML = `<td>${s.kind}</td><td>${s.framesDecoded} frames</td><td>${s.frameWidth}×${s.frameHeight}</td><td>${Math.round(s.bytesReceived / 1024)} KiB</td><td>${s.packetsLost} lost</td>`;
+      const cells =
+        s.kind === "video"
+          ? [s.kind, `${s.frameWidth}×${s.frameHeight}`, String(s.fps), `${s.kbps} kbit/s`, String(s.packetsLost), rtt]
+          : [s.kind, "", "", `${s.kbps} kbit/s`, String(s.packetsLost), rtt];
+      for (const text of cells) {
+        const td = document.createElement("td");
+        td.textContent = text;
+        row.appendChild(td);
+      }
       statsBody.appendChild(row);
+      if (s.kind === "video") frames = Math.max(frames, s.framesDecoded);
+      if (s.kind === "audio") levelEl.style.width = `${Math.round(Math.min(1, (s.audioLevel || 0) * 3) * 100)}%`;
       if (liftAfter !== null && !lifted && s.kind === "video" && s.framesDecoded >= liftAfter) {
         lifted = true;
         await client.setConsumerLayer(id, 2);
         log("LIFTED", { consumerId: id });
       }
     }
-    log("STATS", { role, consumers: stats, publisher: await client.publisherStats() });
+    previous = stats;
+    // Video that stops arriving while the other side is still said to be here.
+    const hasVideo = [...remote.values()].some((r) => r.kind === "video");
+    stalledFor = hasVideo && frames === lastFrames ? stalledFor + 1 : 0;
+    lastFrames = frames;
+    if (stalledFor >= 2 && remoteState === "receiving") setRemote("stalled", `No video from the ${other} for ${stalledFor} s.`);
+    else if (stalledFor === 0 && hasVideo && remoteState === "stalled") setRemote("receiving", `Receiving the ${other}'s camera.`);
+    log("STATS", {
+      role,
+      consumers: stats,
+      publisher: await client.publisherStats(),
+      remoteMuted: remoteVideo.muted,
+    });
   }, 1000);
+}
+
+/** The selected candidate pair's round-trip time, as text. */
+async function roundTripTime(pc) {
+  if (!pc) return "";
+  const report = await pc.getStats();
+  let rtt = null;
+  report.forEach((s) => {
+    if (s.type === "candidate-pair" && s.nominated && s.currentRoundTripTime !== undefined) rtt = s.currentRoundTripTime;
+  });
+  return rtt === null ? "" : `${Math.round(rtt * 1000)} ms`;
 }
 
 main().catch((e) => {

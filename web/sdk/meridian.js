@@ -2,11 +2,18 @@
 //
 //   import { MeridianClient } from "/sdk/meridian.js";
 //   const client = new MeridianClient({ url: "wss://edge.example/v1/ws", token });
+//   const show = async (p) => {
+//     const { track } = await client.subscribe(p.producerId, p.kind);
+//   };
+//   client.addEventListener("produceradded", (e) => show(e.detail));
 //   const joined = await client.connect();
+//   joined.producers.forEach(show); // those already there when we joined
 //   await client.publish(stream, { simulcast: true });
-//   client.addEventListener("produceradded", async (e) => {
-//     const { track } = await client.subscribe(e.detail.producerId, e.detail.kind);
-//   });
+//
+// Events (CustomEvent, data in `detail`): produceradded / producerclosed / producerpaused /
+// producerresumed, participantjoined / participantleft (detail: the participant; the current
+// set is `client.participants`), consumerclosed, consumerlayerchanged, transportstate,
+// connectionstate (the browser's view of a peer connection), sessionexpired, error, closed.
 //
 // Nearest edge: pass `route` (the base URL of any node, or `true` for the page's own origin)
 // instead of `url`, and connect() first asks that node's `GET /v1/edge` where to go, then joins
@@ -51,6 +58,7 @@ export class MeridianClient extends EventTarget {
     this.subscribePc = null;
     this.queue = { publish: Promise.resolve(), subscribe: Promise.resolve() };
     this.producers = new Map(); // remote producers known to this client, by id
+    this.participants = new Map(); // others in the session this client may see, by id
     this.consumers = new Map(); // consumerId -> { producerId, track, transceiver }
     this.published = new Map(); // producerId -> { track, transceiver }
     this.joined = null;
@@ -117,6 +125,7 @@ export class MeridianClient extends EventTarget {
           joined = true;
           this.joined = msg;
           for (const p of msg.producers) this.producers.set(p.producerId, p);
+          for (const p of msg.participants) this.participants.set(p.participantId, p);
           resolve(msg);
           return;
         }
@@ -170,6 +179,14 @@ export class MeridianClient extends EventTarget {
         this._emit("consumerclosed", msg);
         break;
       }
+      case "participantJoined":
+        this.participants.set(msg.participant.participantId, msg.participant);
+        this._emit("participantjoined", msg.participant);
+        break;
+      case "participantLeft":
+        this.participants.delete(msg.participant.participantId);
+        this._emit("participantleft", msg.participant);
+        break;
       case "sessionExpired":
         this._emit("sessionexpired", msg);
         break;
@@ -177,8 +194,8 @@ export class MeridianClient extends EventTarget {
         this._emit("error", msg);
         break;
       default:
-        // participantJoined, participantLeft, producerPaused, producerResumed,
-        // consumerLayerChanged, transportState: forwarded as lower-case events.
+        // producerPaused, producerResumed, consumerLayerChanged, transportState: forwarded
+        // as lower-case events with the message as detail.
         this._emit(msg.type.toLowerCase(), msg);
     }
   }
@@ -284,7 +301,7 @@ export class MeridianClient extends EventTarget {
       // The node names the m-line that carries this consumer: use that one, whatever the
       // browser did with the transceiver just added.
       const carrier = pc.getTransceivers().find((t) => t.mid === reply.mid) || transceiver;
-      if (carrier !== transceiver) stopTransceiver(transceiver);
+      if (carrier !== transceiver) transceiver.direction = "inactive";
       const track = carrier.receiver.track;
       const stream = new MediaStream([track]);
       this.consumers.set(reply.consumerId, { producerId, track, transceiver: carrier });
@@ -318,13 +335,20 @@ export class MeridianClient extends EventTarget {
     return this._request({ type: "closeConsumer", consumerId });
   }
 
-  /** Forgets a consumer and stops its m-line, which the node will not use again. */
+  /**
+   * Forgets a consumer. Its m-line goes inactive (the node will not use it again) rather than
+   * stopped: a stopped first m-line would move the whole BUNDLE to a new transport.
+   */
   _dropConsumer(consumerId) {
     const c = this.consumers.get(consumerId);
     this.consumers.delete(consumerId);
     if (!c) return;
     c.track.stop();
-    stopTransceiver(c.transceiver);
+    try {
+      if (c.transceiver.currentDirection !== "stopped") c.transceiver.direction = "inactive";
+    } catch {
+      // The connection is closed.
+    }
   }
 
   /**
@@ -368,6 +392,8 @@ export class MeridianClient extends EventTarget {
         bytesReceived: s.bytesReceived || 0,
         packetsReceived: s.packetsReceived || 0,
         packetsLost: s.packetsLost || 0,
+        audioLevel: s.audioLevel || 0,
+        totalSamplesReceived: s.totalSamplesReceived || 0,
       };
     }
     return out;
