@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every Meridian test with its own set-up:
-#  1. installs what the tests need from Debian packages when it is missing (Chromium for the
-#     browser tests, Firefox ESR for the cross-browser test, iproute2 and util-linux for the network namespace);
+#  1. installs what the tests need when it is missing: from Debian packages Chromium for the
+#     browser tests, Firefox ESR for the cross-browser test, iproute2 and util-linux for the
+#     network namespace, python3-venv; from PyPI, in target/aiortc-venv, aiortc (an
+#     independent WebRTC client for the signaling tests);
 #  2. builds the tests (this step may download crates);
 #  3. runs the whole suite inside a private network namespace with only loopback up, so no
 #     browser or test can reach anything beyond 127.0.0.0/8.
@@ -16,11 +18,20 @@ need=()
 [ -x /usr/bin/firefox-esr ] || need+=(firefox-esr)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+python3 -c "import ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${need[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+venv=target/aiortc-venv
+if ! "$venv/bin/python" -c "import aiortc, websockets" >/dev/null 2>&1; then
+  echo "tests/run.sh: installing aiortc into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "aiortc==1.16.0" "websockets==15.0.1"
+fi
+export MERIDIAN_AIORTC_PYTHON="$PWD/$venv/bin/python"
 
 cargo build --tests --locked
 

@@ -296,3 +296,45 @@ async fn a_publish_over_the_producer_limit_leaves_the_transport_as_it_was() {
     assert_eq!(again["type"], "published", "{again}");
     assert_eq!(again["producers"], first["producers"]);
 }
+
+/// The Python that runs tests/aiortc/peer.py: tests/run.sh makes a virtual environment with
+/// aiortc from PyPI and names it here.
+fn aiortc_python() -> String {
+    std::env::var("MERIDIAN_AIORTC_PYTHON").unwrap_or_else(|_| {
+        panic!("MERIDIAN_AIORTC_PYTHON is not set: run tests/run.sh, which installs aiortc")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_max_bundle_client_written_from_the_document_publishes_and_subscribes() {
+    let node = start_node().await;
+    let day = Duration::from_secs(3600);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/aiortc/peer.py");
+    let out = tokio::process::Command::new(aiortc_python())
+        .arg(script)
+        .arg(format!("ws://{}/v1/ws", node.signaling_addr))
+        .arg(token("kyc-aiortc", "alice", Role::User, day))
+        .arg(token("kyc-aiortc", "bob", Role::Agent, day))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("the aiortc client finishes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no result from the aiortc client: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert_eq!(last["result"], "ok", "{stdout}");
+    assert!(
+        stdout.contains("\"producers\": 1"),
+        "joined listed the producer: {stdout}"
+    );
+}
