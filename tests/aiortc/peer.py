@@ -10,9 +10,15 @@ import asyncio
 import json
 import sys
 
+import aioice.ice
 import websockets
 from aiortc import RTCBundlePolicy, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import VideoStreamTrack
+
+
+# The tests run in a network namespace with only loopback up, and aioice never offers
+# 127.0.0.1 as a host candidate (as browsers need --allow-loopback-in-peer-connection there).
+aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
 
 
 def say(**fields):
