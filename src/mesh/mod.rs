@@ -98,6 +98,8 @@ pub struct PipeReport {
     pub nacked: u64,
     pub retransmitted: u64,
     pub send_failed: u64,
+    /// Datagrams that displaced older ones in quinn's full send buffer.
+    pub send_displaced: u64,
 }
 
 struct PipeEntry {
@@ -161,6 +163,7 @@ fn reports(registry: &Mutex<HashMap<PipeId, PipeEntry>>) -> Vec<PipeReport> {
                     nacked: c.nacked.load(Relaxed),
                     retransmitted: c.retransmitted.load(Relaxed),
                     send_failed: c.send_failed.load(Relaxed),
+                    send_displaced: c.send_displaced.load(Relaxed),
                 }
             })
             .collect();
@@ -559,7 +562,7 @@ impl PipeCtx {
             let worker = self.worker.clone();
             tokio::spawn(async move {
                 while let Ok(data) = conn.read_datagram().await {
-                    if !worker.mesh_command(Command::PipeDatagram { pipe, data }) {
+                    if !worker.pipe_datagram(pipe, data) {
                         break;
                     }
                 }

@@ -436,11 +436,12 @@ pub(crate) enum Command {
         pipe: PipeId,
         session: SessionId,
     },
-    PipeDatagram {
-        pipe: PipeId,
-        data: bytes::Bytes,
-    },
 }
+
+/// Pipe media datagrams queued for the worker before further ones are dropped (and counted):
+/// a burst from other nodes waits here, on its own channel, so it can neither grow without
+/// bound nor hold up control commands, socket reads or timers.
+pub const PIPE_MEDIA_QUEUE: usize = 8192;
 
 /// Node-wide counters, readable from any thread.
 #[derive(Debug, Default)]
@@ -467,6 +468,8 @@ pub struct WorkerStats {
     pub tcp_timed_out: AtomicU64,
     pub keyframe_requests: AtomicU64,
     pub pipe_frames_in: AtomicU64,
+    /// Pipe media datagrams dropped because the worker's queue was full.
+    pub pipe_media_dropped: AtomicU64,
     pub pipe_frames_bad: AtomicU64,
     pub sessions: AtomicU64,
     pub participants: AtomicU64,
@@ -493,6 +496,7 @@ impl WorkerStats {
 #[derive(Clone)]
 pub struct WorkerHandle {
     tx: mpsc::UnboundedSender<Command>,
+    pipe_media: mpsc::Sender<(PipeId, bytes::Bytes)>,
     stats: Arc<WorkerStats>,
     media_addr: SocketAddr,
 }
@@ -686,13 +690,90 @@ impl WorkerHandle {
         .await
     }
 
-    /// Sends a mesh-originated command (pipes, remote producers, pipe media).
+    /// Sends a mesh-originated command (pipes, remote producers, sessions).
     pub(crate) fn mesh_command(&self, cmd: Command) -> bool {
         self.tx.send(cmd).is_ok()
+    }
+
+    /// Hands one media datagram from a pipe to the worker. A full queue drops it (counted;
+    /// the far end's repair asks for it again); false once the worker has stopped.
+    pub(crate) fn pipe_datagram(&self, pipe: PipeId, data: bytes::Bytes) -> bool {
+        match self.pipe_media.try_send((pipe, data)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.stats
+                    .pipe_media_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
     }
 
     /// Removes the participant with everything it published and consumed.
     pub fn leave(&self, participant: ParticipantId) {
         let _ = self.tx.send(Command::Leave { participant });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker() -> WorkerHandle {
+        spawn_worker(WorkerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            announced_ip: "127.0.0.1".parse().unwrap(),
+            limits: Default::default(),
+            max_datagram_bytes: 1500,
+            udp: true,
+            tcp: false,
+            mesh: None,
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_pipe_media_is_bounded_counted_and_does_not_hold_up_control() {
+        let w = worker();
+        // Undecodable frames from a pipe, far more than the queue holds, as fast as possible.
+        let burst = 200_000u64;
+        let frame = bytes::Bytes::from_static(&[0xff; 64]);
+        for _ in 0..burst {
+            assert!(w.pipe_datagram(7, frame.clone()));
+        }
+        // Control is answered while the burst is worked off.
+        let (events, _rx) = event_channel();
+        let joined = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            w.join(
+                "kyc-burst".parse().unwrap(),
+                "alice".parse().unwrap(),
+                Role::Agent,
+                events,
+            ),
+        )
+        .await
+        .expect("join answered during the burst");
+        assert!(joined.is_ok());
+        // Every datagram is accounted for: handled (and refused as bad) or dropped, counted.
+        let s = w.shared_stats();
+        let settled = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                let seen =
+                    WorkerStats::get(&s.pipe_frames_bad) + WorkerStats::get(&s.pipe_media_dropped);
+                if seen == burst {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            settled.is_ok(),
+            "bad {} + dropped {} != {burst}",
+            WorkerStats::get(&s.pipe_frames_bad),
+            WorkerStats::get(&s.pipe_media_dropped)
+        );
     }
 }

@@ -29,6 +29,9 @@ pub struct PipeCounters {
     pub bytes_in: AtomicU64,
     /// Datagrams quinn refused (too large, connection gone).
     pub send_failed: AtomicU64,
+    /// Datagrams sent while quinn's send buffer was full: quinn drops the oldest queued
+    /// datagrams to make room, without saying so.
+    pub send_displaced: AtomicU64,
     /// Sequence numbers found missing on arrival and asked for again.
     pub nacked: AtomicU64,
     /// Packets resent on request of the other end.
@@ -107,6 +110,9 @@ impl PipeLink {
         }
         MediaFrame::put_header(arena, stream, layer);
         parts.put(arena);
+        if self.conn.datagram_send_buffer_space() < size {
+            self.counters.send_displaced.fetch_add(1, Relaxed);
+        }
         match self.conn.send_datagram(arena.split().freeze()) {
             Ok(()) => {
                 self.counters.datagrams_out.fetch_add(1, Relaxed);

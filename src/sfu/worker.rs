@@ -82,9 +82,11 @@ pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
         None
     };
     let (tx, rx) = mpsc::unbounded_channel();
+    let (pipe_media, pipe_rx) = mpsc::channel(PIPE_MEDIA_QUEUE);
     let stats = Arc::new(WorkerStats::default());
     let handle = WorkerHandle {
         tx,
+        pipe_media,
         stats: stats.clone(),
         media_addr: announced,
     };
@@ -122,7 +124,7 @@ pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
                     }
                 }
                 let mut w = Worker::new(cfg, fd, state, announced, stats);
-                w.run(rx, tcp_rx).await;
+                w.run(rx, pipe_rx, tcp_rx).await;
             });
         })?;
     tracing::info!(bound = %bound, announced = %announced, "media worker started");
@@ -135,6 +137,8 @@ const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
 /// A layer that sent nothing for this long is considered stopped.
 const LAYER_IDLE: Duration = Duration::from_millis(1500);
 const RECV_BATCH: usize = 16;
+/// Pipe media datagrams handled per turn of the worker loop.
+const PIPE_BATCH: usize = 64;
 /// Longest a join to a session new here waits for other nodes to replay the session.
 const MESH_REPLAY_WAIT: Duration = Duration::from_millis(500);
 
@@ -567,8 +571,10 @@ impl Worker {
     async fn run(
         &mut self,
         mut rx: mpsc::UnboundedReceiver<Command>,
+        mut pipe_rx: mpsc::Receiver<(PipeId, bytes::Bytes)>,
         mut tcp_rx: mpsc::UnboundedReceiver<TcpEvent>,
     ) {
+        let mut pipe_batch: Vec<(PipeId, bytes::Bytes)> = Vec::with_capacity(PIPE_BATCH);
         let seg = self.udp.gro_segments().max(1);
         let buf_len = seg * self.cfg.max_datagram_bytes.max(1500);
         let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; buf_len]).collect();
@@ -581,12 +587,20 @@ impl Worker {
                     .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
                     .into(),
             );
+            // No branch is preferred: under a flood on one input (pipe media, the UDP socket)
+            // the others are still served every few turns, each input in bounded batches.
             tokio::select! {
-                biased;
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.handle_command(cmd),
                     None => break,
                 },
+                n = pipe_rx.recv_many(&mut pipe_batch, PIPE_BATCH) => {
+                    if n == 0 { break }
+                    let now = Instant::now();
+                    for (pipe, data) in pipe_batch.drain(..) {
+                        self.pipe_datagram(now, pipe, data);
+                    }
+                }
                 ready = self.socket.readable() => {
                     if ready.is_err() { break }
                     let mut meta = [RecvMeta::default(); RECV_BATCH];
@@ -1435,7 +1449,6 @@ impl Worker {
             } => self.pipe_consume(now, pipe, &producer, layers),
             Command::PipeKeyframe { producer, layer } => self.pipe_keyframe(now, &producer, layer),
             Command::PipeSessionEnded { pipe, session } => self.pipe_session_ended(pipe, &session),
-            Command::PipeDatagram { pipe, data } => self.pipe_datagram(now, pipe, data),
         }
     }
 

@@ -215,6 +215,11 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             g(&w.tcp_timed_out),
         ),
         (
+            "meridian_pipe_media_dropped_total",
+            "Pipe media datagrams dropped because the media worker's queue was full",
+            g(&w.pipe_media_dropped),
+        ),
+        (
             "meridian_keyframe_requests_total",
             "PLIs sent to publishers",
             g(&w.keyframe_requests),
@@ -319,6 +324,16 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
                 "meridian_pipe_retransmitted_total",
                 "Media packets resent on each pipe",
                 |p| p.retransmitted,
+            ),
+            (
+                "meridian_pipe_send_failed_total",
+                "Media datagrams the pipe refused (too large, connection gone)",
+                |p| p.send_failed,
+            ),
+            (
+                "meridian_pipe_send_displaced_total",
+                "Media datagrams sent into a full QUIC send buffer, each dropping older queued ones",
+                |p| p.send_displaced,
             ),
         ] {
             out.push_str(&format!("# HELP {name} {help}\n"));
