@@ -57,16 +57,7 @@ impl Default for MetricsSection {
     }
 }
 
-/// Which forwarding header a trusted proxy's client address is read from.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ClientAddressHeader {
-    /// `X-Forwarded-For`, as the documented NGINX configuration appends it.
-    #[default]
-    XForwardedFor,
-    /// RFC 7239 `Forwarded`.
-    Forwarded,
-}
+pub use crate::signaling::edge::ClientAddressHeader;
 
 /// Edge selection and client location (see docs/routing.md).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -245,11 +236,69 @@ pub struct AuthSection {
     pub leeway_secs: u64,
 }
 
-/// Token signature algorithms Meridian accepts. `none` is never accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum AuthAlgorithm {
-    HS256,
-    EdDSA,
+pub use crate::auth::AuthAlgorithm;
+use crate::auth::{MintError, TokenSigner, TokenVerifier, VerifyingKey};
+
+impl AuthSection {
+    /// The node's token verifier: reads the key file the section names.
+    pub fn verifier(&self) -> Result<TokenVerifier, ConfigError> {
+        let (material, key) = match self.algorithm {
+            AuthAlgorithm::HS256 => (self.hs256_secret()?, "auth.secret"),
+            AuthAlgorithm::EdDSA => {
+                // validate() guarantees the key file is set for EdDSA.
+                let path = self.public_key_file.clone().unwrap_or_default();
+                let pem = std::fs::read(&path).map_err(|source| ConfigError::File {
+                    key: "auth.public_key_file",
+                    path,
+                    source,
+                })?;
+                (pem, "auth.public_key_file")
+            }
+        };
+        let verifying = match self.algorithm {
+            AuthAlgorithm::HS256 => VerifyingKey::Hs256Secret(&material),
+            AuthAlgorithm::EdDSA => VerifyingKey::Ed25519PublicPem(&material),
+        };
+        TokenVerifier::with_key(verifying, &self.issuer, &self.audience, self.leeway_secs)
+            .map_err(|e| invalid(key, e.to_string()))
+    }
+
+    /// A signer matching the node's verification (HS256 only: an EdDSA node holds no
+    /// private key).
+    pub fn signer(&self) -> Result<TokenSigner, MintError> {
+        match self.algorithm {
+            AuthAlgorithm::HS256 => Ok(TokenSigner::hs256(
+                &self
+                    .hs256_secret()
+                    .map_err(|e| MintError::Key(e.to_string()))?,
+                &self.issuer,
+                &self.audience,
+            )),
+            AuthAlgorithm::EdDSA => Err(MintError::Key(
+                "this node verifies EdDSA tokens and holds no private key: use `meridian token --eddsa-key <private.pem>`".into(),
+            )),
+        }
+    }
+
+    fn hs256_secret(&self) -> Result<Vec<u8>, ConfigError> {
+        if let Some(s) = &self.secret {
+            return Ok(s.as_bytes().to_vec());
+        }
+        let path = self.secret_file.clone().unwrap_or_default();
+        let bytes = std::fs::read(&path).map_err(|source| ConfigError::File {
+            key: "auth.secret_file",
+            path,
+            source,
+        })?;
+        let trimmed = String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec();
+        if trimmed.len() < 32 {
+            return Err(invalid(
+                "auth.secret_file",
+                "the secret must be at least 32 bytes long",
+            ));
+        }
+        Ok(trimmed)
+    }
 }
 
 /// Admission limits; a request over a limit is refused with an error, never queued.
@@ -274,6 +323,18 @@ pub struct LimitsSection {
     /// Fraction of the machine's CPU (0..=1) at which the node counts as full for routing.
     #[serde(default = "default_max_cpu")]
     pub max_cpu: f64,
+}
+
+impl LimitsSection {
+    /// What the media worker admits.
+    pub fn worker(&self) -> crate::sfu::Limits {
+        crate::sfu::Limits {
+            max_sessions: self.max_sessions,
+            max_participants_per_session: self.max_participants_per_session,
+            max_producers_per_participant: self.max_producers_per_participant,
+            max_consumers_per_participant: self.max_consumers_per_participant,
+        }
+    }
 }
 
 impl Default for LimitsSection {
@@ -323,16 +384,16 @@ fn default_leeway() -> u64 {
     5
 }
 fn default_max_sessions() -> usize {
-    1000
+    crate::sfu::Limits::default().max_sessions
 }
 fn default_max_participants() -> usize {
-    16
+    crate::sfu::Limits::default().max_participants_per_session
 }
 fn default_max_producers() -> usize {
-    4
+    crate::sfu::Limits::default().max_producers_per_participant
 }
 fn default_max_consumers() -> usize {
-    32
+    crate::sfu::Limits::default().max_consumers_per_participant
 }
 fn default_node_consumers() -> usize {
     20_000

@@ -6,6 +6,17 @@
 use std::fmt;
 use std::str::FromStr;
 
+/// A pipe (QUIC connection to another node), numbered by the mesh in the order pipes open.
+/// Never seen outside the node: it names a pipe in logs, metrics and the worker's tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PipeId(pub u64);
+
+impl fmt::Display for PipeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// Why a string was refused as an identifier.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {

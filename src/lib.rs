@@ -1,8 +1,11 @@
 //! Meridian: an edge-distributed WebRTC SFU for compliance video.
 //!
 //! Planes, one folder each: [`media`] (packet primitives), [`sfu`] (sessions, producers,
-//! consumers on one node), [`signaling`] (the HTTP/WebSocket edge), plus [`auth`] and
-//! [`config`] shared by all.
+//! consumers on one node), [`mesh`] (pipes, membership, discovery, routing data),
+//! [`signaling`] (the HTTP/WebSocket edge); below them [`ids`], [`auth`] and [`proto`] (wire
+//! formats), which depend on nothing else; above them [`config`] and [`node`], which compose
+//! the planes (each plane owns its settings type; `config` converts). `client` and `bench`
+//! are the load generator.
 
 pub mod admission;
 pub mod alloc;
@@ -18,5 +21,6 @@ pub mod mesh;
 pub mod netem;
 pub mod node;
 pub mod procfs;
+pub mod proto;
 pub mod sfu;
 pub mod signaling;

@@ -234,7 +234,7 @@ fn main() -> anyhow::Result<()> {
                         &cfg.auth.issuer,
                         &cfg.auth.audience,
                     )?,
-                    None => TokenSigner::from_config(&cfg.auth)?,
+                    None => cfg.auth.signer()?,
                 };
                 println!(
                     "{}",
@@ -464,7 +464,7 @@ async fn dev() -> anyhow::Result<()> {
             cert_file: f.cert_file,
             key_file: f.key_file,
         });
-        let signer = TokenSigner::from_config(&cfg.auth)?;
+        let signer = cfg.auth.signer()?;
         let node = Node::start(cfg).await?;
         nodes.push((node, signer));
     }

@@ -8,7 +8,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::admission::{Admission, Limits};
-use crate::auth::TokenVerifier;
 use crate::config::{ConfigError, NodeConfig};
 use crate::ids::{NodeId, RegionId};
 use crate::mesh::discovery::DnsDiscovery;
@@ -134,7 +133,7 @@ impl Node {
                 + crate::sfu::MAX_TCP_CONNECTIONS as u64
                 + FD_RESERVE,
         )?;
-        let verifier = TokenVerifier::from_config(&cfg.auth)?;
+        let verifier = cfg.auth.verifier()?;
         let listen = SocketAddr::new(cfg.rtc.listen_ip, cfg.rtc.port);
         let mesh_tls = match &cfg.mesh {
             Some(m) => {
@@ -159,7 +158,7 @@ impl Node {
         let worker = spawn_worker(WorkerConfig {
             listen,
             announced_ip: cfg.rtc.announced_ip,
-            limits: cfg.limits.clone(),
+            limits: cfg.limits.worker(),
             max_datagram_bytes: cfg.rtc.max_datagram_bytes,
             udp: cfg.rtc.udp,
             tcp: cfg.rtc.tcp,

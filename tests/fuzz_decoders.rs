@@ -10,7 +10,7 @@ use meridian::media::demux::{binding_request_is_authentic, binding_request_local
 use meridian::media::keyframe::is_keyframe;
 use meridian::media::Codec;
 use meridian::mesh::discovery::parse_txt;
-use meridian::mesh::wire::{Control, Datagram, MediaFrame, NackFrame, ProducerAnnouncement};
+use meridian::proto::pipe::{Control, Datagram, MediaFrame, NackFrame, ProducerAnnouncement};
 use meridian::signaling::edge::client_ip;
 use meridian::signaling::protocol::parse;
 use rand::rngs::StdRng;

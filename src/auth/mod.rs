@@ -9,7 +9,6 @@ use base64::Engine as _;
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AuthAlgorithm, AuthSection, ConfigError};
 use crate::ids::{SessionId, UserId};
 
 /// What a participant may do in a session.
@@ -118,6 +117,27 @@ impl TokenError {
     }
 }
 
+/// Token signature algorithms Meridian accepts. `none` is never accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthAlgorithm {
+    HS256,
+    EdDSA,
+}
+
+/// The key a node verifies tokens with.
+#[derive(Debug, Clone, Copy)]
+pub enum VerifyingKey<'a> {
+    /// HS256 shared secret.
+    Hs256Secret(&'a [u8]),
+    /// EdDSA: an Ed25519 public key in PEM form.
+    Ed25519PublicPem(&'a [u8]),
+}
+
+/// Why a verifying key could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("not an Ed25519 public key in PEM form: {0}")]
+pub struct KeyError(String);
+
 fn algorithm(a: AuthAlgorithm) -> Algorithm {
     match a {
         AuthAlgorithm::HS256 => Algorithm::HS256,
@@ -142,30 +162,24 @@ impl std::fmt::Debug for TokenVerifier {
 }
 
 impl TokenVerifier {
-    pub fn from_config(auth: &AuthSection) -> Result<Self, ConfigError> {
-        let key = match auth.algorithm {
-            AuthAlgorithm::HS256 => DecodingKey::from_secret(&hs256_secret(auth)?),
-            AuthAlgorithm::EdDSA => {
-                // validate() guarantees the key file is set for EdDSA.
-                let path = auth.public_key_file.clone().unwrap_or_default();
-                let pem = std::fs::read(&path).map_err(|source| ConfigError::File {
-                    key: "auth.public_key_file",
-                    path: path.clone(),
-                    source,
-                })?;
-                DecodingKey::from_ed_pem(&pem).map_err(|e| ConfigError::Invalid {
-                    key: "auth.public_key_file",
-                    reason: format!("not an Ed25519 public key in PEM form: {e}"),
-                })?
+    /// A verifier for tokens signed with `key`, from `issuer` for `audience`, tolerating
+    /// `leeway` seconds of clock skew on `nbf`.
+    pub fn with_key(
+        key: VerifyingKey<'_>,
+        issuer: &str,
+        audience: &str,
+        leeway: u64,
+    ) -> Result<Self, KeyError> {
+        let (key, alg) = match key {
+            VerifyingKey::Hs256Secret(secret) => {
+                (DecodingKey::from_secret(secret), AuthAlgorithm::HS256)
             }
+            VerifyingKey::Ed25519PublicPem(pem) => (
+                DecodingKey::from_ed_pem(pem).map_err(|e| KeyError(e.to_string()))?,
+                AuthAlgorithm::EdDSA,
+            ),
         };
-        Ok(Self::new(
-            key,
-            algorithm(auth.algorithm),
-            &auth.issuer,
-            &auth.audience,
-            auth.leeway_secs,
-        ))
+        Ok(Self::new(key, algorithm(alg), issuer, audience, leeway))
     }
 
     pub fn new(
@@ -259,26 +273,6 @@ fn peek_alg(token: &str) -> Result<String, TokenError> {
     Ok(h.alg)
 }
 
-fn hs256_secret(auth: &AuthSection) -> Result<Vec<u8>, ConfigError> {
-    if let Some(s) = &auth.secret {
-        return Ok(s.as_bytes().to_vec());
-    }
-    let path = auth.secret_file.clone().unwrap_or_default();
-    let bytes = std::fs::read(&path).map_err(|source| ConfigError::File {
-        key: "auth.secret_file",
-        path: path.clone(),
-        source,
-    })?;
-    let trimmed = String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec();
-    if trimmed.len() < 32 {
-        return Err(ConfigError::Invalid {
-            key: "auth.secret_file",
-            reason: "the secret must be at least 32 bytes long".into(),
-        });
-    }
-    Ok(trimmed)
-}
-
 /// Mints tokens; used by `meridian token` and by `meridian dev` for the demo links.
 pub struct TokenSigner {
     key: EncodingKey,
@@ -314,21 +308,6 @@ impl TokenSigner {
             issuer: issuer.into(),
             audience: audience.into(),
         })
-    }
-
-    /// A signer matching a node's verification config (HS256 only: an EdDSA node holds no
-    /// private key).
-    pub fn from_config(auth: &AuthSection) -> Result<Self, MintError> {
-        match auth.algorithm {
-            AuthAlgorithm::HS256 => Ok(Self::hs256(
-                &hs256_secret(auth).map_err(|e| MintError::Key(e.to_string()))?,
-                &auth.issuer,
-                &auth.audience,
-            )),
-            AuthAlgorithm::EdDSA => Err(MintError::Key(
-                "this node verifies EdDSA tokens and holds no private key: use `meridian token --eddsa-key <private.pem>`".into(),
-            )),
-        }
     }
 
     pub fn mint(

@@ -675,7 +675,7 @@ pub async fn run_cascade(
         let published = w.sent as f64;
         let pipe_bytes = pipe1.saturating_sub(pipe0) as f64;
         // One media frame per published packet: frame header + RTP header + payload.
-        let frame_bytes = (cfg.payload_bytes + 12 + crate::mesh::wire::FRAME_HEADER) as f64;
+        let frame_bytes = (cfg.payload_bytes + 12 + crate::proto::pipe::FRAME_HEADER) as f64;
         results.push(CascadeResult {
             subscribers: n,
             window_s: secs,

@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{NodeId, RegionId};
-use crate::sfu::PipeId;
+use crate::ids::{NodeId, PipeId, RegionId};
 
 /// How often each node sends a heartbeat on every pipe.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -34,21 +33,7 @@ pub struct NodeInfo {
     pub pipe_addr: Option<SocketAddr>,
 }
 
-/// A node's load, sent in every heartbeat.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct Load {
-    /// Fraction of the machine's CPU the node used over the last interval (0..=1).
-    pub cpu: f32,
-    pub sessions: u32,
-    pub participants: u32,
-    pub producers: u32,
-    pub consumers: u32,
-    /// Media bits per second sent to clients and pipes.
-    pub bitrate_out: u64,
-    /// Load relative to the node's capacity: 1.0 means full. The largest of CPU over its
-    /// limit, sessions over `limits.max_sessions` and consumers over `limits.max_consumers`.
-    pub factor: f32,
-}
+pub use crate::proto::pipe::Load;
 
 /// One member as routing sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -192,17 +177,17 @@ mod tests {
     fn silent_peer_is_declared_down_after_three_missed_heartbeats() {
         let t0 = Instant::now();
         let mut m = Membership::new();
-        m.handle_joined(t0, 1, info("b-1", "b"));
-        m.handle_joined(t0, 2, info("c-1", "c"));
+        m.handle_joined(t0, PipeId(1), info("b-1", "b"));
+        m.handle_joined(t0, PipeId(2), info("c-1", "c"));
         for s in 1..=10u64 {
             let now = t0 + Duration::from_secs(s);
             // b keeps talking, c went quiet after joining.
-            m.handle_heartbeat(now, 1, Load::default(), false);
+            m.handle_heartbeat(now, PipeId(1), Load::default(), false);
             let down = m.poll_silent(now);
             if s <= 3 {
                 assert!(down.is_empty(), "at {s}s");
             } else if s == 4 {
-                assert_eq!(down, vec![("c-1".parse().unwrap(), 2)]);
+                assert_eq!(down, vec![("c-1".parse().unwrap(), PipeId(2))]);
             } else {
                 assert!(down.is_empty());
             }
@@ -216,20 +201,23 @@ mod tests {
     fn heartbeats_carry_load_and_drain_state() {
         let t0 = Instant::now();
         let mut m = Membership::new();
-        m.handle_joined(t0, 7, info("b-1", "b"));
+        m.handle_joined(t0, PipeId(7), info("b-1", "b"));
         let load = Load {
             consumers: 12,
             factor: 0.25,
             ..Load::default()
         };
-        m.handle_heartbeat(t0, 7, load, true);
+        m.handle_heartbeat(t0, PipeId(7), load, true);
         // A heartbeat on an unknown pipe (a duplicate being replaced) changes nothing.
-        m.handle_heartbeat(t0, 8, Load::default(), false);
-        let v = m.views(local(), |p| Some(Duration::from_millis(p)));
+        m.handle_heartbeat(t0, PipeId(8), Load::default(), false);
+        let v = m.views(local(), |p| Some(Duration::from_millis(p.0)));
         assert_eq!(v[1].load, load);
         assert!(v[1].draining);
         assert_eq!(v[1].rtt, Some(Duration::from_millis(7)));
-        assert_eq!(m.handle_pipe_closed(7), Some("b-1".parse().unwrap()));
+        assert_eq!(
+            m.handle_pipe_closed(PipeId(7)),
+            Some("b-1".parse().unwrap())
+        );
         assert!(m.is_empty());
     }
 }

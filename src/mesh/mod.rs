@@ -13,7 +13,8 @@ pub mod load;
 pub mod membership;
 pub mod selector;
 pub mod tls;
-pub mod wire;
+/// The pipe wire formats, which live in [`crate::proto::pipe`].
+pub use crate::proto::pipe as wire;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -28,8 +29,8 @@ use discovery::{DnsDiscovery, PeerRecord, PeerResolver};
 use load::{Capacity, LoadMeter};
 use membership::{Load, MemberView, Membership, NodeInfo, HEARTBEAT_EVERY};
 
-use crate::ids::{NodeId, ProducerId, SessionId};
-use crate::sfu::{Command, MeshEvent, PipeCounters, PipeId, PipeLink, WorkerHandle};
+use crate::ids::{NodeId, PipeId, ProducerId, SessionId};
+use crate::sfu::{Command, MeshEvent, PipeCounters, PipeLink, WorkerHandle};
 use tls::{CertIdentity, NodeTls, TlsError, CLUSTER_SERVER_NAME};
 use wire::{Control, ProducerAnnouncement, MAX_CONTROL, WIRE_VERSION};
 
@@ -539,7 +540,7 @@ impl PipeCtx {
             longitude,
             pipe_addr: pipe_addr.and_then(|a| a.parse().ok()),
         };
-        let pipe = self.next_pipe.fetch_add(1, Relaxed);
+        let pipe = PipeId(self.next_pipe.fetch_add(1, Relaxed));
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
         let _ = self.internal.send(Internal::Ready {
             pipe,
@@ -548,7 +549,7 @@ impl PipeCtx {
             conn: conn.clone(),
             out: out_tx,
         });
-        tracing::debug!(pipe, peer = %peer, node = %node, "pipe handshake done");
+        tracing::debug!(pipe = %pipe, peer = %peer, node = %node, "pipe handshake done");
         let writer = tokio::spawn(async move {
             while let Some(b) = out_rx.recv().await {
                 if send.write_all(&b).await.is_err() {
@@ -577,7 +578,7 @@ impl PipeCtx {
                 }
                 Err(PipeSetupError::Control(e)) => {
                     self.stats.control_errors.fetch_add(1, Relaxed);
-                    tracing::warn!(pipe, node = %node, error = %e, "closing pipe after a bad control message");
+                    tracing::warn!(pipe = %pipe, node = %node, error = %e, "closing pipe after a bad control message");
                     conn.close(4u32.into(), b"malformed control message");
                     break;
                 }
@@ -930,7 +931,7 @@ impl Core {
             },
         );
         self.stats.pipes_open.fetch_add(1, Relaxed);
-        tracing::info!(pipe, node = %node, "pipe established");
+        tracing::info!(pipe = %pipe, node = %node, "pipe established");
         for session in &self.active {
             self.send(
                 pipe,
@@ -964,7 +965,7 @@ impl Core {
             waiting.remove(&pipe);
         }
         self.settle_replays();
-        tracing::info!(pipe, node = %p.node, reason = %String::from_utf8_lossy(reason), "pipe closed");
+        tracing::info!(pipe = %pipe, node = %p.node, reason = %String::from_utf8_lossy(reason), "pipe closed");
         self.publish_views();
     }
 
@@ -1004,7 +1005,7 @@ impl Core {
         }
         for (node, pipe) in self.membership.poll_silent(now) {
             self.stats.peers_silent.fetch_add(1, Relaxed);
-            tracing::warn!(node = %node, pipe, "peer silent for 3 s: declaring it down");
+            tracing::warn!(node = %node, pipe = %pipe, "peer silent for 3 s: declaring it down");
             self.drop_pipe(pipe, 7, b"heartbeat timeout");
         }
         self.publish_views();

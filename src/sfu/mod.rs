@@ -27,8 +27,7 @@ pub use pipes::{PipeCounters, PipeLink};
 pub use tcp::MAX_TCP_CONNECTIONS;
 pub use worker::{spawn_worker, WorkerConfig};
 
-/// A pipe (QUIC connection to another node), numbered by the mesh.
-pub type PipeId = u64;
+pub use crate::ids::PipeId;
 
 /// What the worker tells the mesh: which sessions it hosts, its producers, and what it wants
 /// from other nodes' producers.
@@ -48,7 +47,7 @@ pub enum MeshEvent {
         participant: ParticipantInfo,
     },
     /// A local producer was created.
-    ProducerOpened(crate::mesh::wire::ProducerAnnouncement),
+    ProducerOpened(crate::proto::pipe::ProducerAnnouncement),
     ProducerClosed {
         session: SessionId,
         producer: ProducerId,
@@ -389,7 +388,7 @@ pub(crate) enum Command {
     },
     RemoteProducer {
         pipe: PipeId,
-        announcement: crate::mesh::wire::ProducerAnnouncement,
+        announcement: crate::proto::pipe::ProducerAnnouncement,
     },
     /// A participant of another node joined a session hosted here.
     RemoteParticipantJoined {
@@ -436,6 +435,28 @@ pub(crate) enum Command {
         pipe: PipeId,
         session: SessionId,
     },
+}
+
+/// What the worker admits; a request over a limit is refused with an error, never queued.
+/// The node's configuration (`[limits]`) fills it in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Sessions (routers) at once.
+    pub max_sessions: usize,
+    pub max_participants_per_session: usize,
+    pub max_producers_per_participant: usize,
+    pub max_consumers_per_participant: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 1000,
+            max_participants_per_session: 16,
+            max_producers_per_participant: 4,
+            max_consumers_per_participant: 32,
+        }
+    }
 }
 
 /// Pipe media datagrams queued for the worker before further ones are dropped (and counted):
@@ -740,7 +761,7 @@ mod tests {
         let burst = 200_000u64;
         let frame = bytes::Bytes::from_static(&[0xff; 64]);
         for _ in 0..burst {
-            assert!(w.pipe_datagram(7, frame.clone()));
+            assert!(w.pipe_datagram(PipeId(7), frame.clone()));
         }
         // Control is answered while the burst is worked off.
         let (events, _rx) = event_channel();

@@ -16,7 +16,7 @@ use super::{MediaKind, MeshEvent, PipeId, SfuEvent};
 use crate::ids::{NodeId, ProducerId, SessionId};
 use crate::media::extensions::{IncomingExtensions, FORWARDED};
 use crate::media::Codec;
-use crate::mesh::wire::{
+use crate::proto::pipe::{
     Datagram, MediaFrame, NackFrame, ProducerAnnouncement, RtpParts, FRAME_HEADER, MAX_NACK_SEQS,
 };
 
@@ -142,7 +142,7 @@ impl Worker {
     }
 
     pub(super) fn pipe_up(&mut self, pipe: PipeId, link: super::PipeLink) {
-        tracing::info!(pipe, node = %link.node, "pipe up");
+        tracing::info!(pipe = %pipe, node = %link.node, "pipe up");
         self.pipes.insert(pipe, link);
     }
 
@@ -174,7 +174,7 @@ impl Worker {
         for (_, p) in self.producers.iter_mut() {
             p.pipes_out.retain(|(q, _)| *q != pipe);
         }
-        tracing::info!(pipe, "pipe down");
+        tracing::info!(pipe = %pipe, "pipe down");
     }
 
     /// A producer of another node, announced for a session hosted here.
@@ -222,7 +222,7 @@ impl Worker {
         let pk = self.insert_producer(producer);
         self.pipe_streams.insert((pipe, a.stream), pk);
         let info = self.producer_info(pk);
-        tracing::info!(producer = %a.producer, pipe, "remote producer added");
+        tracing::info!(producer = %a.producer, pipe = %pipe, "remote producer added");
         self.notify_session(&a.session, a.role, None, SfuEvent::ProducerAdded(info));
     }
 

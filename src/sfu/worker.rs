@@ -39,7 +39,6 @@ use tokio::sync::mpsc;
 use super::engine::build_peer_connection;
 use super::tcp::TcpEvent;
 use super::*;
-use crate::config::LimitsSection;
 use crate::media::cache::PacketCache;
 use crate::media::demux::{binding_request_is_authentic, binding_request_local_ufrag};
 use crate::media::extensions::{IncomingExtensions, OutgoingExtensions, FORWARDED};
@@ -54,7 +53,7 @@ pub struct WorkerConfig {
     pub listen: SocketAddr,
     /// Address put into candidates; its port is the bound port.
     pub announced_ip: IpAddr,
-    pub limits: LimitsSection,
+    pub limits: Limits,
     pub max_datagram_bytes: usize,
     /// Offer the UDP candidate.
     pub udp: bool,

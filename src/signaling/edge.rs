@@ -24,11 +24,21 @@ use tokio::sync::watch;
 
 use super::AppState;
 use crate::cidr::{normalize, Cidr};
-use crate::config::ClientAddressHeader;
 use crate::ids::{NodeId, RegionId};
 use crate::mesh::geo::GeoDb;
 use crate::mesh::membership::MemberView;
 use crate::mesh::selector::{self, Reason, RoutingPolicy};
+
+/// Which forwarding header a trusted proxy's client address is read from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAddressHeader {
+    /// `X-Forwarded-For`, as the documented NGINX configuration appends it.
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded`.
+    Forwarded,
+}
 
 /// What `/v1/edge` needs.
 pub struct EdgeRouting {

@@ -31,7 +31,7 @@ pub fn node_records(node: &str, region: &str, pipe: SocketAddr) -> String {
         "_meridian._udp IN SRV 10 10 {port} {node}\n{node} IN A {ip}\n{node} IN TXT \"node={node}\" \"region={region}\" \"version={version}\"\n",
         port = pipe.port(),
         ip = pipe.ip(),
-        version = meridian::mesh::wire::WIRE_VERSION,
+        version = meridian::proto::pipe::WIRE_VERSION,
     )
 }
 

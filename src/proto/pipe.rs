@@ -1,6 +1,6 @@
-//! Pipe wire formats, version 1 (documented in `docs/pipe-protocol.md`): media frames carried
-//! in QUIC datagrams, and control messages in MessagePack on one bidirectional stream.
-//! Decoders return errors for anything malformed; they never panic.
+//! Pipe wire formats (documented in `docs/pipe-protocol.md`): media frames carried in QUIC
+//! datagrams, and control messages in MessagePack on one bidirectional stream. Decoders
+//! return errors for anything malformed; they never panic.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -181,6 +181,22 @@ impl RtpParts<'_> {
     }
 }
 
+/// A node's load, sent in every heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    /// Fraction of the machine's CPU the node used over the last interval (0..=1).
+    pub cpu: f32,
+    pub sessions: u32,
+    pub participants: u32,
+    pub producers: u32,
+    pub consumers: u32,
+    /// Media bits per second sent to clients and pipes.
+    pub bitrate_out: u64,
+    /// Load relative to the node's capacity: 1.0 means full. The largest of CPU over its
+    /// limit, sessions over `limits.max_sessions` and consumers over `limits.max_consumers`.
+    pub factor: f32,
+}
+
 /// A producer as announced to another node: enough to create consumers of it there.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProducerAnnouncement {
@@ -226,7 +242,7 @@ pub enum Control {
     /// Sent every second on every pipe, and at once when the drain state changes. Silence
     /// for three seconds means the sender is down.
     Heartbeat {
-        load: super::membership::Load,
+        load: Load,
         draining: bool,
     },
     /// The sender hosts participants of `session`: announce its producers to the sender.
@@ -414,7 +430,7 @@ mod tests {
                 pipe_addr: Some("10.0.0.5:7100".into()),
             },
             Control::Heartbeat {
-                load: super::super::membership::Load {
+                load: Load {
                     cpu: 0.5,
                     consumers: 40,
                     factor: 0.5,
