@@ -7,6 +7,7 @@ pub mod demux;
 pub mod extensions;
 pub mod keyframe;
 pub mod layers;
+pub mod repair;
 pub mod rewrite;
 
 /// Codecs Meridian forwards. Forwarding never re-encodes, so a consumer always receives the

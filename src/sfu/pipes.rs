@@ -17,7 +17,7 @@ use crate::ids::{NodeId, ProducerId, SessionId};
 use crate::media::extensions::{IncomingExtensions, FORWARDED};
 use crate::media::Codec;
 use crate::proto::pipe::{
-    Datagram, MediaFrame, NackFrame, ProducerAnnouncement, RtpParts, FRAME_HEADER, MAX_NACK_SEQS,
+    Datagram, MediaFrame, NackFrame, ProducerAnnouncement, RtpParts, FRAME_HEADER,
 };
 
 /// Counters of one pipe, shared with the mesh for reporting.
@@ -46,10 +46,6 @@ pub struct PipeLink {
     pub counters: Arc<PipeCounters>,
 }
 
-/// Most sequence numbers asked for again after one gap; a longer gap is a stream restart.
-const MAX_NACK_RUN: u16 = 64;
-/// Times one missing packet is asked for before it is given up.
-const NACK_TRIES: u8 = 4;
 /// Size of the buffer pipe frames are cut from.
 const ARENA_CHUNK: usize = 64 * 1024;
 
@@ -413,27 +409,10 @@ impl Worker {
             return;
         };
         l.ssrc = Some(pkt.header.ssrc);
-        let seq = pkt.header.sequence_number;
         let mut gap = Vec::new();
-        match l.highest_seq {
-            None => l.highest_seq = Some(seq),
-            Some(h) => {
-                let ahead = seq.wrapping_sub(h);
-                if ahead != 0 && ahead < 0x8000 {
-                    if ahead > 1 && ahead <= MAX_NACK_RUN {
-                        gap.extend((1..ahead).map(|i| h.wrapping_add(i)));
-                    }
-                    l.highest_seq = Some(seq);
-                } else {
-                    // A late packet: a repair, or reordering.
-                    l.missing.retain(|(s, _, _)| *s != seq);
-                }
-            }
-        }
+        l.repair
+            .on_packet(now, pkt.header.sequence_number, &mut gap);
         if !gap.is_empty() {
-            l.missing.extend(gap.iter().map(|&s| (s, now, 1)));
-            let excess = l.missing.len().saturating_sub(MAX_NACK_SEQS);
-            l.missing.drain(..excess);
             if let Some(link) = self.pipes.get(&pipe) {
                 link.send_nack(stream, layer, gap);
             }
@@ -456,17 +435,8 @@ impl Worker {
                             .mul_f32(1.5)
                             .max(std::time::Duration::from_millis(30));
                         for (layer, l) in p.layers.iter_mut().enumerate() {
-                            l.missing.retain(|(_, _, tries)| *tries < NACK_TRIES);
-                            let again: Vec<u16> = l
-                                .missing
-                                .iter_mut()
-                                .filter(|(_, at, _)| now.duration_since(*at) >= wait)
-                                .map(|(seq, at, tries)| {
-                                    *at = now;
-                                    *tries += 1;
-                                    *seq
-                                })
-                                .collect();
+                            let mut again = Vec::new();
+                            l.repair.due(now, wait, &mut again);
                             if !again.is_empty() {
                                 link.send_nack(stream, layer as u8, again);
                             }

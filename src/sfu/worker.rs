@@ -44,6 +44,7 @@ use crate::media::demux::{binding_request_is_authentic, binding_request_local_uf
 use crate::media::extensions::{IncomingExtensions, OutgoingExtensions, FORWARDED};
 use crate::media::keyframe::is_keyframe;
 use crate::media::layers::{Decision, LayerSelector};
+use crate::media::repair::{GapRepair, KeyframeThrottle};
 use crate::media::rewrite::RtpRewriter;
 
 /// What the worker needs from the node configuration.
@@ -131,8 +132,6 @@ pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
 }
 
 const TICK: Duration = Duration::from_millis(100);
-/// Keyframe requests to one publisher stream are spaced at least this far apart.
-const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(300);
 /// A layer that sent nothing for this long is considered stopped.
 const LAYER_IDLE: Duration = Duration::from_millis(1500);
 const RECV_BATCH: usize = 16;
@@ -244,25 +243,22 @@ pub(super) struct LayerStat {
     bytes: u64,
     pub(super) bitrate: Option<u64>,
     last_packet: Option<Instant>,
-    last_keyframe_request: Option<Instant>,
+    keyframe_requests: KeyframeThrottle,
     /// One copy of recent packets for every consumer's NACKs; video only.
     pub(super) cache: Option<PacketCache<CachedPacket>>,
-    /// Highest sequence number seen from a pipe, to find gaps to repair.
-    pub(super) highest_seq: Option<u16>,
-    /// Packets missing from a pipe stream: (seq, when last asked for, times asked).
-    pub(super) missing: Vec<(u16, Instant, u8)>,
+    /// Gaps in what arrives from a pipe, asked for again until repaired.
+    pub(super) repair: GapRepair,
 }
 
 impl LayerStat {
     pub(super) fn new(kind: MediaKind) -> Self {
         Self {
-            highest_seq: None,
-            missing: Vec::new(),
+            repair: GapRepair::new(crate::proto::pipe::MAX_NACK_SEQS),
             ssrc: None,
             bytes: 0,
             bitrate: None,
             last_packet: None,
-            last_keyframe_request: None,
+            keyframe_requests: KeyframeThrottle::default(),
             cache: (kind == MediaKind::Video).then(|| PacketCache::new(PACKET_CACHE)),
         }
     }
@@ -1188,17 +1184,14 @@ impl Worker {
         let Some(l) = p.layers.get_mut(layer as usize) else {
             return;
         };
-        if l.last_keyframe_request
-            .is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_INTERVAL)
-        {
-            return;
-        }
         let (ck, receiver) = match p.origin {
             Origin::Local { conn, receiver, .. } => (conn, receiver),
             Origin::Pipe { pipe, .. } => {
                 // Aggregated here (one request per interval whatever the number of consumers
                 // asking), throttled again at the origin.
-                l.last_keyframe_request = Some(now);
+                if !l.keyframe_requests.allow(now) {
+                    return;
+                }
                 let producer = p.id.clone();
                 self.stats.keyframe_requests.fetch_add(1, Relaxed);
                 self.mesh_event(MeshEvent::KeyframeRequest {
@@ -1210,7 +1203,9 @@ impl Worker {
             }
         };
         let Some(ssrc) = l.ssrc else { return };
-        l.last_keyframe_request = Some(now);
+        if !l.keyframe_requests.allow(now) {
+            return;
+        }
         let Some(conn) = self.conns.get_mut(ck) else {
             return;
         };
