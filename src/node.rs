@@ -282,6 +282,7 @@ impl Node {
                 trusted_proxies: cfg.routing.trusted_proxies.clone(),
                 client_address_header: cfg.routing.client_address_header,
                 members: members.clone(),
+                hosts: mesh.as_ref().map(|m| m.hosts.clone()),
                 metrics: Default::default(),
             }),
             mesh_stats: mesh.as_ref().map(|m| m.stats.clone()),

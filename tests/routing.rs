@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use common::*;
+use meridian::auth::Role;
 use meridian::config::NodeConfig;
 use meridian::node::Node;
 use serde_json::Value;
@@ -276,4 +277,81 @@ async fn a_city_database_file_written_by_the_cli_is_what_the_node_routes_by() {
     cfg.routing.geoip_file = Some(table);
     let err = Node::start(cfg).await.err().unwrap().to_string();
     assert!(err.contains("routing.geoip_file"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_participant_is_sent_to_the_node_of_its_region_already_hosting_the_session() {
+    // Two India nodes on one site, and the US; every node trusts loopback's forwarding headers.
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<meridian::ids::NodeId> = ["india-1", "india-2", "us-1"]
+        .iter()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    let files = meridian::mesh::tls::write_cluster(dir.path(), &ids).unwrap();
+    let mut nodes: Vec<Node> = Vec::new();
+    for (id, f) in ids.iter().zip(files) {
+        let (region, lat, lon) = if id.as_str() == "us-1" {
+            SITES[2]
+        } else {
+            SITES[0]
+        };
+        let mut cfg = test_config("127.0.0.1", "127.0.0.1");
+        cfg.node.region = region.parse().unwrap();
+        cfg.node.id = Some(id.clone());
+        cfg.node.latitude = lat;
+        cfg.node.longitude = lon;
+        trust_loopback(&mut cfg);
+        cfg.mesh = Some(meridian::config::MeshSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            discovery: None,
+            peers: nodes
+                .iter()
+                .map(|n| n.mesh.as_ref().unwrap().local_addr)
+                .collect(),
+            ca_file: f.ca_file,
+            cert_file: f.cert_file,
+            key_file: f.key_file,
+        });
+        nodes.push(Node::start(cfg).await.unwrap());
+    }
+    wait_for(
+        "all members known everywhere",
+        Duration::from_secs(10),
+        || nodes.iter().all(|n| n.members().len() == 3),
+    )
+    .await;
+    let mumbai = [("X-Forwarded-For", "192.0.2.1")];
+    let edge_of = |v: &Value| v["edge"]["node"].as_str().unwrap().to_owned();
+    // Equal loads: a new session goes to india-1 (the tie is broken by id).
+    let (_, v) = edge(&nodes[2], LOCAL, "/v1/edge?session=kyc-affinity", &mumbai).await;
+    assert_eq!(edge_of(&v), "india-1", "{v}");
+    // The session starts on india-2 (say the first participant was sent there earlier).
+    let (_first, _) = Signal::join(&nodes[1], "kyc-affinity", "alice", Role::User).await;
+    wait_for(
+        "every node knows india-2 hosts the session",
+        Duration::from_secs(5),
+        || {
+            nodes.iter().all(|n| {
+                n.mesh.as_ref().unwrap().hosts.hosts(
+                    &"kyc-affinity".parse().unwrap(),
+                    &"india-2".parse().unwrap(),
+                )
+            })
+        },
+    )
+    .await;
+    // The next participant in India, asking any node, is sent to india-2.
+    for n in &nodes {
+        let (_, v) = edge(n, LOCAL, "/v1/edge?session=kyc-affinity", &mumbai).await;
+        assert_eq!(edge_of(&v), "india-2", "asked {}: {v}", n.id);
+    }
+    // Another session, or none, is unaffected; a malformed session is refused.
+    let (_, v) = edge(&nodes[0], LOCAL, "/v1/edge?session=kyc-other", &mumbai).await;
+    assert_eq!(edge_of(&v), "india-1");
+    let (status, v) = edge(&nodes[0], LOCAL, "/v1/edge?session=no%20spaces", &mumbai).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("badSession"))
+    );
 }

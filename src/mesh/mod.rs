@@ -83,6 +83,43 @@ pub struct MeshStats {
     pub identity_mismatches: AtomicU64,
 }
 
+/// Which nodes host participants of which sessions: this node's own sessions and those its
+/// peers declared with `interest`. Written by the mesh core on control messages, read by
+/// `/v1/edge`; never touched per packet.
+#[derive(Debug, Default)]
+pub struct SessionHosts(Mutex<HashMap<SessionId, HashSet<NodeId>>>);
+
+impl SessionHosts {
+    /// Whether `node` hosts `session`.
+    pub fn hosts(&self, session: &SessionId, node: &NodeId) -> bool {
+        self.0
+            .lock()
+            .map(|m| m.get(session).is_some_and(|n| n.contains(node)))
+            .unwrap_or(false)
+    }
+
+    /// The nodes hosting `session`.
+    pub fn of(&self, session: &SessionId) -> HashSet<NodeId> {
+        self.0
+            .lock()
+            .map(|m| m.get(session).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn set(&self, session: &SessionId, node: &NodeId, hosting: bool) {
+        // A poisoned lock only means a reader panicked; the map stays usable.
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if hosting {
+            m.entry(session.clone()).or_default().insert(node.clone());
+        } else if let Some(nodes) = m.get_mut(session) {
+            nodes.remove(node);
+            if nodes.is_empty() {
+                m.remove(session);
+            }
+        }
+    }
+}
+
 /// A pipe's figures, for metrics and routing.
 #[derive(Debug, Clone)]
 pub struct PipeReport {
@@ -113,6 +150,8 @@ struct PipeEntry {
 pub struct MeshHandle {
     pub local_addr: SocketAddr,
     pub stats: Arc<MeshStats>,
+    /// Which nodes host which sessions, as this node knows it (for session affinity).
+    pub hosts: Arc<SessionHosts>,
     registry: Arc<Mutex<HashMap<PipeId, PipeEntry>>>,
     endpoint: quinn::Endpoint,
     members: watch::Receiver<Arc<Vec<MemberView>>>,
@@ -231,6 +270,7 @@ pub fn start(
         info.pipe_addr = Some(local_addr);
     }
     let stats = Arc::new(MeshStats::default());
+    let hosts = Arc::new(SessionHosts::default());
     let registry = Arc::new(Mutex::new(HashMap::new()));
     let (itx, irx) = mpsc::unbounded_channel();
     let next_pipe = Arc::new(AtomicU64::new(1));
@@ -320,6 +360,7 @@ pub fn start(
         pipes: HashMap::new(),
         by_node: HashMap::new(),
         active: HashSet::new(),
+        hosts: hosts.clone(),
         replaying: HashMap::new(),
         producers: HashMap::new(),
         participants: HashMap::new(),
@@ -339,6 +380,7 @@ pub fn start(
     Ok(MeshHandle {
         local_addr,
         stats,
+        hosts,
         registry,
         endpoint,
         members: views_rx,
@@ -653,6 +695,7 @@ struct Core {
     by_node: HashMap<NodeId, PipeId>,
     /// Sessions hosted here.
     active: HashSet<SessionId>,
+    hosts: Arc<SessionHosts>,
     /// Sessions that just became active here, with the pipes whose replay of them is awaited.
     replaying: HashMap<SessionId, HashSet<PipeId>>,
     /// Local producers by session, to announce to nodes that become interested.
@@ -746,6 +789,7 @@ impl Core {
                 self.replaying
                     .insert(session.clone(), self.pipes.keys().copied().collect());
                 self.settle_replays();
+                self.hosts.set(&session, &self.node, true);
                 self.active.insert(session);
             }
             MeshEvent::SessionInactive(session) => {
@@ -755,6 +799,7 @@ impl Core {
                 for &pipe in self.pipes.keys() {
                     self.send(pipe, &msg);
                 }
+                self.hosts.set(&session, &self.node, false);
                 self.active.remove(&session);
             }
             MeshEvent::ParticipantJoined {
@@ -948,6 +993,9 @@ impl Core {
         let Some(p) = self.pipes.remove(&pipe) else {
             return;
         };
+        for session in &p.interests {
+            self.hosts.set(session, &p.node, false);
+        }
         if self.by_node.get(&p.node) == Some(&pipe) {
             self.by_node.remove(&p.node);
             if let Ok(mut c) = self.connected.lock() {
@@ -1038,6 +1086,7 @@ impl Core {
                     .handle_heartbeat(Instant::now(), pipe, load, draining);
             }
             Control::Interest { session } => {
+                self.hosts.set(&session, &state.node, true);
                 state.interests.insert(session.clone());
                 if let Some(m) = self.participants.get(&session) {
                     for p in m.values() {
@@ -1062,6 +1111,7 @@ impl Core {
                 self.settle_replays();
             }
             Control::InterestEnd { session } => {
+                self.hosts.set(&session, &state.node, false);
                 state.interests.remove(&session);
                 w.mesh_command(Command::PipeSessionEnded { pipe, session });
             }

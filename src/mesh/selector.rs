@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::geo::Place;
 use super::membership::MemberView;
-use crate::ids::RegionId;
+use crate::ids::{NodeId, RegionId};
 
 /// Mean Earth radius used by the haversine formula.
 const EARTH_RADIUS_KM: f64 = 6371.0;
@@ -100,6 +100,20 @@ pub fn select(
     hint: Option<&RegionId>,
     members: &[MemberView],
 ) -> Result<Selection, NoEdge> {
+    select_with_affinity(policy, place, hint, members, &|_| false)
+}
+
+/// Like [`select`], for a client of a session some nodes already host (`hosts`): within the
+/// chosen region (and among equals anywhere), a node hosting the session comes before the
+/// others, so the participants of one session in one region meet on one node rather than
+/// needing a pipe between two.
+pub fn select_with_affinity(
+    policy: &RoutingPolicy,
+    place: Option<&Place>,
+    hint: Option<&RegionId>,
+    members: &[MemberView],
+    hosts: &dyn Fn(&NodeId) -> bool,
+) -> Result<Selection, NoEdge> {
     let candidates: Vec<usize> = (0..members.len())
         .filter(|&i| eligible(&members[i]))
         .collect();
@@ -110,9 +124,9 @@ pub fn select(
     }
     let by_load = |a: &usize, b: &usize| {
         let (ma, mb) = (&members[*a], &members[*b]);
-        ma.load
-            .factor
-            .total_cmp(&mb.load.factor)
+        (!hosts(&ma.info.node))
+            .cmp(&!hosts(&mb.info.node))
+            .then_with(|| ma.load.factor.total_cmp(&mb.load.factor))
             .then_with(|| ma.info.node.cmp(&mb.info.node))
     };
     if policy.selector == SelectorKind::LeastLoaded {
@@ -362,5 +376,24 @@ mod tests {
         let s = select(&policy, Some(&at(19.0, 72.8, "IN", "AS")), None, &m).unwrap();
         assert_eq!(s.reason, Reason::LeastLoaded);
         assert_eq!(m[s.order[0]].info.node.as_str(), "us-1");
+    }
+
+    #[test]
+    fn a_node_already_hosting_the_session_comes_first_in_its_region() {
+        let m = mesh();
+        let policy = RoutingPolicy::default();
+        let mumbai = at(19.07, 72.87, "IN", "AS");
+        // india-2 is less loaded, so it is first for a new session...
+        let s = select(&policy, Some(&mumbai), None, &m).unwrap();
+        assert_eq!(m[s.order[0]].info.node.as_str(), "india-2");
+        // ...but a session hosted on india-1 goes there; the region stays the nearest.
+        let hosts = |n: &NodeId| n.as_str() == "india-1";
+        let s = select_with_affinity(&policy, Some(&mumbai), None, &m, &hosts).unwrap();
+        assert_eq!(m[s.order[0]].info.node.as_str(), "india-1");
+        assert_eq!(m[s.order[1]].info.node.as_str(), "india-2");
+        // A session hosted only in another region does not pull the client there.
+        let hosts = |n: &NodeId| n.as_str() == "us-1";
+        let s = select_with_affinity(&policy, Some(&mumbai), None, &m, &hosts).unwrap();
+        assert_eq!(m[s.order[0]].info.region.as_str(), "india");
     }
 }

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use super::AppState;
 use crate::cidr::{normalize, Cidr};
-use crate::ids::{NodeId, RegionId};
+use crate::ids::{NodeId, RegionId, SessionId};
 use crate::mesh::geo::GeoDb;
 use crate::mesh::membership::MemberView;
 use crate::mesh::selector::{self, Reason, RoutingPolicy};
@@ -47,6 +47,8 @@ pub struct EdgeRouting {
     pub trusted_proxies: Vec<Cidr>,
     pub client_address_header: ClientAddressHeader,
     pub members: watch::Receiver<Arc<Vec<MemberView>>>,
+    /// Which nodes host which sessions, when the node is part of a mesh.
+    pub hosts: Option<Arc<crate::mesh::SessionHosts>>,
     pub metrics: EdgeMetrics,
 }
 
@@ -160,6 +162,9 @@ fn parse_node(s: &str) -> Option<IpAddr> {
 #[derive(Deserialize)]
 pub(super) struct EdgeQuery {
     region: Option<String>,
+    /// The session the client will join: a node already hosting it in the chosen region is
+    /// preferred.
+    session: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -222,6 +227,23 @@ pub(super) async fn edge(
             }
         },
     };
+    let session = match q.session.as_deref() {
+        None | Some("") => None,
+        Some(text) => match text.parse::<SessionId>() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "badSession",
+                    format!("`session` query parameter: {e}"),
+                )
+            }
+        },
+    };
+    let hosting = match (&session, &r.hosts) {
+        (Some(s), Some(h)) => h.of(s),
+        _ => Default::default(),
+    };
     let ip = client_ip(
         peer.ip(),
         &headers,
@@ -237,7 +259,13 @@ pub(super) async fn edge(
     }
     let place = r.geo.lookup(ip);
     let members = r.members.borrow().clone();
-    let chosen = match selector::select(&r.policy, place.as_ref(), hint.as_ref(), &members) {
+    let chosen = match selector::select_with_affinity(
+        &r.policy,
+        place.as_ref(),
+        hint.as_ref(),
+        &members,
+        &|n| hosting.contains(n),
+    ) {
         Ok(c) => c,
         Err(e) => {
             r.metrics.no_edge.fetch_add(1, Relaxed);

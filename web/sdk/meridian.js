@@ -71,7 +71,13 @@ export class MeridianClient extends EventTarget {
    */
   async connect() {
     if (!this.route) return this._join(this.url);
-    const query = this.regionHint ? `?region=${encodeURIComponent(this.regionHint)}` : "";
+    // The session (read from the token; the node verifies it later) lets routing send this
+    // client to the node of its region that already hosts the call.
+    const q = new URLSearchParams();
+    if (this.regionHint) q.set("region", this.regionHint);
+    const sid = sessionOfToken(this.token);
+    if (sid) q.set("session", sid);
+    const query = q.toString() ? `?${q}` : "";
     let answer = null;
     try {
       const res = await fetch(`${this.route.replace(/\/$/, "")}/v1/edge${query}`, { cache: "no-store" });
@@ -407,6 +413,16 @@ export class MeridianClient extends EventTarget {
     if (this.publishPc) this.publishPc.close();
     if (this.subscribePc) this.subscribePc.close();
     this.publishPc = this.subscribePc = null;
+  }
+}
+
+/** The `sid` claim of a JWT, unverified (only a routing preference), or null. */
+function sessionOfToken(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), "="))).sid || null;
+  } catch {
+    return null;
   }
 }
 
