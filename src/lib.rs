@@ -10,8 +10,10 @@
 pub mod admission;
 pub mod alloc;
 pub mod auth;
+#[cfg(feature = "loadgen")]
 pub mod bench;
 pub mod cidr;
+#[cfg(feature = "loadgen")]
 pub mod client;
 pub mod config;
 pub mod ids;

@@ -33,6 +33,8 @@ if ! "$venv/bin/python" -c "import aiortc, websockets" >/dev/null 2>&1; then
 fi
 export MERIDIAN_AIORTC_PYTHON="$PWD/$venv/bin/python"
 
+# The production build (no load generator) compiles on its own.
+cargo check --locked --no-default-features --bin meridian
 cargo build --tests --locked
 
 if [ "$(id -u)" -eq 0 ]; then

@@ -1,0 +1,208 @@
+//! `meridian bench`: the load generator's command line (built with the `loadgen` feature).
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use meridian::ids::NodeId;
+use meridian::mesh::tls::write_cluster;
+
+/// The load both benchmarks apply.
+#[derive(clap::Args)]
+pub struct LoadArgs {
+    /// Numbers of subscribers, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50,100")]
+    subscribers: Vec<usize>,
+    /// Measurement window per step, seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Warm-up before each window, seconds.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Publisher bitrate.
+    #[arg(long, default_value_t = 1000)]
+    bitrate_kbps: u64,
+    /// RTP payload size in bytes (VP8-sized packets by default).
+    #[arg(long, default_value_t = 1100)]
+    payload: usize,
+    /// Also write the results as JSON here (and a plot beside it, for fan-out).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+impl LoadArgs {
+    fn config(&self) -> meridian::bench::FanoutConfig {
+        meridian::bench::FanoutConfig {
+            subscribers: self.subscribers.clone(),
+            seconds: self.seconds,
+            warmup_seconds: self.warmup,
+            bitrate_kbps: self.bitrate_kbps,
+            payload_bytes: self.payload,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// One publisher fanned out to N subscribers, for each N given.
+    Fanout {
+        #[command(flatten)]
+        load: LoadArgs,
+        /// Which SFU to measure: meridian, janus, or both (same load, one run).
+        #[arg(long, default_value = "meridian")]
+        sfu: String,
+        /// For Janus: the only interface it may gather ICE candidates on (it never offers
+        /// loopback; tests/bench-janus.sh sets up a veth with 127.0.0.2/32 and passes it).
+        #[arg(long, default_value = "mjanus0")]
+        janus_interface: String,
+        /// For Janus: the address the load generator's peers use (the veth's).
+        #[arg(long, default_value = "127.0.0.2")]
+        janus_client_ip: std::net::IpAddr,
+    },
+    /// A publisher on one node relayed through a pipe to N subscribers on another.
+    Cascade {
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+}
+
+/// Runs one benchmark command.
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Fanout {
+            load,
+            sfu,
+            janus_interface,
+            janus_client_ip,
+        } => {
+            bench_fanout(
+                load.config(),
+                &sfu,
+                &janus_interface,
+                janus_client_ip,
+                load.json,
+            )
+            .await?
+        }
+        BenchCommand::Cascade { load } => bench_cascade(load.config(), load.json).await?,
+    }
+    Ok(())
+}
+
+/// Runs the fan-out benchmark against a node (and/or Janus) started as a child process, so
+/// that /proc figures cover the SFU alone.
+async fn bench_fanout(
+    cfg: meridian::bench::FanoutConfig,
+    sfu: &str,
+    janus_interface: &str,
+    janus_client_ip: std::net::IpAddr,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let (with_meridian, with_janus) = match sfu {
+        "meridian" => (true, false),
+        "janus" => (false, true),
+        "both" => (true, true),
+        other => anyhow::bail!("unknown --sfu {other:?}: use meridian, janus or both"),
+    };
+    let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
+    println!(
+        "fan-out: 1 publisher at {} kbit/s ({}-byte payloads) to {:?} subscribers, {} s windows",
+        cfg.bitrate_kbps, cfg.payload_bytes, cfg.subscribers, cfg.seconds
+    );
+    let mut all: Vec<(&str, Vec<meridian::bench::FanoutResult>)> = Vec::new();
+    if with_meridian {
+        let node = meridian::bench::SpawnedNode::start(&dir, "bench", None)?;
+        node.wait_ready().await?;
+        let results = meridian::bench::run_fanout(&node.target(), &cfg).await;
+        drop(node);
+        let results = results?;
+        println!("meridian (pid measured from /proc):");
+        print!("{}", meridian::bench::table(&results));
+        all.push(("meridian", results));
+    }
+    if with_janus {
+        let janus = meridian::bench::janus::JanusProcess::start(
+            &dir.join("janus"),
+            janus_interface,
+            janus_client_ip,
+        )?;
+        let results = meridian::bench::run_fanout_janus(&janus, &cfg).await;
+        drop(janus);
+        if let Err(e) = &results {
+            let log = std::fs::read_to_string(dir.join("janus/janus.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            eprintln!("janus log (last lines):");
+            for l in tail.iter().rev() {
+                eprintln!("  {l}");
+            }
+            anyhow::bail!("janus run failed: {e}");
+        }
+        let results = results?;
+        println!("janus (VideoRoom, same load):");
+        print!("{}", meridian::bench::table(&results));
+        all.push(("janus", results));
+    }
+    if let [(_, m), (_, j)] = all.as_slice() {
+        println!("janus / meridian CPU per forwarded packet:");
+        for (a, b) in m.iter().zip(j) {
+            if a.cpu_us_per_forwarded_packet > 0.0 {
+                println!(
+                    "{:>4} subscribers: {:.2}x",
+                    a.subscribers,
+                    b.cpu_us_per_forwarded_packet / a.cpu_us_per_forwarded_packet
+                );
+            }
+        }
+    }
+    // Keep the directory (logs) when a run failed; it is removed on success.
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(path) = json {
+        let named: std::collections::BTreeMap<&str, &Vec<meridian::bench::FanoutResult>> =
+            all.iter().map(|(n, r)| (*n, r)).collect();
+        std::fs::write(&path, serde_json::to_string_pretty(&named)?)?;
+        let svg = path.with_extension("svg");
+        let series: Vec<(&str, &[meridian::bench::FanoutResult])> =
+            all.iter().map(|(n, r)| (*n, r.as_slice())).collect();
+        std::fs::write(&svg, meridian::bench::fanout_svg(&series))?;
+        println!("wrote {} and {}", path.display(), svg.display());
+    }
+    Ok(())
+}
+
+/// Runs the cascade benchmark: publisher on one child node, subscribers on another, joined by
+/// a pipe.
+async fn bench_cascade(
+    cfg: meridian::bench::FanoutConfig,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
+    let ids: Vec<NodeId> = vec!["origin-1".parse()?, "edge-1".parse()?];
+    let files = write_cluster(&dir, &ids)?;
+    let origin_pipe = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    let origin = meridian::bench::SpawnedNode::start(
+        &dir,
+        "origin",
+        Some((origin_pipe, vec![], files[0].clone())),
+    )?;
+    let edge_pipe = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    let edge = meridian::bench::SpawnedNode::start(
+        &dir,
+        "edge",
+        Some((edge_pipe, vec![origin_pipe], files[1].clone())),
+    )?;
+    origin.wait_ready().await?;
+    edge.wait_ready().await?;
+    println!(
+        "cascade: publisher on origin (pid {}), {:?} subscribers on edge (pid {}), {} kbit/s, {} s windows",
+        origin.pid(), cfg.subscribers, edge.pid(), cfg.bitrate_kbps, cfg.seconds
+    );
+    let result = meridian::bench::run_cascade(&origin.target(), &edge.target(), &cfg).await;
+    drop(edge);
+    drop(origin);
+    let _ = std::fs::remove_dir_all(&dir);
+    let results = result?;
+    print!("{}", meridian::bench::cascade_table(&results));
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    }
+    Ok(())
+}
