@@ -283,44 +283,12 @@ async fn a_city_database_file_written_by_the_cli_is_what_the_node_routes_by() {
 async fn a_second_participant_is_sent_to_the_node_of_its_region_already_hosting_the_session() {
     // Two India nodes on one site, and the US; every node trusts loopback's forwarding headers.
     let dir = tempfile::tempdir().unwrap();
-    let ids: Vec<meridian::ids::NodeId> = ["india-1", "india-2", "us-1"]
-        .iter()
-        .map(|n| n.parse().unwrap())
-        .collect();
-    let files = meridian::mesh::tls::write_cluster(dir.path(), &ids).unwrap();
-    let mut nodes: Vec<Node> = Vec::new();
-    for (id, f) in ids.iter().zip(files) {
-        let (region, lat, lon) = if id.as_str() == "us-1" {
-            SITES[2]
-        } else {
-            SITES[0]
-        };
-        let mut cfg = test_config("127.0.0.1", "127.0.0.1");
-        cfg.node.region = region.parse().unwrap();
-        cfg.node.id = Some(id.clone());
-        cfg.node.latitude = lat;
-        cfg.node.longitude = lon;
-        trust_loopback(&mut cfg);
-        cfg.mesh = Some(meridian::config::MeshSection {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise: None,
-            discovery: None,
-            peers: nodes
-                .iter()
-                .map(|n| n.mesh.as_ref().unwrap().local_addr)
-                .collect(),
-            ca_file: f.ca_file,
-            cert_file: f.cert_file,
-            key_file: f.key_file,
-        });
-        nodes.push(Node::start(cfg).await.unwrap());
-    }
-    wait_for(
-        "all members known everywhere",
-        Duration::from_secs(10),
-        || nodes.iter().all(|n| n.members().len() == 3),
-    )
-    .await;
+    let sites = [
+        ("india-1".to_string(), SITES[0]),
+        ("india-2".to_string(), SITES[0]),
+        ("us-1".to_string(), SITES[2]),
+    ];
+    let nodes = routed_mesh_of(dir.path(), &sites, trust_loopback).await;
     let mumbai = [("X-Forwarded-For", "192.0.2.1")];
     let edge_of = |v: &Value| v["edge"]["node"].as_str().unwrap().to_owned();
     // Equal loads: a new session goes to india-1 (the tie is broken by id).

@@ -141,17 +141,29 @@ pub const SITES: [(&str, f64, f64); 3] = [
 
 /// India, Europe and US joined by pipes, each configured by `tweak` as well.
 pub async fn routed_mesh(dir: &std::path::Path, tweak: impl Fn(&mut NodeConfig)) -> Vec<Node> {
-    let ids: Vec<meridian::ids::NodeId> = SITES
+    let nodes: Vec<(String, (&str, f64, f64))> = SITES
         .iter()
-        .map(|(r, ..)| format!("{r}-1").parse().unwrap())
+        .map(|site| (format!("{}-1", site.0), *site))
         .collect();
+    routed_mesh_of(dir, &nodes, tweak).await
+}
+
+/// Nodes (id, site) joined by pipes (each dials those before it), with Europe the default
+/// region, each configured by `tweak` as well; waits until every node knows every other.
+pub async fn routed_mesh_of(
+    dir: &std::path::Path,
+    sites: &[(String, (&str, f64, f64))],
+    tweak: impl Fn(&mut NodeConfig),
+) -> Vec<Node> {
+    let ids: Vec<meridian::ids::NodeId> = sites.iter().map(|(id, _)| id.parse().unwrap()).collect();
     let files = meridian::mesh::tls::write_cluster(dir, &ids).unwrap();
     let mut nodes: Vec<Node> = Vec::new();
-    for ((region, lat, lon), f) in SITES.iter().zip(files) {
+    for ((id, (region, lat, lon)), f) in ids.iter().zip(sites.iter().map(|s| s.1)).zip(files) {
         let mut cfg = test_config("127.0.0.1", "127.0.0.1");
         cfg.node.region = region.parse().unwrap();
-        cfg.node.latitude = *lat;
-        cfg.node.longitude = *lon;
+        cfg.node.id = Some(id.clone());
+        cfg.node.latitude = lat;
+        cfg.node.longitude = lon;
         cfg.routing.default_region = Some("europe".parse().unwrap());
         cfg.mesh = Some(meridian::config::MeshSection {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -169,10 +181,11 @@ pub async fn routed_mesh(dir: &std::path::Path, tweak: impl Fn(&mut NodeConfig))
         cfg.validate().unwrap();
         nodes.push(Node::start(cfg).await.unwrap());
     }
+    let n = nodes.len();
     wait_for(
         "all members known everywhere",
         Duration::from_secs(10),
-        || nodes.iter().all(|n| n.members().len() == 3),
+        || nodes.iter().all(|node| node.members().len() == n),
     )
     .await;
     nodes
