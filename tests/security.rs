@@ -531,9 +531,9 @@ async fn silent_or_crowding_ice_tcp_connections_are_closed() {
     let mut silent = tcp_from(ip("127.0.0.30"), media).await;
     let mut stalled = tcp_from(ip("127.0.0.31"), media).await;
     stalled.write_all(&[0xff, 0xff, 0x00, 0x01]).await.unwrap();
-    // One address may hold 16 connections; the 17th is refused at once.
+    // One address may hold MAX_TCP_PER_SOURCE connections; one more is refused at once.
     let mut crowd = Vec::new();
-    for _ in 0..16 {
+    for _ in 0..meridian::sfu::MAX_TCP_PER_SOURCE {
         crowd.push(tcp_from(ip("127.0.0.32"), media).await);
     }
     let mut extra = tcp_from(ip("127.0.0.32"), media).await;

@@ -24,7 +24,7 @@ use crate::media::layers::Layer;
 use crate::media::Codec;
 
 pub use pipes::{PipeCounters, PipeLink};
-pub use tcp::MAX_TCP_CONNECTIONS;
+pub use tcp::{MAX_TCP_CONNECTIONS, MAX_TCP_PER_SOURCE};
 pub use worker::{spawn_worker, WorkerConfig};
 
 pub use crate::ids::PipeId;

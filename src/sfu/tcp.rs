@@ -32,8 +32,9 @@ pub(super) enum TcpEvent {
 
 /// Open TCP media connections a node accepts at once; more are refused at accept.
 pub const MAX_TCP_CONNECTIONS: usize = 4096;
-/// Open TCP media connections from one source address. Each participant needs two.
-pub const MAX_TCP_PER_SOURCE: usize = 16;
+/// Open TCP media connections from one source address (each participant needs two; an
+/// office behind one NAT may hold many).
+pub const MAX_TCP_PER_SOURCE: usize = 64;
 /// A connection must send an authenticated Binding request (which the worker answers) within
 /// this time, or it is closed: silent connections cannot hold places.
 pub const AUTH_DEADLINE: Duration = Duration::from_secs(5);

@@ -481,7 +481,7 @@ fn sdp_attribute(sdp: &str, prefix: &str) -> Option<String> {
 /// Binding requests from addresses not yet bound, checked per source address and second:
 /// more than this from one address are dropped unchecked, so a flood of forged requests
 /// costs bounded HMAC work and cannot crowd out a real client's checks from its own address.
-const UNAUTHENTICATED_PER_SOURCE: u32 = 50;
+const UNAUTHENTICATED_PER_SOURCE: u32 = 200;
 /// Source addresses tracked per second; past this, new ones wait for the next second.
 const UNAUTHENTICATED_SOURCES: usize = 4096;
 
