@@ -377,6 +377,10 @@ pub(crate) enum Command {
     Leave {
         participant: ParticipantId,
     },
+    /// Answered at once: proves the worker loop is turning.
+    Ping {
+        reply: oneshot::Sender<()>,
+    },
     /// The mesh opened a pipe to another node.
     PipeUp {
         pipe: PipeId,
@@ -731,6 +735,15 @@ impl WorkerHandle {
         }
     }
 
+    /// Whether the worker answers a command within `within` (for `/healthz`).
+    pub async fn responds(&self, within: std::time::Duration) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Ping { reply }).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(within, rx).await, Ok(Ok(())))
+    }
+
     /// Removes the participant with everything it published and consumed.
     pub fn leave(&self, participant: ParticipantId) {
         let _ = self.tx.send(Command::Leave { participant });
@@ -796,5 +809,20 @@ mod tests {
             WorkerStats::get(&s.pipe_frames_bad),
             WorkerStats::get(&s.pipe_media_dropped)
         );
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_turns_answers_the_health_check_and_a_stuck_one_does_not() {
+        assert!(worker().responds(std::time::Duration::from_secs(5)).await);
+        // A worker whose loop never reads its commands.
+        let (tx, _stuck) = mpsc::unbounded_channel();
+        let (pipe_media, _also_stuck) = mpsc::channel(1);
+        let stuck = WorkerHandle {
+            tx,
+            pipe_media,
+            stats: Default::default(),
+            media_addr: "127.0.0.1:9".parse().unwrap(),
+        };
+        assert!(!stuck.responds(std::time::Duration::from_millis(100)).await);
     }
 }

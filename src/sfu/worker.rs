@@ -1409,6 +1409,9 @@ impl Worker {
                 let _ = reply.send(self.add_candidate(&participant, transport, candidate, sdp_mid));
             }
             Command::Leave { participant } => self.leave(&participant),
+            Command::Ping { reply } => {
+                let _ = reply.send(());
+            }
             Command::PipeUp { pipe, link } => self.pipe_up(pipe, link),
             Command::PipeDown { pipe } => self.pipe_down(pipe),
             Command::RemoteProducer { pipe, announcement } => {

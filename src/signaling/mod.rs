@@ -120,7 +120,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/ws", get(ws_upgrade))
         .route("/v1/edge", get(edge::edge))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/sdk/meridian.js", get(|| async { sdk() }))
         .route("/demo/demo.js", get(|| async { asset(JS, DEMO_JS) }))
         .route(
@@ -135,11 +135,25 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `ok` while the media worker answers a no-op command within a second; `503` otherwise, so a
+/// load balancer or orchestrator stops sending clients to a node whose media thread is stuck.
+async fn healthz(State(s): State<AppState>) -> Response {
+    if s.worker.responds(Duration::from_secs(1)).await {
+        "ok".into_response()
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "media worker not responding",
+        )
+            .into_response()
+    }
+}
+
 /// The operator-facing routes, served on `metrics.listen` only.
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .with_state(state)
 }
 
