@@ -483,6 +483,8 @@ pub struct WorkerStats {
     pub rtp_retransmitted: AtomicU64,
     pub nack_unserved: AtomicU64,
     pub send_errors: AtomicU64,
+    /// Media socket receive failures.
+    pub recv_errors: AtomicU64,
     /// System calls that sent the datagrams (several datagrams per call when batched).
     pub send_syscalls: AtomicU64,
     pub tcp_frames_in: AtomicU64,

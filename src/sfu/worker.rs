@@ -619,7 +619,14 @@ impl Worker {
                             }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => tracing::warn!(error = %e, "media socket receive failed"),
+                        Err(e) => {
+                            // Counted; logged at the first failure and then ever more rarely,
+                            // so a failing socket cannot flood the log.
+                            let n = self.stats.recv_errors.fetch_add(1, Relaxed) + 1;
+                            if n.is_power_of_two() {
+                                tracing::warn!(error = %e, failures = n, "media socket receive failed");
+                            }
+                        }
                     }
                 }
                 Some(ev) = tcp_rx.recv() => self.on_tcp(Instant::now(), ev),
@@ -708,9 +715,9 @@ impl Worker {
                 message,
             })
         });
-        if let Err(e) = res {
-            // A malformed datagram from a known peer: counted, never fatal.
-            tracing::debug!(error = %e, "peer connection rejected a datagram");
+        if res.is_err() {
+            // A malformed datagram from a known peer: counted (not logged: this is the
+            // per-packet path), never fatal.
             self.stats.datagrams_unroutable.fetch_add(1, Relaxed);
         }
         self.process_conn(now, ck);

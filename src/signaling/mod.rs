@@ -204,6 +204,11 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             g(&w.send_errors),
         ),
         (
+            "meridian_recv_errors_total",
+            "Media socket receive failures",
+            g(&w.recv_errors),
+        ),
+        (
             "meridian_send_syscalls_total",
             "System calls that sent media datagrams (several per call when batched)",
             g(&w.send_syscalls),
