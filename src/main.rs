@@ -156,11 +156,12 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve { config } => {
                 let cfg = NodeConfig::load(&config)?;
+                let stop = StopSignals::install()?;
                 let node = Node::start(cfg).await?;
                 println!("meridian {} listening on {}", node.region, node.http_url());
                 tokio::select! {
                     _ = node.wait() => {}
-                    r = stop_signal() => r?,
+                    _ = stop.wait() => {}
                 }
             }
             Command::Dev => dev().await?,
@@ -256,6 +257,7 @@ async fn dev() -> anyhow::Result<()> {
         .map(|t| NodeConfig::from_toml_str(t))
         .collect::<Result<_, _>>()?;
     let ids: Vec<NodeId> = configs.iter().map(|c| c.node_id()).collect();
+    let stop = StopSignals::install()?;
     let dir = std::env::temp_dir().join(format!("meridian-dev-{}", std::process::id()));
     // The throwaway cluster CA and node keys of this run go with it, however it ends.
     let _cleanup = RemoveOnDrop(dir.clone());
@@ -320,7 +322,7 @@ async fn dev() -> anyhow::Result<()> {
     println!("Add &route=1 to a link and the page asks that node's /v1/edge where to join first;");
     println!("localhost has no GeoIP place, so it lands on the default region (Europe).");
     println!("Press Ctrl-C to stop.");
-    stop_signal().await?;
+    stop.wait().await;
     drop(nodes);
     Ok(())
 }
@@ -334,14 +336,31 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Waits for Ctrl-C, SIGTERM (systemd, `kill`, container stop) or SIGHUP (terminal closed).
-async fn stop_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r,
-        _ = term.recv() => Ok(()),
-        _ = hup.recv() => Ok(()),
+/// Ctrl-C, SIGTERM (systemd, `kill`, container stop) and SIGHUP (terminal closed), caught from
+/// the moment this is made: made before the command says it is up, so a signal sent as soon
+/// as it says so is not met by the default action (death without clean-up).
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for the first of them.
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.hup.recv() => {}
+        }
     }
 }
