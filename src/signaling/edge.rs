@@ -207,6 +207,28 @@ fn error(status: StatusCode, code: &'static str, message: String) -> Response {
         .into_response()
 }
 
+/// An optional identifier from the query string (absent or empty: none); a malformed one is
+/// answered `400 <code>` naming the parameter.
+fn optional_id<T: std::str::FromStr>(
+    value: Option<&str>,
+    name: &str,
+    code: &'static str,
+) -> Result<Option<T>, Box<Response>>
+where
+    T::Err: std::fmt::Display,
+{
+    match value {
+        None | Some("") => Ok(None),
+        Some(text) => text.parse().map(Some).map_err(|e| {
+            Box::new(error(
+                StatusCode::BAD_REQUEST,
+                code,
+                format!("`{name}` query parameter: {e}"),
+            ))
+        }),
+    }
+}
+
 pub(super) async fn edge(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -214,31 +236,13 @@ pub(super) async fn edge(
     headers: HeaderMap,
 ) -> Response {
     let r = &s.edge;
-    let hint = match q.region.as_deref() {
-        None | Some("") => None,
-        Some(text) => match text.parse::<RegionId>() {
-            Ok(region) => Some(region),
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "badRegion",
-                    format!("`region` query parameter: {e}"),
-                )
-            }
-        },
+    let hint = match optional_id::<RegionId>(q.region.as_deref(), "region", "badRegion") {
+        Ok(h) => h,
+        Err(refused) => return *refused,
     };
-    let session = match q.session.as_deref() {
-        None | Some("") => None,
-        Some(text) => match text.parse::<SessionId>() {
-            Ok(s) => Some(s),
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "badSession",
-                    format!("`session` query parameter: {e}"),
-                )
-            }
-        },
+    let session = match optional_id::<SessionId>(q.session.as_deref(), "session", "badSession") {
+        Ok(s) => s,
+        Err(refused) => return *refused,
     };
     let hosting = match (&session, &r.hosts) {
         (Some(s), Some(h)) => h.of(s),
