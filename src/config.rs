@@ -196,8 +196,17 @@ pub struct RtcSection {
     pub listen_ip: IpAddr,
     /// Address put into ICE candidates: what clients must send to (public or NAT 1:1 address).
     pub announced_ip: IpAddr,
-    /// UDP port shared by all peer connections of this node; 0 picks a free one.
+    /// UDP port of the first media worker; worker `i` uses `port + i` (all peer connections
+    /// of the sessions a worker hosts share its port). 0 picks free ports.
     pub port: u16,
+    /// Media workers (threads, each with its own port), as mediasoup runs one per core.
+    /// Default: the cores available to the process.
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Explicit media ports, one per worker, instead of `port + i`; their number sets the
+    /// number of workers unless `workers` is also given (then they must agree).
+    #[serde(default)]
+    pub ports: Option<Vec<u16>>,
     /// Offer a UDP candidate (the preferred transport). Turning it off leaves only ICE-TCP,
     /// as mediasoup's `enableUdp: false` does.
     #[serde(default = "default_true")]
@@ -420,6 +429,9 @@ pub enum ConfigError {
     },
 }
 
+/// Most media workers a node runs: a worker's number is one byte of its pipe stream numbers.
+pub const MAX_WORKERS: usize = 128;
+
 fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -450,6 +462,28 @@ impl NodeConfig {
         let cfg: NodeConfig = built.try_deserialize()?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Each media worker's port, by worker number (0 where the system picks a free one).
+    pub fn media_ports(&self) -> Vec<u16> {
+        if let Some(ports) = &self.rtc.ports {
+            return ports.clone();
+        }
+        let n = self.rtc.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(MAX_WORKERS)
+        });
+        (0..n)
+            .map(|i| {
+                if self.rtc.port == 0 {
+                    0
+                } else {
+                    self.rtc.port.saturating_add(i as u16)
+                }
+            })
+            .collect()
     }
 
     /// The node's id, defaulting to `<region>-1`.
@@ -528,6 +562,42 @@ impl NodeConfig {
             return Err(invalid(
                 "rtc.udp",
                 "at least one of `rtc.udp` and `rtc.tcp` must be on",
+            ));
+        }
+        if let Some(n) = self.rtc.workers {
+            if !(1..=MAX_WORKERS).contains(&n) {
+                return Err(invalid(
+                    "rtc.workers",
+                    format!("must be between 1 and {MAX_WORKERS}"),
+                ));
+            }
+        }
+        if let Some(ports) = &self.rtc.ports {
+            if ports.is_empty() || ports.len() > MAX_WORKERS {
+                return Err(invalid(
+                    "rtc.ports",
+                    format!("must list between 1 and {MAX_WORKERS} ports"),
+                ));
+            }
+            if self.rtc.workers.is_some_and(|n| n != ports.len()) {
+                return Err(invalid(
+                    "rtc.ports",
+                    "must list one port per worker (`rtc.workers`), or leave `workers` out",
+                ));
+            }
+            let distinct: std::collections::HashSet<_> = ports.iter().collect();
+            if distinct.len() != ports.len() || ports.contains(&0) {
+                return Err(invalid(
+                    "rtc.ports",
+                    "ports must be distinct and not 0 (leave `ports` out and set `port = 0` for free ports)",
+                ));
+            }
+        } else if self.rtc.port != 0
+            && usize::from(self.rtc.port) + self.media_ports().len() - 1 > usize::from(u16::MAX)
+        {
+            return Err(invalid(
+                "rtc.port",
+                "the workers' ports (port + worker number) run past 65535",
             ));
         }
         if !(576..=9000).contains(&self.rtc.max_datagram_bytes) {
@@ -723,6 +793,30 @@ mod tests {
             }
         }
         assert!(n >= 3, "india, europe and us at least");
+    }
+
+    #[test]
+    fn media_ports_follow_the_first_port_or_an_explicit_list() {
+        let two = NodeConfig::from_toml_str(&INDIA.replace("[rtc]", "[rtc]\nworkers = 2")).unwrap();
+        let base = two.rtc.port;
+        assert_eq!(two.media_ports(), vec![base, base + 1]);
+        let listed =
+            NodeConfig::from_toml_str(&INDIA.replace("[rtc]", "[rtc]\nports = [41000, 41007]"))
+                .unwrap();
+        assert_eq!(listed.media_ports(), vec![41000, 41007]);
+        for (extra, key) in [
+            ("workers = 0", "rtc.workers"),
+            ("workers = 129", "rtc.workers"),
+            ("ports = []", "rtc.ports"),
+            ("ports = [41000, 41000]", "rtc.ports"),
+            ("workers = 3\nports = [41000, 41001]", "rtc.ports"),
+        ] {
+            let err =
+                NodeConfig::from_toml_str(&INDIA.replace("[rtc]", &format!("[rtc]\n{extra}")))
+                    .unwrap_err()
+                    .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]

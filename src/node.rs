@@ -15,7 +15,7 @@ use crate::mesh::geo::{GeoDb, GeoError};
 use crate::mesh::load::{Capacity, LoadMeter};
 use crate::mesh::membership::{MemberView, NodeInfo, HEARTBEAT_EVERY};
 use crate::mesh::{self, tls::NodeTls, MeshConfig, MeshHandle};
-use crate::sfu::{spawn_worker, WorkerConfig, WorkerHandle};
+use crate::sfu::{spawn_worker, WorkerConfig, Workers};
 use crate::signaling::server;
 use crate::signaling::{self, AppState, SignalingMetrics};
 
@@ -114,7 +114,8 @@ pub struct Node {
     pub signaling_addr: SocketAddr,
     /// Where `/metrics` is served (the real port when the config said 0).
     pub metrics_addr: SocketAddr,
-    pub worker: WorkerHandle,
+    /// The media workers, one per core unless `rtc.workers` says otherwise.
+    pub workers: Workers,
     /// Pipes to other nodes, when `[mesh]` is configured.
     pub mesh: Option<MeshHandle>,
     pub metrics: std::sync::Arc<SignalingMetrics>,
@@ -134,7 +135,6 @@ impl Node {
                 + FD_RESERVE,
         )?;
         let verifier = cfg.auth.verifier()?;
-        let listen = SocketAddr::new(cfg.rtc.listen_ip, cfg.rtc.port);
         let mesh_tls = match &cfg.mesh {
             Some(m) => {
                 let tls = NodeTls::load(&m.ca_file, &m.cert_file, &m.key_file)?;
@@ -155,19 +155,28 @@ impl Node {
             None => None,
         };
         let (mesh_tx, mesh_rx) = tokio::sync::mpsc::unbounded_channel();
-        let worker = spawn_worker(WorkerConfig {
-            listen,
-            announced_ip: cfg.rtc.announced_ip,
-            limits: cfg.limits.worker(),
-            max_datagram_bytes: cfg.rtc.max_datagram_bytes,
-            udp: cfg.rtc.udp,
-            tcp: cfg.rtc.tcp,
-            mesh: cfg.mesh.is_some().then_some(mesh_tx),
-        })
-        .map_err(|source| StartError::Media {
-            addr: listen,
-            source,
-        })?;
+        let mut handles = Vec::new();
+        for (index, port) in cfg.media_ports().into_iter().enumerate() {
+            let listen = SocketAddr::new(cfg.rtc.listen_ip, port);
+            let handle = spawn_worker(WorkerConfig {
+                listen,
+                announced_ip: cfg.rtc.announced_ip,
+                limits: cfg.limits.worker(),
+                max_datagram_bytes: cfg.rtc.max_datagram_bytes,
+                udp: cfg.rtc.udp,
+                tcp: cfg.rtc.tcp,
+                // Config validation keeps the number of workers within a byte.
+                index: index as u8,
+                mesh: cfg.mesh.is_some().then(|| mesh_tx.clone()),
+            })
+            .map_err(|source| StartError::Media {
+                addr: listen,
+                source,
+            })?;
+            handles.push(handle);
+        }
+        drop(mesh_tx);
+        let workers = Workers::new(handles, cfg.limits.max_sessions);
         let (listener, signaling_addr) =
             bind_tcp(cfg.signaling.listen)
                 .await
@@ -208,7 +217,7 @@ impl Node {
                     capacity,
                     draining: draining.clone(),
                 },
-                worker.clone(),
+                workers.clone(),
                 mesh_rx,
             )?),
             _ => None,
@@ -221,7 +230,7 @@ impl Node {
                     Default::default(),
                     false,
                 )]));
-                let mut meter = LoadMeter::new(worker.shared_stats(), capacity);
+                let mut meter = LoadMeter::new(workers.shared_stats(), capacity);
                 let draining = draining.clone();
                 // Alone, the node is its whole membership: the same cadence as the mesh core
                 // (drain state each tick, load once per heartbeat interval), without peers.
@@ -266,7 +275,7 @@ impl Node {
                 as std::sync::Arc<dyn Fn() -> Vec<mesh::PipeReport> + Send + Sync>
         });
         let state = AppState {
-            worker: worker.clone(),
+            workers: workers.clone(),
             verifier,
             metrics: metrics.clone(),
             max_message_bytes: cfg.signaling.max_message_bytes,
@@ -305,13 +314,13 @@ impl Node {
             admission,
             header_timeout,
         ));
-        tracing::info!(region = %cfg.node.region, signaling = %signaling_addr, metrics = %metrics_addr, media = %worker.media_addr(), "node started");
+        tracing::info!(region = %cfg.node.region, signaling = %signaling_addr, metrics = %metrics_addr, media = ?workers.media_addrs(), "node started");
         Ok(Node {
             region: cfg.node.region.clone(),
             id: cfg.node_id(),
             signaling_addr,
             metrics_addr,
-            worker,
+            workers,
             mesh,
             metrics,
             draining,

@@ -16,8 +16,8 @@ async fn candidates_carry_the_announced_ip_and_clients_connect_through_it() {
     let node = Node::start(test_config("127.0.0.2", "0.0.0.0"))
         .await
         .unwrap();
-    let port = node.worker.media_addr().port();
     let (mut user, _) = Signal::join(&node, "kyc-nat", "alice", Role::User).await;
+    let port = media_addr_of(&node, "kyc-nat").port();
     let mut publisher = RtcPeer::publisher().await.unwrap();
     let reply = user
         .request(json!({"type":"publish","sdp":publisher.offer().unwrap()}))
@@ -42,7 +42,7 @@ async fn candidates_carry_the_announced_ip_and_clients_connect_through_it() {
     )
     .await;
     wait_for("media reaching the node", Duration::from_secs(10), || {
-        node.worker.stats().rtp_in.load(Ordering::Relaxed) > 10
+        node.workers.stats().rtp_in.load(Ordering::Relaxed) > 10
     })
     .await;
     state.stop.store(true, Ordering::Relaxed);

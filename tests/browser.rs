@@ -92,7 +92,7 @@ async fn user_and_agent_pages_decode_each_others_video() {
     let (user, agent) = open_pair(&node, "kyc-browser", "", "");
 
     both_decoding("both pages decoding each other's video", &user, &agent).await;
-    let stats = node.worker.stats();
+    let stats = node.workers.stats();
     assert!(
         stats
             .rtp_forwarded
@@ -285,7 +285,7 @@ async fn ice_tcp_carries_the_call_when_the_node_offers_no_udp() {
     let node = meridian::node::Node::start(cfg).await.unwrap();
     let (user, agent) = open_pair(&node, "kyc-tcp", "", "");
     both_decoding("both pages decoding over TCP", &user, &agent).await;
-    let stats = node.worker.stats();
+    let stats = node.workers.stats();
     assert!(
         stats
             .tcp_frames_in
@@ -373,7 +373,7 @@ async fn sdk_follows_the_edge_answer_to_the_nearest_node_from_any_node() {
     // Joined where routed, and the call works across the pipe.
     both_decoding("user (India) and agent (Europe) decoding", &user, &agent).await;
     let participants = |n: &meridian::node::Node| {
-        n.worker
+        n.workers
             .stats()
             .participants
             .load(std::sync::atomic::Ordering::Relaxed)

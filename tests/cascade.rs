@@ -102,7 +102,7 @@ async fn remote_subscribers_get_media_with_one_copy_per_remote_node() {
         (0.95..=1.05).contains(&ten),
         "10 subscribers: {ten:.3} pipe datagrams per packet"
     );
-    assert_eq!(us.worker.stats().consumers.load(Ordering::Relaxed), 10);
+    assert_eq!(us.workers.stats().consumers.load(Ordering::Relaxed), 10);
     // Per-pipe figures are exported.
     let metrics = metrics(india).await;
     for name in [
@@ -167,13 +167,13 @@ async fn closing_producers_participants_and_nodes_leaves_no_remote_state() {
         received(&sub_state) >= 30
     })
     .await;
-    assert_eq!(us.worker.stats().producers.load(Ordering::Relaxed), 1);
+    assert_eq!(us.workers.stats().producers.load(Ordering::Relaxed), 1);
 
     // The last remote consumer leaving stops the relay: nothing crosses any more.
     sub_state.stop.store(true, Ordering::Relaxed);
     drop(agent);
     wait_for("the remote consumer gone", Duration::from_secs(5), || {
-        us.worker.stats().consumers.load(Ordering::Relaxed) == 0
+        us.workers.stats().consumers.load(Ordering::Relaxed) == 0
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -200,8 +200,8 @@ async fn closing_producers_participants_and_nodes_leaves_no_remote_state() {
         producer.as_str()
     );
     wait_for("remote producer gone", Duration::from_secs(5), || {
-        us.worker.stats().producers.load(Ordering::Relaxed) == 0
-            && us.worker.stats().consumers.load(Ordering::Relaxed) == 0
+        us.workers.stats().producers.load(Ordering::Relaxed) == 0
+            && us.workers.stats().consumers.load(Ordering::Relaxed) == 0
     })
     .await;
     let sent = pipe_to(india, us).datagrams_out;

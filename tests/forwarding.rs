@@ -128,8 +128,52 @@ async fn subscriber_receives_publisher_packets_continuously_starting_with_a_keyf
         got.iter().all(|r| r.orientation == Some(TEST_ORIENTATION)),
         "video orientation reaches the subscriber under the subscriber's own extension id"
     );
-    let stats = node.worker.stats();
+    let stats = node.workers.stats();
     assert!(stats.rtp_forwarded.load(Ordering::Relaxed) >= 150);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sessions_are_placed_on_two_workers_and_each_forwards_through_its_own_port() {
+    let node = start_node().await;
+    assert_eq!(node.workers.len(), 2);
+    let a = Flow::start(&node, "kyc-worker-a").await;
+    let b = Flow::start(&node, "kyc-worker-b").await;
+    let wa = node.workers.worker_of(&"kyc-worker-a".parse().unwrap());
+    let wb = node.workers.worker_of(&"kyc-worker-b".parse().unwrap());
+    assert!(wa.is_some() && wb.is_some() && wa != wb, "{wa:?} {wb:?}");
+    wait_for("both sessions forward", Duration::from_secs(15), || {
+        a.received() >= 50 && b.received() >= 50
+    })
+    .await;
+    // Each flow's media came from its own worker's port, as its candidates said.
+    let port_a = media_addr_of(&node, "kyc-worker-a").port();
+    let port_b = media_addr_of(&node, "kyc-worker-b").port();
+    assert_ne!(port_a, port_b);
+    for (flow, port) in [(&a, port_a), (&b, port_b)] {
+        for state in [&flow.publisher, &flow.subscriber] {
+            let from = state.remote_addrs.lock().unwrap().clone();
+            assert!(!from.is_empty());
+            assert!(from.iter().all(|f| f.port() == port), "{from:?} vs {port}");
+        }
+    }
+    // Both workers carry media, and the per-worker figures say so.
+    for w in node.workers.iter() {
+        assert!(w.stats().rtp_forwarded.load(Ordering::Relaxed) >= 50);
+    }
+    let m = metrics(&node).await;
+    for worker in ["0", "1"] {
+        let line = m
+            .lines()
+            .find(|l| {
+                l.starts_with("meridian_rtp_forwarded_total{")
+                    && l.contains(&format!("worker=\"{worker}\""))
+            })
+            .unwrap_or_else(|| panic!("no series for worker {worker}:\n{m}"));
+        let v: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(v >= 50, "{line}");
+    }
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,13 +188,13 @@ async fn garbage_datagrams_on_the_media_port_are_counted_and_do_not_disturb_forw
     // Garbage from an unknown address: random bytes, RTP-looking and DTLS-looking junk, a STUN
     // Binding request with a username no connection has, and an oversized datagram.
     let junk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let media = node.worker.media_addr();
+    let media = node.workers.get(0).media_addr();
     let mut stun = vec![0x00, 0x01, 0x00, 0x0c, 0x21, 0x12, 0xa4, 0x42];
     stun.extend_from_slice(&[9; 12]);
     stun.extend_from_slice(&[0x00, 0x06, 0x00, 0x08]);
     stun.extend_from_slice(b"nobody:x");
     let before = node
-        .worker
+        .workers
         .stats()
         .datagrams_unroutable
         .load(Ordering::Relaxed);
@@ -178,7 +222,7 @@ async fn garbage_datagrams_on_the_media_port_are_counted_and_do_not_disturb_forw
         || flow.received() >= received_before + 50,
     )
     .await;
-    let stats = node.worker.stats();
+    let stats = node.workers.stats();
     let dropped = stats.datagrams_unroutable.load(Ordering::Relaxed) - before
         + stats.datagrams_oversized.load(Ordering::Relaxed);
     assert!(
@@ -303,7 +347,7 @@ async fn consumer_loss_is_repaired_from_the_producer_cache() {
 
     assert!(dropped >= 25, "the impairment dropped packets: {dropped}");
     let resent = node
-        .worker
+        .workers
         .stats()
         .rtp_retransmitted
         .load(Ordering::Relaxed);

@@ -200,7 +200,7 @@ async fn silent_peer_is_declared_down_and_its_producers_leave_remote_sessions() 
     if !announced {
         agent.event("producerAdded").await;
     }
-    assert_eq!(us.worker.stats().producers.load(Ordering::Relaxed), 1);
+    assert_eq!(us.workers.stats().producers.load(Ordering::Relaxed), 1);
     assert_eq!(us.members().len(), 2);
 
     // The link goes dark: no close frame, no packets. Heartbeats stop arriving.
@@ -209,7 +209,7 @@ async fn silent_peer_is_declared_down_and_its_producers_leave_remote_sessions() 
     let closed = agent.event("producerClosed").await;
     assert_eq!(closed["producerId"], producer.as_str());
     wait_for("India declared down on US", Duration::from_secs(6), || {
-        us.members().len() == 1 && us.worker.stats().producers.load(Ordering::Relaxed) == 0
+        us.members().len() == 1 && us.workers.stats().producers.load(Ordering::Relaxed) == 0
     })
     .await;
     let took = t0.elapsed();

@@ -26,7 +26,7 @@ fn impostor(
     files: &NodeFiles,
     claims: &str,
     peers: Vec<SocketAddr>,
-) -> (meridian::sfu::WorkerHandle, meridian::mesh::MeshHandle) {
+) -> (meridian::sfu::Workers, meridian::mesh::MeshHandle) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let worker = meridian::sfu::spawn_worker(meridian::sfu::WorkerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -35,9 +35,11 @@ fn impostor(
         max_datagram_bytes: 1500,
         udp: true,
         tcp: false,
+        index: 0,
         mesh: Some(tx),
     })
     .unwrap();
+    let worker = meridian::sfu::Workers::new(vec![worker], 10);
     let mesh = meridian::mesh::start(
         meridian::mesh::MeshConfig {
             info: meridian::mesh::membership::NodeInfo {
@@ -247,9 +249,8 @@ async fn a_client_that_stops_reading_is_dismissed_instead_of_buffered() {
     .unwrap();
     let joined = ws.next().await.unwrap().unwrap();
     assert!(joined.to_text().unwrap().contains("\"joined\""));
-    let stats = node.worker.stats();
     wait_for("both joined", Duration::from_secs(5), || {
-        stats.participants.load(Relaxed) == 2
+        node.workers.stats().participants.load(Relaxed) == 2
     })
     .await;
     // The agent toggles its producer: each toggle is an event for the user.
@@ -263,18 +264,18 @@ async fn a_client_that_stops_reading_is_dismissed_instead_of_buffered() {
             .request(json!({"type": ty, "producerId": producer}))
             .await;
         assert_eq!(r["type"], "ok", "{r}");
-        if stats.events_overflowed.load(Relaxed) > 0 {
+        if node.workers.stats().events_overflowed.load(Relaxed) > 0 {
             break;
         }
     }
     assert_eq!(
-        stats.events_overflowed.load(Relaxed),
+        node.workers.stats().events_overflowed.load(Relaxed),
         1,
         "the user's queue filled once"
     );
     // Its seat is given back; the agent hears that the user left and keeps publishing.
     wait_for("the slow user is gone", Duration::from_secs(20), || {
-        stats.participants.load(Relaxed) == 1
+        node.workers.stats().participants.load(Relaxed) == 1
     })
     .await;
     let left = agent.event("participantLeft").await;
@@ -340,7 +341,7 @@ async fn a_token_past_its_expiry_is_refused_even_within_the_clock_leeway() {
     let (err, code) = join_refusal(&node, &raw_token(unix_now() - 1)).await;
     assert_eq!(err["code"], "token_expired", "{err}");
     assert_eq!(code, Some(4401));
-    assert_eq!(node.worker.stats().participants.load(Relaxed), 0);
+    assert_eq!(node.workers.stats().participants.load(Relaxed), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,7 +366,7 @@ async fn a_request_sent_after_the_expiry_is_not_served() {
         "{seen:?}"
     );
     wait_for("no participant left behind", Duration::from_secs(2), || {
-        node.worker.stats().participants.load(Relaxed) == 0
+        node.workers.stats().participants.load(Relaxed) == 0
     })
     .await;
 }
@@ -379,7 +380,7 @@ async fn a_token_with_an_absurd_expiry_is_refused_and_leaves_no_seat() {
         assert_eq!(code, Some(4401));
     }
     let (_s, _) = Signal::join(&node, "kyc-exp", "someone", Role::Agent).await;
-    assert_eq!(node.worker.stats().participants.load(Relaxed), 1);
+    assert_eq!(node.workers.stats().participants.load(Relaxed), 1);
 }
 
 /// Sends a ping and returns the events that arrived before its pong.
@@ -487,7 +488,7 @@ async fn forged_binding_requests_cannot_lock_a_client_out() {
         .unwrap();
     // The server's ufrag travels in clear; an attacker who saw it floods forged checks from
     // many addresses before the client's own checks arrive.
-    let media = node.worker.media_addr();
+    let media = media_addr_of(&node, "kyc-stun");
     let mut forgers = Vec::new();
     for i in 0..16u8 {
         let s = tokio::net::UdpSocket::bind((ip(&format!("127.0.0.{}", 20 + i)), 0))
@@ -498,16 +499,15 @@ async fn forged_binding_requests_cannot_lock_a_client_out() {
             .unwrap();
         forgers.push(s);
     }
-    let stats = node.worker.stats();
     wait_for("forgeries counted", Duration::from_secs(5), || {
-        stats.stun_unauthenticated.load(Relaxed) >= 16
+        node.workers.stats().stun_unauthenticated.load(Relaxed) >= 16
     })
     .await;
     publisher.answer(answer).unwrap();
     let state = Arc::new(PeerState::default());
     let _task = publisher.spawn(state.clone());
     wait_for("the real client connects", Duration::from_secs(10), || {
-        state.connected.load(Relaxed) && stats.rtp_in.load(Relaxed) > 10
+        state.connected.load(Relaxed) && node.workers.stats().rtp_in.load(Relaxed) > 10
     })
     .await;
     // No forged address was ever answered.
@@ -525,7 +525,8 @@ async fn forged_binding_requests_cannot_lock_a_client_out() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_or_crowding_ice_tcp_connections_are_closed() {
     let node = start_node().await;
-    let media = node.worker.media_addr();
+    // Each worker's ICE-TCP listener has its own caps; these go to the first one.
+    let media = node.workers.get(0).media_addr();
     // Silent, and one that announced a full-size frame and stalled: both cut at the
     // authentication deadline (5 s).
     let mut silent = tcp_from(ip("127.0.0.30"), media).await;
@@ -538,7 +539,7 @@ async fn silent_or_crowding_ice_tcp_connections_are_closed() {
     }
     let mut extra = tcp_from(ip("127.0.0.32"), media).await;
     assert!(closed_within(&mut extra, Duration::from_secs(1)).await);
-    assert_eq!(node.worker.stats().tcp_refused.load(Relaxed), 1);
+    assert_eq!(node.workers.stats().tcp_refused.load(Relaxed), 1);
     assert!(closed_within(&mut silent, Duration::from_secs(8)).await);
     assert!(closed_within(&mut stalled, Duration::from_secs(8)).await);
     for c in &mut crowd {

@@ -239,7 +239,7 @@ async fn token_expiring_during_the_session_ends_access() {
         "user"
     );
     assert_eq!(
-        node.worker
+        node.workers
             .stats()
             .producers
             .load(std::sync::atomic::Ordering::Relaxed),

@@ -233,14 +233,18 @@ async fn metrics_text(addr: std::net::SocketAddr) -> Result<String, BenchError> 
     Ok(body)
 }
 
-/// Scrapes one counter from the node's `/metrics`.
+/// Scrapes one counter from the node's `/metrics`: the sum of its series (one per worker).
 pub async fn metric(addr: std::net::SocketAddr, name: &str) -> Result<u64, BenchError> {
     let body = metrics_text(addr).await?;
-    body.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| BenchError::Metrics(format!("{name} not found")))
+    let values: Vec<u64> = body
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    if values.is_empty() {
+        return Err(BenchError::Metrics(format!("{name} not found")));
+    }
+    Ok(values.iter().sum())
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {

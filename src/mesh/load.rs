@@ -1,5 +1,5 @@
 //! This node's load, sampled for heartbeats and routing: CPU from /proc, sessions, producers,
-//! consumers and outgoing bitrate from the worker's counters.
+//! consumers and outgoing bitrate from the counters of all the node's workers.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,7 +18,8 @@ pub struct Capacity {
 
 /// Turns counters into a [`Load`] by differencing successive samples.
 pub struct LoadMeter {
-    stats: Arc<WorkerStats>,
+    /// Every worker's counters.
+    stats: Vec<Arc<WorkerStats>>,
     capacity: Capacity,
     cores: f64,
     last: Option<(Instant, u64, u64)>,
@@ -26,7 +27,7 @@ pub struct LoadMeter {
 }
 
 impl LoadMeter {
-    pub fn new(stats: Arc<WorkerStats>, capacity: Capacity) -> Self {
+    pub fn new(stats: Vec<Arc<WorkerStats>>, capacity: Capacity) -> Self {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get() as f64)
             .unwrap_or(1.0);
@@ -41,7 +42,10 @@ impl LoadMeter {
 
     /// Samples now; CPU and bitrate are averages since the previous call.
     pub fn sample(&mut self, now: Instant) -> Load {
-        let s = &self.stats;
+        let s = WorkerStats::default();
+        for w in &self.stats {
+            s.absorb(w);
+        }
         let cpu_ns = crate::procfs::process_cpu_ns(std::process::id()).unwrap_or(0);
         let bytes = WorkerStats::get(&s.bytes_out);
         let (cpu, bitrate_out) = match self.last {

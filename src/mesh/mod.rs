@@ -3,9 +3,11 @@
 //!
 //! One task (the core) owns the mesh state: which sessions this node hosts, its producers,
 //! and for each pipe which sessions the far end hosts. It turns the worker's [`MeshEvent`]s
-//! into control messages and the peers' control messages into worker commands. Media frames
-//! bypass the core: the worker sends datagrams itself, and each pipe's datagram reader hands
-//! received frames straight to the worker.
+//! into control messages and the peers' control messages into worker commands, sent to the
+//! worker that hosts the session or producer concerned (a node has one worker per core).
+//! Media frames bypass the core: workers send datagrams themselves, and each pipe's datagram
+//! reader hands a received frame straight to the worker of its stream, by a table the core
+//! keeps current (see [`StreamRoutes`]).
 
 pub mod discovery;
 pub mod geo;
@@ -30,9 +32,9 @@ use load::{Capacity, LoadMeter};
 use membership::{Load, MemberView, Membership, NodeInfo, HEARTBEAT_EVERY};
 
 use crate::ids::{NodeId, PipeId, ProducerId, SessionId};
-use crate::sfu::{Command, MeshEvent, PipeCounters, PipeLink, WorkerHandle};
+use crate::sfu::{Command, MeshEvent, PipeCounters, PipeLink, WorkerEvent, Workers};
 use tls::{CertIdentity, NodeTls, TlsError, CLUSTER_SERVER_NAME};
-use wire::{Control, ProducerAnnouncement, MAX_CONTROL, WIRE_VERSION};
+use wire::{Control, ProducerAnnouncement, StreamRef, MAX_CONTROL, WIRE_VERSION};
 
 /// What the mesh of one node needs.
 #[derive(Clone)]
@@ -220,6 +222,7 @@ enum Internal {
         dialer: bool,
         conn: quinn::Connection,
         out: mpsc::UnboundedSender<Bytes>,
+        routes: mpsc::UnboundedSender<RouteUpdate>,
     },
     Control {
         pipe: PipeId,
@@ -230,6 +233,64 @@ enum Internal {
     },
     /// A DNS answer: the peers this node should be connected to.
     Discovered(Vec<PeerRecord>),
+}
+
+/// A change to a pipe's stream table, from the core to the pipe's datagram reader.
+#[derive(Debug)]
+enum RouteUpdate {
+    /// Media frames of the far end's `stream` go to `worker`.
+    Add {
+        stream: u32,
+        worker: usize,
+    },
+    Remove(u32),
+}
+
+/// A pipe datagram reader's table of which worker each stream goes to. The core sends
+/// changes on a channel, which the reader drains before each datagram: no lock is shared
+/// on the per-packet path, and a stream is known to the reader before the worker that
+/// hosts it asks the far end for its media.
+struct StreamRoutes {
+    updates: mpsc::UnboundedReceiver<RouteUpdate>,
+    origin: HashMap<u32, usize>,
+}
+
+impl StreamRoutes {
+    fn new(updates: mpsc::UnboundedReceiver<RouteUpdate>) -> Self {
+        Self {
+            updates,
+            origin: HashMap::new(),
+        }
+    }
+
+    /// The worker a datagram goes to. A resend request names this node's own stream, whose
+    /// top byte is the worker that allocated it; a media frame goes by the table. Whatever
+    /// cannot be placed goes to worker 0, which refuses and counts it as one worker did.
+    fn worker_for(&mut self, datagram: &[u8], workers: usize) -> usize {
+        while let Ok(u) = self.updates.try_recv() {
+            match u {
+                RouteUpdate::Add { stream, worker } => {
+                    self.origin.insert(stream, worker);
+                }
+                RouteUpdate::Remove(stream) => {
+                    self.origin.remove(&stream);
+                }
+            }
+        }
+        if workers == 1 {
+            return 0;
+        }
+        let w = match StreamRef::of(datagram) {
+            Some(StreamRef::Local(stream)) => crate::sfu::stream_worker(stream),
+            Some(StreamRef::Origin(stream)) => self.origin.get(&stream).copied().unwrap_or(0),
+            None => 0,
+        };
+        if w < workers {
+            w
+        } else {
+            0
+        }
+    }
 }
 
 /// The view of a node that is alone (no peers yet, or no mesh at all).
@@ -246,8 +307,8 @@ pub fn local_view(info: &NodeInfo, load: Load, draining: bool) -> MemberView {
 /// Starts the endpoint, the dialers and the core.
 pub fn start(
     cfg: MeshConfig,
-    worker: WorkerHandle,
-    events: mpsc::UnboundedReceiver<MeshEvent>,
+    workers: Workers,
+    events: mpsc::UnboundedReceiver<WorkerEvent>,
 ) -> Result<MeshHandle, MeshError> {
     let server = cfg.tls.server_config()?;
     let client = cfg.tls.client_config()?;
@@ -277,7 +338,7 @@ pub fn start(
     let connected = Arc::new(Mutex::new(HashSet::new()));
     let ctx = PipeCtx {
         hello: hello(&info),
-        worker: worker.clone(),
+        workers: workers.clone(),
         internal: itx.clone(),
         stats: stats.clone(),
         next_pipe,
@@ -354,18 +415,19 @@ pub fn start(
     let core = Core {
         node: info.node.clone(),
         info: info.clone(),
-        worker: worker.clone(),
+        workers: workers.clone(),
         stats: stats.clone(),
         registry: registry.clone(),
         pipes: HashMap::new(),
         by_node: HashMap::new(),
-        active: HashSet::new(),
+        active: HashMap::new(),
+        local_producers: HashMap::new(),
         hosts: hosts.clone(),
         replaying: HashMap::new(),
         producers: HashMap::new(),
         participants: HashMap::new(),
         membership: Membership::new(),
-        load: LoadMeter::new(worker.shared_stats(), cfg.capacity),
+        load: LoadMeter::new(workers.shared_stats(), cfg.capacity),
         local_load: Load::default(),
         draining: cfg.draining.clone(),
         sent_draining: false,
@@ -492,7 +554,7 @@ impl Drop for Dialers {
 #[derive(Clone)]
 struct PipeCtx {
     hello: Control,
-    worker: WorkerHandle,
+    workers: Workers,
     internal: mpsc::UnboundedSender<Internal>,
     stats: Arc<MeshStats>,
     next_pipe: Arc<AtomicU64>,
@@ -584,12 +646,14 @@ impl PipeCtx {
         };
         let pipe = PipeId(self.next_pipe.fetch_add(1, Relaxed));
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Bytes>();
+        let (routes_tx, routes_rx) = mpsc::unbounded_channel();
         let _ = self.internal.send(Internal::Ready {
             pipe,
             info,
             dialer,
             conn: conn.clone(),
             out: out_tx,
+            routes: routes_tx,
         });
         tracing::debug!(pipe = %pipe, peer = %peer, node = %node, "pipe handshake done");
         let writer = tokio::spawn(async move {
@@ -602,10 +666,12 @@ impl PipeCtx {
         });
         let datagrams = {
             let conn = conn.clone();
-            let worker = self.worker.clone();
+            let workers = self.workers.clone();
             tokio::spawn(async move {
+                let mut routes = StreamRoutes::new(routes_rx);
                 while let Ok(data) = conn.read_datagram().await {
-                    if !worker.pipe_datagram(pipe, data) {
+                    let worker = routes.worker_for(&data, workers.len());
+                    if !workers.get(worker).pipe_datagram(pipe, data) {
                         break;
                     }
                 }
@@ -681,20 +747,34 @@ struct PipeState {
     /// Which end dialed: of duplicate pipes, both ends keep the one the lower id dialed.
     dialed_by: NodeId,
     out: mpsc::UnboundedSender<Bytes>,
+    /// Updates of the pipe's datagram reader's stream table.
+    routes: mpsc::UnboundedSender<RouteUpdate>,
     conn: quinn::Connection,
     /// Sessions the far end hosts.
     interests: HashSet<SessionId>,
+    /// The far end's producers handed to a worker here.
+    remote_producers: HashMap<ProducerId, RemoteProducer>,
+}
+
+/// Where a producer of another node went on this one.
+struct RemoteProducer {
+    worker: usize,
+    /// The far end's stream number.
+    stream: u32,
+    session: SessionId,
 }
 
 struct Core {
     node: NodeId,
-    worker: WorkerHandle,
+    workers: Workers,
     stats: Arc<MeshStats>,
     registry: Arc<Mutex<HashMap<PipeId, PipeEntry>>>,
     pipes: HashMap<PipeId, PipeState>,
     by_node: HashMap<NodeId, PipeId>,
-    /// Sessions hosted here.
-    active: HashSet<SessionId>,
+    /// Sessions hosted here, with the worker hosting each.
+    active: HashMap<SessionId, usize>,
+    /// Local producers, with the worker that owns each.
+    local_producers: HashMap<ProducerId, usize>,
     hosts: Arc<SessionHosts>,
     /// Sessions that just became active here, with the pipes whose replay of them is awaited.
     replaying: HashMap<SessionId, HashSet<PipeId>>,
@@ -724,7 +804,7 @@ const TICK: Duration = Duration::from_millis(250);
 impl Core {
     async fn run(
         mut self,
-        mut events: mpsc::UnboundedReceiver<MeshEvent>,
+        mut events: mpsc::UnboundedReceiver<WorkerEvent>,
         mut internal: mpsc::UnboundedReceiver<Internal>,
     ) {
         let mut tick = tokio::time::interval(TICK);
@@ -761,8 +841,11 @@ impl Core {
             .collect();
         for session in done {
             self.replaying.remove(&session);
-            self.worker
-                .mesh_command(Command::SessionReplayed { session });
+            if let Some(&w) = self.active.get(&session) {
+                self.workers
+                    .get(w)
+                    .mesh_command(Command::SessionReplayed { session });
+            }
         }
     }
 
@@ -775,7 +858,22 @@ impl Core {
         }
     }
 
-    fn on_event(&mut self, ev: MeshEvent) {
+    /// Sends a command to every worker (pipes come and go for all of them).
+    fn to_all(&self, cmd: impl Fn() -> Command) {
+        for w in self.workers.iter() {
+            w.mesh_command(cmd());
+        }
+    }
+
+    /// Sends a command to the worker hosting `session`, if one does.
+    fn to_session(&self, session: &SessionId, cmd: Command) {
+        if let Some(&w) = self.active.get(session) {
+            self.workers.get(w).mesh_command(cmd);
+        }
+    }
+
+    fn on_event(&mut self, ev: WorkerEvent) {
+        let WorkerEvent { worker, event: ev } = ev;
         match ev {
             MeshEvent::SessionActive(session) => {
                 let msg = Control::Interest {
@@ -790,9 +888,14 @@ impl Core {
                     .insert(session.clone(), self.pipes.keys().copied().collect());
                 self.settle_replays();
                 self.hosts.set(&session, &self.node, true);
-                self.active.insert(session);
+                self.active.insert(session, worker);
             }
             MeshEvent::SessionInactive(session) => {
+                // A session can end on one worker and start again on another before the
+                // first one's news arrives here: only the current host's end counts.
+                if self.active.get(&session) != Some(&worker) {
+                    return;
+                }
                 let msg = Control::InterestEnd {
                     session: session.clone(),
                 };
@@ -801,6 +904,17 @@ impl Core {
                 }
                 self.hosts.set(&session, &self.node, false);
                 self.active.remove(&session);
+                // The worker dropped the session's remote producers; so do the pipes' tables
+                // (the far ends stop telling us about the session after `InterestEnd`).
+                for p in self.pipes.values_mut() {
+                    p.remote_producers.retain(|_, r| {
+                        let keep = r.session != session;
+                        if !keep {
+                            let _ = p.routes.send(RouteUpdate::Remove(r.stream));
+                        }
+                        keep
+                    });
+                }
             }
             MeshEvent::ParticipantJoined {
                 session,
@@ -831,6 +945,7 @@ impl Core {
                 );
             }
             MeshEvent::ProducerOpened(a) => {
+                self.local_producers.insert(a.producer.clone(), worker);
                 self.send_interested(&a.session, &Control::ProducerAnnounce(a.clone()));
                 self.producers
                     .entry(a.session.clone())
@@ -838,6 +953,7 @@ impl Core {
                     .insert(a.producer.clone(), a);
             }
             MeshEvent::ProducerClosed { session, producer } => {
+                self.local_producers.remove(&producer);
                 if let Some(m) = self.producers.get_mut(&session) {
                     m.remove(&producer);
                     if m.is_empty() {
@@ -889,7 +1005,8 @@ impl Core {
                 dialer,
                 conn,
                 out,
-            } => self.on_ready(pipe, info, dialer, conn, out),
+                routes,
+            } => self.on_ready(pipe, info, dialer, conn, out, routes),
             Internal::Closed { pipe } => self.drop_pipe(pipe, 0, b"closed"),
             Internal::Discovered(peers) => self.on_discovered(peers),
             Internal::Control { pipe, msg } => self.on_control(pipe, msg),
@@ -904,6 +1021,7 @@ impl Core {
         dialer: bool,
         conn: quinn::Connection,
         out: mpsc::UnboundedSender<Bytes>,
+        routes: mpsc::UnboundedSender<RouteUpdate>,
     ) {
         let node = info.node.clone();
         if node == self.node {
@@ -942,12 +1060,12 @@ impl Core {
                 },
             );
         }
-        self.worker.mesh_command(Command::PipeUp {
+        self.to_all(|| Command::PipeUp {
             pipe,
             link: PipeLink {
                 conn: conn.clone(),
                 node: node.clone(),
-                counters,
+                counters: counters.clone(),
             },
         });
         self.by_node.insert(node.clone(), pipe);
@@ -971,13 +1089,15 @@ impl Core {
                 info,
                 dialed_by,
                 out,
+                routes,
                 conn,
                 interests: HashSet::new(),
+                remote_producers: HashMap::new(),
             },
         );
         self.stats.pipes_open.fetch_add(1, Relaxed);
         tracing::info!(pipe = %pipe, node = %node, "pipe established");
-        for session in &self.active {
+        for session in self.active.keys() {
             self.send(
                 pipe,
                 &Control::Interest {
@@ -1008,7 +1128,7 @@ impl Core {
             reg.remove(&pipe);
         }
         self.membership.handle_pipe_closed(pipe);
-        self.worker.mesh_command(Command::PipeDown { pipe });
+        self.to_all(|| Command::PipeDown { pipe });
         for waiting in self.replaying.values_mut() {
             waiting.remove(&pipe);
         }
@@ -1078,7 +1198,6 @@ impl Core {
         let Some(state) = self.pipes.get_mut(&pipe) else {
             return;
         };
-        let w = &self.worker;
         match msg {
             Control::Hello { .. } => {}
             Control::Heartbeat { load, draining } => {
@@ -1113,7 +1232,19 @@ impl Core {
             Control::InterestEnd { session } => {
                 self.hosts.set(&session, &state.node, false);
                 state.interests.remove(&session);
-                w.mesh_command(Command::PipeSessionEnded { pipe, session });
+                // The worker hosting it now, or any that may still send it: a session that
+                // just left one worker is not in `active` any more.
+                match self.active.get(&session) {
+                    Some(&w) => {
+                        self.workers
+                            .get(w)
+                            .mesh_command(Command::PipeSessionEnded { pipe, session });
+                    }
+                    None => self.to_all(|| Command::PipeSessionEnded {
+                        pipe,
+                        session: session.clone(),
+                    }),
+                }
             }
             Control::ParticipantJoined {
                 session,
@@ -1121,66 +1252,126 @@ impl Core {
                 user,
                 role,
             } => {
-                if self.active.contains(&session) {
-                    w.mesh_command(Command::RemoteParticipantJoined {
-                        pipe,
-                        session,
-                        participant: crate::sfu::ParticipantInfo {
-                            participant_id: participant,
-                            user_id: user,
-                            role,
-                        },
-                    });
-                }
+                let cmd = Command::RemoteParticipantJoined {
+                    pipe,
+                    session: session.clone(),
+                    participant: crate::sfu::ParticipantInfo {
+                        participant_id: participant,
+                        user_id: user,
+                        role,
+                    },
+                };
+                self.to_session(&session, cmd);
             }
             Control::ParticipantLeft {
                 session,
                 participant,
             } => {
-                w.mesh_command(Command::RemoteParticipantLeft {
-                    session,
+                let cmd = Command::RemoteParticipantLeft {
+                    session: session.clone(),
                     participant,
-                });
+                };
+                self.to_session(&session, cmd);
             }
             Control::ProducerAnnounce(announcement) => {
-                if self.active.contains(&announcement.session) {
-                    w.mesh_command(Command::RemoteProducer { pipe, announcement });
+                if let Some(&w) = self.active.get(&announcement.session) {
+                    let stream = announcement.stream;
+                    // The reader learns the stream before the worker can ask for its media.
+                    let _ = state.routes.send(RouteUpdate::Add { stream, worker: w });
+                    let entry = RemoteProducer {
+                        worker: w,
+                        stream,
+                        session: announcement.session.clone(),
+                    };
+                    if let Some(old) = state
+                        .remote_producers
+                        .insert(announcement.producer.clone(), entry)
+                    {
+                        if old.stream != stream {
+                            let _ = state.routes.send(RouteUpdate::Remove(old.stream));
+                        }
+                        if old.worker != w {
+                            // Re-announced for a session that moved: the old worker drops
+                            // its copy.
+                            self.workers.get(old.worker).mesh_command(
+                                Command::RemoteProducerClosed {
+                                    pipe,
+                                    producer: announcement.producer.clone(),
+                                },
+                            );
+                        }
+                    }
+                    self.workers
+                        .get(w)
+                        .mesh_command(Command::RemoteProducer { pipe, announcement });
                 }
             }
             Control::ProducerClosed { producer } => {
-                w.mesh_command(Command::RemoteProducerClosed { pipe, producer });
+                if let Some(r) = state.remote_producers.remove(&producer) {
+                    let _ = state.routes.send(RouteUpdate::Remove(r.stream));
+                    self.workers
+                        .get(r.worker)
+                        .mesh_command(Command::RemoteProducerClosed { pipe, producer });
+                }
             }
             Control::ProducerPaused { producer, paused } => {
-                w.mesh_command(Command::RemoteProducerPaused {
-                    pipe,
-                    producer,
-                    paused,
-                });
-            }
-            Control::Consume { producer, layers } => {
-                w.mesh_command(Command::PipeConsume {
-                    pipe,
-                    producer,
-                    layers,
-                });
-            }
-            Control::StopConsume { producer } => {
-                w.mesh_command(Command::PipeConsume {
-                    pipe,
-                    producer,
-                    layers: 0,
-                });
-            }
-            Control::KeyframeRequest { producer, layer } => {
-                w.mesh_command(Command::PipeKeyframe { producer, layer });
+                if let Some(r) = state.remote_producers.get(&producer) {
+                    self.workers
+                        .get(r.worker)
+                        .mesh_command(Command::RemoteProducerPaused {
+                            pipe,
+                            producer,
+                            paused,
+                        });
+                }
             }
             Control::LayerBitrates { producer, bitrates } => {
-                w.mesh_command(Command::RemoteLayerBitrates {
-                    pipe,
-                    producer,
-                    bitrates,
-                });
+                if let Some(r) = state.remote_producers.get(&producer) {
+                    self.workers
+                        .get(r.worker)
+                        .mesh_command(Command::RemoteLayerBitrates {
+                            pipe,
+                            producer,
+                            bitrates,
+                        });
+                }
             }
+            Control::Consume { producer, layers } => {
+                self.to_producer(
+                    &producer,
+                    Command::PipeConsume {
+                        pipe,
+                        producer: producer.clone(),
+                        layers,
+                    },
+                );
+            }
+            Control::StopConsume { producer } => {
+                self.to_producer(
+                    &producer,
+                    Command::PipeConsume {
+                        pipe,
+                        producer: producer.clone(),
+                        layers: 0,
+                    },
+                );
+            }
+            Control::KeyframeRequest { producer, layer } => {
+                self.to_producer(
+                    &producer,
+                    Command::PipeKeyframe {
+                        producer: producer.clone(),
+                        layer,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Sends a command to the worker owning local producer `producer`, if it still exists.
+    fn to_producer(&self, producer: &ProducerId, cmd: Command) {
+        if let Some(&w) = self.local_producers.get(producer) {
+            self.workers.get(w).mesh_command(cmd);
         }
     }
 }

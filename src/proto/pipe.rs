@@ -52,6 +52,32 @@ pub enum Datagram<'a> {
     Nack(NackFrame),
 }
 
+/// The stream a pipe datagram concerns, read from its header alone (for handing it to the
+/// worker that owns the stream before anything is parsed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamRef {
+    /// A media frame: the sending node's stream number.
+    Origin(u32),
+    /// A resend request: the receiving node's own stream number.
+    Local(u32),
+}
+
+impl StreamRef {
+    /// `None` for anything too short or of another version or kind; the full decoder then
+    /// refuses it and counts it.
+    pub fn of(d: &[u8]) -> Option<StreamRef> {
+        if d.len() < FRAME_HEADER || d[0] != WIRE_VERSION {
+            return None;
+        }
+        let stream = u32::from_be_bytes([d[2], d[3], d[4], d[5]]);
+        match d[1] {
+            KIND_RTP => Some(StreamRef::Origin(stream)),
+            KIND_NACK => Some(StreamRef::Local(stream)),
+            _ => None,
+        }
+    }
+}
+
 impl<'a> Datagram<'a> {
     pub fn decode(d: &'a [u8]) -> Result<Self, FrameError> {
         if d.len() >= 2 && d[0] == WIRE_VERSION && d[1] == KIND_NACK {
@@ -379,6 +405,25 @@ mod tests {
         let mut raw = b.clone().freeze();
         let p = rtc::rtp::Packet::unmarshal(&mut raw).unwrap();
         assert_eq!(p.marshal().unwrap(), b.freeze());
+    }
+
+    #[test]
+    fn a_datagram_names_its_stream_from_the_header_alone() {
+        let mut b = BytesMut::new();
+        MediaFrame::put_header(&mut b, 0x0100_0007, 0);
+        assert_eq!(StreamRef::of(&b), Some(StreamRef::Origin(0x0100_0007)));
+        let n = NackFrame {
+            stream: 0x0200_0001,
+            layer: 0,
+            seqs: vec![1],
+        };
+        assert_eq!(
+            StreamRef::of(&n.encode()),
+            Some(StreamRef::Local(0x0200_0001))
+        );
+        assert_eq!(StreamRef::of(&[WIRE_VERSION, 9, 0, 0, 0, 1, 0]), None);
+        assert_eq!(StreamRef::of(&[WIRE_VERSION + 1, 0, 0, 0, 0, 1, 0]), None);
+        assert_eq!(StreamRef::of(&[WIRE_VERSION, 0]), None);
     }
 
     #[test]

@@ -1,15 +1,19 @@
 //! The SFU: sessions (Routers), participants, Producers and Consumers on one node, built on the
 //! media primitives in [`crate::media`] and webrtc-rs's sans-I/O `rtc` core.
 //!
-//! One worker thread owns the node's single UDP media socket and every peer connection, so the
-//! forwarding path takes no locks. Signaling talks to it through [`WorkerHandle`], a command
-//! channel; the worker talks back through each participant's [`SfuEvent`] channel.
+//! A node runs one worker thread per core ([`Workers`]). Each owns its own UDP media socket
+//! (and ICE-TCP listener on the same port number) and every peer connection of the sessions
+//! placed on it, so the forwarding path takes no locks and workers share nothing. Signaling
+//! talks to a session's worker through its [`WorkerHandle`], a command channel; the worker
+//! talks back through each participant's [`SfuEvent`] channel, and to the mesh through
+//! [`WorkerEvent`]s tagged with its number.
 
 pub mod batch;
 pub mod engine;
 mod pipes;
 mod tcp;
 mod worker;
+mod workers;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +30,7 @@ use crate::media::Codec;
 pub use pipes::{PipeCounters, PipeLink};
 pub use tcp::{MAX_TCP_CONNECTIONS, MAX_TCP_PER_SOURCE};
 pub use worker::{spawn_worker, WorkerConfig};
+pub use workers::{Seat, Workers};
 
 pub use crate::ids::PipeId;
 
@@ -77,6 +82,19 @@ pub enum MeshEvent {
         producer: ProducerId,
         bitrates: Vec<Option<u64>>,
     },
+}
+
+/// A [`MeshEvent`] with the number of the worker that raised it, so the mesh sends what
+/// concerns that session or producer back to the same worker.
+#[derive(Debug)]
+pub struct WorkerEvent {
+    pub worker: usize,
+    pub event: MeshEvent,
+}
+
+/// The worker that allocated a pipe stream number (its index is the number's top byte).
+pub fn stream_worker(stream: u32) -> usize {
+    (stream >> 24) as usize
 }
 
 /// Which of a participant's two peer connections: the one it publishes on (client offers,
@@ -468,9 +486,23 @@ impl Default for Limits {
 /// bound nor hold up control commands, socket reads or timers.
 pub const PIPE_MEDIA_QUEUE: usize = 8192;
 
-/// Node-wide counters, readable from any thread.
-#[derive(Debug, Default)]
-pub struct WorkerStats {
+macro_rules! counters {
+    ($(#[$doc:meta])* pub struct $name:ident { $($(#[$fdoc:meta])* pub $field:ident: AtomicU64,)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Default)]
+        pub struct $name { $($(#[$fdoc])* pub $field: AtomicU64,)* }
+        impl $name {
+            /// Adds `other`'s figures to these (node totals over workers).
+            pub fn absorb(&self, other: &$name) {
+                $(self.$field.fetch_add(other.$field.load(Ordering::Relaxed), Ordering::Relaxed);)*
+            }
+        }
+    };
+}
+
+counters! {
+    /// One worker's counters, readable from any thread; [`Workers::stats`] adds them up.
+    pub struct WorkerStats {
     pub datagrams_in: AtomicU64,
     pub datagrams_out: AtomicU64,
     /// Bytes of the datagrams sent to clients.
@@ -511,6 +543,7 @@ pub struct WorkerStats {
     pub events_overflowed: AtomicU64,
     /// Participants replaced by a newer connection of the same user.
     pub participants_replaced: AtomicU64,
+}
 }
 
 impl WorkerStats {
@@ -764,6 +797,7 @@ mod tests {
             max_datagram_bytes: 1500,
             udp: true,
             tcp: false,
+            index: 0,
             mesh: None,
         })
         .unwrap()

@@ -12,7 +12,7 @@ use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use rtc::shared::marshal::Unmarshal;
 
 use super::worker::{LayerStat, Origin, Producer, Worker};
-use super::{MediaKind, MeshEvent, PipeId, SfuEvent};
+use super::{MediaKind, MeshEvent, PipeId, SfuEvent, WorkerEvent};
 use crate::ids::{NodeId, ProducerId, SessionId};
 use crate::media::extensions::{IncomingExtensions, FORWARDED};
 use crate::media::Codec;
@@ -133,7 +133,10 @@ fn wire_extensions() -> IncomingExtensions {
 impl Worker {
     pub(super) fn mesh_event(&self, ev: MeshEvent) {
         if let Some(m) = &self.mesh {
-            let _ = m.send(ev);
+            let _ = m.send(WorkerEvent {
+                worker: usize::from(self.cfg.index),
+                event: ev,
+            });
         }
     }
 

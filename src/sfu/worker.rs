@@ -60,8 +60,12 @@ pub struct WorkerConfig {
     pub udp: bool,
     /// Also accept ICE-TCP on the same port number.
     pub tcp: bool,
+    /// This worker's number on its node (0 ..). It tags the pipe stream numbers the worker
+    /// allocates, so a node hands a resend request from a pipe to the worker that owns the
+    /// stream without a table.
+    pub index: u8,
     /// Where to tell the mesh about sessions and producers; `None` for a node on its own.
-    pub mesh: Option<mpsc::UnboundedSender<MeshEvent>>,
+    pub mesh: Option<mpsc::UnboundedSender<WorkerEvent>>,
 }
 
 /// Binds the media socket and starts the worker thread.
@@ -91,7 +95,7 @@ pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
         media_addr: announced,
     };
     std::thread::Builder::new()
-        .name(format!("media-{}", bound.port()))
+        .name(format!("media-{}", cfg.index))
         .spawn(move || {
             crate::alloc::mark_worker_thread();
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -132,6 +136,8 @@ pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
 }
 
 const TICK: Duration = Duration::from_millis(100);
+/// The bits of a pipe stream number a worker counts in; the byte above is its index.
+const STREAM_COUNTER: u32 = 0x00ff_ffff;
 /// A layer that sent nothing for this long is considered stopped.
 const LAYER_IDLE: Duration = Duration::from_millis(1500);
 const RECV_BATCH: usize = 16;
@@ -393,7 +399,7 @@ pub(super) struct Worker {
     /// Participants of each session connected to other nodes, by the pipe that told us.
     pub(super) remote_participants: HashMap<SessionId, Vec<(PipeId, ParticipantInfo)>>,
     pub(super) next_stream: u32,
-    pub(super) mesh: Option<mpsc::UnboundedSender<MeshEvent>>,
+    pub(super) mesh: Option<mpsc::UnboundedSender<WorkerEvent>>,
     pub(super) pipes: HashMap<PipeId, PipeLink>,
     /// (pipe, origin stream) → pipe producer.
     pub(super) pipe_streams: HashMap<(PipeId, u32), usize>,
@@ -1655,10 +1661,14 @@ impl Worker {
         self.routers.contains_key(session)
     }
 
+    /// A new pipe stream number: this worker's index in the top byte, a counter below.
     pub(super) fn allocate_stream(&mut self) -> u32 {
         let s = self.next_stream;
-        self.next_stream = self.next_stream.wrapping_add(1).max(1);
-        s
+        self.next_stream = (self.next_stream + 1) & STREAM_COUNTER;
+        if self.next_stream == 0 {
+            self.next_stream = 1;
+        }
+        (u32::from(self.cfg.index) << 24) | s
     }
 
     /// Registers a new producer with its session; returns its key.

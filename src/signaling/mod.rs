@@ -20,7 +20,7 @@ use futures_util::{SinkExt, StreamExt};
 
 use crate::auth::{TokenError, TokenVerifier};
 use crate::ids::{NodeId, ParticipantId, RegionId};
-use crate::sfu::{Dismissal, SfuEvent, WorkerHandle, WorkerStats};
+use crate::sfu::{Dismissal, SfuEvent, WorkerHandle, WorkerStats, Workers};
 use protocol::{close, ClientMessage, ParseError, PublishedProducer, ServerMessage};
 
 /// Counters of refused signaling input, by error code.
@@ -48,7 +48,8 @@ impl SignalingMetrics {
 /// What every request handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    pub worker: WorkerHandle,
+    /// The node's media workers; a joined connection talks to the one hosting its session.
+    pub workers: Workers,
     pub verifier: TokenVerifier,
     pub metrics: Arc<SignalingMetrics>,
     pub max_message_bytes: usize,
@@ -138,7 +139,7 @@ pub fn router(state: AppState) -> Router {
 /// `ok` while the media worker answers a no-op command within a second; `503` otherwise, so a
 /// load balancer or orchestrator stops sending clients to a node whose media thread is stuck.
 async fn healthz(State(s): State<AppState>) -> Response {
-    if s.worker.responds(Duration::from_secs(1)).await {
+    if s.workers.respond(Duration::from_secs(1)).await {
         "ok".into_response()
     } else {
         (
@@ -158,118 +159,120 @@ pub fn metrics_router(state: AppState) -> Router {
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let w = s.worker.stats();
-    let g = WorkerStats::get;
+    let w = s.workers.stats();
     let mut out = String::new();
     let labels = format!("region=\"{}\",node=\"{}\"", s.region, s.node);
-    for (name, help, v) in [
+    type Field = fn(&WorkerStats) -> &std::sync::atomic::AtomicU64;
+    // Per worker, so a hot or stuck worker shows; sum over `worker` for the node.
+    let per_worker: [(&str, &str, Field); 21] = [
         (
             "meridian_datagrams_in_total",
             "UDP datagrams received on the media port",
-            g(&w.datagrams_in),
+            |w| &w.datagrams_in,
         ),
         (
             "meridian_datagrams_out_total",
             "UDP datagrams sent from the media port",
-            g(&w.datagrams_out),
+            |w| &w.datagrams_out,
         ),
         (
             "meridian_datagrams_unroutable_total",
             "Datagrams from unknown peers or rejected by their connection",
-            g(&w.datagrams_unroutable),
+            |w| &w.datagrams_unroutable,
         ),
         (
             "meridian_datagrams_oversized_total",
             "Datagrams larger than rtc.max_datagram_bytes",
-            g(&w.datagrams_oversized),
+            |w| &w.datagrams_oversized,
         ),
         (
             "meridian_rtp_in_total",
             "RTP packets received from producers",
-            g(&w.rtp_in),
+            |w| &w.rtp_in,
         ),
         (
             "meridian_rtp_forwarded_total",
             "RTP packets written to consumers",
-            g(&w.rtp_forwarded),
+            |w| &w.rtp_forwarded,
         ),
         (
             "meridian_rtp_dropped_layer_total",
             "RTP packets not forwarded because the consumer uses another simulcast layer",
-            g(&w.rtp_dropped_layer),
+            |w| &w.rtp_dropped_layer,
         ),
         (
             "meridian_send_errors_total",
             "Media socket send failures",
-            g(&w.send_errors),
+            |w| &w.send_errors,
         ),
         (
             "meridian_recv_errors_total",
             "Media socket receive failures",
-            g(&w.recv_errors),
+            |w| &w.recv_errors,
         ),
         (
             "meridian_send_syscalls_total",
             "System calls that sent media datagrams (several per call when batched)",
-            g(&w.send_syscalls),
+            |w| &w.send_syscalls,
         ),
         (
             "meridian_stun_unauthenticated_total",
             "Binding requests from unbound addresses whose MESSAGE-INTEGRITY did not verify",
-            g(&w.stun_unauthenticated),
+            |w| &w.stun_unauthenticated,
         ),
         (
             "meridian_stun_rate_limited_total",
             "Binding requests from unbound addresses dropped by the per-source rate limit",
-            g(&w.stun_rate_limited),
+            |w| &w.stun_rate_limited,
         ),
         (
             "meridian_tcp_refused_total",
             "ICE-TCP connections refused at accept (node or source at its cap)",
-            g(&w.tcp_refused),
+            |w| &w.tcp_refused,
         ),
         (
             "meridian_tcp_timed_out_total",
             "ICE-TCP connections closed unauthenticated, idle or not reading",
-            g(&w.tcp_timed_out),
+            |w| &w.tcp_timed_out,
         ),
         (
             "meridian_pipe_media_dropped_total",
             "Pipe media datagrams dropped because the media worker's queue was full",
-            g(&w.pipe_media_dropped),
+            |w| &w.pipe_media_dropped,
         ),
         (
             "meridian_keyframe_requests_total",
             "PLIs sent to publishers",
-            g(&w.keyframe_requests),
+            |w| &w.keyframe_requests,
         ),
         (
             "meridian_sessions",
-            "Sessions (routers) on this node",
-            g(&w.sessions),
+            "Sessions (routers) on each worker",
+            |w| &w.sessions,
         ),
         (
             "meridian_participants",
-            "Participants on this node",
-            g(&w.participants),
+            "Participants on each worker",
+            |w| &w.participants,
         ),
-        (
-            "meridian_producers",
-            "Producers on this node",
-            g(&w.producers),
-        ),
-        (
-            "meridian_consumers",
-            "Consumers on this node",
-            g(&w.consumers),
-        ),
+        ("meridian_producers", "Producers on each worker", |w| {
+            &w.producers
+        }),
+        ("meridian_consumers", "Consumers on each worker", |w| {
+            &w.consumers
+        }),
         (
             "meridian_peer_connections",
-            "WebRTC peer connections on this node",
-            g(&w.peer_connections),
+            "WebRTC peer connections on each worker",
+            |w| &w.peer_connections,
         ),
-    ] {
-        out.push_str(&format!("# HELP {name} {help}\n{name}{{{labels}}} {v}\n"));
+    ];
+    for (name, help, field) in per_worker {
+        out.push_str(&format!("# HELP {name} {help}\n"));
+        for (i, worker) in s.workers.iter().enumerate() {
+            let v = WorkerStats::get(field(worker.stats()));
+            out.push_str(&format!("{name}{{{labels},worker=\"{i}\"}} {v}\n"));
+        }
     }
     out.push_str(&format!(
         "# HELP meridian_signaling_connections_total WebSocket connections accepted\nmeridian_signaling_connections_total{{{labels}}} {}\n",
@@ -700,8 +703,15 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
         }
     };
     let (events_tx, mut events_rx) = crate::sfu::event_channel();
-    let joined = match state
-        .worker
+    // Held until the connection ends, so the session stays on this worker while it lasts.
+    let seat = match state.workers.place(&claims.sid) {
+        Ok(seat) => seat,
+        Err(e) => {
+            return refuse(&state, &mut sink, e.code(), e.to_string(), close::FULL).await;
+        }
+    };
+    let worker = seat.worker().clone();
+    let joined = match worker
         .join(
             claims.sid.clone(),
             claims.sub.clone(),
@@ -718,7 +728,7 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
     };
     let pid = joined.participant_id.clone();
     let _leave = LeaveOnDrop {
-        worker: state.worker.clone(),
+        worker: worker.clone(),
         participant: pid.clone(),
     };
     let ok = send(
@@ -798,7 +808,7 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
                         break Ending::Quiet;
                     }
                     Ok(msg) => {
-                        let reply = handle_request(&state, &pid, msg).await;
+                        let reply = handle_request(&worker, &pid, msg).await;
                         if let ServerMessage::Error { code, .. } = &reply {
                             state.metrics.count(code);
                         }
@@ -839,7 +849,7 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
         Ending::Expired => {
             state.metrics.count("session_expired");
             // Media stops before the client is told, so nothing flows past the expiry.
-            state.worker.leave(pid.clone());
+            worker.leave(pid.clone());
             let _ = send(
                 &mut sink,
                 &ServerMessage::SessionExpired {
@@ -855,11 +865,10 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
 }
 
 async fn handle_request(
-    state: &AppState,
+    w: &WorkerHandle,
     pid: &ParticipantId,
     msg: ClientMessage,
 ) -> ServerMessage {
-    let w = &state.worker;
     let p = pid.clone();
     let ok_or = |request_id: u64, r: Result<(), crate::sfu::ControlError>| match r {
         Ok(()) => ServerMessage::Ok { request_id },

@@ -41,6 +41,8 @@ listen = "127.0.0.1:0"
 listen_ip = "{listen_ip}"
 announced_ip = "{announced}"
 port = 0
+# Two workers whatever the machine, so every test crosses the worker placement.
+workers = 2
 [auth]
 issuer = "meridian-test"
 audience = "meridian"
@@ -452,4 +454,13 @@ pub async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bo
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The media address of the worker hosting `session` on `node` (it must have joined).
+pub fn media_addr_of(node: &Node, session: &str) -> SocketAddr {
+    let worker = node
+        .workers
+        .worker_of(&session.parse().unwrap())
+        .expect("the session is placed on a worker");
+    node.workers.get(worker).media_addr()
 }
