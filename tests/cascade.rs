@@ -287,13 +287,37 @@ async fn a_node_with_a_foreign_certificate_is_refused_on_both_sides() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipe_loss_is_repaired_hop_by_hop() {
+    lossy_pipe_is_repaired(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_on_a_second_worker_cascades_and_repairs_pipe_loss() {
+    lossy_pipe_is_repaired(true).await;
+}
+
+/// A producer on India consumed on US across a lossy pipe. With `second_worker`, another
+/// session takes worker 0 on both nodes first, so this one lives on worker 1 at both ends:
+/// its media frames, resend requests and keyframe requests must find that worker.
+async fn lossy_pipe_is_repaired(second_worker: bool) {
     // India and US joined through a link with 100 ms one-way delay and 2% loss each way.
     let dir = tempfile::tempdir().unwrap();
     let (india, link, us) = pair_over_link(dir.path(), long_lossy_link()).await;
 
     let session = "kyc-lossy";
+    let _fillers = if second_worker {
+        let a = Signal::join(&india, "kyc-filler-a", "carol", Role::User).await;
+        let b = Signal::join(&us, "kyc-filler-b", "dave", Role::User).await;
+        Some((a, b))
+    } else {
+        None
+    };
     let (_user, producer, pub_state, _pt) = publish(&india, session).await;
     let (_agent, sub_state, _st) = consume(&us, session, "bob", &producer).await;
+    if second_worker {
+        for node in [&india, &us] {
+            assert_eq!(node.workers.worker_of(&session.parse().unwrap()), Some(1));
+        }
+    }
     wait_for(
         "600 packets across the lossy pipe",
         Duration::from_secs(40),

@@ -1375,3 +1375,43 @@ impl Core {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use wire::{MediaFrame, NackFrame};
+
+    fn media(stream: u32) -> BytesMut {
+        let mut b = BytesMut::new();
+        MediaFrame::put_header(&mut b, stream, 0);
+        b
+    }
+
+    #[test]
+    fn pipe_datagrams_go_to_the_worker_of_their_stream() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut routes = StreamRoutes::new(rx);
+        // Before the core says where a stream lives, frames go to worker 0 (which drops them).
+        assert_eq!(routes.worker_for(&media(0x0300_0001), 4), 0);
+        tx.send(RouteUpdate::Add {
+            stream: 0x0300_0001,
+            worker: 2,
+        })
+        .unwrap();
+        assert_eq!(routes.worker_for(&media(0x0300_0001), 4), 2);
+        // A resend request names our own stream: its top byte is our worker.
+        let nack = NackFrame {
+            stream: 0x0300_0009,
+            layer: 0,
+            seqs: vec![1],
+        }
+        .encode();
+        assert_eq!(routes.worker_for(&nack, 4), 3);
+        // A worker number past the node's workers (a confused peer) goes to worker 0.
+        assert_eq!(routes.worker_for(&nack, 2), 0);
+        tx.send(RouteUpdate::Remove(0x0300_0001)).unwrap();
+        assert_eq!(routes.worker_for(&media(0x0300_0001), 4), 0);
+        assert_eq!(routes.worker_for(&[0xff; 3], 4), 0);
+    }
+}
