@@ -63,6 +63,34 @@ pub enum BenchCommand {
         #[command(flatten)]
         load: LoadArgs,
     },
+    /// N concurrent verification sessions (a user publishing three-layer simulcast video and
+    /// audio, an agent publishing video and audio, each subscribed to the other), for each N.
+    Sessions {
+        /// Numbers of concurrent sessions, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,25,50")]
+        sessions: Vec<usize>,
+        /// Meridian media workers to measure with, comma-separated (one node per value).
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        workers: Vec<usize>,
+        /// Measurement window per step, seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Warm-up before each window, seconds.
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        /// Which SFU to measure: meridian, janus, or both (same load, one run).
+        #[arg(long, default_value = "meridian")]
+        sfu: String,
+        /// For Janus: the only interface it may gather ICE candidates on.
+        #[arg(long, default_value = "mjanus0")]
+        janus_interface: String,
+        /// For Janus: the address the load generator's peers use (the veth's).
+        #[arg(long, default_value = "127.0.0.2")]
+        janus_client_ip: std::net::IpAddr,
+        /// Also write the results as JSON here (and a plot beside it).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 /// Runs one benchmark command.
@@ -84,6 +112,24 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             .await?
         }
         BenchCommand::Cascade { load } => bench_cascade(load.config(), load.json).await?,
+        BenchCommand::Sessions {
+            sessions,
+            workers,
+            seconds,
+            warmup,
+            sfu,
+            janus_interface,
+            janus_client_ip,
+            json,
+        } => {
+            let cfg = meridian::bench::sessions::SessionsConfig {
+                sessions,
+                seconds,
+                warmup_seconds: warmup,
+                ..Default::default()
+            };
+            bench_sessions(cfg, &workers, &sfu, &janus_interface, janus_client_ip, json).await?
+        }
     }
     Ok(())
 }
@@ -203,6 +249,89 @@ async fn bench_cascade(
     print!("{}", meridian::bench::cascade_table(&results));
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    }
+    Ok(())
+}
+
+/// Runs the sessions benchmark against a node per worker count (and/or Janus), each a child
+/// process measured from /proc.
+async fn bench_sessions(
+    cfg: meridian::bench::sessions::SessionsConfig,
+    workers: &[usize],
+    sfu: &str,
+    janus_interface: &str,
+    janus_client_ip: std::net::IpAddr,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use meridian::bench::sessions::{run_sessions, run_sessions_janus, table, SessionsResult};
+    let (with_meridian, with_janus) = match sfu {
+        "meridian" => (true, false),
+        "janus" => (false, true),
+        "both" => (true, true),
+        other => anyhow::bail!("unknown --sfu {other:?}: use meridian, janus or both"),
+    };
+    let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
+    let layers: Vec<String> = cfg
+        .user_layers
+        .iter()
+        .map(|l| format!("{:.0}", l.packets_per_s))
+        .collect();
+    println!(
+        "sessions: {:?} concurrent; per session a user publishing simulcast at {} packets/s per layer plus audio at {:.0}/s, an agent publishing video at {:.0}/s plus audio, each subscribed to the other; {} s windows",
+        cfg.sessions,
+        layers.join("/"),
+        cfg.audio.packets_per_s,
+        cfg.agent_video.packets_per_s,
+        cfg.seconds
+    );
+    let mut all: Vec<SessionsResult> = Vec::new();
+    if with_meridian {
+        for &w in workers {
+            let node = meridian::bench::SpawnedNode::start_with_workers(
+                &dir,
+                &format!("bench-w{w}"),
+                None,
+                w,
+            )?;
+            node.wait_ready().await?;
+            let results = run_sessions(&node.target(), w, &cfg).await;
+            drop(node);
+            let results = results?;
+            println!("meridian, {w} worker(s):");
+            print!("{}", table(&results));
+            all.extend(results);
+        }
+    }
+    if with_janus {
+        let janus = meridian::bench::janus::JanusProcess::start(
+            &dir.join("janus"),
+            janus_interface,
+            janus_client_ip,
+        )?;
+        let results = run_sessions_janus(&janus, &cfg).await;
+        drop(janus);
+        let results = match results {
+            Ok(r) => r,
+            Err(e) => {
+                let log = std::fs::read_to_string(dir.join("janus/janus.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(25).collect();
+                eprintln!("janus log (last lines):");
+                for l in tail.iter().rev() {
+                    eprintln!("  {l}");
+                }
+                anyhow::bail!("janus run failed: {e}");
+            }
+        };
+        println!("janus (one VideoRoom per session, same load):");
+        print!("{}", table(&results));
+        all.extend(results);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&all)?)?;
+        let svg = path.with_extension("svg");
+        std::fs::write(&svg, meridian::bench::sessions::svg(&all))?;
+        println!("wrote {} and {}", path.display(), svg.display());
     }
     Ok(())
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs the fan-out benchmark against Meridian and Janus in one invocation (`--sfu both` unless
-# another --sfu is given; other arguments go to
-# `meridian bench fanout`, e.g. --subscribers 1,10,50 --json docs/figures/fanout.json).
+# Runs a benchmark against Meridian and Janus in one invocation (`--sfu both` unless another
+# --sfu is given). The first argument may name the benchmark, `fanout` (the default) or
+# `sessions`; the others go to `meridian bench <name>`, e.g.
+#   tests/bench-janus.sh --subscribers 1,10,50 --json docs/figures/fanout.json
+#   tests/bench-janus.sh sessions --sessions 10,25,50 --workers 1,2
 # Janus 1.1 never offers a loopback candidate, so everything runs inside a private network
 # namespace holding loopback plus a veth with 127.0.0.2/32, the only interface Janus may gather
 # on. Nothing can leave the namespace.
@@ -13,6 +15,8 @@ if ! command -v janus >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq janus >/dev/null
 fi
 cargo build --release --locked
+bench=fanout
+case "${1:-}" in fanout|sessions) bench=$1; shift ;; esac
 case " $* " in *" --sfu "*) ;; *) set -- --sfu both "$@" ;; esac
 exec unshare --net bash -c '
   set -e
@@ -21,5 +25,6 @@ exec unshare --net bash -c '
   ip addr add 127.0.0.2/32 dev mjanus0
   ip link set mjanus0 up
   ip link set mjanus1 up
-  exec ./target/release/meridian bench fanout --janus-interface mjanus0 "$@"
-' bash "$@"
+  bench=$1; shift
+  exec ./target/release/meridian bench "$bench" --janus-interface mjanus0 "$@"
+' bash "$bench" "$@"

@@ -63,3 +63,72 @@ fn fanout_benchmark_measures_a_separate_node_process() {
     }
     assert!(stdout.contains("allocs/pkt(own+rtc)"), "{stdout}");
 }
+
+#[test]
+fn sessions_benchmark_runs_each_worker_count_against_a_separate_node_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("sessions.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args([
+            "bench",
+            "sessions",
+            "--sessions",
+            "1,3",
+            "--workers",
+            "1,2",
+            "--seconds",
+            "2",
+            "--warmup",
+            "1",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run meridian bench");
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("sessions/core"), "{stdout}");
+    assert!(dir.path().join("sessions.svg").exists());
+    let results: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let steps: Vec<(u64, u64)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["workers"].as_u64().unwrap(),
+                r["sessions"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(steps, vec![(1, 1), (1, 3), (2, 1), (2, 3)]);
+    for r in &results {
+        let n = r["sessions"].as_f64().unwrap();
+        let pin = r["packets_in_per_s"].as_f64().unwrap();
+        let pout = r["packets_out_per_s"].as_f64().unwrap();
+        // Per session: the user's three layers (17 + 57 + 136) and audio (50), the agent's
+        // video (136) and audio (50) in; out, the agent gets the top layer and audio, the user
+        // the agent's video and audio: 372 of the 446.
+        assert!((pin / n - 446.0).abs() < 0.15 * 446.0, "{r}");
+        assert!((pout / n - 372.0).abs() < 0.15 * 372.0, "{r}");
+        let cpu = r["cpu_percent_of_core"].as_f64().unwrap();
+        let per_session = r["cpu_percent_per_session"].as_f64().unwrap();
+        assert!(
+            cpu > 0.0 && (per_session * n - cpu).abs() < 1e-6 * cpu.max(1.0),
+            "{r}"
+        );
+        assert!(r["cpu_us_per_packet"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["rss_kib"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["latency_p50_us"].as_u64().unwrap() > 0, "{r}");
+        assert!(
+            r["latency_p99_us"].as_u64().unwrap() >= r["latency_p50_us"].as_u64().unwrap(),
+            "{r}"
+        );
+        assert!(r["loss_percent"].as_f64().unwrap() < 5.0, "{r}");
+    }
+}

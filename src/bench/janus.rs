@@ -101,6 +101,21 @@ events: {{
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Waits until Janus answers on its HTTP port.
+    pub async fn wait_ready(&self) -> Result<(), BenchError> {
+        let started = std::time::Instant::now();
+        while tokio::net::TcpStream::connect(self.http).await.is_err() {
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(BenchError::Sfu(format!(
+                    "janus did not start; see {}",
+                    self.log.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for JanusProcess {

@@ -5,6 +5,7 @@
 
 pub mod janus;
 pub mod plot;
+pub mod sessions;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -52,10 +53,36 @@ impl SpawnedNode {
             crate::mesh::tls::NodeFiles,
         )>,
     ) -> std::io::Result<SpawnedNode> {
+        Self::start_with_workers(dir, name, mesh, 1)
+    }
+
+    /// Like [`SpawnedNode::start`], with `workers` media workers (each on a free port).
+    pub fn start_with_workers(
+        dir: &std::path::Path,
+        name: &str,
+        mesh: Option<(
+            std::net::SocketAddr,
+            Vec<std::net::SocketAddr>,
+            crate::mesh::tls::NodeFiles,
+        )>,
+        workers: usize,
+    ) -> std::io::Result<SpawnedNode> {
         std::fs::create_dir_all(dir)?;
         let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+        // Free ports, found by binding (and released just before the node binds them).
+        let ports = (0..workers.max(1))
+            .map(|_| {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+                let t = std::net::TcpListener::bind(s.local_addr()?)?;
+                Ok((s, t))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let port_list: Vec<String> = ports
+            .iter()
+            .map(|(s, _)| s.local_addr().map(|a| a.port().to_string()))
+            .collect::<std::io::Result<_>>()?;
+        drop(ports);
         // All nodes of one run share the secret so one signer serves them all.
         let secret = std::fs::read_to_string(dir.join("secret")).unwrap_or_else(|_| {
             let s = format!(
@@ -70,10 +97,10 @@ impl SpawnedNode {
             "[node]\nregion = \"{name}\"\nlatitude = 0.0\nlongitude = 0.0\n\
              [signaling]\nlisten = \"{http}\"\n\
              [metrics]\nlisten = \"{metrics}\"\n\
-             [rtc]\nlisten_ip = \"127.0.0.1\"\nannounced_ip = \"127.0.0.1\"\nport = {}\n\
+             [rtc]\nlisten_ip = \"127.0.0.1\"\nannounced_ip = \"127.0.0.1\"\nport = 0\nports = [{}]\n\
              [auth]\nissuer = \"bench\"\naudience = \"meridian\"\nalgorithm = \"HS256\"\nsecret = \"{secret}\"\n\
              [limits]\nmax_participants_per_session = 1000\nmax_consumers_per_participant = 8\n",
-            udp.port()
+            port_list.join(", ")
         );
         if let Some((listen, peers, files)) = mesh {
             let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
