@@ -34,7 +34,7 @@ use membership::{Load, MemberView, Membership, NodeInfo, HEARTBEAT_EVERY};
 use crate::ids::{NodeId, PipeId, ProducerId, SessionId};
 use crate::sfu::{Command, MeshEvent, PipeCounters, PipeLink, WorkerEvent, Workers};
 use tls::{CertIdentity, NodeTls, TlsError, CLUSTER_SERVER_NAME};
-use wire::{Control, ProducerAnnouncement, StreamRef, MAX_CONTROL, WIRE_VERSION};
+use wire::{CloseCode, Control, ProducerAnnouncement, StreamRef, MAX_CONTROL, WIRE_VERSION};
 
 /// What the mesh of one node needs.
 #[derive(Clone)]
@@ -178,7 +178,8 @@ impl MeshHandle {
 
     /// Closes every pipe and the endpoint (a node leaving the mesh).
     pub fn shutdown(&self) {
-        self.endpoint.close(0u32.into(), b"node shutting down");
+        self.endpoint
+            .close(CloseCode::Done.code().into(), b"node shutting down");
     }
 }
 
@@ -597,7 +598,7 @@ impl PipeCtx {
             Err(_) => {
                 self.stats.handshakes_refused.fetch_add(1, Relaxed);
                 tracing::warn!(peer = %peer, "no Hello from peer in time");
-                conn.close(1u32.into(), b"no hello");
+                close(&conn, CloseCode::NoHello);
                 return None;
             }
         };
@@ -612,12 +613,12 @@ impl PipeCtx {
         } = first
         else {
             self.stats.control_errors.fetch_add(1, Relaxed);
-            conn.close(2u32.into(), b"first message must be hello");
+            close(&conn, CloseCode::HelloNotFirst);
             return None;
         };
         if version != WIRE_VERSION {
             tracing::warn!(peer = %peer, version, "peer speaks another pipe protocol version");
-            conn.close(3u32.into(), b"unsupported version");
+            close(&conn, CloseCode::UnsupportedVersion);
             return None;
         }
         // The certificate, not the Hello, says who the peer is: any cluster certificate
@@ -633,7 +634,7 @@ impl PipeCtx {
                 certificate = ?proven,
                 "refusing a pipe whose Hello does not match its certificate"
             );
-            conn.close(10u32.into(), b"hello does not match the certificate");
+            close(&conn, CloseCode::IdentityMismatch);
             return None;
         }
         let info = NodeInfo {
@@ -687,18 +688,23 @@ impl PipeCtx {
                 Err(PipeSetupError::Control(e)) => {
                     self.stats.control_errors.fetch_add(1, Relaxed);
                     tracing::warn!(pipe = %pipe, node = %node, error = %e, "closing pipe after a bad control message");
-                    conn.close(4u32.into(), b"malformed control message");
+                    close(&conn, CloseCode::MalformedControl);
                     break;
                 }
                 Err(_) => break,
             }
         }
-        conn.close(0u32.into(), b"done");
+        close(&conn, CloseCode::Done);
         writer.abort();
         datagrams.abort();
         let _ = self.internal.send(Internal::Closed { pipe });
         Some(node)
     }
+}
+
+/// Closes a pipe's connection with a code from the protocol.
+fn close(conn: &quinn::Connection, why: CloseCode) {
+    conn.close(why.code().into(), why.reason());
 }
 
 /// Whether a DNS answer lists this peer, by node id or by pipe address.
@@ -1007,7 +1013,7 @@ impl Core {
                 out,
                 routes,
             } => self.on_ready(pipe, info, dialer, conn, out, routes),
-            Internal::Closed { pipe } => self.drop_pipe(pipe, 0, b"closed"),
+            Internal::Closed { pipe } => self.drop_pipe(pipe, CloseCode::Done),
             Internal::Discovered(peers) => self.on_discovered(peers),
             Internal::Control { pipe, msg } => self.on_control(pipe, msg),
         }
@@ -1025,13 +1031,13 @@ impl Core {
     ) {
         let node = info.node.clone();
         if node == self.node {
-            conn.close(5u32.into(), b"connected to itself");
+            close(&conn, CloseCode::SelfConnection);
             return;
         }
         if let Some(peers) = &self.discovered {
             if !published(peers, &info) {
                 tracing::info!(node = %node, "refusing a pipe from a node not published in DNS");
-                conn.close(8u32.into(), b"not in discovery");
+                close(&conn, CloseCode::NotDiscovered);
                 return;
             }
         }
@@ -1043,11 +1049,11 @@ impl Core {
         if let Some(&old) = self.by_node.get(&node) {
             let old_alive = self.pipes[&old].conn.close_reason().is_none();
             if old_alive && self.pipes[&old].dialed_by <= dialed_by {
-                conn.close(6u32.into(), b"duplicate pipe");
+                close(&conn, CloseCode::Duplicate);
                 return;
             }
             // Both ends keep the pipe the lower id dialed; the other one goes.
-            self.drop_pipe(old, 6, b"duplicate pipe");
+            self.drop_pipe(old, CloseCode::Duplicate);
         }
         let counters = Arc::new(PipeCounters::default());
         if let Ok(mut reg) = self.registry.lock() {
@@ -1109,7 +1115,7 @@ impl Core {
     }
 
     /// Forgets a pipe: its remote producers and participants go from every session here.
-    fn drop_pipe(&mut self, pipe: PipeId, code: u32, reason: &'static [u8]) {
+    fn drop_pipe(&mut self, pipe: PipeId, why: CloseCode) {
         let Some(p) = self.pipes.remove(&pipe) else {
             return;
         };
@@ -1122,7 +1128,7 @@ impl Core {
                 c.remove(&p.node);
             }
         }
-        p.conn.close(code.into(), reason);
+        close(&p.conn, why);
         self.stats.pipes_open.fetch_sub(1, Relaxed);
         if let Ok(mut reg) = self.registry.lock() {
             reg.remove(&pipe);
@@ -1133,7 +1139,7 @@ impl Core {
             waiting.remove(&pipe);
         }
         self.settle_replays();
-        tracing::info!(pipe = %pipe, node = %p.node, reason = %String::from_utf8_lossy(reason), "pipe closed");
+        tracing::info!(pipe = %pipe, node = %p.node, reason = %String::from_utf8_lossy(why.reason()), "pipe closed");
         self.publish_views();
     }
 
@@ -1146,7 +1152,7 @@ impl Core {
             .map(|(&id, _)| id)
             .collect();
         for pipe in gone {
-            self.drop_pipe(pipe, 9, b"removed from discovery");
+            self.drop_pipe(pipe, CloseCode::RemovedFromDiscovery);
         }
         self.dialers.set_targets(&self.info, peers.clone());
         self.discovered = Some(peers);
@@ -1174,7 +1180,7 @@ impl Core {
         for (node, pipe) in self.membership.poll_silent(now) {
             self.stats.peers_silent.fetch_add(1, Relaxed);
             tracing::warn!(node = %node, pipe = %pipe, "peer silent for 3 s: declaring it down");
-            self.drop_pipe(pipe, 7, b"heartbeat timeout");
+            self.drop_pipe(pipe, CloseCode::HeartbeatTimeout);
         }
         self.publish_views();
     }

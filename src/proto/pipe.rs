@@ -19,6 +19,89 @@ const KIND_NACK: u8 = 1;
 /// Most sequence numbers one NACK frame carries.
 pub const MAX_NACK_SEQS: usize = 64;
 
+/// Why a pipe was closed: the QUIC application close code and reason each end sends
+/// (docs/pipe-protocol.md, "Close codes").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    /// Normal close (the node stops, or the pipe is done).
+    Done,
+    /// No `hello` in time.
+    NoHello,
+    /// The first control message was not `hello`.
+    HelloNotFirst,
+    /// The peer speaks another protocol version.
+    UnsupportedVersion,
+    /// A control message did not decode.
+    MalformedControl,
+    /// A node connected to itself.
+    SelfConnection,
+    /// A second pipe between the same two nodes.
+    Duplicate,
+    /// No heartbeat for 3 s: the peer is declared down.
+    HeartbeatTimeout,
+    /// The peer is not published in DNS (discovery on).
+    NotDiscovered,
+    /// The peer's DNS record was removed.
+    RemovedFromDiscovery,
+    /// `hello` names another node or region than the peer's certificate.
+    IdentityMismatch,
+}
+
+impl CloseCode {
+    const ALL: [CloseCode; 11] = [
+        CloseCode::Done,
+        CloseCode::NoHello,
+        CloseCode::HelloNotFirst,
+        CloseCode::UnsupportedVersion,
+        CloseCode::MalformedControl,
+        CloseCode::SelfConnection,
+        CloseCode::Duplicate,
+        CloseCode::HeartbeatTimeout,
+        CloseCode::NotDiscovered,
+        CloseCode::RemovedFromDiscovery,
+        CloseCode::IdentityMismatch,
+    ];
+
+    /// The number on the wire.
+    pub fn code(self) -> u32 {
+        match self {
+            CloseCode::Done => 0,
+            CloseCode::NoHello => 1,
+            CloseCode::HelloNotFirst => 2,
+            CloseCode::UnsupportedVersion => 3,
+            CloseCode::MalformedControl => 4,
+            CloseCode::SelfConnection => 5,
+            CloseCode::Duplicate => 6,
+            CloseCode::HeartbeatTimeout => 7,
+            CloseCode::NotDiscovered => 8,
+            CloseCode::RemovedFromDiscovery => 9,
+            CloseCode::IdentityMismatch => 10,
+        }
+    }
+
+    /// The reason phrase sent with it.
+    pub fn reason(self) -> &'static [u8] {
+        match self {
+            CloseCode::Done => b"done",
+            CloseCode::NoHello => b"no hello",
+            CloseCode::HelloNotFirst => b"first message must be hello",
+            CloseCode::UnsupportedVersion => b"unsupported version",
+            CloseCode::MalformedControl => b"malformed control message",
+            CloseCode::SelfConnection => b"connected to itself",
+            CloseCode::Duplicate => b"duplicate pipe",
+            CloseCode::HeartbeatTimeout => b"heartbeat timeout",
+            CloseCode::NotDiscovered => b"not in discovery",
+            CloseCode::RemovedFromDiscovery => b"removed from discovery",
+            CloseCode::IdentityMismatch => b"hello does not match the certificate",
+        }
+    }
+
+    /// The code a peer closed with, if it is one of ours.
+    pub fn from_code(code: u64) -> Option<CloseCode> {
+        Self::ALL.into_iter().find(|c| u64::from(c.code()) == code)
+    }
+}
+
 /// A request to resend packets of one producer stream layer, sent as a datagram back towards
 /// the origin: repair must be as quick as the media, so it does not queue behind the reliable
 /// control stream; the receiver asks again if the packet still does not come.
@@ -405,6 +488,15 @@ mod tests {
         let mut raw = b.clone().freeze();
         let p = rtc::rtp::Packet::unmarshal(&mut raw).unwrap();
         assert_eq!(p.marshal().unwrap(), b.freeze());
+    }
+
+    #[test]
+    fn close_codes_round_trip_and_stay_numbered_as_documented() {
+        for c in CloseCode::ALL {
+            assert_eq!(CloseCode::from_code(u64::from(c.code())), Some(c));
+        }
+        assert_eq!(CloseCode::IdentityMismatch.code(), 10);
+        assert_eq!(CloseCode::from_code(11), None);
     }
 
     #[test]
