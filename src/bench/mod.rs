@@ -96,6 +96,8 @@ impl SpawnedNode {
         let mut text = format!(
             "[node]\nregion = \"{name}\"\nlatitude = 0.0\nlongitude = 0.0\n\
              [signaling]\nlisten = \"{http}\"\n\
+             # Every load-generator connection comes from one address.\n\
+             max_connections_per_source = 8192\n\
              [metrics]\nlisten = \"{metrics}\"\n\
              [rtc]\nlisten_ip = \"127.0.0.1\"\nannounced_ip = \"127.0.0.1\"\nport = 0\nports = [{}]\n\
              [auth]\nissuer = \"bench\"\naudience = \"meridian\"\nalgorithm = \"HS256\"\nsecret = \"{secret}\"\n\

@@ -9,6 +9,9 @@
 //! [`WorkerEvent`]s tagged with its number.
 
 pub mod batch;
+#[cfg(test)]
+mod core_tests;
+mod driver;
 pub mod engine;
 mod pipes;
 mod tcp;
@@ -27,9 +30,10 @@ use crate::ids::{ConsumerId, ParticipantId, ProducerId, SessionId, UserId};
 use crate::media::layers::Layer;
 use crate::media::Codec;
 
+pub use driver::spawn_worker;
 pub use pipes::{PipeCounters, PipeLink};
 pub use tcp::{MAX_TCP_CONNECTIONS, MAX_TCP_PER_SOURCE};
-pub use worker::{spawn_worker, WorkerConfig};
+pub use worker::WorkerConfig;
 pub use workers::{Seat, Workers};
 
 pub use crate::ids::PipeId;

@@ -1,18 +1,19 @@
-//! The worker's side of pipes: producers piped in from other nodes, local producers piped out,
-//! media frames, keyframe requests and loss repair across the pipe. The mesh (control stream,
-//! connection lifecycle) drives this through commands; media datagrams go straight from the
-//! worker to the QUIC connection.
+//! The worker core's side of pipes (its pipe transports): producers piped in from other
+//! nodes, local producers piped out, media frames, keyframe requests and loss repair across
+//! the pipe. The mesh (control stream, connection lifecycle) drives this through commands;
+//! the frames it produces leave in `Worker::pipe_out`, which the driver hands to the QUIC
+//! connection, so this code never touches a socket or reads a clock.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use rtc::shared::marshal::Unmarshal;
 
 use super::worker::{LayerStat, Origin, Producer, Worker};
-use super::{MediaKind, MeshEvent, PipeId, SfuEvent, WorkerEvent};
+use super::{MediaKind, MeshEvent, PipeId, SfuEvent};
 use crate::ids::{NodeId, ProducerId, SessionId};
 use crate::media::extensions::{IncomingExtensions, FORWARDED};
 use crate::media::Codec;
@@ -46,79 +47,74 @@ pub struct PipeLink {
     pub counters: Arc<PipeCounters>,
 }
 
+/// A pipe as the worker core knows it: which node is behind it, its counters, and its
+/// round-trip time as the driver last measured it.
+pub(super) struct PipeState {
+    pub(super) node: NodeId,
+    pub(super) counters: Arc<PipeCounters>,
+    pub(super) rtt: Duration,
+}
+
 /// Size of the buffer pipe frames are cut from.
 const ARENA_CHUNK: usize = 64 * 1024;
 
-impl PipeLink {
-    /// Sends one RTP packet of a producer layer as a media frame. Forwarded header extensions
-    /// travel under wire ids 1.. (their index in `FORWARDED` plus one).
-    fn send_nack(&self, stream: u32, layer: u8, seqs: Vec<u16>) {
-        let n = seqs.len() as u64;
-        if self
-            .conn
-            .send_datagram(
-                NackFrame {
-                    stream,
-                    layer,
-                    seqs,
-                }
-                .encode(),
-            )
-            .is_ok()
-        {
-            self.counters.nacked.fetch_add(n, Relaxed);
+/// A request to resend `seqs` of a stream layer, queued for `pipe`.
+fn queue_nack(
+    out: &mut Vec<(PipeId, Bytes)>,
+    state: &PipeState,
+    pipe: PipeId,
+    stream: u32,
+    layer: u8,
+    seqs: Vec<u16>,
+) {
+    state.counters.nacked.fetch_add(seqs.len() as u64, Relaxed);
+    out.push((
+        pipe,
+        NackFrame {
+            stream,
+            layer,
+            seqs,
         }
-    }
+        .encode(),
+    ));
+}
 
-    /// Sends one RTP packet of a producer layer as a media frame, cut from `arena` (one
-    /// allocation per ~64 KiB of frames, not one per frame). Forwarded header extensions travel
-    /// under wire ids 1.. (their index in `FORWARDED` plus one).
-    pub(super) fn send_media(
-        &self,
-        arena: &mut BytesMut,
-        stream: u32,
-        layer: u8,
-        pkt: &rtc::rtp::Packet,
-        kept: &[Option<Bytes>; FORWARDED.len()],
-    ) {
-        let mut ext: [(u8, &[u8]); FORWARDED.len()] = [(0, &[]); FORWARDED.len()];
-        let mut n = 0;
-        for (i, e) in kept.iter().enumerate() {
-            if let Some(e) = e.as_ref().filter(|e| (1..=16).contains(&e.len())) {
-                ext[n] = (i as u8 + 1, e);
-                n += 1;
-            }
-        }
-        let h = &pkt.header;
-        let parts = RtpParts {
-            marker: h.marker,
-            payload_type: h.payload_type,
-            sequence_number: h.sequence_number,
-            timestamp: h.timestamp,
-            ssrc: h.ssrc,
-            csrc: &h.csrc,
-            extensions: &ext[..n],
-            payload: &pkt.payload,
-        };
-        let size = FRAME_HEADER + parts.size();
-        if arena.capacity() < size {
-            arena.reserve(ARENA_CHUNK.max(size));
-        }
-        MediaFrame::put_header(arena, stream, layer);
-        parts.put(arena);
-        if self.conn.datagram_send_buffer_space() < size {
-            self.counters.send_displaced.fetch_add(1, Relaxed);
-        }
-        match self.conn.send_datagram(arena.split().freeze()) {
-            Ok(()) => {
-                self.counters.datagrams_out.fetch_add(1, Relaxed);
-                self.counters.bytes_out.fetch_add(size as u64, Relaxed);
-            }
-            Err(_) => {
-                self.counters.send_failed.fetch_add(1, Relaxed);
-            }
+/// One RTP packet of a producer layer as a media frame, cut from `arena` (one allocation per
+/// ~64 KiB of frames, not one per frame). Forwarded header extensions travel under wire ids
+/// 1.. (their index in `FORWARDED` plus one).
+pub(super) fn media_frame(
+    arena: &mut BytesMut,
+    stream: u32,
+    layer: u8,
+    pkt: &rtc::rtp::Packet,
+    kept: &[Option<Bytes>; FORWARDED.len()],
+) -> Bytes {
+    let mut ext: [(u8, &[u8]); FORWARDED.len()] = [(0, &[]); FORWARDED.len()];
+    let mut n = 0;
+    for (i, e) in kept.iter().enumerate() {
+        if let Some(e) = e.as_ref().filter(|e| (1..=16).contains(&e.len())) {
+            ext[n] = (i as u8 + 1, e);
+            n += 1;
         }
     }
+    let h = &pkt.header;
+    let parts = RtpParts {
+        marker: h.marker,
+        payload_type: h.payload_type,
+        sequence_number: h.sequence_number,
+        timestamp: h.timestamp,
+        ssrc: h.ssrc,
+        csrc: &h.csrc,
+        extensions: &ext[..n],
+        payload: &pkt.payload,
+    };
+    let size = FRAME_HEADER + parts.size();
+    if arena.capacity() < size {
+        arena.reserve(ARENA_CHUNK.max(size));
+    }
+    MediaFrame::put_header(arena, stream, layer);
+    parts.put(arena);
+    arena.split().freeze()
 }
 
 fn wire_extensions() -> IncomingExtensions {
@@ -131,23 +127,35 @@ fn wire_extensions() -> IncomingExtensions {
 }
 
 impl Worker {
-    pub(super) fn mesh_event(&self, ev: MeshEvent) {
-        if let Some(m) = &self.mesh {
-            let _ = m.send(WorkerEvent {
-                worker: usize::from(self.cfg.index),
-                event: ev,
-            });
-        }
+    /// Queues news for the mesh.
+    pub(super) fn mesh_event(&mut self, ev: MeshEvent) {
+        self.mesh_out.push(ev);
     }
 
-    pub(super) fn pipe_up(&mut self, pipe: PipeId, link: super::PipeLink) {
-        tracing::info!(pipe = %pipe, node = %link.node, "pipe up");
-        self.pipes.insert(pipe, link);
+    pub(super) fn pipe_up(&mut self, pipe: PipeId, node: NodeId, counters: Arc<PipeCounters>) {
+        tracing::info!(pipe = %pipe, node = %node, "pipe up");
+        self.pipes.insert(
+            pipe,
+            PipeState {
+                node,
+                counters,
+                rtt: Duration::from_millis(100),
+            },
+        );
+    }
+
+    /// The driver's latest round-trip measurement of a pipe (it paces resend requests).
+    pub(super) fn set_pipe_rtt(&mut self, pipe: PipeId, rtt: Duration) {
+        if let Some(p) = self.pipes.get_mut(&pipe) {
+            p.rtt = rtt;
+        }
     }
 
     /// Tears down everything that came or went through a closed pipe.
     pub(super) fn pipe_down(&mut self, pipe: PipeId) {
-        self.pipes.remove(&pipe);
+        let Some(state) = self.pipes.remove(&pipe) else {
+            return;
+        };
         // Participants known through this pipe are gone with it.
         let gone: Vec<(SessionId, crate::ids::ParticipantId)> = self
             .remote_participants
@@ -173,7 +181,7 @@ impl Worker {
         for (_, p) in self.producers.iter_mut() {
             p.pipes_out.retain(|(q, _)| *q != pipe);
         }
-        tracing::info!(pipe = %pipe, "pipe down");
+        tracing::info!(pipe = %pipe, node = %state.node, "pipe down");
     }
 
     /// A producer of another node, announced for a session hosted here.
@@ -349,6 +357,7 @@ impl Worker {
             pipes,
             producers,
             pipe_arena,
+            pipe_out,
             ..
         } = self;
         let Some(&pk) = local_streams.get(&nack.stream) else {
@@ -366,7 +375,10 @@ impl Worker {
         };
         for &seq in &nack.seqs {
             if let Some(c) = cache.get(seq) {
-                link.send_media(pipe_arena, p.stream, nack.layer, &c.pkt, &c.kept);
+                pipe_out.push((
+                    pipe,
+                    media_frame(pipe_arena, p.stream, nack.layer, &c.pkt, &c.kept),
+                ));
                 link.counters.retransmitted.fetch_add(1, Relaxed);
             }
         }
@@ -381,7 +393,7 @@ impl Worker {
     }
 
     /// One media frame from a pipe: repair gaps, then forward like any other packet.
-    pub(super) fn pipe_datagram(&mut self, now: Instant, pipe: PipeId, data: Bytes) {
+    pub(super) fn handle_pipe_datagram(&mut self, now: Instant, pipe: PipeId, data: Bytes) {
         let frame = match Datagram::decode(&data) {
             Ok(Datagram::Media(f)) => (f.stream, f.layer),
             Ok(Datagram::Nack(n)) => {
@@ -417,7 +429,7 @@ impl Worker {
             .on_packet(now, pkt.header.sequence_number, &mut gap);
         if !gap.is_empty() {
             if let Some(link) = self.pipes.get(&pipe) {
-                link.send_nack(stream, layer, gap);
+                queue_nack(&mut self.pipe_out, link, pipe, stream, layer, gap);
             }
         }
         self.forward(now, pk, layer, pkt);
@@ -432,16 +444,19 @@ impl Worker {
                 Origin::Pipe { pipe, stream } => {
                     // Ask again for what is still missing after a round trip.
                     if let Some(link) = self.pipes.get(&pipe) {
-                        let wait = link
-                            .conn
-                            .rtt()
-                            .mul_f32(1.5)
-                            .max(std::time::Duration::from_millis(30));
+                        let wait = link.rtt.mul_f32(1.5).max(Duration::from_millis(30));
                         for (layer, l) in p.layers.iter_mut().enumerate() {
                             let mut again = Vec::new();
                             l.repair.due(now, wait, &mut again);
                             if !again.is_empty() {
-                                link.send_nack(stream, layer as u8, again);
+                                queue_nack(
+                                    &mut self.pipe_out,
+                                    link,
+                                    pipe,
+                                    stream,
+                                    layer as u8,
+                                    again,
+                                );
                             }
                         }
                     }

@@ -1,20 +1,23 @@
-//! The media worker: one thread, one UDP socket, every peer connection of the node.
+//! The media worker's core: every peer connection, router, producer and consumer of the
+//! sessions placed on one worker, without sockets or clocks.
 //!
-//! The thread owns all state, so nothing on the forwarding path is shared or locked. Datagrams
-//! are matched to their peer connection by source address, learned from the ICE username of the
-//! first STUN Binding request from that address.
+//! It is fed inputs with the time they happened (`handle_datagram`, `handle_tcp_frame`,
+//! `handle_command`, `handle_pipe_datagram`, `handle_timeout`, `handle_tick`) and leaves its
+//! outputs in queues the driver ([`super::driver`]) drains after each turn: UDP datagrams in
+//! `batch`, ICE-TCP frames, pipe frames and mesh events. Participants hear from it through
+//! their event queues and replies. So it can be run on a virtual clock in tests.
+//!
+//! Datagrams are matched to their peer connection by source address, bound only by an
+//! authenticated STUN Binding request from that address.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
-use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use quinn_udp::{RecvMeta, UdpSocketState};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::event::{RTCPeerConnectionEvent, RTCTrackEvent};
 use rtc::peer_connection::message::RTCMessage;
@@ -33,11 +36,9 @@ use rtc::rtp_transceiver::{RTCRtpReceiverId, RTCRtpSenderId, RTCRtpTransceiverDi
 use rtc::sansio::Protocol;
 use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 use slab::Slab;
-use tokio::io::Interest;
 use tokio::sync::mpsc;
 
 use super::engine::build_peer_connection;
-use super::tcp::TcpEvent;
 use super::*;
 use crate::media::cache::PacketCache;
 use crate::media::demux::{binding_request_is_authentic, binding_request_local_ufrag};
@@ -68,81 +69,10 @@ pub struct WorkerConfig {
     pub mesh: Option<mpsc::UnboundedSender<WorkerEvent>>,
 }
 
-/// Binds the media socket and starts the worker thread.
-pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
-    let socket = UdpSocket::bind(cfg.listen)?;
-    socket.set_nonblocking(true)?;
-    let bound = socket.local_addr()?;
-    let announced = SocketAddr::new(cfg.announced_ip, bound.port());
-    let state = UdpSocketState::new((&socket).into())?;
-    // Bursts of keyframes to many subscribers need room; failure only costs headroom.
-    let _ = state.set_send_buffer_size((&socket).into(), 4 << 20);
-    let _ = state.set_recv_buffer_size((&socket).into(), 4 << 20);
-    let tcp_listener = if cfg.tcp {
-        let l = std::net::TcpListener::bind(SocketAddr::new(cfg.listen.ip(), bound.port()))?;
-        l.set_nonblocking(true)?;
-        Some(l)
-    } else {
-        None
-    };
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (pipe_media, pipe_rx) = mpsc::channel(PIPE_MEDIA_QUEUE);
-    let stats = Arc::new(WorkerStats::default());
-    let handle = WorkerHandle {
-        tx,
-        pipe_media,
-        stats: stats.clone(),
-        media_addr: announced,
-    };
-    std::thread::Builder::new()
-        .name(format!("media-{}", cfg.index))
-        .spawn(move || {
-            crate::alloc::mark_worker_thread();
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the media worker runtime");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let fd = match tokio::net::UdpSocket::from_std(socket) {
-                    Ok(fd) => fd,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot register the media socket");
-                        return;
-                    }
-                };
-                let (tcp_tx, tcp_rx) = mpsc::unbounded_channel();
-                if let Some(l) = tcp_listener {
-                    match tokio::net::TcpListener::from_std(l) {
-                        Ok(l) => {
-                            tokio::spawn(super::tcp::accept_loop(l, tcp_tx, stats.clone()));
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot register the ICE-TCP listener")
-                        }
-                    }
-                }
-                let mut w = Worker::new(cfg, fd, state, announced, stats);
-                w.run(rx, pipe_rx, tcp_rx).await;
-            });
-        })?;
-    tracing::info!(bound = %bound, announced = %announced, "media worker started");
-    Ok(handle)
-}
-
-const TICK: Duration = Duration::from_millis(100);
 /// The bits of a pipe stream number a worker counts in; the byte above is its index.
 const STREAM_COUNTER: u32 = 0x00ff_ffff;
 /// A layer that sent nothing for this long is considered stopped.
 const LAYER_IDLE: Duration = Duration::from_millis(1500);
-const RECV_BATCH: usize = 16;
-/// Pipe media datagrams handled per turn of the worker loop.
-const PIPE_BATCH: usize = 64;
 /// Longest a join to a session new here waits for other nodes to replay the session.
 const MESH_REPLAY_WAIT: Duration = Duration::from_millis(500);
 
@@ -377,16 +307,16 @@ pub(super) struct Consumer {
 
 pub(super) struct Worker {
     pub(super) cfg: WorkerConfig,
-    pub(super) socket: tokio::net::UdpSocket,
-    pub(super) udp: UdpSocketState,
+    /// Part of a mesh: a session new here waits for the other nodes' replay of it.
+    pub(super) meshed: bool,
     pub(super) announced: SocketAddr,
     pub(super) stats: Arc<WorkerStats>,
     pub(super) conns: Slab<Conn>,
     pub(super) by_addr: HashMap<SocketAddr, usize>,
     pub(super) awaiting_mesh: HashMap<SessionId, AwaitingMesh>,
     pub(super) unauthenticated: UnauthenticatedLimiter,
-    /// ICE-TCP connections: where to write, and which peer connection they serve once known.
-    pub(super) tcp_out: HashMap<SocketAddr, mpsc::Sender<bytes::Bytes>>,
+    /// Open ICE-TCP connections, and which peer connection they serve once known.
+    pub(super) tcp_open: HashSet<SocketAddr>,
     pub(super) by_tcp_addr: HashMap<SocketAddr, usize>,
     pub(super) by_ufrag: HashMap<String, usize>,
     pub(super) timers: BinaryHeap<Reverse<(Instant, usize)>>,
@@ -399,8 +329,7 @@ pub(super) struct Worker {
     /// Participants of each session connected to other nodes, by the pipe that told us.
     pub(super) remote_participants: HashMap<SessionId, Vec<(PipeId, ParticipantInfo)>>,
     pub(super) next_stream: u32,
-    pub(super) mesh: Option<mpsc::UnboundedSender<WorkerEvent>>,
-    pub(super) pipes: HashMap<PipeId, PipeLink>,
+    pub(super) pipes: HashMap<PipeId, super::pipes::PipeState>,
     /// (pipe, origin stream) → pipe producer.
     pub(super) pipe_streams: HashMap<(PipeId, u32), usize>,
     /// This node's stream number → local producer, for resend requests from pipes.
@@ -410,8 +339,15 @@ pub(super) struct Worker {
     pub(super) consumers: Slab<Consumer>,
     pub(super) consumer_ids: HashMap<ConsumerId, usize>,
     pub(super) dirty: Vec<usize>,
-    /// Datagrams produced this turn, sent together.
+    /// UDP datagrams produced this turn, sent together by the driver.
     pub(super) batch: super::batch::SendBatch,
+    /// ICE-TCP frames produced this turn, and connections to cut.
+    pub(super) tcp_frames: Vec<(SocketAddr, bytes::Bytes)>,
+    pub(super) tcp_cut: Vec<SocketAddr>,
+    /// Pipe datagrams (media frames, resend requests) produced this turn.
+    pub(super) pipe_out: Vec<(PipeId, bytes::Bytes)>,
+    /// What the mesh is to be told, in order.
+    pub(super) mesh_out: Vec<MeshEvent>,
     /// Buffer pipe media frames are cut from.
     pub(super) pipe_arena: BytesMut,
     pub(super) rtp_scratch: Vec<(String, rtc::rtp::Packet)>,
@@ -523,25 +459,18 @@ impl UnauthenticatedLimiter {
 }
 
 impl Worker {
-    fn new(
-        cfg: WorkerConfig,
-        socket: tokio::net::UdpSocket,
-        udp: UdpSocketState,
-        announced: SocketAddr,
-        stats: Arc<WorkerStats>,
-    ) -> Self {
-        let mesh = cfg.mesh.clone();
+    /// A core announcing `announced` in its candidates, counting into `stats`.
+    pub(super) fn new(cfg: WorkerConfig, announced: SocketAddr, stats: Arc<WorkerStats>) -> Self {
         Self {
+            meshed: cfg.mesh.is_some(),
             cfg,
-            socket,
-            udp,
             announced,
             stats,
             conns: Slab::new(),
             by_addr: HashMap::new(),
             awaiting_mesh: HashMap::new(),
             unauthenticated: UnauthenticatedLimiter::new(),
-            tcp_out: HashMap::new(),
+            tcp_open: HashSet::new(),
             by_tcp_addr: HashMap::new(),
             by_ufrag: HashMap::new(),
             timers: BinaryHeap::new(),
@@ -551,7 +480,6 @@ impl Worker {
             session_producers: HashMap::new(),
             remote_participants: HashMap::new(),
             next_stream: 1,
-            mesh,
             pipes: HashMap::new(),
             pipe_streams: HashMap::new(),
             local_streams: HashMap::new(),
@@ -561,6 +489,10 @@ impl Worker {
             consumer_ids: HashMap::new(),
             dirty: Vec::new(),
             batch: Default::default(),
+            tcp_frames: Vec::new(),
+            tcp_cut: Vec::new(),
+            pipe_out: Vec::new(),
+            mesh_out: Vec::new(),
             pipe_arena: BytesMut::new(),
             rtp_scratch: Vec::new(),
             rtcp_scratch: Vec::new(),
@@ -569,85 +501,16 @@ impl Worker {
         }
     }
 
-    async fn run(
-        &mut self,
-        mut rx: mpsc::UnboundedReceiver<Command>,
-        mut pipe_rx: mpsc::Receiver<(PipeId, bytes::Bytes)>,
-        mut tcp_rx: mpsc::UnboundedReceiver<TcpEvent>,
-    ) {
-        let mut pipe_batch: Vec<(PipeId, bytes::Bytes)> = Vec::with_capacity(PIPE_BATCH);
-        let seg = self.udp.gro_segments().max(1);
-        let buf_len = seg * self.cfg.max_datagram_bytes.max(1500);
-        let mut bufs: Vec<Vec<u8>> = (0..RECV_BATCH).map(|_| vec![0u8; buf_len]).collect();
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let next_timer = self.timers.peek().map(|Reverse((t, _))| *t);
-            let sleep = tokio::time::sleep_until(
-                next_timer
-                    .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
-                    .into(),
-            );
-            // No branch is preferred: under a flood on one input (pipe media, the UDP socket)
-            // the others are still served every few turns, each input in bounded batches.
-            tokio::select! {
-                cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.handle_command(cmd),
-                    None => break,
-                },
-                n = pipe_rx.recv_many(&mut pipe_batch, PIPE_BATCH) => {
-                    if n == 0 { break }
-                    let now = Instant::now();
-                    for (pipe, data) in pipe_batch.drain(..) {
-                        self.pipe_datagram(now, pipe, data);
-                    }
-                }
-                ready = self.socket.readable() => {
-                    if ready.is_err() { break }
-                    let mut meta = [RecvMeta::default(); RECV_BATCH];
-                    let res = {
-                        let mut slices: [IoSliceMut<'_>; RECV_BATCH] =
-                            std::array::from_fn(|_| IoSliceMut::new(&mut []));
-                        for (s, b) in slices.iter_mut().zip(bufs.iter_mut()) {
-                            *s = IoSliceMut::new(b);
-                        }
-                        let (udp, sock) = (&self.udp, &self.socket);
-                        sock.try_io(Interest::READABLE, || udp.recv(sock.into(), &mut slices, &mut meta))
-                    };
-                    match res {
-                        Ok(n) => {
-                            let now = Instant::now();
-                            for (m, b) in meta.iter().zip(bufs.iter()).take(n) {
-                                let stride = m.stride.max(1);
-                                for chunk in b[..m.len].chunks(stride) {
-                                    self.on_datagram(now, m.addr, m.dst_ip, chunk);
-                                }
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => {
-                            // Counted; logged at the first failure and then ever more rarely,
-                            // so a failing socket cannot flood the log.
-                            let n = self.stats.recv_errors.fetch_add(1, Relaxed) + 1;
-                            if n.is_power_of_two() {
-                                tracing::warn!(error = %e, failures = n, "media socket receive failed");
-                            }
-                        }
-                    }
-                }
-                Some(ev) = tcp_rx.recv() => self.on_tcp(Instant::now(), ev),
-                _ = sleep, if next_timer.is_some() => self.fire_timers(Instant::now()),
-                _ = tick.tick() => self.on_tick(Instant::now()),
-            }
-            self.flush(Instant::now());
-            self.send_batch();
-        }
-        tracing::info!("media worker stopped");
-    }
-
     // ---- network input -------------------------------------------------------------------
 
-    fn on_datagram(&mut self, now: Instant, src: SocketAddr, dst_ip: Option<IpAddr>, d: &[u8]) {
+    /// One UDP datagram from `src`, received on local address `dst_ip`.
+    pub(super) fn handle_datagram(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        dst_ip: Option<IpAddr>,
+        d: &[u8],
+    ) {
         self.stats.datagrams_in.fetch_add(1, Relaxed);
         if d.len() > self.cfg.max_datagram_bytes {
             self.stats.datagrams_oversized.fetch_add(1, Relaxed);
@@ -660,42 +523,54 @@ impl Worker {
         self.feed(now, ck, src, TransportProtocol::UDP, BytesMut::from(d));
     }
 
-    fn on_tcp(&mut self, now: Instant, ev: TcpEvent) {
-        match ev {
-            TcpEvent::Opened { peer, out } => {
-                self.tcp_out.insert(peer, out);
-                self.stats.tcp_connections.fetch_add(1, Relaxed);
-            }
-            TcpEvent::Closed { peer } => {
-                self.tcp_out.remove(&peer);
-                if let Some(ck) = self.by_tcp_addr.remove(&peer) {
-                    if let Some(c) = self.conns.get_mut(ck) {
-                        c.tcp_peers.retain(|p| *p != peer);
-                    }
-                }
-                self.stats.tcp_connections.fetch_sub(1, Relaxed);
-            }
-            TcpEvent::Frame { peer, data } => {
-                self.stats.tcp_frames_in.fetch_add(1, Relaxed);
-                let ck = match self.by_tcp_addr.get(&peer) {
-                    Some(&ck) => Some(ck),
-                    None => self
-                        .authenticate(now, peer, &data)
-                        .filter(|&ck| self.conns[ck].tcp_peers.len() < MAX_ADDRS_PER_CONN),
-                };
-                let Some(ck) = ck else {
-                    // A connection that does not open with an authenticated Binding request
-                    // for a known connection is cut.
-                    self.stats.datagrams_unroutable.fetch_add(1, Relaxed);
-                    self.tcp_out.remove(&peer);
-                    return;
-                };
-                if self.by_tcp_addr.insert(peer, ck).is_none() {
-                    self.conns[ck].tcp_peers.push(peer);
-                }
-                self.feed(now, ck, peer, TransportProtocol::TCP, data);
+    /// An ICE-TCP connection from `peer` was accepted.
+    pub(super) fn handle_tcp_opened(&mut self, peer: SocketAddr) {
+        self.tcp_open.insert(peer);
+        self.stats.tcp_connections.fetch_add(1, Relaxed);
+    }
+
+    /// An ICE-TCP connection ended.
+    pub(super) fn handle_tcp_closed(&mut self, peer: SocketAddr) {
+        if !self.tcp_open.remove(&peer) {
+            return;
+        }
+        if let Some(ck) = self.by_tcp_addr.remove(&peer) {
+            if let Some(c) = self.conns.get_mut(ck) {
+                c.tcp_peers.retain(|p| *p != peer);
             }
         }
+        self.stats.tcp_connections.fetch_sub(1, Relaxed);
+    }
+
+    /// Cuts an ICE-TCP connection (the driver drops its writer, which closes it).
+    fn cut_tcp(&mut self, peer: SocketAddr) {
+        self.handle_tcp_closed(peer);
+        self.tcp_cut.push(peer);
+    }
+
+    /// One RFC 4571 frame from an ICE-TCP connection.
+    pub(super) fn handle_tcp_frame(&mut self, now: Instant, peer: SocketAddr, data: BytesMut) {
+        if !self.tcp_open.contains(&peer) {
+            return; // cut already; frames in flight
+        }
+        self.stats.tcp_frames_in.fetch_add(1, Relaxed);
+        let ck = match self.by_tcp_addr.get(&peer) {
+            Some(&ck) => Some(ck),
+            None => self
+                .authenticate(now, peer, &data)
+                .filter(|&ck| self.conns[ck].tcp_peers.len() < MAX_ADDRS_PER_CONN),
+        };
+        let Some(ck) = ck else {
+            // A connection that does not open with an authenticated Binding request for a
+            // known connection is cut.
+            self.stats.datagrams_unroutable.fetch_add(1, Relaxed);
+            self.cut_tcp(peer);
+            return;
+        };
+        if self.by_tcp_addr.insert(peer, ck).is_none() {
+            self.conns[ck].tcp_peers.push(peer);
+        }
+        self.feed(now, ck, peer, TransportProtocol::TCP, data);
     }
 
     /// Hands one packet from the network to its peer connection.
@@ -770,20 +645,6 @@ impl Worker {
         Some(ck)
     }
 
-    /// Sends every datagram queued this turn in as few system calls as possible.
-    fn send_batch(&mut self) {
-        if self.batch.is_empty() {
-            return;
-        }
-        let f = self.batch.flush(self.socket.as_raw_fd());
-        self.stats.datagrams_out.fetch_add(f.sent as u64, Relaxed);
-        self.stats.bytes_out.fetch_add(f.bytes as u64, Relaxed);
-        self.stats.send_errors.fetch_add(f.failed as u64, Relaxed);
-        self.stats
-            .send_syscalls
-            .fetch_add(f.syscalls as u64, Relaxed);
-    }
-
     /// Drains everything a connection has to say: datagrams out, events, media, timers.
     fn process_conn(&mut self, now: Instant, ck: usize) {
         let Some(conn) = self.conns.get_mut(ck) else {
@@ -793,11 +654,10 @@ impl Worker {
         let src_ip = conn.src_ip;
         while let Some(msg) = crate::alloc::in_rtc(|| conn.pc.poll_write()) {
             if msg.transport.transport_protocol == TransportProtocol::TCP {
-                let sent = self
-                    .tcp_out
-                    .get(&msg.transport.peer_addr)
-                    .is_some_and(|out| out.try_send(msg.message.freeze()).is_ok());
-                if !sent {
+                if self.tcp_open.contains(&msg.transport.peer_addr) {
+                    self.tcp_frames
+                        .push((msg.transport.peer_addr, msg.message.freeze()));
+                } else {
                     self.stats.send_errors.fetch_add(1, Relaxed);
                 }
                 continue;
@@ -850,7 +710,13 @@ impl Worker {
         }
     }
 
-    fn fire_timers(&mut self, now: Instant) {
+    /// When `handle_timeout` is next due, if anything waits.
+    pub(super) fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Runs the peer connection timers due by `now`.
+    pub(super) fn handle_timeout(&mut self, now: Instant) {
         while let Some(Reverse((t, ck))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -887,7 +753,8 @@ impl Worker {
         }
     }
 
-    fn flush(&mut self, now: Instant) {
+    /// Drains every connection that has something to send; call at the end of each turn.
+    pub(super) fn flush(&mut self, now: Instant) {
         while let Some(ck) = self.dirty.pop() {
             self.process_conn(now, ck);
         }
@@ -1015,6 +882,7 @@ impl Worker {
             dirty,
             pipes,
             pipe_arena,
+            pipe_out,
             ..
         } = self;
         let producer = &mut producers[pk];
@@ -1055,8 +923,10 @@ impl Worker {
             if wanted & (1 << layer) == 0 {
                 continue;
             }
-            if let Some(link) = pipes.get(&pipe) {
-                link.send_media(pipe_arena, producer.stream, layer, &pkt, &kept);
+            if pipes.contains_key(&pipe) {
+                let frame =
+                    super::pipes::media_frame(pipe_arena, producer.stream, layer, &pkt, &kept);
+                pipe_out.push((pipe, frame));
             }
         }
         if producer.consumers.is_empty() {
@@ -1178,7 +1048,7 @@ impl Worker {
         self.mark_dirty(ck);
     }
 
-    fn request_keyframe_for_consumer(&mut self, now: Instant, cid: usize) {
+    pub(super) fn request_keyframe_for_consumer(&mut self, now: Instant, cid: usize) {
         let Some(c) = self.consumers.get(cid) else {
             return;
         };
@@ -1234,7 +1104,9 @@ impl Worker {
         self.mark_dirty(ck);
     }
 
-    fn on_tick(&mut self, now: Instant) {
+    /// The periodic turn (every 100 ms): late joins, layer bitrates and choices, keyframe
+    /// requests, pipe repair and layer requests.
+    pub(super) fn handle_tick(&mut self, now: Instant) {
         self.ticks += 1;
         // Joins whose mesh replay is late are answered with what is known by now.
         let late: Vec<SessionId> = self
@@ -1300,8 +1172,8 @@ impl Worker {
 
     // ---- commands ------------------------------------------------------------------------
 
-    fn handle_command(&mut self, cmd: Command) {
-        let now = Instant::now();
+    /// One request from signaling or the mesh (pipe up and down come through the driver).
+    pub(super) fn handle_command(&mut self, now: Instant, cmd: Command) {
         match cmd {
             Command::Join {
                 session,
@@ -1310,7 +1182,6 @@ impl Worker {
                 events,
                 reply,
             } => {
-                let now = Instant::now();
                 match self.join(session.clone(), user, role, events) {
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -1425,7 +1296,7 @@ impl Worker {
             Command::Ping { reply } => {
                 let _ = reply.send(());
             }
-            Command::PipeUp { pipe, link } => self.pipe_up(pipe, link),
+            Command::PipeUp { pipe, link } => self.pipe_up(pipe, link.node, link.counters),
             Command::PipeDown { pipe } => self.pipe_down(pipe),
             Command::RemoteProducer { pipe, announcement } => {
                 self.remote_producer(pipe, announcement)
@@ -1565,7 +1436,7 @@ impl Worker {
         let id = ParticipantId::random();
         // A session new here, on a node in a mesh (or one still waiting for it): the
         // participant's view waits for the mesh's replay.
-        let syncing = self.cfg.mesh.is_some()
+        let syncing = self.meshed
             && (!self.routers.contains_key(&session) || self.awaiting_mesh.contains_key(&session));
         let pk = self.participants.insert(Participant {
             id: id.clone(),
@@ -2247,7 +2118,7 @@ impl Worker {
         for p in &conn.tcp_peers {
             self.by_tcp_addr.remove(p);
             // Dropping the sender ends the connection's task.
-            self.tcp_out.remove(p);
+            self.cut_tcp(*p);
         }
         if !conn.ufrag.is_empty() {
             self.by_ufrag.remove(&conn.ufrag);

@@ -1,0 +1,341 @@
+//! The worker core driven directly, without sockets, threads or sleeps: inputs carry a
+//! virtual time and outputs are read from the core's queues and the participants' event
+//! channels.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+
+use super::pipes::media_frame;
+use super::worker::Worker;
+use super::*;
+use crate::proto::pipe::{Datagram, ProducerAnnouncement};
+
+struct Harness {
+    core: Worker,
+    now: Instant,
+}
+
+impl Harness {
+    /// A core as a node in a mesh has it (joins to new sessions wait for the mesh's replay).
+    fn new() -> Self {
+        let (mesh, _) = mpsc::unbounded_channel();
+        let cfg = WorkerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            announced_ip: "127.0.0.1".parse().unwrap(),
+            limits: Default::default(),
+            max_datagram_bytes: 1500,
+            udp: true,
+            tcp: false,
+            index: 1,
+            mesh: Some(mesh),
+        };
+        Self {
+            core: Worker::new(
+                cfg,
+                "127.0.0.1:40000".parse().unwrap(),
+                Arc::new(WorkerStats::default()),
+            ),
+            now: Instant::now(),
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now += by;
+    }
+
+    fn command(&mut self, cmd: Command) {
+        self.core.handle_command(self.now, cmd);
+        self.core.flush(self.now);
+    }
+
+    fn tick(&mut self) {
+        self.core.handle_tick(self.now);
+        self.core.flush(self.now);
+    }
+
+    /// Joins `user` to `session` and answers the mesh replay at once; returns the
+    /// participant's id and event queue.
+    fn join(&mut self, session: &str, user: &str) -> (ParticipantId, mpsc::Receiver<SfuEvent>) {
+        let (events, rx) = event_channel();
+        let (reply, mut answer) = oneshot::channel();
+        let session: SessionId = session.parse().unwrap();
+        self.command(Command::Join {
+            session: session.clone(),
+            user: user.parse().unwrap(),
+            role: Role::Agent,
+            events,
+            reply,
+        });
+        self.command(Command::SessionReplayed { session });
+        let joined = answer.try_recv().expect("answered").expect("joined");
+        (joined.participant_id, rx)
+    }
+
+    fn pipe_up(&mut self, pipe: PipeId) -> Arc<PipeCounters> {
+        let counters = Arc::new(PipeCounters::default());
+        self.core
+            .pipe_up(pipe, "us-1".parse().unwrap(), counters.clone());
+        self.core.set_pipe_rtt(pipe, Duration::from_millis(100));
+        counters
+    }
+
+    /// A VP8 producer of another node announced over `pipe` as stream `stream`.
+    fn remote_producer(&mut self, pipe: PipeId, session: &str, id: &str, stream: u32) {
+        self.command(Command::RemoteProducer {
+            pipe,
+            announcement: ProducerAnnouncement {
+                session: session.parse().unwrap(),
+                producer: id.parse().unwrap(),
+                stream,
+                participant: "remote-p".parse().unwrap(),
+                user: "remote-user".parse().unwrap(),
+                role: Role::User,
+                kind: "video".into(),
+                mime_type: "video/VP8".into(),
+                clock_rate: 90_000,
+                channels: 0,
+                fmtp: String::new(),
+                rids: Vec::new(),
+                paused: false,
+            },
+        });
+    }
+
+    /// One media frame of `stream` with sequence number `seq`, as the origin sends it.
+    fn pipe_media(&mut self, pipe: PipeId, stream: u32, seq: u16) {
+        let pkt = rtc::rtp::Packet {
+            header: rtc::rtp::header::Header {
+                version: 2,
+                payload_type: 96,
+                sequence_number: seq,
+                timestamp: u32::from(seq) * 3000,
+                ssrc: 0x5555,
+                ..Default::default()
+            },
+            payload: Bytes::from_static(&[0x10, 0x01, 0, 0, 0, 0, 0, 0]),
+        };
+        let mut arena = BytesMut::new();
+        let frame = media_frame(&mut arena, stream, 0, &pkt, &Default::default());
+        self.core.handle_pipe_datagram(self.now, pipe, frame);
+        self.core.flush(self.now);
+    }
+
+    /// Sequence numbers asked for again on `pipe` since the last call.
+    fn nacked(&mut self, pipe: PipeId) -> Vec<u16> {
+        let mut out = Vec::new();
+        for (p, frame) in self.core.pipe_out.drain(..) {
+            if let (true, Ok(Datagram::Nack(n))) = (p == pipe, Datagram::decode(&frame)) {
+                out.extend(n.seqs);
+            }
+        }
+        out
+    }
+
+    fn mesh_events(&mut self) -> Vec<MeshEvent> {
+        self.core.mesh_out.drain(..).collect()
+    }
+}
+
+fn drain(rx: &mut mpsc::Receiver<SfuEvent>) -> Vec<SfuEvent> {
+    let mut out = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        out.push(ev);
+    }
+    out
+}
+
+const MS: Duration = Duration::from_millis(1);
+
+#[test]
+fn pipe_loss_is_asked_for_at_once_and_again_after_a_round_trip_until_repaired() {
+    let mut h = Harness::new();
+    let (_p, _events) = h.join("kyc-repair", "agent");
+    let pipe = PipeId(3);
+    h.pipe_up(pipe);
+    h.remote_producer(pipe, "kyc-repair", "prod-1", 0x0200_0001);
+    h.pipe_media(pipe, 0x0200_0001, 100);
+    h.pipe_media(pipe, 0x0200_0001, 101);
+    assert!(h.nacked(pipe).is_empty(), "no gap yet");
+    h.pipe_media(pipe, 0x0200_0001, 104);
+    assert_eq!(
+        h.nacked(pipe),
+        vec![102, 103],
+        "a gap is asked for on arrival"
+    );
+    // Within 1.5 round trips (RTT 100 ms), nothing is asked again.
+    h.advance(100 * MS);
+    h.tick();
+    assert!(h.nacked(pipe).is_empty());
+    // After it, what is still missing is asked again; what arrived is not.
+    h.pipe_media(pipe, 0x0200_0001, 102);
+    h.advance(60 * MS);
+    h.tick();
+    assert_eq!(h.nacked(pipe), vec![103]);
+    h.pipe_media(pipe, 0x0200_0001, 103);
+    h.advance(200 * MS);
+    h.tick();
+    assert!(h.nacked(pipe).is_empty(), "repaired: nothing more to ask");
+}
+
+#[test]
+fn a_slow_pipe_is_asked_again_later_than_a_fast_one() {
+    let mut h = Harness::new();
+    let (_p, _events) = h.join("kyc-rtt", "agent");
+    let pipe = PipeId(4);
+    h.pipe_up(pipe);
+    h.core.set_pipe_rtt(pipe, Duration::from_millis(400));
+    h.remote_producer(pipe, "kyc-rtt", "prod-1", 7);
+    h.pipe_media(pipe, 7, 10);
+    h.pipe_media(pipe, 7, 12);
+    assert_eq!(h.nacked(pipe), vec![11]);
+    h.advance(300 * MS);
+    h.tick();
+    assert!(h.nacked(pipe).is_empty(), "a 400 ms pipe waits 600 ms");
+    h.advance(310 * MS);
+    h.tick();
+    assert_eq!(h.nacked(pipe), vec![11]);
+}
+
+#[test]
+fn keyframe_requests_for_a_piped_producer_are_aggregated_per_interval() {
+    let mut h = Harness::new();
+    let (_p, _events) = h.join("kyc-kf", "agent");
+    let pipe = PipeId(5);
+    h.pipe_up(pipe);
+    h.remote_producer(pipe, "kyc-kf", "prod-1", 9);
+    h.mesh_events();
+    let pk = h.core.producer_ids[&"prod-1".parse::<ProducerId>().unwrap()];
+    let requests = |h: &mut Harness| {
+        h.mesh_events()
+            .into_iter()
+            .filter(|e| matches!(e, MeshEvent::KeyframeRequest { .. }))
+            .count()
+    };
+    // Many consumers asking within the interval cost the origin one request.
+    for _ in 0..10 {
+        h.core.request_keyframe(h.now, pk, 0);
+        h.advance(10 * MS);
+    }
+    assert_eq!(requests(&mut h), 1);
+    h.advance(300 * MS);
+    h.core.request_keyframe(h.now, pk, 0);
+    assert_eq!(requests(&mut h), 1, "the next interval allows one more");
+}
+
+#[test]
+fn a_closed_pipe_takes_its_producers_and_participants_out_of_every_session() {
+    let mut h = Harness::new();
+    let (_p, mut events) = h.join("kyc-down", "agent");
+    let pipe = PipeId(6);
+    h.pipe_up(pipe);
+    h.command(Command::RemoteParticipantJoined {
+        pipe,
+        session: "kyc-down".parse().unwrap(),
+        participant: ParticipantInfo {
+            participant_id: "remote-p".parse().unwrap(),
+            user_id: "remote-user".parse().unwrap(),
+            role: Role::User,
+        },
+    });
+    h.remote_producer(pipe, "kyc-down", "prod-1", 11);
+    let seen = drain(&mut events);
+    assert!(seen.iter().any(
+        |e| matches!(e, SfuEvent::ParticipantJoined(p) if p.participant_id.as_str() == "remote-p")
+    ));
+    assert!(seen
+        .iter()
+        .any(|e| matches!(e, SfuEvent::ProducerAdded(p) if p.producer_id.as_str() == "prod-1")));
+    assert_eq!(WorkerStats::get(&h.core.stats.producers), 1);
+
+    h.command(Command::PipeDown { pipe });
+    let seen = drain(&mut events);
+    assert!(seen
+        .iter()
+        .any(|e| matches!(e, SfuEvent::ProducerClosed(p) if p.as_str() == "prod-1")));
+    assert!(seen.iter().any(
+        |e| matches!(e, SfuEvent::ParticipantLeft(p) if p.participant_id.as_str() == "remote-p")
+    ));
+    assert_eq!(WorkerStats::get(&h.core.stats.producers), 0);
+    // Frames still in flight from the closed pipe are ignored.
+    h.pipe_media(pipe, 11, 1);
+    assert!(h.core.pipe_out.is_empty());
+}
+
+#[test]
+fn the_last_participant_leaving_ends_the_session_and_its_piped_producers() {
+    let mut h = Harness::new();
+    let (a, _ea) = h.join("kyc-leave", "agent");
+    let (b, mut eb) = h.join("kyc-leave", "user");
+    let pipe = PipeId(8);
+    h.pipe_up(pipe);
+    h.remote_producer(pipe, "kyc-leave", "prod-1", 12);
+    let opened = h.mesh_events();
+    assert!(
+        opened
+            .iter()
+            .filter(|e| matches!(e, MeshEvent::SessionActive(_)))
+            .count()
+            == 1,
+        "one session, activated once: {opened:?}"
+    );
+    h.command(Command::Leave { participant: a });
+    drain(&mut eb);
+    let left = h.mesh_events();
+    assert!(left
+        .iter()
+        .any(|e| matches!(e, MeshEvent::ParticipantLeft { .. })));
+    assert!(!left
+        .iter()
+        .any(|e| matches!(e, MeshEvent::SessionInactive(_))));
+    assert_eq!(WorkerStats::get(&h.core.stats.sessions), 1);
+    h.command(Command::Leave { participant: b });
+    let ended = h.mesh_events();
+    assert!(ended
+        .iter()
+        .any(|e| matches!(e, MeshEvent::SessionInactive(s) if s.as_str() == "kyc-leave")));
+    for c in [
+        &h.core.stats.sessions,
+        &h.core.stats.participants,
+        &h.core.stats.producers,
+        &h.core.stats.consumers,
+    ] {
+        assert_eq!(WorkerStats::get(c), 0);
+    }
+    assert!(h.core.producer_ids.is_empty() && h.core.routers.is_empty());
+}
+
+#[test]
+fn a_join_waits_for_the_mesh_replay_or_its_deadline_on_the_virtual_clock() {
+    let mut h = Harness::new();
+    let (events, _rx) = event_channel();
+    let (reply, mut answer) = oneshot::channel();
+    h.command(Command::Join {
+        session: "kyc-wait".parse().unwrap(),
+        user: "agent".parse().unwrap(),
+        role: Role::Agent,
+        events,
+        reply,
+    });
+    h.advance(400 * MS);
+    h.tick();
+    assert!(answer.try_recv().is_err(), "still waiting for the mesh");
+    h.advance(200 * MS);
+    h.tick();
+    assert!(
+        answer.try_recv().expect("answered by the deadline").is_ok(),
+        "answered with what is known"
+    );
+}
+
+#[test]
+fn pipe_stream_numbers_carry_the_worker_number() {
+    let mut h = Harness::new();
+    let a = h.core.allocate_stream();
+    let b = h.core.allocate_stream();
+    assert_ne!(a, b);
+    assert_eq!(stream_worker(a), 1);
+    assert_eq!(stream_worker(b), 1);
+}
