@@ -9,12 +9,18 @@
 //! [`WorkerEvent`]s tagged with its number.
 
 pub mod batch;
+mod consumer;
 #[cfg(test)]
 mod core_tests;
 mod driver;
 pub mod engine;
+mod forward;
+mod keys;
 mod pipes;
+mod producer;
+mod router;
 mod tcp;
+mod transport;
 mod worker;
 mod workers;
 

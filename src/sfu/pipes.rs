@@ -12,7 +12,9 @@ use bytes::{Bytes, BytesMut};
 use rtc::rtp_transceiver::rtp_sender::RTCRtpCodec;
 use rtc::shared::marshal::Unmarshal;
 
-use super::worker::{LayerStat, Origin, Producer, Worker};
+use super::keys::ProducerKey;
+use super::producer::{LayerStat, Origin, Producer};
+use super::worker::Worker;
 use super::{MediaKind, MeshEvent, PipeId, SfuEvent};
 use crate::ids::{NodeId, ProducerId, SessionId};
 use crate::media::extensions::{IncomingExtensions, FORWARDED};
@@ -169,7 +171,7 @@ impl Worker {
         for (session, p) in gone {
             self.remote_participant_left(&session, &p);
         }
-        let piped_in: Vec<usize> = self
+        let piped_in: Vec<ProducerKey> = self
             .producers
             .iter()
             .filter(|(_, p)| matches!(p.origin, Origin::Pipe { pipe: q, .. } if q == pipe))
@@ -303,12 +305,12 @@ impl Worker {
         }
     }
 
-    fn piped_producer(&self, pipe: PipeId, producer: &ProducerId) -> Option<usize> {
+    fn piped_producer(&self, pipe: PipeId, producer: &ProducerId) -> Option<ProducerKey> {
         let pk = *self.producer_ids.get(producer)?;
         matches!(self.producers[pk].origin, Origin::Pipe { pipe: q, .. } if q == pipe).then_some(pk)
     }
 
-    fn local_producer(&self, producer: &ProducerId) -> Option<usize> {
+    fn local_producer(&self, producer: &ProducerId) -> Option<ProducerKey> {
         let pk = *self.producer_ids.get(producer)?;
         matches!(self.producers[pk].origin, Origin::Local { .. }).then_some(pk)
     }
@@ -505,7 +507,7 @@ impl Worker {
     }
 
     /// What the mesh announces for a local producer.
-    pub(super) fn announcement(&self, pk: usize) -> ProducerAnnouncement {
+    pub(super) fn announcement(&self, pk: ProducerKey) -> ProducerAnnouncement {
         let p = &self.producers[pk];
         ProducerAnnouncement {
             session: p.session.clone(),

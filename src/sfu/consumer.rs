@@ -1,0 +1,303 @@
+//! Consumers: one outgoing copy of a producer to one subscriber, with its own SSRC, sequence
+//! and timestamp space, simulcast layer choice and retransmissions.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection};
+
+use super::keys::{ConnKey, ConsumerKey, ParticipantKey, ProducerKey};
+use super::*;
+use super::{producer::*, transport::*, worker::*};
+use crate::media::extensions::OutgoingExtensions;
+use crate::media::layers::LayerSelector;
+use crate::media::rewrite::RtpRewriter;
+
+pub(super) struct Consumer {
+    pub(super) id: ConsumerId,
+    pub(super) producer: ProducerKey,
+    pub(super) participant: ParticipantKey,
+    pub(super) conn: ConnKey,
+    pub(super) sender: RTCRtpSenderId,
+    pub(super) ssrc: u32,
+    pub(super) payload_type: u8,
+    pub(super) extensions: OutgoingExtensions,
+    pub(super) rewriter: RtpRewriter,
+    pub(super) selector: LayerSelector,
+    pub(super) paused: bool,
+    pub(super) track_id: String,
+}
+
+impl Consumer {
+    pub(super) fn is_paused(&self) -> bool {
+        self.paused
+    }
+    pub(super) fn target_layer(&self) -> u8 {
+        self.selector.target()
+    }
+    pub(super) fn current_layer(&self) -> Option<u8> {
+        self.selector.current()
+    }
+}
+
+impl Worker {
+    pub(super) fn subscribe(
+        &mut self,
+        now: Instant,
+        participant: &ParticipantId,
+        producer: &ProducerId,
+        offer: String,
+        max_layer: Option<u8>,
+    ) -> Result<Subscribed, SubscribeError> {
+        let pk = *self
+            .participant_ids
+            .get(participant)
+            .ok_or(SubscribeError::UnknownParticipant)?;
+        let prk = *self
+            .producer_ids
+            .get(producer)
+            .ok_or_else(|| SubscribeError::UnknownProducer(producer.to_string()))?;
+        let me = &self.participants[pk];
+        let (owner, layers, kind, rtp_codec) = {
+            let p = &self.producers[prk];
+            (p.owner.clone(), p.layers.len(), p.kind, p.rtp_codec.clone())
+        };
+        if self.producers[prk].session != me.session {
+            return Err(SubscribeError::UnknownProducer(producer.to_string()));
+        }
+        if owner.participant_id == me.id || !me.role.may_see(owner.role) {
+            return Err(SubscribeError::NotAllowed);
+        }
+        let max = self.cfg.limits.max_consumers_per_participant;
+        if me.consumers.len() >= max {
+            return Err(SubscribeError::TooManyConsumers(max));
+        }
+        let fresh = me.subscribe.is_none();
+        let ck = match me.subscribe {
+            Some(ck) => ck,
+            None => self
+                .new_conn(now, pk, TransportKind::Subscribe)
+                .map_err(SubscribeError::BadSdp)?,
+        };
+        let id = ConsumerId::random();
+        let ssrc = loop {
+            let s = rand::random::<u32>();
+            if s != 0 {
+                break s;
+            }
+        };
+        let owner_id = owner.participant_id.to_string();
+        let track = MediaStreamTrack::new(
+            owner_id,
+            id.to_string(),
+            producer.to_string(),
+            match kind {
+                MediaKind::Audio => RtpCodecKind::Audio,
+                MediaKind::Video => RtpCodecKind::Video,
+            },
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec: rtp_codec.clone(),
+                ..Default::default()
+            }],
+        );
+        let conn = &mut self.conns[ck];
+        let sender = conn
+            .pc
+            .add_track(track)
+            .map_err(|e| SubscribeError::BadSdp(sdp_error(e)))?;
+        let fail = |w: &mut Self, e: SubscribeError| {
+            if let Some(c) = w.conns.get_mut(ck) {
+                let _ = c.pc.remove_track(sender);
+            }
+            if fresh {
+                w.close_conn(ck);
+            }
+            Err(e)
+        };
+        let answer = match self.negotiate(now, ck, offer) {
+            Ok(a) => a,
+            Err(e) => return fail(self, SubscribeError::BadSdp(e)),
+        };
+        let conn = &mut self.conns[ck];
+        let transceivers: Vec<_> = conn.pc.get_transceivers().collect();
+        let mid = transceivers.into_iter().find_map(|tid| {
+            let t = conn.pc.rtp_transceiver(tid)?;
+            if t.sender() == Some(sender) {
+                t.mid().clone()
+            } else {
+                None
+            }
+        });
+        let Some(mid) = mid else {
+            return fail(self, SubscribeError::NoMatchingMLine);
+        };
+        let negotiated = conn.pc.rtp_sender(sender).map(|mut s| {
+            let params = &s.get_parameters().rtp_parameters;
+            let codecs = &params.codecs;
+            let payload_type = codecs
+                .iter()
+                .find(|c| {
+                    c.rtp_codec
+                        .mime_type
+                        .eq_ignore_ascii_case(&rtp_codec.mime_type)
+                        && c.rtp_codec.sdp_fmtp_line == rtp_codec.sdp_fmtp_line
+                })
+                .or_else(|| {
+                    codecs.iter().find(|c| {
+                        c.rtp_codec
+                            .mime_type
+                            .eq_ignore_ascii_case(&rtp_codec.mime_type)
+                    })
+                })
+                .map(|c| c.payload_type);
+            let extensions = OutgoingExtensions::new(
+                params
+                    .header_extensions
+                    .iter()
+                    .map(|e| (e.uri.as_str(), e.id)),
+            );
+            (payload_type, extensions)
+        });
+        let (payload_type, extensions) = match negotiated {
+            Some((pt, ext)) => (pt, ext),
+            None => (None, OutgoingExtensions::default()),
+        };
+        let Some(payload_type) = payload_type else {
+            return fail(
+                self,
+                SubscribeError::BadSdp(format!(
+                    "the subscriber does not accept {}",
+                    rtp_codec.mime_type
+                )),
+            );
+        };
+        let top = (layers.max(1) - 1) as u8;
+        let consumer = Consumer {
+            id: id.clone(),
+            producer: prk,
+            participant: pk,
+            conn: ck,
+            sender,
+            ssrc,
+            payload_type,
+            extensions,
+            rewriter: RtpRewriter::new(rtp_codec.clock_rate),
+            selector: LayerSelector::new(max_layer.unwrap_or(top).min(top)),
+            paused: false,
+            track_id: id.to_string(),
+        };
+        let cid = self.consumers.insert(consumer);
+        self.conns[ck].track_consumer.insert(id.to_string(), cid);
+        self.consumer_ids.insert(id.clone(), cid);
+        self.producers[prk].consumers.push(cid);
+        self.participants[pk].consumers.push(cid);
+        self.update_gauges();
+        tracing::info!(consumer = %id, producer = %producer, "consumer created");
+        Ok(Subscribed {
+            answer,
+            consumer_id: id,
+            producer_id: producer.clone(),
+            mid,
+        })
+    }
+
+    pub(super) fn own_consumer(
+        &self,
+        participant: &ParticipantId,
+        id: &ConsumerId,
+    ) -> Result<ConsumerKey, ControlError> {
+        let pk = *self
+            .participant_ids
+            .get(participant)
+            .ok_or(ControlError::UnknownParticipant)?;
+        self.consumer_ids
+            .get(id)
+            .copied()
+            .filter(|&k| self.consumers[k].participant == pk)
+            .ok_or_else(|| ControlError::UnknownConsumer(id.to_string()))
+    }
+
+    pub(super) fn close_consumer(&mut self, cid: ConsumerKey, producer_gone: bool) {
+        if !self.consumers.contains(cid) {
+            return;
+        }
+        let c = self.consumers.remove(cid);
+        self.consumer_ids.remove(&c.id);
+        if let Some(p) = self.producers.get_mut(c.producer) {
+            p.consumers.retain(|&x| x != cid);
+        }
+        if let Some(p) = self.participants.get_mut(c.participant) {
+            p.consumers.retain(|&x| x != cid);
+            if producer_gone {
+                p.send(SfuEvent::ConsumerClosed(c.id.clone()));
+            }
+        }
+        if let Some(conn) = self.conns.get_mut(c.conn) {
+            conn.track_consumer.remove(&c.track_id);
+            // The m-line goes inactive but keeps its sender: rtc gives a transceiver without
+            // a sender to the next track added, and the next subscription must be answered
+            // on the m-line the client offered for it, not on this one, which the client has
+            // given up. Stopping it instead would reject the m-line, and when it is the
+            // BUNDLE tag the browser moves the whole connection to a new transport.
+            let ids: Vec<_> = conn.pc.get_transceivers().collect();
+            let transceiver = ids.into_iter().find(|&t| {
+                conn.pc
+                    .rtp_transceiver(t)
+                    .is_some_and(|t| t.sender() == Some(c.sender))
+            });
+            if let Some(mut t) = transceiver.and_then(|t| conn.pc.rtp_transceiver(t)) {
+                t.set_direction(RTCRtpTransceiverDirection::Inactive);
+            }
+        }
+        self.mark_dirty(c.conn);
+        self.update_gauges();
+    }
+
+    /// Resends one packet a consumer reported lost, from its producer's cache.
+    pub(super) fn retransmit(&mut self, now: Instant, cid: ConsumerKey, out_seq: u16) {
+        let Some(c) = self.consumers.get_mut(cid) else {
+            return;
+        };
+        let cached = c.rewriter.input_of(out_seq).and_then(|(ssrc, seq)| {
+            let p = self.producers.get(c.producer)?;
+            let layer = p.layers.iter().find(|l| l.ssrc == Some(ssrc))?;
+            layer.cache.as_ref()?.get(seq).cloned()
+        });
+        let Some(CachedPacket { mut pkt, kept }) = cached else {
+            self.stats.nack_unserved.fetch_add(1, Relaxed);
+            return;
+        };
+        let (ssrc, seq, ts) = (
+            pkt.header.ssrc,
+            pkt.header.sequence_number,
+            pkt.header.timestamp,
+        );
+        let Some((out_seq, out_ts)) = c.rewriter.rewrite(now, ssrc, seq, ts) else {
+            return;
+        };
+        pkt.header.ssrc = c.ssrc;
+        pkt.header.sequence_number = out_seq;
+        pkt.header.timestamp = out_ts;
+        pkt.header.payload_type = c.payload_type;
+        set_forwarded_extensions(&mut pkt, &kept, &c.extensions);
+        let ck = c.conn;
+        if let Some(mut sender) = self
+            .conns
+            .get_mut(ck)
+            .and_then(|conn| conn.pc.rtp_sender(c.sender))
+        {
+            if crate::alloc::in_rtc(|| sender.write_rtp(now, pkt)).is_ok() {
+                self.stats.rtp_retransmitted.fetch_add(1, Relaxed);
+            }
+        }
+        self.mark_dirty(ck);
+    }
+}
