@@ -120,9 +120,14 @@ impl SeqTrack {
     }
 }
 
-/// One stream the peer sends.
-struct Outgoing {
+/// One stream the peer sends (an audio track or one video layer).
+pub struct Outgoing {
     ssrc: u32,
+    /// The video layer (0 lowest), written into every payload at byte 26.
+    layer: u8,
+    mid: Option<String>,
+    mid_id: Option<u8>,
+    rid_id: Option<u8>,
     pt: u8,
     rid: Option<&'static str>,
     enc: Encoding,
@@ -140,7 +145,8 @@ struct Outgoing {
 /// A participant's publish or subscribe peer connection on its own UDP socket.
 pub struct MediaPeer {
     pc: RTCPeerConnection,
-    socket: tokio::net::UdpSocket,
+    /// `None` for a peer driven without a socket ([`MediaPeer::unbound`]).
+    socket: Option<tokio::net::UdpSocket>,
     local: SocketAddr,
     media: PeerMedia,
     /// The low bits of this peer's SSRCs (the top nibble tells the stream).
@@ -219,6 +225,15 @@ impl MediaPeer {
     pub async fn new(ip: std::net::IpAddr, media: PeerMedia) -> Result<MediaPeer, ClientError> {
         let socket = tokio::net::UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
         let local = socket.local_addr()?;
+        let mut peer = Self::unbound(local, media)?;
+        peer.socket = Some(socket);
+        Ok(peer)
+    }
+
+    /// A peer whose datagrams the caller carries (sans-I/O, for tests on a virtual clock):
+    /// `local` is the address it announces and is addressed at.
+    pub fn unbound(local: SocketAddr, media: PeerMedia) -> Result<MediaPeer, ClientError> {
+        let socket = None;
         let media_base: u32 = rand::random::<u32>() & 0x0fff_ffff;
         let mut engine = media_engine()?;
         // Keyframe requests reach the application only through this interceptor.
@@ -372,8 +387,14 @@ impl MediaPeer {
             .sdp)
     }
 
-    /// The mids of the sending m-lines, audio first (as the offer lists them).
-    fn outgoing(&mut self) -> Vec<Outgoing> {
+    /// The peer connection, for a caller that drives it ([`MediaPeer::unbound`]).
+    pub fn pc(&mut self) -> &mut RTCPeerConnection {
+        &mut self.pc
+    }
+
+    /// The streams this peer sends, audio first, then video layers lowest first; valid once
+    /// the offer is made.
+    pub fn outgoing(&mut self) -> Vec<Outgoing> {
         let mut out = Vec::new();
         let senders: Vec<RTCRtpSenderId> = self.pc.get_senders().collect();
         let mut senders = senders.into_iter();
@@ -382,6 +403,10 @@ impl MediaPeer {
                 {
                     out.push(Outgoing {
                         ssrc: audio_ssrc(self.base),
+                        layer: 0,
+                        mid: None,
+                        mid_id: None,
+                        rid_id: None,
                         pt: AUDIO_PT,
                         rid: None,
                         enc,
@@ -399,9 +424,14 @@ impl MediaPeer {
         if !self.media.video.is_empty() {
             if let Some(sender) = senders.next() {
                 let simulcast = self.media.video.len() > 1;
+                let mid = sender_mid(&self.pc, sender);
                 for (i, &enc) in self.media.video.iter().enumerate() {
                     out.push(Outgoing {
                         ssrc: video_ssrc(self.base, i),
+                        layer: i as u8,
+                        mid: mid.clone(),
+                        mid_id: self.mid_id,
+                        rid_id: self.rid_id,
                         pt: VIDEO_PT,
                         rid: simulcast.then_some(RIDS[i]),
                         enc,
@@ -424,21 +454,17 @@ impl MediaPeer {
     pub fn spawn(mut self, stats: Arc<MediaStats>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
+            let Some(socket) = self.socket.take() else {
+                return;
+            };
             let mut outgoing = self.outgoing();
-            let mids: Vec<Option<String>> = outgoing
-                .iter()
-                .map(|o| sender_mid(&self.pc, o.sender))
-                .collect();
             let mut streams: HashMap<u32, SeqTrack> = HashMap::new();
             let mut pace = tokio::time::interval(PACE);
             pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last = Instant::now();
             while !stats.stop.load(Ordering::Relaxed) {
                 while let Some(msg) = self.pc.poll_write() {
-                    let _ = self
-                        .socket
-                        .send_to(&msg.message, msg.transport.peer_addr)
-                        .await;
+                    let _ = socket.send_to(&msg.message, msg.transport.peer_addr).await;
                 }
                 while let Some(ev) = self.pc.poll_event() {
                     if let rtc::peer_connection::event::RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) = ev {
@@ -509,7 +535,7 @@ impl MediaPeer {
                     .unwrap_or_else(|| Instant::now() + Duration::from_millis(50))
                     .min(Instant::now() + Duration::from_millis(50));
                 tokio::select! {
-                    r = self.socket.recv_from(&mut buf) => {
+                    r = socket.recv_from(&mut buf) => {
                         let Ok((n, from)) = r else { break };
                         let _ = self.pc.handle_read(TaggedBytesMut {
                             now: Instant::now(),
@@ -529,15 +555,12 @@ impl MediaPeer {
                         let now = Instant::now();
                         let dt = now.duration_since(last).as_secs_f64().min(0.1);
                         last = now;
-                        for (o, mid) in outgoing.iter_mut().zip(&mids) {
+                        for o in outgoing.iter_mut() {
                             o.credit += o.enc.packets_per_s * dt;
                             while o.credit >= 1.0 {
                                 o.credit -= 1.0;
-                                let pkt = o.next_packet(mid.as_deref(), self.mid_id, self.rid_id);
-                                if let Some(mut s) = self.pc.rtp_sender(o.sender) {
-                                    if s.write_rtp(now, pkt).is_ok() {
-                                        stats.packets_sent.fetch_add(1, Ordering::Relaxed);
-                                    }
+                                if o.send(&mut self.pc, now) {
+                                    stats.packets_sent.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
                         }
@@ -550,13 +573,25 @@ impl MediaPeer {
 }
 
 impl Outgoing {
-    fn next_packet(
-        &mut self,
-        mid: Option<&str>,
-        mid_id: Option<u8>,
-        rid_id: Option<u8>,
-    ) -> rtc::rtp::Packet {
-        let mut payload = vec![0u8; self.enc.payload_bytes.max(26)];
+    pub fn ssrc(&self) -> u32 {
+        self.ssrc
+    }
+
+    /// The next packet is a keyframe (as after a PLI).
+    pub fn request_keyframe(&mut self) {
+        self.keyframe = true;
+    }
+
+    /// Writes the stream's next packet on `pc`; false when rtc refused it.
+    pub fn send(&mut self, pc: &mut RTCPeerConnection, now: Instant) -> bool {
+        let pkt = self.next_packet();
+        pc.rtp_sender(self.sender)
+            .is_some_and(|mut s| s.write_rtp(now, pkt).is_ok())
+    }
+
+    fn next_packet(&mut self) -> rtc::rtp::Packet {
+        let (mid, mid_id, rid_id) = (self.mid.as_deref(), self.mid_id, self.rid_id);
+        let mut payload = vec![0u8; self.enc.payload_bytes.max(27)];
         if self.video {
             // VP8 payload descriptor (S=1, PID 0), then the frame header: show_frame and the P
             // bit (0 for a keyframe); a keyframe goes on with the start code and its size, as
@@ -575,6 +610,7 @@ impl Outgoing {
         }
         payload[14..22].copy_from_slice(&(epoch().elapsed().as_micros() as u64).to_be_bytes());
         payload[22..26].copy_from_slice(&self.frame.to_be_bytes());
+        payload[26] = self.layer;
         let step = if self.video { 3000 } else { 960 };
         let mut pkt = rtc::rtp::Packet {
             header: rtc::rtp::header::Header {

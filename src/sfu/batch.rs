@@ -38,6 +38,12 @@ impl SendBatch {
         self.items.push((dst, src, data));
     }
 
+    /// Takes the queued datagrams (destination, source address, bytes) without sending them,
+    /// for a caller that carries them itself (tests on a virtual clock).
+    pub fn drain(&mut self) -> impl Iterator<Item = (SocketAddr, Option<IpAddr>, BytesMut)> + '_ {
+        self.items.drain(..)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }

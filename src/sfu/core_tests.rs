@@ -16,6 +16,9 @@ use crate::proto::pipe::{Datagram, ProducerAnnouncement};
 struct Harness {
     core: Worker,
     now: Instant,
+    /// Turns of `pump` (simulcast tests).
+    #[allow(dead_code)]
+    pumps: u64,
 }
 
 impl Harness {
@@ -39,6 +42,7 @@ impl Harness {
                 Arc::new(WorkerStats::default()),
             ),
             now: Instant::now(),
+            pumps: 0,
         }
     }
 
@@ -338,4 +342,248 @@ fn pipe_stream_numbers_carry_the_worker_number() {
     assert_ne!(a, b);
     assert_eq!(stream_worker(a), 1);
     assert_eq!(stream_worker(b), 1);
+}
+
+/// A publisher sending three simulcast layers and a subscriber, both real (sans-I/O) WebRTC
+/// peers whose datagrams the test carries to and from the core, all on the virtual clock.
+#[cfg(feature = "loadgen")]
+mod simulcast {
+    use std::net::SocketAddr;
+
+    use rtc::peer_connection::message::RTCMessage;
+    use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+    use rtc::sansio::Protocol;
+    use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
+
+    use super::*;
+    use crate::client::media::{Encoding, MediaPeer, Outgoing, PeerMedia};
+
+    const NODE: &str = "127.0.0.1:40000";
+
+    struct Client {
+        peer: MediaPeer,
+        addr: SocketAddr,
+        /// Streams it sends (publisher).
+        streams: Vec<Outgoing>,
+        /// Layers whose keyframe requests it ignores for now.
+        deaf: Vec<u8>,
+        /// (layer, keyframe) of every packet received.
+        received: Vec<(u8, bool)>,
+    }
+
+    impl Client {
+        fn new(addr: &str, media: PeerMedia) -> Client {
+            let addr: SocketAddr = addr.parse().unwrap();
+            Client {
+                peer: MediaPeer::unbound(addr, media).unwrap(),
+                addr,
+                streams: Vec::new(),
+                deaf: Vec::new(),
+                received: Vec::new(),
+            }
+        }
+    }
+
+    impl Harness {
+        fn plain() -> Self {
+            let mut h = Harness::new();
+            h.core.meshed = false;
+            h
+        }
+
+        /// Carries every datagram both ways, runs due timers, lets the publisher send one
+        /// packet per layer, then moves the clock on by 5 ms.
+        fn pump(&mut self, clients: &mut [&mut Client]) {
+            let node: SocketAddr = NODE.parse().unwrap();
+            for c in clients.iter_mut() {
+                let pc = c.peer.pc();
+                if pc.poll_timeout().is_some_and(|t| t <= self.now) {
+                    let _ = pc.handle_timeout(self.now);
+                }
+                for o in c.streams.iter_mut() {
+                    o.send(pc, self.now);
+                }
+                while let Some(msg) = pc.poll_write() {
+                    self.core
+                        .handle_datagram(self.now, c.addr, None, &msg.message);
+                }
+            }
+            if self.core.poll_timeout().is_some_and(|t| t <= self.now) {
+                self.core.handle_timeout(self.now);
+            }
+            self.core.flush(self.now);
+            for (dst, _, data) in self.core.batch.drain() {
+                let Some(c) = clients.iter_mut().find(|c| c.addr == dst) else {
+                    continue;
+                };
+                let _ = c.peer.pc().handle_read(TaggedBytesMut {
+                    now: self.now,
+                    transport: TransportContext {
+                        local_addr: dst,
+                        peer_addr: node,
+                        ecn: None,
+                        transport_protocol: TransportProtocol::UDP,
+                    },
+                    message: data,
+                });
+            }
+            for c in clients.iter_mut() {
+                let Client {
+                    peer,
+                    streams,
+                    deaf,
+                    received,
+                    ..
+                } = &mut **c;
+                let pc = peer.pc();
+                while pc.poll_event().is_some() {}
+                while let Some(msg) = pc.poll_read() {
+                    match msg.message {
+                        RTCMessage::RtpPacket(_, p) => {
+                            let key = p.payload.get(1).is_some_and(|b| b & 1 == 0);
+                            received.push((p.payload.get(26).copied().unwrap_or(255), key));
+                        }
+                        RTCMessage::RtcpPacket(_, pkts) => {
+                            for p in pkts {
+                                let Some(pli) = p.as_any().downcast_ref::<PictureLossIndication>()
+                                else {
+                                    continue;
+                                };
+                                for (i, o) in streams.iter_mut().enumerate() {
+                                    if o.ssrc() == pli.media_ssrc && !deaf.contains(&(i as u8)) {
+                                        o.request_keyframe();
+                                    }
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            self.advance(5 * MS);
+            if self.ticks_due() {
+                self.core.handle_tick(self.now);
+                self.core.flush(self.now);
+            }
+        }
+
+        /// Whether the 100 ms periodic turn is due (the virtual clock moves 5 ms a pump).
+        fn ticks_due(&mut self) -> bool {
+            self.pumps += 1;
+            self.pumps % 20 == 0
+        }
+    }
+
+    fn pump_until(
+        h: &mut Harness,
+        clients: &mut [&mut Client],
+        what: &str,
+        cond: impl Fn(&[&mut Client]) -> bool,
+    ) {
+        for _ in 0..4000 {
+            if cond(clients) {
+                return;
+            }
+            h.pump(clients);
+        }
+        panic!("not within 20 virtual seconds: {what}");
+    }
+
+    #[test]
+    fn a_simulcast_consumer_switches_layer_only_on_a_keyframe_of_the_new_layer() {
+        let mut h = Harness::plain();
+        let (user, _user_events) = h.join("kyc-sim", "user");
+        let (agent, mut agent_events) = h.join("kyc-sim", "agent");
+        let layer = Encoding {
+            packets_per_s: 200.0,
+            payload_bytes: 200,
+        };
+        let mut publisher = Client::new(
+            "10.0.0.1:5000",
+            PeerMedia {
+                audio: None,
+                video: vec![layer; 3],
+                high_first: false,
+            },
+        );
+        let (reply, mut answer) = oneshot::channel();
+        h.command(Command::Publish {
+            participant: user,
+            offer: publisher.peer.offer().unwrap(),
+            reply,
+        });
+        let published = answer.try_recv().unwrap().expect("published");
+        publisher.peer.answer(&published.answer).unwrap();
+        publisher.streams = publisher.peer.outgoing();
+        let producer = published.producers[0].1.producer_id.clone();
+
+        let mut subscriber = Client::new("10.0.0.2:5000", PeerMedia::default());
+        subscriber.peer.add_receiver(true).unwrap();
+        let (reply, mut answer) = oneshot::channel();
+        h.command(Command::Subscribe {
+            participant: agent.clone(),
+            producer,
+            offer: subscriber.peer.offer().unwrap(),
+            max_layer: Some(0),
+            reply,
+        });
+        let subscribed = answer.try_recv().unwrap().expect("subscribed");
+        subscriber.peer.answer(&subscribed.answer).unwrap();
+
+        // Capped at the lowest layer: it starts on a keyframe of layer 0 and gets only that.
+        pump_until(
+            &mut h,
+            &mut [&mut publisher, &mut subscriber],
+            "40 packets of layer 0",
+            |c| c[1].received.len() >= 40,
+        );
+        assert!(subscriber.received[0].1, "starts on a keyframe");
+        assert!(subscriber.received.iter().all(|&(l, _)| l == 0));
+
+        // The cap is lifted, but layer 2 answers no keyframe request for a while: the
+        // consumer stays on layer 0 without a gap rather than forwarding layer 2 mid-stream.
+        publisher.deaf.push(2);
+        let (reply, _) = oneshot::channel();
+        h.command(Command::SetConsumerLayer {
+            participant: agent,
+            consumer: subscribed.consumer_id.clone(),
+            max_layer: 2,
+            reply,
+        });
+        let before = subscriber.received.len();
+        for _ in 0..300 {
+            h.pump(&mut [&mut publisher, &mut subscriber]);
+        }
+        let held = &subscriber.received[before..];
+        assert!(held.len() > 200, "media kept flowing: {}", held.len());
+        assert!(
+            held.iter().all(|&(l, _)| l == 0),
+            "no layer 2 before its keyframe"
+        );
+
+        // Layer 2's keyframe comes: from it on, only layer 2, starting with that keyframe.
+        publisher.deaf.clear();
+        publisher.streams[2].request_keyframe();
+        let before = subscriber.received.len();
+        pump_until(
+            &mut h,
+            &mut [&mut publisher, &mut subscriber],
+            "layer 2 arriving",
+            |c| c[1].received[before..].iter().any(|&(l, _)| l == 2),
+        );
+        for _ in 0..20 {
+            h.pump(&mut [&mut publisher, &mut subscriber]);
+        }
+        let after = &subscriber.received[before..];
+        let first = after.iter().position(|&(l, _)| l == 2).unwrap();
+        assert!(after[first].1, "the switch happens on layer 2's keyframe");
+        assert!(after[first..].iter().all(|&(l, _)| l == 2), "{after:?}");
+        let events = drain(&mut agent_events);
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, SfuEvent::ConsumerLayerChanged { layer: 2, .. })),
+            "the agent is told: {events:?}"
+        );
+    }
 }
