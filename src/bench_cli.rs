@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Subcommand;
 use meridian::ids::NodeId;
 use meridian::mesh::tls::write_cluster;
@@ -41,22 +42,53 @@ impl LoadArgs {
     }
 }
 
+/// Which SFUs a benchmark measures, and how Janus is reached.
+#[derive(clap::Args)]
+pub struct SfuArgs {
+    /// Which SFU to measure: meridian, janus, or both (same load, one run).
+    #[arg(long, default_value = "meridian")]
+    sfu: String,
+    /// For Janus: the only interface it may gather ICE candidates on (it never offers
+    /// loopback; tests/bench-janus.sh sets up a veth with 127.0.0.2/32 and passes it).
+    #[arg(long, default_value = "mjanus0")]
+    janus_interface: String,
+    /// For Janus: the address the load generator's peers use (the veth's).
+    #[arg(long, default_value = "127.0.0.2")]
+    janus_client_ip: std::net::IpAddr,
+}
+
+impl SfuArgs {
+    /// Whether to measure Meridian and whether Janus.
+    fn which(&self) -> anyhow::Result<(bool, bool)> {
+        Ok(match self.sfu.as_str() {
+            "meridian" => (true, false),
+            "janus" => (false, true),
+            "both" => (true, true),
+            other => anyhow::bail!("unknown --sfu {other:?}: use meridian, janus or both"),
+        })
+    }
+
+    /// Starts Janus in `dir` as these arguments say.
+    fn start_janus(
+        &self,
+        dir: &std::path::Path,
+    ) -> std::io::Result<meridian::bench::janus::JanusProcess> {
+        meridian::bench::janus::JanusProcess::start(
+            &dir.join("janus"),
+            &self.janus_interface,
+            self.janus_client_ip,
+        )
+    }
+}
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// One publisher fanned out to N subscribers, for each N given.
     Fanout {
         #[command(flatten)]
         load: LoadArgs,
-        /// Which SFU to measure: meridian, janus, or both (same load, one run).
-        #[arg(long, default_value = "meridian")]
-        sfu: String,
-        /// For Janus: the only interface it may gather ICE candidates on (it never offers
-        /// loopback; tests/bench-janus.sh sets up a veth with 127.0.0.2/32 and passes it).
-        #[arg(long, default_value = "mjanus0")]
-        janus_interface: String,
-        /// For Janus: the address the load generator's peers use (the veth's).
-        #[arg(long, default_value = "127.0.0.2")]
-        janus_client_ip: std::net::IpAddr,
+        #[command(flatten)]
+        sfus: SfuArgs,
     },
     /// A publisher on one node relayed through a pipe to N subscribers on another.
     Cascade {
@@ -78,15 +110,8 @@ pub enum BenchCommand {
         /// Warm-up before each window, seconds.
         #[arg(long, default_value_t = 3)]
         warmup: u64,
-        /// Which SFU to measure: meridian, janus, or both (same load, one run).
-        #[arg(long, default_value = "meridian")]
-        sfu: String,
-        /// For Janus: the only interface it may gather ICE candidates on.
-        #[arg(long, default_value = "mjanus0")]
-        janus_interface: String,
-        /// For Janus: the address the load generator's peers use (the veth's).
-        #[arg(long, default_value = "127.0.0.2")]
-        janus_client_ip: std::net::IpAddr,
+        #[command(flatten)]
+        sfus: SfuArgs,
         /// Also write the results as JSON here (and a plot beside it).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -96,20 +121,8 @@ pub enum BenchCommand {
 /// Runs one benchmark command.
 pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
-        BenchCommand::Fanout {
-            load,
-            sfu,
-            janus_interface,
-            janus_client_ip,
-        } => {
-            bench_fanout(
-                load.config(),
-                &sfu,
-                &janus_interface,
-                janus_client_ip,
-                load.json,
-            )
-            .await?
+        BenchCommand::Fanout { load, sfus } => {
+            bench_fanout(load.config(), &sfus, load.json).await?
         }
         BenchCommand::Cascade { load } => bench_cascade(load.config(), load.json).await?,
         BenchCommand::Sessions {
@@ -117,9 +130,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             workers,
             seconds,
             warmup,
-            sfu,
-            janus_interface,
-            janus_client_ip,
+            sfus,
             json,
         } => {
             let cfg = meridian::bench::sessions::SessionsConfig {
@@ -128,7 +139,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
                 warmup_seconds: warmup,
                 ..Default::default()
             };
-            bench_sessions(cfg, &workers, &sfu, &janus_interface, janus_client_ip, json).await?
+            bench_sessions(cfg, &workers, &sfus, json).await?
         }
     }
     Ok(())
@@ -138,17 +149,10 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
 /// that /proc figures cover the SFU alone.
 async fn bench_fanout(
     cfg: meridian::bench::FanoutConfig,
-    sfu: &str,
-    janus_interface: &str,
-    janus_client_ip: std::net::IpAddr,
+    sfus: &SfuArgs,
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let (with_meridian, with_janus) = match sfu {
-        "meridian" => (true, false),
-        "janus" => (false, true),
-        "both" => (true, true),
-        other => anyhow::bail!("unknown --sfu {other:?}: use meridian, janus or both"),
-    };
+    let (with_meridian, with_janus) = sfus.which()?;
     let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
     println!(
         "fan-out: 1 publisher at {} kbit/s ({}-byte payloads) to {:?} subscribers, {} s windows",
@@ -156,7 +160,7 @@ async fn bench_fanout(
     );
     let mut all: Vec<(&str, Vec<meridian::bench::FanoutResult>)> = Vec::new();
     if with_meridian {
-        let node = meridian::bench::SpawnedNode::start(&dir, "bench", None)?;
+        let node = meridian::bench::SpawnedNode::start(&dir, "bench", None, 1)?;
         node.wait_ready().await?;
         let results = meridian::bench::run_fanout(&node.target(), &cfg).await;
         drop(node);
@@ -166,23 +170,12 @@ async fn bench_fanout(
         all.push(("meridian", results));
     }
     if with_janus {
-        let janus = meridian::bench::janus::JanusProcess::start(
-            &dir.join("janus"),
-            janus_interface,
-            janus_client_ip,
-        )?;
+        let janus = sfus.start_janus(&dir)?;
         let results = meridian::bench::run_fanout_janus(&janus, &cfg).await;
         drop(janus);
-        if let Err(e) = &results {
-            let log = std::fs::read_to_string(dir.join("janus/janus.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(25).collect();
-            eprintln!("janus log (last lines):");
-            for l in tail.iter().rev() {
-                eprintln!("  {l}");
-            }
-            anyhow::bail!("janus run failed: {e}");
-        }
-        let results = results?;
+        let results = results
+            .inspect_err(|_| print_janus_log(&dir))
+            .context("janus run failed")?;
         println!("janus (VideoRoom, same load):");
         print!("{}", meridian::bench::table(&results));
         all.push(("janus", results));
@@ -228,12 +221,14 @@ async fn bench_cascade(
         &dir,
         "origin",
         Some((origin_pipe, vec![], files[0].clone())),
+        1,
     )?;
     let edge_pipe = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
     let edge = meridian::bench::SpawnedNode::start(
         &dir,
         "edge",
         Some((edge_pipe, vec![origin_pipe], files[1].clone())),
+        1,
     )?;
     origin.wait_ready().await?;
     edge.wait_ready().await?;
@@ -258,18 +253,11 @@ async fn bench_cascade(
 async fn bench_sessions(
     cfg: meridian::bench::sessions::SessionsConfig,
     workers: &[usize],
-    sfu: &str,
-    janus_interface: &str,
-    janus_client_ip: std::net::IpAddr,
+    sfus: &SfuArgs,
     json: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     use meridian::bench::sessions::{run_sessions, run_sessions_janus, table, SessionsResult};
-    let (with_meridian, with_janus) = match sfu {
-        "meridian" => (true, false),
-        "janus" => (false, true),
-        "both" => (true, true),
-        other => anyhow::bail!("unknown --sfu {other:?}: use meridian, janus or both"),
-    };
+    let (with_meridian, with_janus) = sfus.which()?;
     let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
     let layers: Vec<String> = cfg
         .user_layers
@@ -287,12 +275,7 @@ async fn bench_sessions(
     let mut all: Vec<SessionsResult> = Vec::new();
     if with_meridian {
         for &w in workers {
-            let node = meridian::bench::SpawnedNode::start_with_workers(
-                &dir,
-                &format!("bench-w{w}"),
-                None,
-                w,
-            )?;
+            let node = meridian::bench::SpawnedNode::start(&dir, &format!("bench-w{w}"), None, w)?;
             node.wait_ready().await?;
             let results = run_sessions(&node.target(), w, &cfg).await;
             drop(node);
@@ -303,25 +286,12 @@ async fn bench_sessions(
         }
     }
     if with_janus {
-        let janus = meridian::bench::janus::JanusProcess::start(
-            &dir.join("janus"),
-            janus_interface,
-            janus_client_ip,
-        )?;
+        let janus = sfus.start_janus(&dir)?;
         let results = run_sessions_janus(&janus, &cfg).await;
         drop(janus);
-        let results = match results {
-            Ok(r) => r,
-            Err(e) => {
-                let log = std::fs::read_to_string(dir.join("janus/janus.log")).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(25).collect();
-                eprintln!("janus log (last lines):");
-                for l in tail.iter().rev() {
-                    eprintln!("  {l}");
-                }
-                anyhow::bail!("janus run failed: {e}");
-            }
-        };
+        let results = results
+            .inspect_err(|_| print_janus_log(&dir))
+            .context("janus run failed")?;
         println!("janus (one VideoRoom per session, same load):");
         print!("{}", table(&results));
         all.extend(results);
@@ -334,4 +304,14 @@ async fn bench_sessions(
         println!("wrote {} and {}", path.display(), svg.display());
     }
     Ok(())
+}
+
+/// The end of Janus's log, after a failed run.
+fn print_janus_log(dir: &std::path::Path) {
+    let log = std::fs::read_to_string(dir.join("janus/janus.log")).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(25).collect();
+    eprintln!("janus log (last lines):");
+    for l in tail.iter().rev() {
+        eprintln!("  {l}");
+    }
 }

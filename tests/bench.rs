@@ -3,13 +3,31 @@
 
 use std::process::Command;
 
+/// Runs `meridian bench <args> --json <json>`; returns what it printed.
+fn bench(args: &[&str], json: &std::path::Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg(json)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run meridian bench");
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn fanout_benchmark_measures_a_separate_node_process() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("fanout.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args([
-            "bench",
+    let stdout = bench(
+        &[
             "fanout",
             "--subscribers",
             "1,3",
@@ -17,18 +35,9 @@ fn fanout_benchmark_measures_a_separate_node_process() {
             "2",
             "--warmup",
             "1",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run meridian bench");
-    assert!(
-        out.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &json,
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("cpu_us/pkt"), "{stdout}");
     assert!(
         dir.path().join("fanout.svg").exists(),
@@ -68,9 +77,8 @@ fn fanout_benchmark_measures_a_separate_node_process() {
 fn sessions_benchmark_runs_each_worker_count_against_a_separate_node_process() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("sessions.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args([
-            "bench",
+    let stdout = bench(
+        &[
             "sessions",
             "--sessions",
             "1,3",
@@ -80,19 +88,9 @@ fn sessions_benchmark_runs_each_worker_count_against_a_separate_node_process() {
             "2",
             "--warmup",
             "1",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("run meridian bench");
-    assert!(
-        out.status.success(),
-        "bench failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
+        ],
+        &json,
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("sessions/core"), "{stdout}");
     assert!(dir.path().join("sessions.svg").exists());
     let results: Vec<serde_json::Value> =

@@ -42,22 +42,10 @@ pub struct SpawnedNode {
 }
 
 impl SpawnedNode {
-    /// Writes a config into `dir` and starts `meridian serve` with it. `mesh` is
-    /// (pipe listen address, peers to dial, certificate files).
+    /// Writes a config into `dir` and starts `meridian serve` with it, with `workers` media
+    /// workers (each on a free port). `mesh` is (pipe listen address, peers to dial,
+    /// certificate files).
     pub fn start(
-        dir: &std::path::Path,
-        name: &str,
-        mesh: Option<(
-            std::net::SocketAddr,
-            Vec<std::net::SocketAddr>,
-            crate::mesh::tls::NodeFiles,
-        )>,
-    ) -> std::io::Result<SpawnedNode> {
-        Self::start_with_workers(dir, name, mesh, 1)
-    }
-
-    /// Like [`SpawnedNode::start`], with `workers` media workers (each on a free port).
-    pub fn start_with_workers(
         dir: &std::path::Path,
         name: &str,
         mesh: Option<(

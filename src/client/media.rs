@@ -22,7 +22,6 @@ use rtc::peer_connection::configuration::media_engine::{
 };
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::message::RTCMessage;
-use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::transport::RTCIceCandidateInit;
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
@@ -347,15 +346,7 @@ impl MediaPeer {
 
     /// Creates and applies a local offer; returns its SDP.
     pub fn offer(&mut self) -> Result<String, ClientError> {
-        let offer = self.pc.create_offer(None)?;
-        self.pc.set_local_description(Instant::now(), offer)?;
-        let sdp = self
-            .pc
-            .local_description()
-            .ok_or(ClientError::Sdp(
-                "no local description after offering".into(),
-            ))?
-            .sdp;
+        let sdp = super::make_offer(&mut self.pc)?;
         self.mid_id = extmap_id(&sdp, MID);
         self.rid_id = extmap_id(&sdp, RID);
         Ok(sdp)
@@ -363,28 +354,12 @@ impl MediaPeer {
 
     /// Applies the far end's answer.
     pub fn answer(&mut self, sdp: &str) -> Result<(), ClientError> {
-        self.pc.set_remote_description(
-            Instant::now(),
-            RTCSessionDescription::answer(sdp.to_owned())?,
-        )?;
-        Ok(())
+        super::apply_answer(&mut self.pc, sdp)
     }
 
     /// Applies the far end's offer and returns the answer (a subscriber of Janus).
     pub fn answer_offer(&mut self, sdp: &str) -> Result<String, ClientError> {
-        self.pc.set_remote_description(
-            Instant::now(),
-            RTCSessionDescription::offer(sdp.to_owned())?,
-        )?;
-        let answer = self.pc.create_answer(None)?;
-        self.pc.set_local_description(Instant::now(), answer)?;
-        Ok(self
-            .pc
-            .local_description()
-            .ok_or(ClientError::Sdp(
-                "no local description after answering".into(),
-            ))?
-            .sdp)
+        super::answer_offer(&mut self.pc, sdp)
     }
 
     /// The peer connection, for a caller that drives it ([`MediaPeer::unbound`]).
@@ -659,7 +634,8 @@ fn sender_mid(pc: &RTCPeerConnection, sender: RTCRtpSenderId) -> Option<String> 
         .map(str::to_owned)
 }
 
-fn extmap_id(sdp: &str, uri: &str) -> Option<u8> {
+/// The id an SDP's `a=extmap` gives header extension `uri`.
+pub(crate) fn extmap_id(sdp: &str, uri: &str) -> Option<u8> {
     sdp.lines().find_map(|l| {
         let rest = l.trim_end().strip_prefix("a=extmap:")?;
         let (id, u) = rest.split_once(' ')?;

@@ -17,7 +17,6 @@ use rtc::peer_connection::configuration::media_engine::{
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::message::RTCMessage;
-use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::transport::RTCIceCandidateInit;
 use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -309,19 +308,7 @@ impl RtcPeer {
 
     /// Applies a remote offer and returns the local answer's SDP.
     pub fn answer_offer(&mut self, sdp: &str) -> Result<String, ClientError> {
-        self.pc.set_remote_description(
-            Instant::now(),
-            RTCSessionDescription::offer(sdp.to_owned())?,
-        )?;
-        let answer = self.pc.create_answer(None)?;
-        self.pc.set_local_description(Instant::now(), answer)?;
-        Ok(self
-            .pc
-            .local_description()
-            .ok_or(ClientError::Sdp(
-                "no local description after answering".into(),
-            ))?
-            .sdp)
+        super::answer_offer(&mut self.pc, sdp)
     }
 
     pub async fn publisher_with(codec: TestCodec) -> Result<RtcPeer, ClientError> {
@@ -343,30 +330,14 @@ impl RtcPeer {
 
     /// Creates and applies the local offer; returns its SDP.
     pub fn offer(&mut self) -> Result<String, ClientError> {
-        let offer = self.pc.create_offer(None)?;
-        self.pc.set_local_description(Instant::now(), offer)?;
-        let sdp = self
-            .pc
-            .local_description()
-            .ok_or(ClientError::Sdp(
-                "no local description after offering".into(),
-            ))?
-            .sdp;
-        self.cvo_id = sdp.lines().find_map(|l| {
-            let rest = l.strip_prefix("a=extmap:")?;
-            let (id, uri) = rest.split_once(' ')?;
-            (uri.trim() == CVO).then(|| id.parse().ok()).flatten()
-        });
+        let sdp = super::make_offer(&mut self.pc)?;
+        self.cvo_id = super::media::extmap_id(&sdp, CVO);
         Ok(sdp)
     }
 
     /// Applies the node's answer.
     pub fn answer(&mut self, sdp: &str) -> Result<(), ClientError> {
-        self.pc.set_remote_description(
-            Instant::now(),
-            RTCSessionDescription::answer(sdp.to_owned())?,
-        )?;
-        Ok(())
+        super::apply_answer(&mut self.pc, sdp)
     }
 
     /// Runs the peer until `state.stop`: answers the network, sends ~50 VP8 packets/s when

@@ -26,14 +26,8 @@ impl Harness {
     fn new() -> Self {
         let (mesh, _) = mpsc::unbounded_channel();
         let cfg = WorkerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            announced_ip: "127.0.0.1".parse().unwrap(),
-            limits: Default::default(),
-            max_datagram_bytes: 1500,
-            udp: true,
-            tcp: false,
-            index: 1,
             mesh: Some(mesh),
+            ..test_worker_config(1)
         };
         Self {
             core: Worker::new(

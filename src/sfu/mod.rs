@@ -795,22 +795,27 @@ impl WorkerHandle {
     }
 }
 
+/// A worker on a free loopback port, UDP only, alone (tests).
+#[cfg(test)]
+pub(crate) fn test_worker_config(index: u8) -> WorkerConfig {
+    WorkerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        announced_ip: "127.0.0.1".parse().unwrap(),
+        limits: Default::default(),
+        max_datagram_bytes: 1500,
+        udp: true,
+        tcp: false,
+        index,
+        mesh: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn worker() -> WorkerHandle {
-        spawn_worker(WorkerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            announced_ip: "127.0.0.1".parse().unwrap(),
-            limits: Default::default(),
-            max_datagram_bytes: 1500,
-            udp: true,
-            tcp: false,
-            index: 0,
-            mesh: None,
-        })
-        .unwrap()
+        spawn_worker(test_worker_config(0)).unwrap()
     }
 
     #[tokio::test]

@@ -188,23 +188,11 @@ impl Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sfu::{spawn_worker, WorkerConfig};
+    use crate::sfu::spawn_worker;
 
     fn workers(n: u8, max_sessions: usize) -> Workers {
         let handles = (0..n)
-            .map(|index| {
-                spawn_worker(WorkerConfig {
-                    listen: "127.0.0.1:0".parse().unwrap(),
-                    announced_ip: "127.0.0.1".parse().unwrap(),
-                    limits: Default::default(),
-                    max_datagram_bytes: 1500,
-                    udp: true,
-                    tcp: false,
-                    index,
-                    mesh: None,
-                })
-                .unwrap()
-            })
+            .map(|index| spawn_worker(crate::sfu::test_worker_config(index)).unwrap())
             .collect();
         Workers::new(handles, max_sessions)
     }
