@@ -168,6 +168,7 @@ impl Node {
                 // Config validation keeps the number of workers within a byte.
                 index: index as u8,
                 mesh: cfg.mesh.is_some().then(|| mesh_tx.clone()),
+                send_side_bwe: false,
             })
             .map_err(|source| StartError::Media {
                 addr: listen,

@@ -37,6 +37,7 @@ fn impostor(
         tcp: false,
         index: 0,
         mesh: Some(tx),
+        send_side_bwe: false,
     })
     .unwrap();
     let worker = meridian::sfu::Workers::new(vec![worker], 10);

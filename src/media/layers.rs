@@ -27,6 +27,8 @@ pub struct LayerSelector {
     /// After a step up, the estimate is not trusted to step down before this time: it only
     /// grows once the higher layer flows.
     grace_until: Option<Instant>,
+    /// The estimate is our own send-side one (transport-cc and GCC), not the receiver's REMB.
+    send_side: bool,
 }
 
 /// How long an estimate gets to catch up with a higher layer before it may force a step down.
@@ -36,6 +38,12 @@ pub const UPGRADE_GRACE: Duration = Duration::from_secs(5);
 /// estimate (REMB) only grows with what is sent, so upward moves are tried optimistically, and
 /// this keeps a congested consumer from oscillating.
 pub const CONGESTION_HOLD: Duration = Duration::from_secs(8);
+/// With a send-side estimate: a layer is moved up to only when the estimate exceeds its
+/// bitrate by this factor, and left only when the estimate falls below its bitrate, so an
+/// estimate between the two keeps the layer (no oscillation on a stable link).
+pub const UP_HEADROOM: f64 = 1.15;
+/// With a send-side estimate: after a step down, no step up before this time.
+pub const SEND_SIDE_HOLD: Duration = Duration::from_secs(2);
 
 impl LayerSelector {
     pub fn new(max_layer: Layer) -> Self {
@@ -46,6 +54,7 @@ impl LayerSelector {
             bandwidth_bps: None,
             hold_until: None,
             grace_until: None,
+            send_side: false,
         }
     }
 
@@ -71,7 +80,11 @@ impl LayerSelector {
         self.max_layer = max;
     }
 
+    /// The receiver's estimate (REMB). Ignored once a send-side estimate is in charge.
     pub fn set_bandwidth(&mut self, bps: Option<u64>) {
+        if self.send_side {
+            return;
+        }
         self.bandwidth_bps = bps;
     }
 
@@ -81,12 +94,29 @@ impl LayerSelector {
     /// The bandwidth estimate moves the consumer down when it no longer carries the current
     /// layer; moving up to the requested layer is tried whenever the consumer is not congested
     /// and not holding after a recent step down.
+    /// This consumer's share of the send-side estimate towards its subscriber (bits/s). From
+    /// then on REMB is ignored and layer choice follows [`UP_HEADROOM`] and [`SEND_SIDE_HOLD`].
+    pub fn set_send_side_bandwidth(&mut self, bps: u64) {
+        self.send_side = true;
+        self.bandwidth_bps = Some(bps);
+    }
+
+    pub fn bandwidth(&self) -> Option<u64> {
+        self.bandwidth_bps
+    }
+
     pub fn update_target(&mut self, now: Instant, bitrates: &[Option<u64>]) -> bool {
         let flowing = |l: usize| bitrates.get(l).copied().flatten();
         let lowest = (0..bitrates.len()).find(|&l| flowing(l).is_some());
         let Some(lowest) = lowest else {
             return false;
         };
+        if self.send_side {
+            let new = self.send_side_target(now, bitrates).unwrap_or(lowest) as Layer;
+            let changed = new != self.target;
+            self.target = new;
+            return changed;
+        }
         let best_within = |cap: Option<u64>| {
             (0..bitrates.len())
                 .filter(|&l| l as Layer <= self.max_layer)
@@ -119,6 +149,37 @@ impl LayerSelector {
         let changed = new != self.target;
         self.target = new;
         changed
+    }
+
+    /// The layer a send-side estimate calls for: the highest that fits with headroom when going
+    /// up, the current one while it fits at all, else the highest that fits.
+    fn send_side_target(&mut self, now: Instant, bitrates: &[Option<u64>]) -> Option<usize> {
+        let bw = self.bandwidth_bps.unwrap_or(0) as f64;
+        let allowed = |l: usize| l as Layer <= self.max_layer;
+        let fits = |l: usize, headroom: f64| {
+            bitrates
+                .get(l)
+                .copied()
+                .flatten()
+                .is_some_and(|r| r as f64 * headroom <= bw)
+        };
+        let best = |headroom: f64| {
+            (0..bitrates.len())
+                .filter(|&l| allowed(l) && fits(l, headroom))
+                .max()
+        };
+        let Some(current) = self.current.map(usize::from) else {
+            return best(UP_HEADROOM).or_else(|| best(1.0));
+        };
+        if !allowed(current) || !fits(current, 1.0) {
+            self.hold_until = Some(now + SEND_SIDE_HOLD);
+            return best(1.0);
+        }
+        let holding = self.hold_until.is_some_and(|t| now < t);
+        match best(UP_HEADROOM) {
+            Some(up) if up > current && !holding => Some(up),
+            _ => Some(current),
+        }
     }
 
     /// Decides about one packet of `layer`; `keyframe` says whether it starts a keyframe.
@@ -240,5 +301,72 @@ mod tests {
             2,
             "only layer flowing is used even above the cap"
         );
+    }
+
+    /// Layer bitrates of a 180p/360p/720p simulcast: 150 kbit/s, 500 kbit/s, 1.5 Mbit/s.
+    const LAYERS: [Option<u64>; 3] = [Some(150_000), Some(500_000), Some(1_500_000)];
+
+    /// Runs the chooser once a second for `seconds` at estimate `bps`, switching the layer
+    /// forwarded as soon as the target moves (a keyframe every second); returns the layers.
+    fn follow(s: &mut LayerSelector, t: &mut Instant, seconds: u64, bps: u64) -> Vec<Layer> {
+        let mut seen = Vec::new();
+        for _ in 0..seconds {
+            s.set_send_side_bandwidth(bps);
+            s.update_target(*t, &LAYERS);
+            s.on_packet(s.target(), true);
+            seen.push(s.current().unwrap());
+            *t += Duration::from_secs(1);
+        }
+        seen
+    }
+
+    #[test]
+    fn a_send_side_estimate_picks_the_highest_layer_it_carries_with_headroom() {
+        let mut t = Instant::now();
+        let mut s = LayerSelector::new(2);
+        assert_eq!(follow(&mut s, &mut t, 1, 2_000_000), vec![2]);
+        let mut s = LayerSelector::new(2);
+        // 600 kbit/s carries the middle layer (500 kbit/s) with headroom, not the top.
+        assert_eq!(follow(&mut s, &mut t, 1, 600_000), vec![1]);
+        // The requested maximum still caps it.
+        let mut s = LayerSelector::new(0);
+        assert_eq!(follow(&mut s, &mut t, 1, 5_000_000), vec![0]);
+    }
+
+    #[test]
+    fn a_falling_send_side_estimate_steps_down_at_once_and_waits_before_going_up() {
+        let mut t = Instant::now();
+        let mut s = LayerSelector::new(2);
+        assert_eq!(follow(&mut s, &mut t, 2, 2_000_000), vec![2, 2]);
+        // Capacity drops to 600 kbit/s: down to the middle layer in the same second.
+        assert_eq!(follow(&mut s, &mut t, 1, 600_000), vec![1]);
+        // It comes back: the top layer returns once the hold has passed, not before.
+        let back = follow(&mut s, &mut t, 4, 2_000_000);
+        assert_eq!(back[0], 1, "held right after the step down: {back:?}");
+        assert_eq!(*back.last().unwrap(), 2, "{back:?}");
+        assert!(back.iter().position(|&l| l == 2).unwrap() as u64 <= SEND_SIDE_HOLD.as_secs());
+    }
+
+    #[test]
+    fn an_estimate_between_a_layer_and_its_headroom_changes_nothing_for_a_minute() {
+        let mut t = Instant::now();
+        let mut s = LayerSelector::new(2);
+        // 1.6 Mbit/s: enough to keep the top layer (1.5), not enough to step up to it.
+        follow(&mut s, &mut t, 1, 2_000_000);
+        let stable = follow(&mut s, &mut t, 60, 1_600_000);
+        assert!(stable.iter().all(|&l| l == 2), "{stable:?}");
+        let mut s = LayerSelector::new(2);
+        follow(&mut s, &mut t, 1, 600_000);
+        let stable = follow(&mut s, &mut t, 60, 1_600_000);
+        assert!(stable.iter().all(|&l| l == 1), "{stable:?}");
+    }
+
+    #[test]
+    fn remb_is_ignored_once_a_send_side_estimate_is_in_charge() {
+        let mut t = Instant::now();
+        let mut s = LayerSelector::new(2);
+        follow(&mut s, &mut t, 1, 2_000_000);
+        s.set_bandwidth(Some(100_000));
+        assert_eq!(s.bandwidth(), Some(2_000_000));
     }
 }

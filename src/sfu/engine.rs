@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use rtc::interceptor::{
-    Attribute, Interceptor, NackGeneratorBuilder, Packet, Registry, Slot, StreamInfo, TaggedPacket,
+    Attribute, CongestionControlBuilder, Interceptor, NackGeneratorBuilder, Packet, Registry, Slot,
+    StreamInfo, TaggedPacket, TwccSenderBuilder,
 };
 use rtc::peer_connection::configuration::interceptor_registry::{
     configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
@@ -25,6 +26,9 @@ use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
+use std::sync::Arc;
+
+use super::bwe::{Published, SendEstimate};
 
 use crate::media::extensions::{AUDIO_LEVEL, VIDEO_ORIENTATION};
 use rtc::sansio::Protocol;
@@ -164,14 +168,15 @@ pub const CONSENT_DISCONNECTED: std::time::Duration = std::time::Duration::from_
 /// Silence after which consent has expired (RFC 7675): the transport fails, media stops.
 pub const CONSENT_EXPIRY: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A new ICE-lite, DTLS-server peer connection that answers on `announced`.
+/// A new ICE-lite, DTLS-server peer connection that answers on `announced`; for a subscribe
+/// connection, also the send-side bandwidth estimate its congestion control publishes.
 pub(super) fn build_peer_connection(
     kind: TransportKind,
     announced: SocketAddr,
-    udp: bool,
-    tcp: bool,
+    cfg: &super::WorkerConfig,
     now: Instant,
-) -> Result<RTCPeerConnection, Error> {
+) -> Result<(RTCPeerConnection, Option<Arc<SendEstimate>>), Error> {
+    let (udp, tcp) = (cfg.udp, cfg.tcp);
     let mut media = media_engine()?;
     let mut registry = Registry::new();
     if kind == TransportKind::Subscribe {
@@ -186,11 +191,39 @@ pub(super) fn build_peer_connection(
         registry
     };
     configure_simulcast_extension_headers(&mut media)?;
-    let registry = if kind == TransportKind::Publish {
+    let (registry, estimate) = if kind == TransportKind::Publish {
         // Transport-wide feedback lets the publishing browser's congestion control work.
-        configure_twcc_receiver_only(registry, &mut media)?
+        (configure_twcc_receiver_only(registry, &mut media)?, None)
+    } else if !cfg.send_side_bwe {
+        (registry, None)
     } else {
-        registry
+        // Our own congestion control towards the subscriber: every packet numbered
+        // transport-wide, the subscriber's transport-cc feedback resolved into GCC (see
+        // `sfu::bwe`). No pacer: layer choice is the rate control.
+        for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
+            media.register_feedback(
+                RTCPFeedback {
+                    typ: "transport-cc".into(),
+                    parameter: String::new(),
+                },
+                kind,
+            );
+            media.register_header_extension(
+                RTCRtpHeaderExtensionCapability {
+                    uri: rtc::sdp::extmap::TRANSPORT_CC_URI.into(),
+                },
+                kind,
+                None,
+            )?;
+        }
+        let (estimator, estimate) = Published::gcc();
+        let registry = registry
+            .with(
+                Slot::CongestionControl,
+                CongestionControlBuilder::new(estimator).build(),
+            )
+            .with(Slot::TwccSender, TwccSenderBuilder::new().build());
+        (registry, Some(estimate))
     };
     let registry = configure_rtcp_reports(registry);
     let settings = SettingEngineBuilder::new()
@@ -232,5 +265,5 @@ pub(super) fn build_peer_connection(
         })?;
     }
     pc.add_local_candidate(RTCIceCandidateInit::default())?;
-    Ok(pc)
+    Ok((pc, estimate))
 }

@@ -9,6 +9,7 @@
 //! [`WorkerEvent`]s tagged with its number.
 
 pub mod batch;
+pub mod bwe;
 mod consumer;
 #[cfg(test)]
 mod core_tests;
@@ -807,6 +808,7 @@ pub(crate) fn test_worker_config(index: u8) -> WorkerConfig {
         tcp: false,
         index,
         mesh: None,
+        send_side_bwe: false,
     }
 }
 

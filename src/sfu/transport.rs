@@ -42,6 +42,8 @@ pub(super) struct Conn {
     pub(super) deadline: Option<Instant>,
     pub(super) connected: bool,
     pub(super) dirty: bool,
+    /// Subscribe side: the send-side bandwidth estimate towards the client (`sfu::bwe`).
+    pub(super) estimate: Option<std::sync::Arc<super::bwe::SendEstimate>>,
     /// Publish side: incoming SSRC → (producer, layer); filled as streams open.
     pub(super) ssrc_route: HashMap<u32, (ProducerKey, u8)>,
     /// Publish side: track id → producer.
@@ -493,8 +495,8 @@ impl Worker {
         pk: ParticipantKey,
         kind: TransportKind,
     ) -> Result<ConnKey, String> {
-        let pc = build_peer_connection(kind, self.announced, self.cfg.udp, self.cfg.tcp, now)
-            .map_err(sdp_error)?;
+        let (pc, estimate) =
+            build_peer_connection(kind, self.announced, &self.cfg, now).map_err(sdp_error)?;
         let ck = self.conns.insert(Conn {
             pc,
             kind,
@@ -510,6 +512,7 @@ impl Worker {
             ssrc_route: HashMap::new(),
             track_producer: HashMap::new(),
             track_consumer: HashMap::new(),
+            estimate,
         });
         let p = &mut self.participants[pk];
         match kind {

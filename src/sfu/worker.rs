@@ -44,11 +44,17 @@ pub struct WorkerConfig {
     pub index: u8,
     /// Where to tell the mesh about sessions and producers; `None` for a node on its own.
     pub mesh: Option<mpsc::UnboundedSender<WorkerEvent>>,
+    /// Run send-side congestion control (transport-cc + GCC, `sfu::bwe`) on subscribe
+    /// connections. Off on nodes: with Chromium subscribers the TWCC sender's numbered packets
+    /// stopped decoding in the browser (issue 12 records the investigation).
+    pub send_side_bwe: bool,
 }
 
 /// The bits of a pipe stream number a worker counts in; the byte above is its index.
 const STREAM_COUNTER: u32 = 0x00ff_ffff;
 
+/// What an audio consumer is assumed to need of its connection's estimate (Opus with headers).
+const AUDIO_ALLOWANCE: u64 = 64_000;
 /// A layer that sent nothing for this long is considered stopped.
 pub(super) const LAYER_IDLE: Duration = Duration::from_millis(1500);
 
@@ -171,6 +177,7 @@ impl Worker {
             }
         }
         let measure = self.ticks % 10 == 0;
+        self.share_send_estimates();
         let mut wants: Vec<ConsumerKey> = Vec::new();
         let mut bitrates: Vec<Option<u64>> = Vec::new();
         for (_, p) in self.producers.iter_mut() {
@@ -370,6 +377,33 @@ impl Worker {
             } => self.pipe_consume(now, pipe, &producer, layers),
             Command::PipeKeyframe { producer, layer } => self.pipe_keyframe(now, &producer, layer),
             Command::PipeSessionEnded { pipe, session } => self.pipe_session_ended(pipe, &session),
+        }
+    }
+
+    /// Hands each subscribe connection's send-side estimate to its video consumers: what the
+    /// audio consumers need comes off the top, the rest is shared equally.
+    fn share_send_estimates(&mut self) {
+        for (_, conn) in self.conns.iter() {
+            let Some(target) = conn.estimate.as_ref().and_then(|e| e.target()) else {
+                continue;
+            };
+            let (mut audio, mut video) = (0u64, 0u64);
+            for &cid in conn.track_consumer.values() {
+                let Some(c) = self.consumers.get(cid).filter(|c| !c.paused) else {
+                    continue;
+                };
+                match self.producers.get(c.producer).map(Producer::kind) {
+                    Some(MediaKind::Audio) => audio += 1,
+                    Some(MediaKind::Video) => video += 1,
+                    None => {}
+                }
+            }
+            let share = target.saturating_sub(audio * AUDIO_ALLOWANCE) / video.max(1);
+            for &cid in conn.track_consumer.values() {
+                if let Some(c) = self.consumers.get_mut(cid) {
+                    c.selector.set_send_side_bandwidth(share);
+                }
+            }
         }
     }
 
