@@ -168,7 +168,7 @@ impl Node {
                 // Config validation keeps the number of workers within a byte.
                 index: index as u8,
                 mesh: cfg.mesh.is_some().then(|| mesh_tx.clone()),
-                send_side_bwe: false,
+                send_side_bwe: cfg.rtc.send_side_bwe,
             })
             .map_err(|source| StartError::Media {
                 addr: listen,

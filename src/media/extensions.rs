@@ -82,3 +82,64 @@ mod tests {
         assert_eq!(OutgoingExtensions::default().id(i), None);
     }
 }
+
+/// Removes every header extension, leaving the header as if it never had any: the extension
+/// flag, profile and padding too. `rtc` counts the zero bytes of a received extension block
+/// into the header's padding and sizes what it marshals from it, so clearing the list alone
+/// leaves the publisher's padding behind; once extensions are added again (ours, and the TWCC
+/// sender's transport-wide number) a large leftover makes the copy fail to marshal and it is
+/// silently dropped. Chromium publishers' blocks carry such padding: with transport-cc on the
+/// subscribe side, Chromium subscribers got almost no video until this was reset.
+pub fn strip(header: &mut rtc::rtp::header::Header) {
+    header.extension = false;
+    header.extensions.clear();
+    header.extension_profile = 0;
+    header.extensions_padding = 0;
+}
+
+#[cfg(test)]
+mod strip_tests {
+    use rtc::shared::marshal::{Marshal, Unmarshal};
+
+    #[test]
+    fn extensions_added_after_stripping_marshal_to_a_consistent_block() {
+        // However much padding the publisher's extension block carried (the parser counts its
+        // zero bytes), what forwarding writes afterwards must parse back to the same payload:
+        // video orientation under the consumer's id, then a transport-wide sequence number.
+        for publisher_padding in 0..24 {
+            let mut pkt = rtc::rtp::Packet {
+                header: rtc::rtp::header::Header {
+                    version: 2,
+                    payload_type: 96,
+                    sequence_number: 7,
+                    ssrc: 9,
+                    ..Default::default()
+                },
+                payload: bytes::Bytes::from_static(&[0xaa; 20]),
+            };
+            pkt.header
+                .set_extension(2, bytes::Bytes::from_static(&[1, 2, 3]))
+                .unwrap();
+            pkt.header.extensions_padding = publisher_padding;
+            super::strip(&mut pkt.header);
+            pkt.header
+                .set_extension(13, bytes::Bytes::from_static(&[1]))
+                .unwrap();
+            pkt.header
+                .set_extension(3, bytes::Bytes::from_static(&[0, 42]))
+                .unwrap();
+            let wire = pkt
+                .marshal()
+                .unwrap_or_else(|e| panic!("publisher padding {publisher_padding}: {e}"));
+            let mut raw = wire.clone();
+            let back = rtc::rtp::Packet::unmarshal(&mut raw).unwrap();
+            assert_eq!(
+                &back.payload[..],
+                &[0xaa; 20],
+                "publisher padding {publisher_padding}: the payload starts where it should"
+            );
+            assert_eq!(&back.header.get_extension(13).unwrap()[..], &[1]);
+            assert_eq!(&back.header.get_extension(3).unwrap()[..], &[0, 42]);
+        }
+    }
+}

@@ -485,7 +485,19 @@ mod simulcast {
 
     #[test]
     fn a_simulcast_consumer_switches_layer_only_on_a_keyframe_of_the_new_layer() {
+        switches_on_keyframes(false);
+    }
+
+    #[test]
+    fn with_send_side_estimation_the_subscribers_feedback_drives_its_consumer() {
+        switches_on_keyframes(true);
+    }
+
+    /// With `send_side_bwe`, the subscriber's transport-cc feedback (the rtc client reports
+    /// arrivals) reaches GCC and the consumer's layer choice; the switch rules are the same.
+    fn switches_on_keyframes(send_side_bwe: bool) {
         let mut h = Harness::plain();
+        h.core.cfg.send_side_bwe = send_side_bwe;
         let (user, _user_events) = h.join("kyc-sim", "user");
         let (agent, mut agent_events) = h.join("kyc-sim", "agent");
         let layer = Encoding {
@@ -538,6 +550,7 @@ mod simulcast {
         // consumer stays on layer 0 without a gap rather than forwarding layer 2 mid-stream.
         publisher.deaf.push(2);
         let (reply, _) = oneshot::channel();
+        let agent_id = agent.clone();
         h.command(Command::SetConsumerLayer {
             participant: agent,
             consumer: subscribed.consumer_id.clone(),
@@ -572,6 +585,21 @@ mod simulcast {
         let first = after.iter().position(|&(l, _)| l == 2).unwrap();
         assert!(after[first].1, "the switch happens on layer 2's keyframe");
         assert!(after[first..].iter().all(|&(l, _)| l == 2), "{after:?}");
+        if send_side_bwe {
+            let sub = h.core.participants[h.core.participant_ids[&agent_id]]
+                .subscribe
+                .unwrap();
+            let estimate = h.core.conns[sub].estimate.as_ref().unwrap();
+            assert!(
+                estimate.reports() > 0,
+                "transport-cc feedback reached the estimator"
+            );
+            let c = &h.core.consumers[h.core.consumer_ids[&subscribed.consumer_id]];
+            assert!(
+                c.selector.bandwidth().is_some_and(|b| b > 0) && estimate.target().is_some(),
+                "and the consumer's layer choice"
+            );
+        }
         let events = drain(&mut agent_events);
         assert!(
             events

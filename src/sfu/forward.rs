@@ -89,9 +89,7 @@ impl Worker {
                 }
             }
         }
-        pkt.header.extension = false;
-        pkt.header.extensions.clear();
-        pkt.header.extension_profile = 0;
+        crate::media::extensions::strip(&mut pkt.header);
         let (seq, ts) = (pkt.header.sequence_number, pkt.header.timestamp);
         if let Some(l) = producer.layers.get_mut(layer as usize) {
             l.bytes += pkt.payload.len() as u64;

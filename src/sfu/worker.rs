@@ -45,8 +45,8 @@ pub struct WorkerConfig {
     /// Where to tell the mesh about sessions and producers; `None` for a node on its own.
     pub mesh: Option<mpsc::UnboundedSender<WorkerEvent>>,
     /// Run send-side congestion control (transport-cc + GCC, `sfu::bwe`) on subscribe
-    /// connections. Off on nodes: with Chromium subscribers the TWCC sender's numbered packets
-    /// stopped decoding in the browser (issue 12 records the investigation).
+    /// connections and choose simulcast layers by its estimate (`rtc.send_side_bwe`); off,
+    /// layer choice follows the subscriber's REMB.
     pub send_side_bwe: bool,
 }
 
