@@ -1,6 +1,8 @@
 //! A userspace network impairment proxy (this kernel has no netem): forwards UDP between
 //! clients and one upstream address with added delay, jitter and random loss, in both
-//! directions. Tests and benchmarks put it between nodes to emulate inter-region links.
+//! directions, and optionally a bandwidth limit on what reaches each client. Tests and
+//! benchmarks put it between nodes to emulate inter-region links, and between a browser and a
+//! node to emulate a subscriber's constrained downlink.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,6 +52,8 @@ pub struct ImpairProxy {
     /// Where clients send to reach the upstream through the impairment.
     pub local_addr: SocketAddr,
     pub stats: Arc<ProxyStats>,
+    /// Bandwidth each client may receive, bits/s (0: unlimited); can change while running.
+    pub downlink_bps: Arc<AtomicU64>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -120,9 +124,11 @@ pub async fn start(
     let front = Arc::new(UdpSocket::bind(listen).await?);
     let local_addr = front.local_addr()?;
     let stats = Arc::new(ProxyStats::default());
+    let downlink_bps = Arc::new(AtomicU64::new(0));
     let (to_clients, back_task) = delay_line(front.clone(), imp, stats.clone(), imp.seed ^ 0x5a5a);
     let main = {
         let stats = stats.clone();
+        let downlink_bps = downlink_bps.clone();
         tokio::spawn(async move {
             // One upstream socket per client, so replies find their way back.
             let mut clients: HashMap<SocketAddr, mpsc::UnboundedSender<(Bytes, SocketAddr)>> =
@@ -143,11 +149,24 @@ pub async fn start(
                         stats.clone(),
                         imp.seed.wrapping_add(n_clients),
                     );
-                    // Replies from upstream go back through the return delay line.
+                    // Replies from upstream go back through the return delay line, each
+                    // client's at most at the downlink rate.
                     let back = to_clients.clone();
+                    let (rate, stats) = (downlink_bps.clone(), stats.clone());
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65536];
+                        let mut limit = RateLimit::default();
                         while let Ok((n, _)) = up.recv_from(&mut buf).await {
+                            let bps = rate.load(Relaxed);
+                            if bps > 0 {
+                                match limit.admit(Instant::now(), n, bps) {
+                                    Some(leave) => tokio::time::sleep_until(leave.into()).await,
+                                    None => {
+                                        stats.dropped.fetch_add(1, Relaxed);
+                                        continue;
+                                    }
+                                }
+                            }
                             if back
                                 .send((Bytes::copy_from_slice(&buf[..n]), from))
                                 .is_err()
@@ -167,13 +186,60 @@ pub async fn start(
     Ok(ImpairProxy {
         local_addr,
         stats,
+        downlink_bps,
         tasks: vec![main, back_task],
     })
+}
+
+/// Most a rate-limited link queues before it drops (a bottleneck's buffer).
+const QUEUE_LIMIT: Duration = Duration::from_millis(200);
+
+/// A bottleneck link: datagrams leave one after another at the rate; one that would wait
+/// longer than [`QUEUE_LIMIT`] is dropped. Time is passed in.
+#[derive(Debug, Default)]
+struct RateLimit {
+    free_at: Option<Instant>,
+}
+
+impl RateLimit {
+    /// When a datagram of `bytes` arriving at `now` has left the link, or `None` when the
+    /// queue is full and it is dropped.
+    fn admit(&mut self, now: Instant, bytes: usize, bps: u64) -> Option<Instant> {
+        let start = self.free_at.map_or(now, |t| t.max(now));
+        if start - now > QUEUE_LIMIT {
+            return None;
+        }
+        let leave = start + Duration::from_secs_f64(bytes as f64 * 8.0 / bps as f64);
+        self.free_at = Some(leave);
+        Some(leave)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_limit_spaces_datagrams_and_drops_beyond_its_queue() {
+        let t0 = Instant::now();
+        let mut l = RateLimit::default();
+        // 1000 bytes at 800 kbit/s: 10 ms each.
+        let leaves: Vec<_> = (0..30).map(|_| l.admit(t0, 1000, 800_000)).collect();
+        assert_eq!(leaves[0], Some(t0 + Duration::from_millis(10)));
+        assert_eq!(leaves[1], Some(t0 + Duration::from_millis(20)));
+        // A 200 ms queue holds about 20 of them; the rest of a burst is dropped.
+        let kept = leaves.iter().flatten().count();
+        assert_eq!(
+            kept, 21,
+            "a 200 ms queue at 10 ms each, plus the one on the wire"
+        );
+        let more = l.admit(t0 + Duration::from_millis(5), 1000, 800_000);
+        assert_eq!(more, None, "the queue is full");
+        // Once it drains, datagrams pass again.
+        assert!(l
+            .admit(t0 + Duration::from_millis(300), 1000, 800_000)
+            .is_some());
+    }
 
     #[tokio::test]
     async fn delays_and_drops_as_configured() {

@@ -650,3 +650,79 @@ joined.producers.forEach(show);
         .stop
         .store(true, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// The agent's decoded video width and frames in each STATS report from `from` on.
+fn agent_video(b: &Browser, from: usize) -> Vec<(u64, u64)> {
+    b.reports("STATS")[from..]
+        .iter()
+        .map(|r| (video_width(r), video_frames(r)))
+        .collect()
+}
+
+// Fails today and is kept for issue 12: behind a 450 kbit/s tail-drop bottleneck GCC's estimate
+// starts above the top layer (800 kbit/s), collapses after congestion, then climbs back over the
+// top layer while the full queue keeps delay flat, so the consumer cycles 1280 → 320 → 640 → 1280
+// at a few frames a second instead of settling. Probing before stepping up is the missing piece.
+#[ignore = "issue 12: send-side layer choice does not yet settle behind a bottleneck"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_behind_a_constrained_link_settles_on_a_lower_layer_and_returns_to_the_top() {
+    assert_isolated_network();
+    // The node announces 127.0.0.3, where an impairment proxy per media port forwards to the
+    // node on 127.0.0.1 and limits what each browser receives.
+    let mut cfg = test_config("127.0.0.3", "127.0.0.1");
+    cfg.rtc.workers = Some(1);
+    cfg.rtc.tcp = false;
+    cfg.rtc.send_side_bwe = true;
+    let node = meridian::node::Node::start(cfg).await.unwrap();
+    let port = node.workers.get(0).media_addr().port();
+    let proxy = meridian::netem::start(
+        format!("127.0.0.3:{port}").parse().unwrap(),
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        meridian::netem::Impairment::none(),
+    )
+    .await
+    .unwrap();
+    // The fake camera's layers run at about 125, 270 and 540 kbit/s: 450 kbit/s carries the
+    // middle one, not the top.
+    proxy
+        .downlink_bps
+        .store(450_000, std::sync::atomic::Ordering::Relaxed);
+    let (user, agent) = open_pair(&node, "kyc-limited", "&simulcast=1", "");
+    wait_until(
+        "the agent decoding behind the limit",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || decoding(&agent),
+    )
+    .await;
+    let start = agent.reports("STATS").len();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let limited = agent_video(&agent, start);
+    println!("behind 450 kbit/s (width, frames) per second: {limited:?}");
+    let settled = &limited[limited.len() - 8..];
+    assert!(
+        settled.iter().all(|&(w, _)| (300..=700).contains(&w)),
+        "settles below the top layer: {limited:?}"
+    );
+    assert!(
+        limited.windows(2).all(|w| w[1].1 > w[0].1),
+        "frames decoded rise every second (no freeze): {limited:?}"
+    );
+    // The limit is lifted: back to the top layer.
+    proxy
+        .downlink_bps
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    let lifted_at = Instant::now();
+    let from = agent.reports("STATS").len();
+    wait_until(
+        "the agent back on the top layer",
+        Duration::from_secs(60),
+        &[&user, &agent],
+        || agent_video(&agent, from).iter().any(|&(w, _)| w >= 1000),
+    )
+    .await;
+    println!(
+        "top layer again {:.1} s after the limit was lifted",
+        lifted_at.elapsed().as_secs_f64()
+    );
+}
