@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use rtc::interceptor::{Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
@@ -32,7 +31,6 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use rtc::sansio::Protocol;
-use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
 use super::peer::{epoch, ClientError};
 
@@ -262,13 +260,7 @@ impl MediaPeer {
                     ..Default::default()
                 }],
             );
-            pc.add_transceiver_from_track(
-                track,
-                Some(RTCRtpTransceiverInit {
-                    direction: RTCRtpTransceiverDirection::Sendonly,
-                    ..Default::default()
-                }),
-            )?;
+            add_sender(&mut pc, track)?;
         }
         if !media.video.is_empty() {
             let simulcast = media.video.len() > 1;
@@ -299,13 +291,7 @@ impl MediaPeer {
                 RtpCodecKind::Video,
                 encodings,
             );
-            pc.add_transceiver_from_track(
-                track,
-                Some(RTCRtpTransceiverInit {
-                    direction: RTCRtpTransceiverDirection::Sendonly,
-                    ..Default::default()
-                }),
-            )?;
+            add_sender(&mut pc, track)?;
         }
         pc.add_local_candidate(RTCIceCandidateInit {
             candidate: format!(
@@ -504,24 +490,11 @@ impl MediaPeer {
                         _ => {}
                     }
                 }
-                let deadline = self
-                    .pc
-                    .poll_timeout()
-                    .unwrap_or_else(|| Instant::now() + Duration::from_millis(50))
-                    .min(Instant::now() + Duration::from_millis(50));
+                let deadline = super::next_wakeup(&mut self.pc);
                 tokio::select! {
                     r = socket.recv_from(&mut buf) => {
                         let Ok((n, from)) = r else { break };
-                        let _ = self.pc.handle_read(TaggedBytesMut {
-                            now: Instant::now(),
-                            transport: TransportContext {
-                                local_addr: self.local,
-                                peer_addr: from,
-                                ecn: None,
-                                transport_protocol: TransportProtocol::UDP,
-                            },
-                            message: BytesMut::from(&buf[..n]),
-                        });
+                        super::feed_udp(&mut self.pc, self.local, from, &buf[..n]);
                     }
                     _ = tokio::time::sleep_until(deadline.into()) => {
                         let _ = self.pc.handle_timeout(Instant::now());
@@ -615,6 +588,18 @@ impl Outgoing {
         self.frame = self.frame.wrapping_add(1);
         pkt
     }
+}
+
+/// Adds a send-only transceiver for `track`.
+fn add_sender(pc: &mut RTCPeerConnection, track: MediaStreamTrack) -> Result<(), ClientError> {
+    pc.add_transceiver_from_track(
+        track,
+        Some(RTCRtpTransceiverInit {
+            direction: RTCRtpTransceiverDirection::Sendonly,
+            ..Default::default()
+        }),
+    )?;
+    Ok(())
 }
 
 fn sender_mid(pc: &RTCPeerConnection, sender: RTCRtpSenderId) -> Option<String> {

@@ -5,10 +5,14 @@ pub mod media;
 pub mod peer;
 pub mod signal;
 
-use std::time::Instant;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use rtc::peer_connection::sdp::RTCSessionDescription;
 use rtc::peer_connection::RTCPeerConnection;
+use rtc::sansio::Protocol;
+use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
 use peer::ClientError;
 
@@ -44,4 +48,29 @@ fn local_sdp(pc: &RTCPeerConnection, after: &str) -> Result<String, ClientError>
         .local_description()
         .ok_or_else(|| ClientError::Sdp(format!("no local description after {after}")))?
         .sdp)
+}
+
+/// Hands one UDP datagram from `from`, received on `local`, to a client peer connection.
+pub(crate) fn feed_udp(
+    pc: &mut RTCPeerConnection,
+    local: SocketAddr,
+    from: SocketAddr,
+    data: &[u8],
+) {
+    let _ = pc.handle_read(TaggedBytesMut {
+        now: Instant::now(),
+        transport: TransportContext {
+            local_addr: local,
+            peer_addr: from,
+            ecn: None,
+            transport_protocol: TransportProtocol::UDP,
+        },
+        message: BytesMut::from(data),
+    });
+}
+
+/// When a client peer's loop should wake at the latest: its own next timer, or 50 ms.
+pub(crate) fn next_wakeup(pc: &mut RTCPeerConnection) -> Instant {
+    let cap = Instant::now() + Duration::from_millis(50);
+    pc.poll_timeout().map_or(cap, |t| t.min(cap))
 }

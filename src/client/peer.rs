@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use rtc::interceptor::{Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
@@ -27,7 +26,6 @@ use rtc::rtp_transceiver::rtp_sender::{
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use rtc::sansio::Protocol;
 use rtc::shared::error::Error;
-use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
 const LOOPBACK: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
@@ -430,11 +428,7 @@ impl RtcPeer {
                     }
                     continue;
                 }
-                let deadline = self
-                    .pc
-                    .poll_timeout()
-                    .unwrap_or_else(|| Instant::now() + Duration::from_millis(50))
-                    .min(Instant::now() + Duration::from_millis(50));
+                let deadline = super::next_wakeup(&mut self.pc);
                 tokio::select! {
                     r = self.socket.recv_from(&mut buf) => {
                         let Ok((n, from)) = r else { break };
@@ -462,16 +456,7 @@ impl RtcPeer {
                             let mut addrs = lock(&state.remote_addrs);
                             if !addrs.contains(&from) { addrs.push(from); }
                         }
-                        let _ = self.pc.handle_read(TaggedBytesMut {
-                            now: Instant::now(),
-                            transport: TransportContext {
-                                local_addr: self.local,
-                                peer_addr: from,
-                                ecn: None,
-                                transport_protocol: TransportProtocol::UDP,
-                            },
-                            message: BytesMut::from(&buf[..n]),
-                        });
+                        super::feed_udp(&mut self.pc, self.local, from, &buf[..n]);
                     }
                     _ = tokio::time::sleep_until(deadline.into()) => {
                         let _ = self.pc.handle_timeout(Instant::now());
