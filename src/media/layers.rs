@@ -29,6 +29,8 @@ pub struct LayerSelector {
     grace_until: Option<Instant>,
     /// The estimate is our own send-side one (transport-cc and GCC), not the receiver's REMB.
     send_side: bool,
+    /// The consumer raised its maximum: the next choice tries it whatever REMB says.
+    raised: bool,
 }
 
 /// How long an estimate gets to catch up with a higher layer before it may force a step down.
@@ -55,6 +57,7 @@ impl LayerSelector {
             hold_until: None,
             grace_until: None,
             send_side: false,
+            raised: false,
         }
     }
 
@@ -76,7 +79,11 @@ impl LayerSelector {
         self.current != Some(self.target)
     }
 
+    /// A new maximum from the subscriber. Raising it is a request for the better picture, so
+    /// with REMB (which only grows with what is sent) the higher layer is tried at once, hold
+    /// or not, and gets the usual grace before the estimate may take it back.
     pub fn set_max_layer(&mut self, max: Layer) {
+        self.raised |= max > self.max_layer;
         self.max_layer = max;
     }
 
@@ -125,6 +132,10 @@ impl LayerSelector {
         };
         let bw = self.bandwidth_bps;
         let current_rate = self.current.and_then(|c| flowing(c as usize));
+        if std::mem::take(&mut self.raised) && self.current.is_some() {
+            self.hold_until = None;
+            self.grace_until = Some(now + UPGRADE_GRACE);
+        }
         let in_grace = self.grace_until.is_some_and(|t| now < t);
         let congested =
             !in_grace && matches!((bw, current_rate), (Some(bw), Some(r)) if bw * 10 < r * 9);
@@ -368,5 +379,27 @@ mod tests {
         follow(&mut s, &mut t, 1, 2_000_000);
         s.set_bandwidth(Some(100_000));
         assert_eq!(s.bandwidth(), Some(2_000_000));
+    }
+
+    #[test]
+    fn raising_the_maximum_tries_the_higher_layer_even_under_a_low_remb() {
+        let t = Instant::now();
+        let mut s = LayerSelector::new(0);
+        s.set_bandwidth(Some(50_000));
+        s.update_target(t, &LAYERS);
+        s.on_packet(0, true);
+        // REMB says less than the low layer carries: congested, held there.
+        s.update_target(t + Duration::from_secs(1), &LAYERS);
+        assert_eq!(s.target(), 0);
+        s.set_max_layer(2);
+        s.update_target(t + Duration::from_secs(2), &LAYERS);
+        assert_eq!(s.target(), 2, "the request is tried at once");
+        s.on_packet(2, true);
+        // Within the grace the low estimate does not take it back; after it, it may.
+        s.update_target(t + Duration::from_secs(4), &LAYERS);
+        assert_eq!(s.current(), Some(2));
+        assert_eq!(s.target(), 2);
+        s.update_target(t + Duration::from_secs(2) + UPGRADE_GRACE, &LAYERS);
+        assert_eq!(s.target(), 0, "congested after the grace");
     }
 }
