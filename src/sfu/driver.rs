@@ -32,7 +32,7 @@ const PIPE_BATCH: usize = 64;
 /// Binds the media socket (and the ICE-TCP listener on the same port number) and starts the
 /// worker thread.
 pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
-    let socket = UdpSocket::bind(cfg.listen)?;
+    let (socket, tcp_listener) = bind_media(&cfg)?;
     socket.set_nonblocking(true)?;
     let bound = socket.local_addr()?;
     let announced = SocketAddr::new(cfg.announced_ip, bound.port());
@@ -40,13 +40,6 @@ pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
     // Bursts of keyframes to many subscribers need room; failure only costs headroom.
     let _ = state.set_send_buffer_size((&socket).into(), 4 << 20);
     let _ = state.set_recv_buffer_size((&socket).into(), 4 << 20);
-    let tcp_listener = if cfg.tcp {
-        let l = std::net::TcpListener::bind(SocketAddr::new(cfg.listen.ip(), bound.port()))?;
-        l.set_nonblocking(true)?;
-        Some(l)
-    } else {
-        None
-    };
     let (tx, rx) = mpsc::unbounded_channel();
     let (pipe_media, pipe_rx) = mpsc::channel(PIPE_MEDIA_QUEUE);
     let stats = Arc::new(WorkerStats::default());
@@ -104,6 +97,29 @@ pub fn spawn_worker(cfg: WorkerConfig) -> io::Result<WorkerHandle> {
         })?;
     tracing::info!(bound = %bound, announced = %announced, "media worker started");
     Ok(handle)
+}
+
+/// The media socket, and the ICE-TCP listener on the same port number when TCP is on. With
+/// port 0 the system picks a free UDP port whose TCP twin may be taken; another is tried then.
+fn bind_media(cfg: &WorkerConfig) -> io::Result<(UdpSocket, Option<std::net::TcpListener>)> {
+    let attempts = if cfg.listen.port() == 0 { 20 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let socket = UdpSocket::bind(cfg.listen)?;
+        if !cfg.tcp {
+            return Ok((socket, None));
+        }
+        let port = socket.local_addr()?.port();
+        match std::net::TcpListener::bind(SocketAddr::new(cfg.listen.ip(), port)) {
+            Ok(l) => {
+                l.set_nonblocking(true)?;
+                return Ok((socket, Some(l)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
 }
 
 /// Everything of a worker that touches the outside world.
