@@ -726,3 +726,42 @@ async fn a_subscriber_behind_a_constrained_link_settles_on_a_lower_layer_and_ret
         lifted_at.elapsed().as_secs_f64()
     );
 }
+
+/// Whether a user page's STATS report shows a simulcast encoding at 1280 wide sending.
+fn top_layer_at_full_resolution(report: &serde_json::Value) -> bool {
+    report["publisher"].as_array().is_some_and(|layers| {
+        layers.iter().any(|l| {
+            !l["rid"].is_null()
+                && l["frameWidth"].as_u64().unwrap_or(0) >= 1280
+                && l["bytesSent"].as_u64().unwrap_or(0) > 0
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulcast_publisher_reaches_its_top_layer_at_full_resolution() {
+    assert_isolated_network();
+    let node = start_node().await;
+    let (user, agent) = open_pair(&node, "kyc-uplink", "&simulcast=1", "");
+    wait_until(
+        "the publisher's top layer at 1280 wide",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || {
+            user.reports("STATS")
+                .iter()
+                .any(top_layer_at_full_resolution)
+        },
+    )
+    .await;
+    // Reports come once a second from the first one after publishing: the figure, reported
+    // (a speed is never asserted in a test).
+    let reports = user.reports("STATS");
+    let at = reports
+        .iter()
+        .position(top_layer_at_full_resolution)
+        .unwrap_or(reports.len());
+    println!(
+        "publisher's top simulcast layer at 1280 wide in report {at} (~{at} s after the first)"
+    );
+}
