@@ -536,16 +536,7 @@ pub async fn run_fanout_janus(
     cfg: &FanoutConfig,
 ) -> Result<Vec<FanoutResult>, BenchError> {
     use janus::{jsep_event, JanusClient};
-    let started = Instant::now();
-    while tokio::net::TcpStream::connect(janus.http).await.is_err() {
-        if started.elapsed() > Duration::from_secs(10) {
-            return Err(BenchError::Sfu(format!(
-                "janus did not start; see {}",
-                janus.log.display()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    janus.wait_ready().await?;
     let mut results = Vec::new();
     for (step, &n) in cfg.subscribers.iter().enumerate() {
         let client = JanusClient::connect(janus.http).await?;

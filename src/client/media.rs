@@ -424,17 +424,7 @@ impl MediaPeer {
             pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last = Instant::now();
             while !stats.stop.load(Ordering::Relaxed) {
-                while let Some(msg) = self.pc.poll_write() {
-                    let _ = socket.send_to(&msg.message, msg.transport.peer_addr).await;
-                }
-                while let Some(ev) = self.pc.poll_event() {
-                    if let rtc::peer_connection::event::RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) = ev {
-                        stats.connected.store(
-                            s == rtc::peer_connection::state::RTCPeerConnectionState::Connected,
-                            Ordering::Relaxed,
-                        );
-                    }
-                }
+                super::flush_and_track(&mut self.pc, &socket, &stats.connected).await;
                 while let Some(msg) = self.pc.poll_read() {
                     match msg.message {
                         RTCMessage::RtpPacket(_, p) => {

@@ -74,3 +74,24 @@ pub(crate) fn next_wakeup(pc: &mut RTCPeerConnection) -> Instant {
     let cap = Instant::now() + Duration::from_millis(50);
     pc.poll_timeout().map_or(cap, |t| t.min(cap))
 }
+
+/// Sends what a client peer has queued on `socket` and records whether it is connected.
+pub(crate) async fn flush_and_track(
+    pc: &mut RTCPeerConnection,
+    socket: &tokio::net::UdpSocket,
+    connected: &std::sync::atomic::AtomicBool,
+) {
+    use rtc::peer_connection::event::RTCPeerConnectionEvent;
+    use rtc::peer_connection::state::RTCPeerConnectionState;
+    while let Some(msg) = pc.poll_write() {
+        let _ = socket.send_to(&msg.message, msg.transport.peer_addr).await;
+    }
+    while let Some(ev) = pc.poll_event() {
+        if let RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) = ev {
+            connected.store(
+                s == RTCPeerConnectionState::Connected,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+}

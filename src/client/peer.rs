@@ -355,20 +355,7 @@ impl RtcPeer {
             let mut rtp_datagrams = 0u64;
             let sender = self.pc.get_senders().next();
             while !state.stop.load(Ordering::Relaxed) {
-                while let Some(msg) = self.pc.poll_write() {
-                    let _ = self
-                        .socket
-                        .send_to(&msg.message, msg.transport.peer_addr)
-                        .await;
-                }
-                while let Some(ev) = self.pc.poll_event() {
-                    if let rtc::peer_connection::event::RTCPeerConnectionEvent::OnConnectionStateChangeEvent(s) = ev {
-                        state.connected.store(
-                            s == rtc::peer_connection::state::RTCPeerConnectionState::Connected,
-                            Ordering::Relaxed,
-                        );
-                    }
-                }
+                super::flush_and_track(&mut self.pc, &self.socket, &state.connected).await;
                 while let Some(msg) = self.pc.poll_read() {
                     match msg.message {
                         RTCMessage::RtpPacket(_, p) => {

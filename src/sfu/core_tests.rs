@@ -17,7 +17,7 @@ struct Harness {
     core: Worker,
     now: Instant,
     /// Turns of `pump` (simulcast tests).
-    #[allow(dead_code)]
+    #[cfg(feature = "loadgen")]
     pumps: u64,
 }
 
@@ -36,6 +36,7 @@ impl Harness {
                 Arc::new(WorkerStats::default()),
             ),
             now: Instant::now(),
+            #[cfg(feature = "loadgen")]
             pumps: 0,
         }
     }
@@ -257,9 +258,10 @@ fn a_closed_pipe_takes_its_producers_and_participants_out_of_every_session() {
         |e| matches!(e, SfuEvent::ParticipantLeft(p) if p.participant_id.as_str() == "remote-p")
     ));
     assert_eq!(WorkerStats::get(&h.core.stats.producers), 0);
-    // Frames still in flight from the closed pipe are ignored.
+    // Frames still in flight from the closed pipe are ignored, and counted.
     h.pipe_media(pipe, 11, 1);
     assert!(h.core.pipe_out.is_empty());
+    assert_eq!(WorkerStats::get(&h.core.stats.pipe_frames_unknown), 1);
 }
 
 #[test]

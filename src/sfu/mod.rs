@@ -541,6 +541,8 @@ counters! {
     /// Pipe media datagrams dropped because the worker's queue was full.
     pub pipe_media_dropped: AtomicU64,
     pub pipe_frames_bad: AtomicU64,
+    /// Pipe media frames of a stream no producer here is fed from (stopped, or misrouted).
+    pub pipe_frames_unknown: AtomicU64,
     pub sessions: AtomicU64,
     pub participants: AtomicU64,
     pub producers: AtomicU64,

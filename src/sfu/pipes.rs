@@ -409,7 +409,9 @@ impl Worker {
         };
         let (stream, layer) = frame;
         let Some(&pk) = self.pipe_streams.get(&(pipe, stream)) else {
-            return; // a stream we stopped consuming; frames in flight
+            // A stream we stopped consuming (frames in flight) or that no worker here knows.
+            self.stats.pipe_frames_unknown.fetch_add(1, Relaxed);
+            return;
         };
         let mut rtp = data.slice(FRAME_HEADER..);
         let Ok(pkt) = rtc::rtp::Packet::unmarshal(&mut rtp) else {

@@ -164,7 +164,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let labels = format!("region=\"{}\",node=\"{}\"", s.region, s.node);
     type Field = fn(&WorkerStats) -> &std::sync::atomic::AtomicU64;
     // Per worker, so a hot or stuck worker shows; sum over `worker` for the node.
-    let per_worker: [(&str, &str, Field); 21] = [
+    let per_worker: [(&str, &str, Field); 22] = [
         (
             "meridian_datagrams_in_total",
             "UDP datagrams received on the media port",
@@ -239,6 +239,11 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             "meridian_pipe_media_dropped_total",
             "Pipe media datagrams dropped because the media worker's queue was full",
             |w| &w.pipe_media_dropped,
+        ),
+        (
+            "meridian_pipe_frames_unknown_total",
+            "Pipe media frames of a stream no producer on the worker is fed from",
+            |w| &w.pipe_frames_unknown,
         ),
         (
             "meridian_keyframe_requests_total",
