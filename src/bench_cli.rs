@@ -107,8 +107,9 @@ pub enum BenchCommand {
         /// Measurement window per step, seconds.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        /// Warm-up before each window, seconds.
-        #[arg(long, default_value_t = 3)]
+        /// Warm-up before each window, seconds: long enough for subscribers to probe their
+        /// way to the top layer.
+        #[arg(long, default_value_t = 8)]
         warmup: u64,
         #[command(flatten)]
         sfus: SfuArgs,

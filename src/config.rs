@@ -218,10 +218,10 @@ pub struct RtcSection {
     /// Largest UDP datagram accepted; anything larger is counted and dropped.
     #[serde(default = "default_max_datagram")]
     pub max_datagram_bytes: usize,
-    /// Send-side congestion control towards subscribers (transport-cc feedback, GCC) choosing
-    /// their simulcast layers; off (the default until probing lands), layer choice follows the
-    /// subscriber's REMB.
-    #[serde(default)]
+    /// Send-side congestion control towards subscribers (transport-cc feedback, GCC, RTX
+    /// probes) choosing their simulcast layers; off, layer choice follows the subscriber's REMB
+    /// (also the fallback for a subscriber that does not negotiate transport-cc).
+    #[serde(default = "default_true")]
     pub send_side_bwe: bool,
 }
 

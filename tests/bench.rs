@@ -87,7 +87,7 @@ fn sessions_benchmark_runs_each_worker_count_against_a_separate_node_process() {
             "--seconds",
             "2",
             "--warmup",
-            "1",
+            "6",
         ],
         &json,
     );

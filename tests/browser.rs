@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::browser::*;
 use common::*;
@@ -44,15 +44,6 @@ fn open_pair_across(
     )
 }
 
-/// The page has decoded at least 30 frames and is still decoding (rising between its last
-/// two reports).
-fn decoding(b: &Browser) -> bool {
-    let r = b.reports("STATS");
-    r.len() >= 2
-        && video_frames(&r[r.len() - 1]) > video_frames(&r[r.len() - 2])
-        && video_frames(&r[r.len() - 1]) >= 30
-}
-
 /// The page lifted its layer cap and has since decoded the high layer.
 fn decodes_high_layer_after_lift(b: &Browser) -> bool {
     !b.reports("LIFTED").is_empty() && b.reports("STATS").iter().any(|r| video_width(r) >= 1000)
@@ -64,25 +55,6 @@ async fn both_decoding(what: &str, user: &Browser, agent: &Browser) {
         decoding(user) && decoding(agent)
     })
     .await;
-}
-
-async fn wait_until(
-    what: &str,
-    within: Duration,
-    browsers: &[&Browser],
-    mut cond: impl FnMut() -> bool,
-) {
-    let start = Instant::now();
-    while !cond() {
-        if start.elapsed() > within {
-            let t: Vec<String> = browsers.iter().map(|b| b.transcript()).collect();
-            panic!(
-                "timed out waiting for {what}; browser reports:\n{}",
-                t.join("\n---\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -649,119 +621,4 @@ joined.producers.forEach(show);
     publisher
         .stop
         .store(true, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// The agent's decoded video width and frames in each STATS report from `from` on.
-fn agent_video(b: &Browser, from: usize) -> Vec<(u64, u64)> {
-    b.reports("STATS")[from..]
-        .iter()
-        .map(|r| (video_width(r), video_frames(r)))
-        .collect()
-}
-
-// Fails today and is kept for issue 12: behind a 450 kbit/s tail-drop bottleneck GCC's estimate
-// starts above the top layer (800 kbit/s), collapses after congestion, then climbs back over the
-// top layer while the full queue keeps delay flat, so the consumer cycles 1280 → 320 → 640 → 1280
-// at a few frames a second instead of settling. Probing before stepping up is the missing piece.
-#[ignore = "issue 12: send-side layer choice does not yet settle behind a bottleneck"]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_behind_a_constrained_link_settles_on_a_lower_layer_and_returns_to_the_top() {
-    assert_isolated_network();
-    // The node announces 127.0.0.3, where an impairment proxy per media port forwards to the
-    // node on 127.0.0.1 and limits what each browser receives.
-    let mut cfg = test_config("127.0.0.3", "127.0.0.1");
-    cfg.rtc.workers = Some(1);
-    cfg.rtc.tcp = false;
-    cfg.rtc.send_side_bwe = true;
-    let node = meridian::node::Node::start(cfg).await.unwrap();
-    let port = node.workers.get(0).media_addr().port();
-    let proxy = meridian::netem::start(
-        format!("127.0.0.3:{port}").parse().unwrap(),
-        format!("127.0.0.1:{port}").parse().unwrap(),
-        meridian::netem::Impairment::none(),
-    )
-    .await
-    .unwrap();
-    // The fake camera's layers run at about 125, 270 and 540 kbit/s: 450 kbit/s carries the
-    // middle one, not the top.
-    proxy
-        .downlink_bps
-        .store(450_000, std::sync::atomic::Ordering::Relaxed);
-    let (user, agent) = open_pair(&node, "kyc-limited", "&simulcast=1", "");
-    wait_until(
-        "the agent decoding behind the limit",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&agent),
-    )
-    .await;
-    let start = agent.reports("STATS").len();
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    let limited = agent_video(&agent, start);
-    println!("behind 450 kbit/s (width, frames) per second: {limited:?}");
-    let settled = &limited[limited.len() - 8..];
-    assert!(
-        settled.iter().all(|&(w, _)| (300..=700).contains(&w)),
-        "settles below the top layer: {limited:?}"
-    );
-    assert!(
-        limited.windows(2).all(|w| w[1].1 > w[0].1),
-        "frames decoded rise every second (no freeze): {limited:?}"
-    );
-    // The limit is lifted: back to the top layer.
-    proxy
-        .downlink_bps
-        .store(0, std::sync::atomic::Ordering::Relaxed);
-    let lifted_at = Instant::now();
-    let from = agent.reports("STATS").len();
-    wait_until(
-        "the agent back on the top layer",
-        Duration::from_secs(60),
-        &[&user, &agent],
-        || agent_video(&agent, from).iter().any(|&(w, _)| w >= 1000),
-    )
-    .await;
-    println!(
-        "top layer again {:.1} s after the limit was lifted",
-        lifted_at.elapsed().as_secs_f64()
-    );
-}
-
-/// Whether a user page's STATS report shows a simulcast encoding at 1280 wide sending.
-fn top_layer_at_full_resolution(report: &serde_json::Value) -> bool {
-    report["publisher"].as_array().is_some_and(|layers| {
-        layers.iter().any(|l| {
-            !l["rid"].is_null()
-                && l["frameWidth"].as_u64().unwrap_or(0) >= 1280
-                && l["bytesSent"].as_u64().unwrap_or(0) > 0
-        })
-    })
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_simulcast_publisher_reaches_its_top_layer_at_full_resolution() {
-    assert_isolated_network();
-    let node = start_node().await;
-    let (user, agent) = open_pair(&node, "kyc-uplink", "&simulcast=1", "");
-    wait_until(
-        "the publisher's top layer at 1280 wide",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || {
-            user.reports("STATS")
-                .iter()
-                .any(top_layer_at_full_resolution)
-        },
-    )
-    .await;
-    // Reports come once a second from the first one after publishing: the figure, reported
-    // (a speed is never asserted in a test).
-    let reports = user.reports("STATS");
-    let at = reports
-        .iter()
-        .position(top_layer_at_full_resolution)
-        .unwrap_or(reports.len());
-    println!(
-        "publisher's top simulcast layer at 1280 wide in report {at} (~{at} s after the first)"
-    );
 }

@@ -41,7 +41,7 @@ impl Default for SessionsConfig {
         Self {
             sessions: vec![10, 25, 50],
             seconds: 10,
-            warmup_seconds: 3,
+            warmup_seconds: 8,
             user_layers: vec![v(17.0), v(57.0), v(136.0)],
             agent_video: v(136.0),
             audio: Encoding {

@@ -17,7 +17,7 @@ use rtc::interceptor::{Registry, Slot};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::configuration::interceptor_registry::register_default_interceptors;
 use rtc::peer_connection::configuration::media_engine::{
-    MediaEngine, MIME_TYPE_OPUS, MIME_TYPE_VP8,
+    MediaEngine, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8,
 };
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
 use rtc::peer_connection::message::RTCMessage;
@@ -170,6 +170,20 @@ fn media_engine() -> Result<MediaEngine, ClientError> {
         RTCRtpCodecParameters {
             rtp_codec: vp8(),
             payload_type: VIDEO_PT,
+        },
+        RtpCodecKind::Video,
+    )?;
+    // Repairs and bandwidth probes arrive on RTX, as a browser negotiates it.
+    m.register_codec(
+        RTCRtpCodecParameters {
+            rtp_codec: RTCRtpCodec {
+                mime_type: MIME_TYPE_RTX.into(),
+                clock_rate: 90_000,
+                channels: 0,
+                sdp_fmtp_line: format!("apt={VIDEO_PT}"),
+                rtcp_feedback: vec![],
+            },
+            payload_type: VIDEO_PT + 1,
         },
         RtpCodecKind::Video,
     )?;

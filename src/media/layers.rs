@@ -14,6 +14,23 @@ pub enum Decision {
     Drop,
 }
 
+/// Why a consumer's target layer last changed (reported with `consumerLayerChanged`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerReason {
+    /// The first layer chosen for the consumer.
+    #[default]
+    Start,
+    /// The subscriber changed its maximum layer.
+    Preference,
+    /// The bandwidth estimate rose (a probe confirmed it, or REMB recovered).
+    EstimateRose,
+    /// The bandwidth estimate no longer carries the layer.
+    EstimateFell,
+    /// The layer stopped flowing from the publisher.
+    LayerStopped,
+}
+
 #[derive(Debug, Clone)]
 pub struct LayerSelector {
     current: Option<Layer>,
@@ -31,6 +48,10 @@ pub struct LayerSelector {
     send_side: bool,
     /// The consumer raised its maximum: the next choice tries it whatever REMB says.
     raised: bool,
+    /// The send-side estimator sees heavy loss towards the subscriber.
+    lossy: bool,
+    /// Why the target last changed.
+    reason: LayerReason,
 }
 
 /// How long an estimate gets to catch up with a higher layer before it may force a step down.
@@ -44,6 +65,10 @@ pub const CONGESTION_HOLD: Duration = Duration::from_secs(8);
 /// bitrate by this factor, and left only when the estimate falls below its bitrate, so an
 /// estimate between the two keeps the layer (no oscillation on a stable link).
 pub const UP_HEADROOM: f64 = 1.15;
+/// With a send-side estimate: the current layer is kept while the estimate carries this
+/// fraction of its measured bitrate (a layer's rate swings with keyframes and content, and a
+/// delay-based estimate dips on scheduling noise; stepping down on each dip oscillates).
+pub const STAY_MARGIN: f64 = 0.8;
 /// With a send-side estimate: after a step down, no step up before this time.
 pub const SEND_SIDE_HOLD: Duration = Duration::from_secs(2);
 
@@ -58,6 +83,18 @@ impl LayerSelector {
             grace_until: None,
             send_side: false,
             raised: false,
+            lossy: false,
+            reason: LayerReason::Start,
+        }
+    }
+
+    /// A selector that a send-side estimate will drive: until the first estimate reaches it
+    /// (next tick), it waits for the lowest layer rather than taking the top one on sight.
+    pub fn for_send_side(max_layer: Layer) -> Self {
+        Self {
+            target: 0,
+            send_side: true,
+            ..Self::new(max_layer)
         }
     }
 
@@ -103,16 +140,51 @@ impl LayerSelector {
     /// and not holding after a recent step down.
     /// This consumer's share of the send-side estimate towards its subscriber (bits/s). From
     /// then on REMB is ignored and layer choice follows [`UP_HEADROOM`] and [`SEND_SIDE_HOLD`].
-    pub fn set_send_side_bandwidth(&mut self, bps: u64) {
+    /// `lossy`: the subscriber reports losses beyond what a healthy path shows; the current
+    /// layer then gets no [`STAY_MARGIN`] (a bottleneck's drop-tail queue keeps the delay-based
+    /// estimate near the layer while the layer does not get through).
+    pub fn set_send_side_bandwidth(&mut self, bps: u64, lossy: bool) {
         self.send_side = true;
         self.bandwidth_bps = Some(bps);
+        self.lossy = lossy;
     }
 
     pub fn bandwidth(&self) -> Option<u64> {
         self.bandwidth_bps
     }
 
+    /// Why the target last changed.
+    pub fn reason(&self) -> LayerReason {
+        self.reason
+    }
+
+    /// Records why the target moves from `old` to `new`.
+    fn note_change(&mut self, old: Layer, new: Layer, bitrates: &[Option<u64>], raised: bool) {
+        let flowing = |l: Layer| bitrates.get(l as usize).copied().flatten().is_some();
+        self.reason = if self.current.is_none() {
+            LayerReason::Start
+        } else if new > old && raised || new < old && old > self.max_layer {
+            LayerReason::Preference
+        } else if new < old && !flowing(old) {
+            LayerReason::LayerStopped
+        } else if new > old {
+            LayerReason::EstimateRose
+        } else {
+            LayerReason::EstimateFell
+        };
+    }
+
     pub fn update_target(&mut self, now: Instant, bitrates: &[Option<u64>]) -> bool {
+        let raised = self.raised;
+        let old = self.target;
+        let changed = self.choose_target(now, bitrates);
+        if changed {
+            self.note_change(old, self.target, bitrates, raised);
+        }
+        changed
+    }
+
+    fn choose_target(&mut self, now: Instant, bitrates: &[Option<u64>]) -> bool {
         let flowing = |l: usize| bitrates.get(l).copied().flatten();
         let lowest = (0..bitrates.len()).find(|&l| flowing(l).is_some());
         let Some(lowest) = lowest else {
@@ -167,12 +239,15 @@ impl LayerSelector {
     fn send_side_target(&mut self, now: Instant, bitrates: &[Option<u64>]) -> Option<usize> {
         let bw = self.bandwidth_bps.unwrap_or(0) as f64;
         let allowed = |l: usize| l as Layer <= self.max_layer;
+        let lowest = (0..bitrates.len()).find(|&l| bitrates[l].is_some());
+        // A layer flowing for less than a measurement period has no rate yet (1 bit/s stands
+        // for "flowing"): only the lowest is assumed to fit.
         let fits = |l: usize, headroom: f64| {
             bitrates
                 .get(l)
                 .copied()
                 .flatten()
-                .is_some_and(|r| r as f64 * headroom <= bw)
+                .is_some_and(|r| (r > 1 || Some(l) == lowest) && r as f64 * headroom <= bw)
         };
         let best = |headroom: f64| {
             (0..bitrates.len())
@@ -182,7 +257,8 @@ impl LayerSelector {
         let Some(current) = self.current.map(usize::from) else {
             return best(UP_HEADROOM).or_else(|| best(1.0));
         };
-        if !allowed(current) || !fits(current, 1.0) {
+        let margin = if self.lossy { 1.0 } else { STAY_MARGIN };
+        if !allowed(current) || !fits(current, margin) {
             self.hold_until = Some(now + SEND_SIDE_HOLD);
             return best(1.0);
         }
@@ -322,7 +398,7 @@ mod tests {
     fn follow(s: &mut LayerSelector, t: &mut Instant, seconds: u64, bps: u64) -> Vec<Layer> {
         let mut seen = Vec::new();
         for _ in 0..seconds {
-            s.set_send_side_bandwidth(bps);
+            s.set_send_side_bandwidth(bps, false);
             s.update_target(*t, &LAYERS);
             s.on_packet(s.target(), true);
             seen.push(s.current().unwrap());
@@ -356,6 +432,62 @@ mod tests {
         assert_eq!(back[0], 1, "held right after the step down: {back:?}");
         assert_eq!(*back.last().unwrap(), 2, "{back:?}");
         assert!(back.iter().position(|&l| l == 2).unwrap() as u64 <= SEND_SIDE_HOLD.as_secs());
+    }
+
+    #[test]
+    fn each_layer_change_says_why() {
+        let mut t = Instant::now();
+        let mut s = LayerSelector::new(2);
+        follow(&mut s, &mut t, 1, 600_000);
+        assert_eq!((s.current(), s.reason()), (Some(1), LayerReason::Start));
+        follow(&mut s, &mut t, 4, 2_000_000);
+        assert_eq!(
+            (s.current(), s.reason()),
+            (Some(2), LayerReason::EstimateRose)
+        );
+        follow(&mut s, &mut t, 1, 600_000);
+        assert_eq!(
+            (s.current(), s.reason()),
+            (Some(1), LayerReason::EstimateFell)
+        );
+        s.set_max_layer(0);
+        follow(&mut s, &mut t, 1, 600_000);
+        assert_eq!(
+            (s.current(), s.reason()),
+            (Some(0), LayerReason::Preference)
+        );
+        s.set_max_layer(2);
+        t += SEND_SIDE_HOLD;
+        s.update_target(t, &[Some(150_000), Some(500_000), None]);
+        assert_eq!((s.target(), s.reason()), (1, LayerReason::Preference));
+        s.on_packet(1, true);
+        s.update_target(t, &[Some(150_000), None, None]);
+        assert_eq!((s.target(), s.reason()), (0, LayerReason::LayerStopped));
+    }
+
+    #[test]
+    fn a_send_side_consumer_does_not_take_the_top_layer_before_its_first_estimate() {
+        let mut s = LayerSelector::for_send_side(2);
+        assert_eq!(
+            s.on_packet(2, true),
+            Decision::Drop,
+            "a top keyframe seen first"
+        );
+        assert_eq!(s.on_packet(0, true), Decision::Forward);
+        assert_eq!(s.current(), Some(0));
+    }
+
+    #[test]
+    fn a_dip_of_the_estimate_just_under_the_layer_keeps_it() {
+        let mut t = Instant::now();
+        let mut s = LayerSelector::new(2);
+        follow(&mut s, &mut t, 1, 2_000_000);
+        // 1.3 Mbit/s against a 1.5 Mbit/s layer: within the stay margin.
+        assert!(follow(&mut s, &mut t, 10, 1_300_000)
+            .iter()
+            .all(|&l| l == 2));
+        // 1.1 Mbit/s is below it: down.
+        assert_eq!(follow(&mut s, &mut t, 1, 1_100_000), vec![1]);
     }
 
     #[test]

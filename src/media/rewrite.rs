@@ -102,6 +102,11 @@ impl RtpRewriter {
         self.resync = true;
     }
 
+    /// The newest output sequence number so far.
+    pub fn last_seq(&self) -> Option<u16> {
+        self.last_out.map(|l| l.seq)
+    }
+
     /// The input `(ssrc, seq)` that produced output `out_seq`, if it belongs to the current
     /// source: what a retransmission request for `out_seq` must fetch.
     pub fn input_of(&self, out_seq: u16) -> Option<(u32, u16)> {

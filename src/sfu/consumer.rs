@@ -30,6 +30,8 @@ pub(super) struct Consumer {
     pub(super) selector: LayerSelector,
     pub(super) paused: bool,
     pub(super) track_id: String,
+    /// Which recent packet the next bandwidth probe copies (counts back from the newest).
+    pub(super) probe_cursor: u16,
 }
 
 impl Consumer {
@@ -80,7 +82,7 @@ impl Worker {
         let ck = match me.subscribe {
             Some(ck) => ck,
             None => self
-                .new_conn(now, pk, TransportKind::Subscribe)
+                .new_conn(now, pk, TransportKind::Subscribe, offers_rtx(&offer))
                 .map_err(SubscribeError::BadSdp)?,
         };
         let id = ConsumerId::random();
@@ -190,9 +192,14 @@ impl Worker {
             payload_type,
             extensions,
             rewriter: RtpRewriter::new(rtp_codec.clock_rate),
-            selector: LayerSelector::new(max_layer.unwrap_or(top).min(top)),
+            selector: if self.conns[ck].estimate.is_some() {
+                LayerSelector::for_send_side(max_layer.unwrap_or(top).min(top))
+            } else {
+                LayerSelector::new(max_layer.unwrap_or(top).min(top))
+            },
             paused: false,
             track_id: id.to_string(),
+            probe_cursor: 0,
         };
         let cid = self.consumers.insert(consumer);
         self.conns[ck].track_consumer.insert(id.to_string(), cid);
@@ -263,17 +270,49 @@ impl Worker {
 
     /// Resends one packet a consumer reported lost, from its producer's cache.
     pub(super) fn retransmit(&mut self, now: Instant, cid: ConsumerKey, out_seq: u16) {
+        match self.resend(now, cid, out_seq, false) {
+            Resent::Sent(_) => {
+                self.stats.rtp_retransmitted.fetch_add(1, Relaxed);
+            }
+            Resent::NotCached => {
+                self.stats.nack_unserved.fetch_add(1, Relaxed);
+            }
+            Resent::NoSafeRepair => {
+                self.stats.nack_unserved_no_rtx.fetch_add(1, Relaxed);
+            }
+            Resent::Gone => {}
+        }
+    }
+
+    /// Sends the copy of `out_seq` again from the producer's cache: on the RTX stream when the
+    /// subscriber negotiated one, else on the consumer's own SSRC as a byte-identical copy
+    /// (never when transport-wide numbering would make it differ, see `sfu::rtx`). A probe
+    /// (`rtx_only`) goes on RTX or not at all.
+    pub(super) fn resend(
+        &mut self,
+        now: Instant,
+        cid: ConsumerKey,
+        out_seq: u16,
+        rtx_only: bool,
+    ) -> Resent {
         let Some(c) = self.consumers.get_mut(cid) else {
-            return;
+            return Resent::Gone;
         };
+        let Some(conn) = self.conns.get_mut(c.conn) else {
+            return Resent::Gone;
+        };
+        let repairs = conn.repairs.clone();
+        let rtx = repairs.as_ref().is_some_and(|r| r.rtx());
+        if (rtx_only && !rtx) || !repairs.as_ref().is_none_or(|r| r.can_repair()) {
+            return Resent::NoSafeRepair;
+        }
         let cached = c.rewriter.input_of(out_seq).and_then(|(ssrc, seq)| {
             let p = self.producers.get(c.producer)?;
             let layer = p.layers.iter().find(|l| l.ssrc == Some(ssrc))?;
             layer.cache.as_ref()?.get(seq).cloned()
         });
         let Some(CachedPacket { mut pkt, kept }) = cached else {
-            self.stats.nack_unserved.fetch_add(1, Relaxed);
-            return;
+            return Resent::NotCached;
         };
         let (ssrc, seq, ts) = (
             pkt.header.ssrc,
@@ -281,23 +320,39 @@ impl Worker {
             pkt.header.timestamp,
         );
         let Some((out_seq, out_ts)) = c.rewriter.rewrite(now, ssrc, seq, ts) else {
-            return;
+            return Resent::NotCached;
         };
         pkt.header.ssrc = c.ssrc;
         pkt.header.sequence_number = out_seq;
         pkt.header.timestamp = out_ts;
         pkt.header.payload_type = c.payload_type;
         set_forwarded_extensions(&mut pkt, &kept, &c.extensions);
+        if rtx {
+            super::rtx::mark(&mut pkt);
+        }
+        let size = pkt.payload.len() + 40;
         let ck = c.conn;
-        if let Some(mut sender) = self
-            .conns
-            .get_mut(ck)
-            .and_then(|conn| conn.pc.rtp_sender(c.sender))
-        {
-            if crate::alloc::in_rtc(|| sender.write_rtp(now, pkt)).is_ok() {
-                self.stats.rtp_retransmitted.fetch_add(1, Relaxed);
-            }
+        let mut written = false;
+        if let Some(mut sender) = conn.pc.rtp_sender(c.sender) {
+            written = crate::alloc::in_rtc(|| sender.write_rtp(now, pkt)).is_ok();
         }
         self.mark_dirty(ck);
+        if written {
+            Resent::Sent(size)
+        } else {
+            Resent::Gone
+        }
     }
+}
+
+/// What became of a request to send a packet again.
+pub(super) enum Resent {
+    /// Sent; about this many bytes on the wire.
+    Sent(usize),
+    /// The packet is no longer (or never was) in the producer's cache.
+    NotCached,
+    /// The subscriber has no RTX and a copy on its own SSRC would not be byte-identical.
+    NoSafeRepair,
+    /// The consumer or its connection is gone.
+    Gone,
 }

@@ -609,5 +609,17 @@ mod simulcast {
                 .any(|e| matches!(e, SfuEvent::ConsumerLayerChanged { layer: 2, .. })),
             "the agent is told: {events:?}"
         );
+        if send_side_bwe {
+            assert!(
+                events.iter().any(|e| matches!(
+                    e,
+                    SfuEvent::ConsumerLayerChanged {
+                        estimate_bps: Some(_),
+                        ..
+                    }
+                )),
+                "with the estimate it was chosen by: {events:?}"
+            );
+        }
     }
 }

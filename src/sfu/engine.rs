@@ -13,7 +13,7 @@ use rtc::peer_connection::configuration::interceptor_registry::{
     configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
 };
 use rtc::peer_connection::configuration::media_engine::{
-    MediaEngine, MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_VP8, MIME_TYPE_VP9,
+    MediaEngine, MIME_TYPE_H264, MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8, MIME_TYPE_VP9,
 };
 use rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder;
 use rtc::peer_connection::configuration::RTCConfigurationBuilder;
@@ -28,7 +28,8 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use std::sync::Arc;
 
-use super::bwe::{Published, SendEstimate};
+use super::bwe::{Estimator, SendEstimate};
+use super::rtx::{Repairs, RtxSender, RTX_SLOT};
 
 use crate::media::extensions::{AUDIO_LEVEL, VIDEO_ORIENTATION};
 use rtc::sansio::Protocol;
@@ -56,7 +57,7 @@ fn codec(mime: &str, clock_rate: u32, channels: u16, fmtp: &str, pt: u8) -> RTCR
             clock_rate,
             channels,
             sdp_fmtp_line: fmtp.into(),
-            rtcp_feedback: if mime.starts_with("video") {
+            rtcp_feedback: if mime.starts_with("video") && mime != MIME_TYPE_RTX {
                 video_feedback()
             } else {
                 vec![]
@@ -66,14 +67,18 @@ fn codec(mime: &str, clock_rate: u32, channels: u16, fmtp: &str, pt: u8) -> RTCR
     }
 }
 
-/// The codecs every Meridian peer connection negotiates, in preference order.
-fn media_engine() -> Result<MediaEngine, Error> {
+/// The codecs every Meridian peer connection negotiates, in preference order. A subscribe
+/// connection also offers RTX for each video codec (repairs and probes go there, see
+/// `sfu::rtx`); a publish connection does not, because rtc cannot yet tell which simulcast
+/// layer an RTX packet repairs (it ignores `repaired-rtp-stream-id`), so publishers
+/// retransmit on the layer's own SSRC.
+fn media_engine(kind: TransportKind) -> Result<MediaEngine, Error> {
     let mut m = MediaEngine::default();
     m.register_codec(
         codec(MIME_TYPE_OPUS, 48_000, 2, "minptime=10;useinbandfec=1", 111),
         RtpCodecKind::Audio,
     )?;
-    for c in [
+    let video = [
         codec(MIME_TYPE_VP8, 90_000, 0, "", 96),
         codec(
             MIME_TYPE_H264,
@@ -90,8 +95,14 @@ fn media_engine() -> Result<MediaEngine, Error> {
             104,
         ),
         codec(MIME_TYPE_VP9, 90_000, 0, "profile-id=0", 98),
-    ] {
+    ];
+    for c in video {
+        let pt = c.payload_type;
         m.register_codec(c, RtpCodecKind::Video)?;
+        if kind == TransportKind::Subscribe {
+            let rtx = codec(MIME_TYPE_RTX, 90_000, 0, &format!("apt={pt}"), pt + 1);
+            m.register_codec(rtx, RtpCodecKind::Video)?;
+        }
     }
     for (uri, kind) in [
         (AUDIO_LEVEL, RtpCodecKind::Audio),
@@ -168,19 +179,33 @@ pub const CONSENT_DISCONNECTED: std::time::Duration = std::time::Duration::from_
 /// Silence after which consent has expired (RFC 7675): the transport fails, media stops.
 pub const CONSENT_EXPIRY: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A new ICE-lite, DTLS-server peer connection that answers on `announced`; for a subscribe
-/// connection, also the send-side bandwidth estimate its congestion control publishes.
+/// A new peer connection and what the worker shares with its interceptors.
+pub(super) struct Built {
+    pub pc: RTCPeerConnection,
+    /// Subscribe side with `rtc.send_side_bwe`: the estimate its congestion control publishes.
+    pub estimate: Option<Arc<SendEstimate>>,
+    /// Subscribe side: the switch that sends repairs and probes on RTX.
+    pub repairs: Option<Arc<Repairs>>,
+}
+
+/// A new ICE-lite, DTLS-server peer connection that answers on `announced`.
 pub(super) fn build_peer_connection(
     kind: TransportKind,
     announced: SocketAddr,
     cfg: &super::WorkerConfig,
+    send_side_bwe: bool,
     now: Instant,
-) -> Result<(RTCPeerConnection, Option<Arc<SendEstimate>>), Error> {
+) -> Result<Built, Error> {
     let (udp, tcp) = (cfg.udp, cfg.tcp);
-    let mut media = media_engine()?;
+    let mut media = media_engine(kind)?;
     let mut registry = Registry::new();
+    let mut repairs = None;
     if kind == TransportKind::Subscribe {
-        registry = registry.with(Slot::from(14_000), DeliverFeedback::default());
+        let (rtx, shared) = RtxSender::new();
+        repairs = Some(shared);
+        registry = registry
+            .with(Slot::from(14_000), DeliverFeedback::default())
+            .with(Slot::from(RTX_SLOT), rtx);
     }
     // Loss from publishers is detected here (NACK generator). Loss towards subscribers is
     // repaired by the worker from one packet cache per producer, not by a per-consumer
@@ -194,7 +219,7 @@ pub(super) fn build_peer_connection(
     let (registry, estimate) = if kind == TransportKind::Publish {
         // Transport-wide feedback lets the publishing browser's congestion control work.
         (configure_twcc_receiver_only(registry, &mut media)?, None)
-    } else if !cfg.send_side_bwe {
+    } else if !send_side_bwe {
         (registry, None)
     } else {
         // Our own congestion control towards the subscriber: every packet numbered
@@ -216,7 +241,7 @@ pub(super) fn build_peer_connection(
                 None,
             )?;
         }
-        let (estimator, estimate) = Published::gcc();
+        let (estimator, estimate) = Estimator::new();
         let registry = registry
             .with(
                 Slot::CongestionControl,
@@ -265,5 +290,9 @@ pub(super) fn build_peer_connection(
         })?;
     }
     pc.add_local_candidate(RTCIceCandidateInit::default())?;
-    Ok((pc, estimate))
+    Ok(Built {
+        pc,
+        estimate,
+        repairs,
+    })
 }

@@ -143,6 +143,8 @@ impl Worker {
                     p.send(SfuEvent::ConsumerLayerChanged {
                         consumer_id: c.id.clone(),
                         layer,
+                        reason: c.selector.reason(),
+                        estimate_bps: c.selector.bandwidth(),
                     });
                 }
             }

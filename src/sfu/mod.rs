@@ -20,6 +20,7 @@ mod keys;
 mod pipes;
 mod producer;
 mod router;
+pub mod rtx;
 mod tcp;
 mod transport;
 mod worker;
@@ -162,6 +163,10 @@ pub enum SfuEvent {
     ConsumerLayerChanged {
         consumer_id: ConsumerId,
         layer: Layer,
+        /// Why the layer was chosen, and the consumer's share of the bandwidth estimate
+        /// (bits/s) when it was.
+        reason: crate::media::layers::LayerReason,
+        estimate_bps: Option<u64>,
     },
     TransportState {
         transport: TransportKind,
@@ -525,6 +530,15 @@ counters! {
     pub rtp_dropped_layer: AtomicU64,
     pub rtp_retransmitted: AtomicU64,
     pub nack_unserved: AtomicU64,
+    /// NACKs not served because the subscriber has no RTX while packets are numbered
+    /// transport-wide (a copy on the primary SSRC would not be byte-identical).
+    pub nack_unserved_no_rtx: AtomicU64,
+    /// Bandwidth probes towards subscribers: clusters started, confirmed and refused by the
+    /// path, and the RTX packets they were made of.
+    pub probe_clusters: AtomicU64,
+    pub probes_confirmed: AtomicU64,
+    pub probes_refused: AtomicU64,
+    pub probe_packets: AtomicU64,
     pub send_errors: AtomicU64,
     /// Media socket receive failures.
     pub recv_errors: AtomicU64,

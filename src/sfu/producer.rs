@@ -179,7 +179,7 @@ impl Worker {
         let ck = match self.participants[pk].publish {
             Some(ck) => ck,
             None => self
-                .new_conn(now, pk, TransportKind::Publish)
+                .new_conn(now, pk, TransportKind::Publish, false)
                 .map_err(PublishError::BadSdp)?,
         };
         // Limits are checked before the offer is applied: a refused offer must leave the peer

@@ -44,6 +44,11 @@ pub(super) struct Conn {
     pub(super) dirty: bool,
     /// Subscribe side: the send-side bandwidth estimate towards the client (`sfu::bwe`).
     pub(super) estimate: Option<std::sync::Arc<super::bwe::SendEstimate>>,
+    /// Subscribe side: sends repairs and probes on RTX (`sfu::rtx`).
+    pub(super) repairs: Option<std::sync::Arc<super::rtx::Repairs>>,
+    /// Subscribe side: when to probe for more bandwidth (`sfu::bwe`).
+    pub(super) prober: super::bwe::Prober,
+    pub(super) created: Instant,
     /// Publish side: incoming SSRC → (producer, layer); filled as streams open.
     pub(super) ssrc_route: HashMap<u32, (ProducerKey, u8)>,
     /// Publish side: track id → producer.
@@ -55,6 +60,17 @@ pub(super) struct Conn {
 pub(super) fn sdp_error(e: impl std::fmt::Display) -> String {
     let s = e.to_string();
     s.chars().take(300).collect()
+}
+
+/// Whether a client whose first subscribe offer is `sdp` can take repairs and probes on RTX
+/// (RFC 4588): its offer proposes RTX, or has no video yet (a first subscribe to audio; every
+/// browser proposes RTX with video, and a client that later does not gets no retransmissions
+/// on a transport-cc connection, counted in `meridian_nack_unserved_no_rtx_total`).
+pub(super) fn offers_rtx(sdp: &str) -> bool {
+    let rtx = sdp
+        .lines()
+        .any(|l| l.starts_with("a=rtpmap:") && l.to_ascii_lowercase().contains(" rtx/"));
+    rtx || !sdp.lines().any(|l| l.starts_with("m=video"))
 }
 
 /// Simulcast RIDs of one m-line, in the order of its `a=simulcast:send` attribute.
@@ -374,11 +390,18 @@ impl Worker {
 
     /// When `handle_timeout` is next due, if anything waits.
     pub(super) fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((t, _))| *t)
+        let timers = self.timers.peek().map(|Reverse((t, _))| *t);
+        match (timers, self.next_probe()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Runs the peer connection timers due by `now`.
     pub(super) fn handle_timeout(&mut self, now: Instant) {
+        if !self.probing.is_empty() {
+            self.send_probes(now);
+        }
         while let Some(Reverse((t, ck))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -489,16 +512,22 @@ impl Worker {
         }
     }
 
+    /// A new peer connection for a participant. A subscribe connection runs send-side
+    /// estimation (`rtc.send_side_bwe`) only when the client's offer has RTX (`rtx`): repairs
+    /// and probes must not reuse an SRTP index (see `sfu::rtx`), and without RTX the client's
+    /// REMB drives layer choice and repairs are byte-identical copies.
     pub(super) fn new_conn(
         &mut self,
         now: Instant,
         pk: ParticipantKey,
         kind: TransportKind,
+        rtx: bool,
     ) -> Result<ConnKey, String> {
-        let (pc, estimate) =
-            build_peer_connection(kind, self.announced, &self.cfg, now).map_err(sdp_error)?;
+        let send_side = self.cfg.send_side_bwe && rtx;
+        let built = build_peer_connection(kind, self.announced, &self.cfg, send_side, now)
+            .map_err(sdp_error)?;
         let ck = self.conns.insert(Conn {
-            pc,
+            pc: built.pc,
             kind,
             participant: pk,
             ufrag: String::new(),
@@ -512,7 +541,10 @@ impl Worker {
             ssrc_route: HashMap::new(),
             track_producer: HashMap::new(),
             track_consumer: HashMap::new(),
-            estimate,
+            estimate: built.estimate,
+            repairs: built.repairs,
+            prober: super::bwe::Prober::default(),
+            created: now,
         });
         let p = &mut self.participants[pk];
         match kind {
@@ -630,6 +662,19 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_offer_with_an_rtx_codec_or_no_video_is_told_apart_from_video_without_rtx() {
+        let with = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 97\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n";
+        let without = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 VP8/90000\r\n";
+        assert!(offers_rtx(with));
+        assert!(!offers_rtx(without));
+        let audio_only = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n";
+        assert!(
+            offers_rtx(audio_only),
+            "no video yet: assumed, as every browser offers it"
+        );
+    }
 
     #[test]
     fn sending_sections_of_an_offer_are_found_by_mid() {

@@ -13,6 +13,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,10 +21,11 @@ use bytes::BytesMut;
 use rtc::peer_connection::event::RTCPeerConnectionEvent;
 use tokio::sync::mpsc;
 
+use super::bwe::ProbeOutcome;
 use super::keys::{Arena, ConnKey, ConsumerKey, ParticipantKey, ProducerKey};
 use super::*;
 use super::{consumer::*, producer::*, router::*, transport::*};
-use crate::media::layers::LayerSelector;
+use crate::media::layers::{LayerSelector, UP_HEADROOM};
 
 /// What the worker needs from the node configuration.
 #[derive(Debug, Clone)]
@@ -55,6 +57,14 @@ const STREAM_COUNTER: u32 = 0x00ff_ffff;
 
 /// What an audio consumer is assumed to need of its connection's estimate (Opus with headers).
 const AUDIO_ALLOWANCE: u64 = 64_000;
+/// How long a subscribe connection's layers follow the estimator's starting point while
+/// neither transport-cc feedback nor a transport-cc stream has been seen.
+const NO_FEEDBACK_GRACE: Duration = Duration::from_secs(3);
+/// Loss towards a subscriber (estimator's average) above which its consumers keep a layer
+/// only while the estimate covers all of it.
+const LOSSY: f64 = 0.05;
+/// Probes copy one of this many newest packets of a consumer, in turn.
+const PROBE_DEPTH: u16 = 16;
 /// A layer that sent nothing for this long is considered stopped.
 pub(super) const LAYER_IDLE: Duration = Duration::from_millis(1500);
 
@@ -106,6 +116,8 @@ pub(super) struct Worker {
     pub(super) rtp_scratch: Vec<(String, rtc::rtp::Packet)>,
     pub(super) rtcp_scratch: Vec<(String, Vec<Box<dyn rtc::rtcp::Packet>>)>,
     pub(super) event_scratch: Vec<RTCPeerConnectionEvent>,
+    /// Subscribe connections sending a probe cluster (see `send_probes`).
+    pub(super) probing: Vec<ConnKey>,
     pub(super) ticks: u64,
 }
 
@@ -148,6 +160,7 @@ impl Worker {
             rtp_scratch: Vec::new(),
             rtcp_scratch: Vec::new(),
             event_scratch: Vec::new(),
+            probing: Vec::new(),
             ticks: 0,
         }
     }
@@ -177,7 +190,7 @@ impl Worker {
             }
         }
         let measure = self.ticks % 10 == 0;
-        self.share_send_estimates();
+        self.share_send_estimates(now);
         let mut wants: Vec<ConsumerKey> = Vec::new();
         let mut bitrates: Vec<Option<u64>> = Vec::new();
         for (_, p) in self.producers.iter_mut() {
@@ -382,29 +395,170 @@ impl Worker {
 
     /// Hands each subscribe connection's send-side estimate to its video consumers: what the
     /// audio consumers need comes off the top, the rest is shared equally.
-    fn share_send_estimates(&mut self) {
-        for (_, conn) in self.conns.iter() {
-            let Some(target) = conn.estimate.as_ref().and_then(|e| e.target()) else {
+    fn share_send_estimates(&mut self, now: Instant) {
+        let Worker {
+            conns,
+            consumers,
+            producers,
+            probing,
+            stats,
+            ..
+        } = self;
+        for (ck, conn) in conns.iter_mut() {
+            let Some(est) = conn.estimate.as_ref() else {
                 continue;
             };
-            let (mut audio, mut video) = (0u64, 0u64);
+            let can_probe = conn.repairs.as_ref().is_some_and(|r| r.rtx());
+            est.set_probing(can_probe);
+            // Until the first feedback, the estimator's starting point: layer choice is ours
+            // from the first packet, not REMB's optimism. A subscriber that did not negotiate
+            // transport-cc never sends feedback: after a grace its REMB takes over.
+            let twcc = conn.repairs.as_ref().is_some_and(|r| r.twcc());
+            let target = match est.target() {
+                Some(t) => t,
+                None if twcc || now < conn.created + NO_FEEDBACK_GRACE => {
+                    super::bwe::INITIAL_BITRATE as u64
+                }
+                None => continue,
+            };
+            // What the chosen layers carry, and what the best layers each consumer may have
+            // would carry with headroom: the gap is what a probe must confirm.
+            let (mut audio, mut video, mut sending, mut wanted) = (0u64, 0u64, 0u64, 0u64);
             for &cid in conn.track_consumer.values() {
-                let Some(c) = self.consumers.get(cid).filter(|c| !c.paused) else {
+                let Some(c) = consumers.get(cid).filter(|c| !c.paused) else {
                     continue;
                 };
-                match self.producers.get(c.producer).map(Producer::kind) {
-                    Some(MediaKind::Audio) => audio += 1,
-                    Some(MediaKind::Video) => video += 1,
-                    None => {}
+                let Some(p) = producers.get(c.producer) else {
+                    continue;
+                };
+                match p.kind() {
+                    MediaKind::Audio => {
+                        audio += 1;
+                        sending += AUDIO_ALLOWANCE;
+                        wanted += AUDIO_ALLOWANCE;
+                    }
+                    MediaKind::Video => {
+                        video += 1;
+                        let rate = |l: usize| p.layers.get(l).and_then(|l| l.bitrate);
+                        let now_rate = c.selector.current().and_then(|l| rate(l.into()));
+                        let best = (0..=usize::from(c.selector.max_layer()))
+                            .rev()
+                            .find_map(rate);
+                        sending += now_rate.unwrap_or(0);
+                        wanted += match (best, now_rate) {
+                            (Some(b), Some(n)) if b > n => (b as f64 * UP_HEADROOM) as u64,
+                            (Some(b), None) => (b as f64 * UP_HEADROOM) as u64,
+                            (_, n) => n.unwrap_or(0),
+                        };
+                    }
                 }
             }
             let share = target.saturating_sub(audio * AUDIO_ALLOWANCE) / video.max(1);
+            let lossy = est.loss() > LOSSY;
             for &cid in conn.track_consumer.values() {
-                if let Some(c) = self.consumers.get_mut(cid) {
-                    c.selector.set_send_side_bandwidth(share);
+                if let Some(c) = consumers.get_mut(cid) {
+                    c.selector.set_send_side_bandwidth(share, lossy);
+                }
+            }
+            if can_probe && video > 0 {
+                let before = (conn.prober.clusters, conn.prober.finished);
+                conn.prober.consider(now, est, sending, wanted);
+                if conn.prober.clusters != before.0 {
+                    stats.probe_clusters.fetch_add(1, Relaxed);
+                }
+                if conn.prober.finished != before.1 {
+                    match conn.prober.last_outcome {
+                        ProbeOutcome::Confirmed => &stats.probes_confirmed,
+                        _ => &stats.probes_refused,
+                    }
+                    .fetch_add(1, Relaxed);
+                }
+                if conn.prober.is_sending() && !probing.contains(&ck) {
+                    probing.push(ck);
                 }
             }
         }
+    }
+
+    /// When the next probe packet is due on any connection.
+    pub(super) fn next_probe(&self) -> Option<Instant> {
+        self.probing
+            .iter()
+            .filter_map(|&ck| self.conns.get(ck)?.prober.next_send())
+            .min()
+    }
+
+    /// Sends the probe packets due by `now`: RTX copies of the newest packets of the
+    /// connection's video consumers, in turn.
+    pub(super) fn send_probes(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.probing.len() {
+            let ck = self.probing[i];
+            // A late wake-up catches up, within reason.
+            for _ in 0..16 {
+                let Some(conn) = self.conns.get(ck) else {
+                    break;
+                };
+                if conn.prober.next_send().is_none_or(|t| t > now) {
+                    break;
+                }
+                match self.send_probe_packet(now, ck) {
+                    Some(bytes) => {
+                        self.stats.probe_packets.fetch_add(1, Relaxed);
+                        self.conns[ck].prober.on_sent(now, bytes);
+                    }
+                    None => {
+                        let conn = &mut self.conns[ck];
+                        if let Some(est) = conn.estimate.clone() {
+                            conn.prober.abandon(now, &est);
+                        }
+                        break;
+                    }
+                }
+            }
+            if self
+                .conns
+                .get(ck)
+                .is_some_and(|c| c.prober.next_send().is_some())
+            {
+                i += 1;
+            } else {
+                self.probing.swap_remove(i);
+            }
+        }
+    }
+
+    fn send_probe_packet(&mut self, now: Instant, ck: ConnKey) -> Option<usize> {
+        let conn = self.conns.get(ck)?;
+        let videos = conn.track_consumer.values().filter(|&&cid| {
+            self.consumers.get(cid).is_some_and(|c| {
+                !c.paused
+                    && c.selector.current().is_some()
+                    && self
+                        .producers
+                        .get(c.producer)
+                        .is_some_and(|p| p.kind() == MediaKind::Video)
+            })
+        });
+        let n = videos.clone().count();
+        if n == 0 {
+            return None;
+        }
+        let turn = self.stats.probe_packets.load(Relaxed) as usize % n;
+        let cid = *videos.clone().nth(turn)?;
+        // Several tries: a copy may have aged out of the cache or predate a layer switch.
+        for _ in 0..4 {
+            let c = self.consumers.get_mut(cid)?;
+            let last = c.rewriter.last_seq()?;
+            let back = c.probe_cursor % PROBE_DEPTH;
+            c.probe_cursor = c.probe_cursor.wrapping_add(1);
+            match self.resend(now, cid, last.wrapping_sub(back), true) {
+                Resent::Sent(bytes) => return Some(bytes),
+                Resent::NotCached => continue,
+                Resent::NoSafeRepair | Resent::Gone => return None,
+            }
+        }
+        None
     }
 
     /// A new pipe stream number: this worker's index in the top byte, a counter below.

@@ -164,7 +164,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let labels = format!("region=\"{}\",node=\"{}\"", s.region, s.node);
     type Field = fn(&WorkerStats) -> &std::sync::atomic::AtomicU64;
     // Per worker, so a hot or stuck worker shows; sum over `worker` for the node.
-    let per_worker: [(&str, &str, Field); 22] = [
+    let per_worker: [(&str, &str, Field); 29] = [
         (
             "meridian_datagrams_in_total",
             "UDP datagrams received on the media port",
@@ -199,6 +199,41 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             "meridian_rtp_dropped_layer_total",
             "RTP packets not forwarded because the consumer uses another simulcast layer",
             |w| &w.rtp_dropped_layer,
+        ),
+        (
+            "meridian_rtp_retransmitted_total",
+            "RTP packets sent again to consumers on their NACK",
+            |w| &w.rtp_retransmitted,
+        ),
+        (
+            "meridian_nack_unserved_total",
+            "Consumer NACKs for packets no longer in the producer's cache",
+            |w| &w.nack_unserved,
+        ),
+        (
+            "meridian_nack_unserved_no_rtx_total",
+            "Consumer NACKs not served: no RTX negotiated while packets are numbered transport-wide",
+            |w| &w.nack_unserved_no_rtx,
+        ),
+        (
+            "meridian_probe_clusters_total",
+            "Bandwidth probe clusters sent to subscribers",
+            |w| &w.probe_clusters,
+        ),
+        (
+            "meridian_probes_confirmed_total",
+            "Probe clusters that arrived at the rate the consumers want",
+            |w| &w.probes_confirmed,
+        ),
+        (
+            "meridian_probes_refused_total",
+            "Probe clusters that arrived slower, lost too much or got no feedback",
+            |w| &w.probes_refused,
+        ),
+        (
+            "meridian_probe_packets_total",
+            "RTX packets sent as bandwidth probes",
+            |w| &w.probe_packets,
         ),
         (
             "meridian_send_errors_total",

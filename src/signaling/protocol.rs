@@ -243,6 +243,8 @@ pub enum ServerMessage {
     ConsumerLayerChanged {
         consumer_id: ConsumerId,
         layer: Layer,
+        reason: crate::media::layers::LayerReason,
+        estimate_bps: Option<u64>,
     },
     #[serde(rename_all = "camelCase")]
     TransportState {
@@ -292,9 +294,17 @@ impl From<SfuEvent> for ServerMessage {
                 ServerMessage::ProducerResumed { producer_id }
             }
             SfuEvent::ConsumerClosed(consumer_id) => ServerMessage::ConsumerClosed { consumer_id },
-            SfuEvent::ConsumerLayerChanged { consumer_id, layer } => {
-                ServerMessage::ConsumerLayerChanged { consumer_id, layer }
-            }
+            SfuEvent::ConsumerLayerChanged {
+                consumer_id,
+                layer,
+                reason,
+                estimate_bps,
+            } => ServerMessage::ConsumerLayerChanged {
+                consumer_id,
+                layer,
+                reason,
+                estimate_bps,
+            },
             SfuEvent::TransportState { transport, state } => {
                 ServerMessage::TransportState { transport, state }
             }

@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -253,4 +254,33 @@ pub fn video_frames(report: &Value) -> u64 {
 /// Width of the decoded video in a STATS report.
 pub fn video_width(report: &Value) -> u64 {
     video_max(report, "frameWidth")
+}
+
+/// The page has decoded at least 30 frames and is still decoding (rising between its last
+/// two reports).
+pub fn decoding(b: &Browser) -> bool {
+    let r = b.reports("STATS");
+    r.len() >= 2
+        && video_frames(&r[r.len() - 1]) > video_frames(&r[r.len() - 2])
+        && video_frames(&r[r.len() - 1]) >= 30
+}
+
+/// Waits until `cond` holds, failing with the browsers' transcripts after `within`.
+pub async fn wait_until(
+    what: &str,
+    within: Duration,
+    browsers: &[&Browser],
+    mut cond: impl FnMut() -> bool,
+) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > within {
+            let t: Vec<String> = browsers.iter().map(|b| b.transcript()).collect();
+            panic!(
+                "timed out waiting for {what}; browser reports:\n{}",
+                t.join("\n---\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

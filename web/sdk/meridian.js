@@ -398,6 +398,11 @@ export class MeridianClient extends EventTarget {
         bytesReceived: s.bytesReceived || 0,
         packetsReceived: s.packetsReceived || 0,
         packetsLost: s.packetsLost || 0,
+        nackCount: s.nackCount || 0,
+        pliCount: s.pliCount || 0,
+        retransmittedPacketsReceived: s.retransmittedPacketsReceived || 0,
+        freezeCount: s.freezeCount || 0,
+        totalFreezesDuration: s.totalFreezesDuration || 0,
         audioLevel: s.audioLevel || 0,
         totalSamplesReceived: s.totalSamplesReceived || 0,
       };

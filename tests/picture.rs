@@ -1,0 +1,306 @@
+//! Picture quality with real browsers: congestion control towards subscribers (send-side
+//! estimate, RTX probes, layer choice) through the impairment proxy, and the publisher's
+//! ramp-up. Each test runs alone (these figures mean nothing with other browsers competing
+//! for the two cores), one after another.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::browser::*;
+use common::*;
+use meridian::auth::Role;
+
+/// Held for the whole of each test in this file.
+static ALONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The agent's decoded video width and frames in each STATS report from `from` on.
+fn agent_video(b: &Browser, from: usize) -> Vec<(u64, u64)> {
+    b.reports("STATS")[from..]
+        .iter()
+        .map(|r| (video_width(r), video_frames(r)))
+        .collect()
+}
+
+/// A node announcing 127.0.0.3, where an impairment proxy on its media port forwards to the
+/// node on 127.0.0.1: every browser's media passes through `impairment`, and the proxy's
+/// `downlink_bps` limits what each browser receives.
+async fn node_behind_impairment(
+    impairment: meridian::netem::Impairment,
+) -> (meridian::node::Node, meridian::netem::ImpairProxy) {
+    let mut cfg = test_config("127.0.0.3", "127.0.0.1");
+    cfg.rtc.workers = Some(1);
+    cfg.rtc.tcp = false;
+    let node = meridian::node::Node::start(cfg).await.unwrap();
+    let port = node.workers.get(0).media_addr().port();
+    let proxy = meridian::netem::start(
+        format!("127.0.0.3:{port}").parse().unwrap(),
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        impairment,
+    )
+    .await
+    .unwrap();
+    (node, proxy)
+}
+
+/// The user page in Chromium (simulcast) and the agent page in Chromium or Firefox.
+fn open_simulcast_pair(
+    node: &meridian::node::Node,
+    session: &str,
+    firefox_agent: bool,
+) -> (Browser, Browser) {
+    let day = Duration::from_secs(3600);
+    let url = |role: &str, user: &str, r: Role, opts: &str| {
+        let t = token(session, user, r, day);
+        format!("{}/demo/{role}.html#token={t}{opts}", node.http_url())
+    };
+    let user = Browser::open(&url("user", "alice", Role::User, "&simulcast=1"));
+    let agent_url = url("agent", "bob", Role::Agent, "");
+    let agent = if firefox_agent {
+        Browser::firefox(&agent_url)
+    } else {
+        Browser::open(&agent_url)
+    };
+    (user, agent)
+}
+
+/// The agent's one video consumer figure from a report (0 when absent).
+fn video_stat(r: &serde_json::Value, key: &str) -> u64 {
+    r["consumers"]
+        .as_object()
+        .and_then(|m| m.values().find(|c| c["kind"] == "video"))
+        .and_then(|c| c[key].as_f64())
+        .unwrap_or(0.0) as u64
+}
+
+/// Behind a 450 kbit/s drop-tail bottleneck (the fake camera's layers run at about 125, 270
+/// and 540 kbit/s), the agent's consumer settles on the middle layer: it starts there (the
+/// estimate's starting point), RTX probes for the top layer arrive at the bottleneck's rate
+/// and are refused, so it never tries the top layer and never freezes. Once the limit is
+/// lifted, the next probe is confirmed and the top layer follows.
+async fn constrained_subscriber(firefox_agent: bool) {
+    assert_isolated_network();
+    let (node, proxy) = node_behind_impairment(meridian::netem::Impairment::none()).await;
+    proxy
+        .downlink_bps
+        .store(450_000, std::sync::atomic::Ordering::Relaxed);
+    let session = if firefox_agent {
+        "kyc-limited-ff"
+    } else {
+        "kyc-limited"
+    };
+    let (user, agent) = open_simulcast_pair(&node, session, firefox_agent);
+    let started = Instant::now();
+    wait_until(
+        "the agent decoding behind the limit",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || decoding(&agent),
+    )
+    .await;
+    let start = agent.reports("STATS").len();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let limited = agent_video(&agent, start);
+    println!(
+        "behind 450 kbit/s, decoding {:.1} s after opening; (width, frames) per second: {limited:?}",
+        started.elapsed().as_secs_f64() - 20.0
+    );
+    assert!(
+        limited.iter().all(|&(w, _)| (300..=700).contains(&w)),
+        "stays on the middle layer: {limited:?}"
+    );
+    assert!(
+        limited.windows(2).all(|w| w[1].1 > w[0].1),
+        "frames decoded rise every second (no freeze): {limited:?}"
+    );
+    // The limit is lifted: back to the top layer.
+    proxy
+        .downlink_bps
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    let lifted_at = Instant::now();
+    let from = agent.reports("STATS").len();
+    wait_until(
+        "the agent back on the top layer",
+        Duration::from_secs(60),
+        &[&user, &agent],
+        || agent_video(&agent, from).iter().any(|&(w, _)| w >= 1000),
+    )
+    .await;
+    println!(
+        "top layer again {:.1} s after the limit was lifted",
+        lifted_at.elapsed().as_secs_f64()
+    );
+    // Firefox does not report retransmissions in its inbound statistics.
+    let last = agent.reports("STATS").last().cloned().unwrap();
+    assert!(
+        firefox_agent || video_stat(&last, "retransmittedPacketsReceived") > 0,
+        "the probes arrived on the RTX stream: {last}"
+    );
+}
+
+/// Flaky today (passes about half the runs): behind this bottleneck a keyframe of the middle
+/// layer (15-25 kB) overflows the 200 ms queue, and when the repairs of its losses do not get
+/// the decoder going again the agent stays frozen until the test ends, with the same
+/// unserved-NACK pattern as the lossy-link test below. The layer choice itself (settling on
+/// the middle layer, probes refused at the bottleneck's rate, the top layer 3-13 s after the
+/// limit is lifted) is what the passing runs show.
+#[ignore = "issue 12: a frozen decoder behind a bottleneck does not always recover (see the lossy-link test)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_behind_a_constrained_link_settles_on_a_lower_layer_and_returns_to_the_top() {
+    let _alone = ALONE.lock().await;
+    constrained_subscriber(false).await;
+}
+
+#[ignore = "issue 12: a frozen decoder behind a bottleneck does not always recover (see the lossy-link test)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firefox_subscriber_behind_a_constrained_link_settles_and_returns_to_the_top() {
+    let _alone = ALONE.lock().await;
+    constrained_subscriber(true).await;
+}
+
+/// With 2% random loss both ways (and 20 ms each way), the agent keeps decoding every second
+/// for 20 s: its losses are repaired by retransmissions on the RTX stream.
+///
+/// Fails today, with send-side estimation on or off: the agent freezes for several seconds at a
+/// time. Most of its NACKs go unserved (`meridian_nack_unserved_total` ~100 against ~16
+/// retransmissions in 20 s): the packets it asks for were lost on the publisher's uplink and
+/// are not in the producer's cache yet. Kept for issue 12's remainder.
+#[ignore = "issue 12: uplink losses are not repaired in time for the subscriber's NACKs"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_a_lossy_link_keeps_decoding_with_rtx_repairs() {
+    let _alone = ALONE.lock().await;
+    assert_isolated_network();
+    let (node, _proxy) = node_behind_impairment(meridian::netem::Impairment {
+        delay: Duration::from_millis(20),
+        jitter: Duration::ZERO,
+        loss: 0.02,
+        seed: 12,
+    })
+    .await;
+    let (user, agent) = open_simulcast_pair(&node, "kyc-lossy", false);
+    wait_until(
+        "the agent decoding over the lossy link",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || decoding(&agent),
+    )
+    .await;
+    let start = agent.reports("STATS").len();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let seen = agent_video(&agent, start);
+    println!("2% loss: (width, frames) per second: {seen:?}");
+    for r in &agent.reports("STATS")[start..] {
+        println!(
+            "  lost {} nacks {} rtx {} pli {} frames {}",
+            video_stat(r, "packetsLost"),
+            video_stat(r, "nackCount"),
+            video_stat(r, "retransmittedPacketsReceived"),
+            video_stat(r, "pliCount"),
+            video_stat(r, "framesDecoded")
+        );
+    }
+    assert!(
+        seen.windows(2).all(|w| w[1].1 > w[0].1),
+        "no second without a decoded frame: {seen:?}"
+    );
+    let last = agent.reports("STATS").last().cloned().unwrap();
+    let (nacks, repaired) = (
+        video_stat(&last, "nackCount"),
+        video_stat(&last, "retransmittedPacketsReceived"),
+    );
+    println!("agent sent {nacks} NACKs and received {repaired} retransmissions");
+    assert!(
+        nacks > 0 && repaired > 0,
+        "losses were repaired on RTX: {last}"
+    );
+}
+
+/// On a clean link the agent reaches the top layer and then makes no layer change for 60 s.
+/// The time to the top layer from opening the pages is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_a_stable_link_keeps_the_top_layer_for_a_minute() {
+    let _alone = ALONE.lock().await;
+    assert_isolated_network();
+    let (node, _proxy) = node_behind_impairment(meridian::netem::Impairment::none()).await;
+    let (user, agent) = open_simulcast_pair(&node, "kyc-stable", false);
+    let opened = Instant::now();
+    wait_until(
+        "the agent on the top layer",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || {
+            // Settled there: the last three reports on it.
+            let r = agent.reports("STATS");
+            r.len() >= 3 && r[r.len() - 3..].iter().all(|r| video_width(r) >= 1000)
+        },
+    )
+    .await;
+    println!(
+        "agent on the top layer {:.1} s after opening the pages",
+        opened.elapsed().as_secs_f64()
+    );
+    let start = agent.reports("STATS").len();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let seen = agent_video(&agent, start);
+    assert!(
+        seen.iter().all(|&(w, _)| w >= 1000),
+        "no layer change in 60 s: {seen:?}"
+    );
+    // Decoding must go on; a stall is reported, not asserted here: recovery from a lost
+    // packet is what the lossy-link test (ignored, issue 12) is about, and two browsers
+    // encoding and decoding 720p on two cores do lose packets on loopback now and then.
+    let longest_stall = seen
+        .windows(2)
+        .map(|w| w[1].1 == w[0].1)
+        .fold((0, 0), |(run, max), stalled| {
+            let run = if stalled { run + 1 } else { 0 };
+            (run, max.max(run))
+        })
+        .1;
+    println!("longest stall on the stable link: {longest_stall} s");
+    let (first, last) = (seen[0].1, seen[seen.len() - 1].1);
+    assert!(
+        last - first >= 10 * (seen.len() as u64 - 1),
+        "decodes at least 10 frames a second on average: {seen:?}"
+    );
+}
+
+/// Whether a user page's STATS report shows a simulcast encoding at 1280 wide sending.
+fn top_layer_at_full_resolution(report: &serde_json::Value) -> bool {
+    report["publisher"].as_array().is_some_and(|layers| {
+        layers.iter().any(|l| {
+            !l["rid"].is_null()
+                && l["frameWidth"].as_u64().unwrap_or(0) >= 1280
+                && l["bytesSent"].as_u64().unwrap_or(0) > 0
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_simulcast_publisher_reaches_its_top_layer_at_full_resolution() {
+    let _alone = ALONE.lock().await;
+    assert_isolated_network();
+    let node = start_node().await;
+    let (user, agent) = open_simulcast_pair(&node, "kyc-uplink", false);
+    wait_until(
+        "the publisher's top layer at 1280 wide",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || {
+            user.reports("STATS")
+                .iter()
+                .any(top_layer_at_full_resolution)
+        },
+    )
+    .await;
+    // Reports come once a second from the first one after publishing: the figure, reported
+    // (a speed is never asserted in a test).
+    let reports = user.reports("STATS");
+    let at = reports
+        .iter()
+        .position(top_layer_at_full_resolution)
+        .unwrap_or(reports.len());
+    println!(
+        "publisher's top simulcast layer at 1280 wide in report {at} (~{at} s after the first)"
+    );
+}
