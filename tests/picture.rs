@@ -64,6 +64,21 @@ fn open_simulcast_pair(
     (user, agent)
 }
 
+/// Waits until the agent decodes, then watches it for 20 s: the index of the first report
+/// watched and the agent's (width, frames) in each.
+async fn watch_agent(user: &Browser, agent: &Browser, how: &str) -> (usize, Vec<(u64, u64)>) {
+    wait_until(
+        &format!("the agent decoding {how}"),
+        Duration::from_secs(90),
+        &[user, agent],
+        || decoding(agent),
+    )
+    .await;
+    let start = agent.reports("STATS").len();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    (start, agent_video(agent, start))
+}
+
 /// The agent's one video consumer figure from a report (0 when absent).
 fn video_stat(r: &serde_json::Value, key: &str) -> u64 {
     r["consumers"]
@@ -91,16 +106,7 @@ async fn constrained_subscriber(firefox_agent: bool) {
     };
     let (user, agent) = open_simulcast_pair(&node, session, firefox_agent);
     let started = Instant::now();
-    wait_until(
-        "the agent decoding behind the limit",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&agent),
-    )
-    .await;
-    let start = agent.reports("STATS").len();
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    let limited = agent_video(&agent, start);
+    let (_, limited) = watch_agent(&user, &agent, "behind the limit").await;
     println!(
         "behind 450 kbit/s, decoding {:.1} s after opening; (width, frames) per second: {limited:?}",
         started.elapsed().as_secs_f64() - 20.0
@@ -181,16 +187,7 @@ async fn a_subscriber_on_a_lossy_link_keeps_decoding_with_rtx_repairs() {
     })
     .await;
     let (user, agent) = open_simulcast_pair(&node, "kyc-lossy", false);
-    wait_until(
-        "the agent decoding over the lossy link",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&agent),
-    )
-    .await;
-    let start = agent.reports("STATS").len();
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    let seen = agent_video(&agent, start);
+    let (start, seen) = watch_agent(&user, &agent, "over the lossy link").await;
     println!("2% loss: (width, frames) per second: {seen:?}");
     for r in &agent.reports("STATS")[start..] {
         println!(

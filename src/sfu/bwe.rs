@@ -769,63 +769,74 @@ mod tests {
         }
     }
 
-    /// Sends `bps` of 1000-byte packets for `dur` from `*now` through `path`, feeding back
-    /// every 100 ms; probe packets on top at `probe_bps` while `probing` says so.
-    fn drive(
-        est: &mut Estimator,
-        path: &mut Path,
-        now: &mut Instant,
-        dur: Duration,
-        bps: f64,
-        mut probe: Option<(&SendEstimate, u64, f64)>,
-    ) {
-        let step = Duration::from_millis(5);
-        let end = *now + dur;
-        let (mut media_credit, mut probe_credit) = (0.0, 0.0);
-        let mut next_feedback = *now + Duration::from_millis(100);
-        if let Some((out, id, _)) = probe {
-            out.begin_probe(id, *now);
-        }
-        while *now < end {
-            media_credit += bps * step.as_secs_f64() / 8.0;
-            while media_credit >= 1000.0 {
-                path.send(*now, 1000);
-                media_credit -= 1000.0;
+    /// An estimator fed by 270 kbit/s of 1000-byte media through a [`Path`], with feedback
+    /// every 100 ms, on a virtual clock.
+    struct Sim {
+        est: Estimator,
+        out: Arc<SendEstimate>,
+        path: Path,
+        now: Instant,
+        next_feedback: Instant,
+    }
+
+    const MEDIA_BPS: f64 = 270_000.0;
+
+    impl Sim {
+        fn new(capacity_bps: f64, probing: bool) -> Self {
+            let t0 = Instant::now();
+            let (est, out) = Estimator::starting_at(t0);
+            out.set_probing(probing);
+            Self {
+                est,
+                out,
+                path: Path::new(t0, capacity_bps),
+                now: t0,
+                next_feedback: t0 + Duration::from_millis(100),
             }
-            if let Some((_, _, rate)) = probe {
-                probe_credit += rate * step.as_secs_f64() / 8.0;
-                while probe_credit >= 1000.0 {
-                    path.send(*now, 1000);
-                    probe_credit -= 1000.0;
+        }
+
+        /// The media alone for `dur`, plus `extra_bps` of probe packets on top.
+        fn run(&mut self, dur: Duration, extra_bps: f64) {
+            let step = Duration::from_millis(5);
+            let end = self.now + dur;
+            let (mut media, mut extra) = (0.0, 0.0);
+            while self.now < end {
+                media += MEDIA_BPS * step.as_secs_f64() / 8.0;
+                extra += extra_bps * step.as_secs_f64() / 8.0;
+                for credit in [&mut media, &mut extra] {
+                    while *credit >= 1000.0 {
+                        self.path.send(self.now, 1000);
+                        *credit -= 1000.0;
+                    }
+                }
+                self.now += step;
+                if self.now >= self.next_feedback {
+                    let r = self.path.feedback(self.now);
+                    self.est.on_reports(self.now, &r);
+                    self.next_feedback += Duration::from_millis(100);
                 }
             }
-            *now += step;
-            if *now >= next_feedback {
-                let r = path.feedback(*now);
-                est.on_reports(*now, &r);
-                next_feedback += Duration::from_millis(100);
-            }
         }
-        if let Some((out, _, _)) = probe.take() {
-            out.end_probe(*now);
+
+        /// Probe cluster `id` at `extra_bps` over the media, then `after` of media alone.
+        fn probe(&mut self, id: u64, extra_bps: f64, after: Duration) -> u64 {
+            self.out.begin_probe(id, self.now);
+            self.run(PROBE_DURATION, extra_bps);
+            self.out.end_probe(self.now);
+            self.run(after, 0.0);
+            self.out.probe_result(id).expect("measured")
+        }
+
+        fn target(&self) -> u64 {
+            self.out.target().unwrap()
         }
     }
 
     #[test]
     fn a_connection_that_can_probe_is_held_near_what_it_acknowledges() {
-        let t0 = Instant::now();
-        let (mut est, out) = Estimator::starting_at(t0);
-        out.set_probing(true);
-        let (mut path, mut now) = (Path::new(t0, 5_000_000.0), t0);
-        drive(
-            &mut est,
-            &mut path,
-            &mut now,
-            Duration::from_secs(20),
-            270_000.0,
-            None,
-        );
-        let (target, acked) = (out.target().unwrap(), out.acknowledged());
+        let mut sim = Sim::new(5_000_000.0, true);
+        sim.run(Duration::from_secs(20), 0.0);
+        let (target, acked) = (sim.target(), sim.out.acknowledged());
         assert!((250_000..290_000).contains(&acked), "acknowledged {acked}");
         assert!(
             target as f64 <= ACKED_FACTOR * acked as f64 + ACKED_OFFSET + 1.0,
@@ -833,122 +844,47 @@ mod tests {
         );
 
         // Without probes the ceiling would pin the consumer: GCC alone is left to grow.
-        let (mut est, out) = Estimator::starting_at(t0);
-        let (mut path, mut now) = (Path::new(t0, 5_000_000.0), t0);
-        drive(
-            &mut est,
-            &mut path,
-            &mut now,
-            Duration::from_secs(20),
-            270_000.0,
-            None,
-        );
-        assert!(out.target().unwrap() > 1_000_000, "{:?}", out.target());
+        let mut sim = Sim::new(5_000_000.0, false);
+        sim.run(Duration::from_secs(20), 0.0);
+        assert!(sim.target() > 1_000_000, "{}", sim.target());
     }
 
     #[test]
     fn a_probe_that_arrives_at_its_rate_lifts_the_estimate_to_it() {
-        let t0 = Instant::now();
-        let (mut est, out) = Estimator::starting_at(t0);
-        out.set_probing(true);
-        let (mut path, mut now) = (Path::new(t0, 5_000_000.0), t0);
-        drive(
-            &mut est,
-            &mut path,
-            &mut now,
-            Duration::from_secs(5),
-            270_000.0,
-            None,
-        );
-        let before = out.target().unwrap();
-        assert!(before < 500_000, "{before}");
-        drive(
-            &mut est,
-            &mut path,
-            &mut now,
-            PROBE_DURATION,
-            270_000.0,
-            Some((&out, 1, 500_000.0)),
-        );
-        drive(
-            &mut est,
-            &mut path,
-            &mut now,
-            Duration::from_millis(400),
-            270_000.0,
-            None,
-        );
-        let result = out.probe_result(1).expect("measured");
+        let mut sim = Sim::new(5_000_000.0, true);
+        sim.run(Duration::from_secs(5), 0.0);
+        assert!(sim.target() < 500_000, "{}", sim.target());
+        let result = sim.probe(1, 500_000.0, Duration::from_millis(400));
         assert!(
             (700_000..850_000).contains(&result),
             "probe measured {result}"
         );
-        assert!(out.target().unwrap() >= 700_000, "{:?}", out.target());
+        assert!(sim.target() >= 700_000, "{}", sim.target());
         // The ceiling holds at the probed rate while the higher layer is switched to.
-        drive(
-            &mut est,
-            &mut path,
-            &mut now,
-            Duration::from_secs(2),
-            270_000.0,
-            None,
-        );
-        assert!(out.target().unwrap() >= 700_000, "{:?}", out.target());
+        sim.run(Duration::from_secs(2), 0.0);
+        assert!(sim.target() >= 700_000, "{}", sim.target());
     }
 
     #[test]
     fn a_probe_behind_a_bottleneck_measures_the_bottleneck_and_lifts_nothing() {
-        let t0 = Instant::now();
-        let (mut est, out) = Estimator::starting_at(t0);
-        out.set_probing(true);
-        let (mut path, mut now) = (Path::new(t0, 450_000.0), t0);
-        drive(
-            &mut est,
-            &mut path,
-            &mut now,
-            Duration::from_secs(5),
-            270_000.0,
-            None,
-        );
-        let before = out.target().unwrap();
-        drive(
-            &mut est,
-            &mut path,
-            &mut now,
-            PROBE_DURATION,
-            270_000.0,
-            Some((&out, 1, 400_000.0)),
-        );
-        drive(
-            &mut est,
-            &mut path,
-            &mut now,
-            Duration::from_millis(800),
-            270_000.0,
-            None,
-        );
-        let result = out.probe_result(1).expect("measured");
+        let mut sim = Sim::new(450_000.0, true);
+        sim.run(Duration::from_secs(5), 0.0);
+        let before = sim.target();
+        let result = sim.probe(1, 400_000.0, Duration::from_millis(800));
         assert!(
             (350_000..480_000).contains(&result),
             "probe measured {result}"
         );
-        let after = out.target().unwrap();
+        let after = sim.target();
         assert!(
             after <= before.max(result) + 40_000,
             "{before} -> {after} (delay {} loss {} acked {} probe {result})",
-            out.delay_based(),
-            out.loss_based(),
-            out.acknowledged()
+            sim.out.delay_based(),
+            sim.out.loss_based(),
+            sim.out.acknowledged()
         );
-        drive(
-            &mut est,
-            &mut path,
-            &mut now,
-            Duration::from_secs(5),
-            270_000.0,
-            None,
-        );
-        let later = out.target().unwrap();
+        sim.run(Duration::from_secs(5), 0.0);
+        let later = sim.target();
         assert!(later < 621_000, "the top layer must still not fit: {later}");
     }
 

@@ -117,6 +117,32 @@ fn media_engine(kind: TransportKind) -> Result<MediaEngine, Error> {
     Ok(m)
 }
 
+/// The parts of an interceptor that passes packets on through `read` and `write` queues and
+/// keeps no timer: the associated types, the polls and the timeouts.
+macro_rules! queued_interceptor {
+    () => {
+        type Rout = TaggedPacket;
+        type Wout = TaggedPacket;
+        type Eout = ();
+        type Error = Error;
+        type Time = Instant;
+
+        fn poll_read(&mut self) -> Option<TaggedPacket> {
+            self.read.pop_front()
+        }
+        fn poll_write(&mut self) -> Option<TaggedPacket> {
+            self.write.pop_front()
+        }
+        fn handle_timeout(&mut self, _now: Instant) -> Result<(), Error> {
+            Ok(())
+        }
+        fn poll_timeout(&mut self) -> Option<Instant> {
+            None
+        }
+    };
+}
+pub(super) use queued_interceptor;
+
 /// Marks keyframe requests, NACKs and bandwidth estimates for delivery to the application:
 /// the SFU relays keyframe requests upstream and serves NACKs from the producer's packet
 /// cache, neither of which an interceptor of one peer connection can do.
@@ -127,11 +153,7 @@ pub struct DeliverFeedback {
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverFeedback {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = Error;
-    type Time = Instant;
+    queued_interceptor!();
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Error> {
         if let Packet::Rtcp(pkts) = &msg.message.packet {
@@ -149,21 +171,9 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverFeedback {
         self.read.push_back(msg);
         Ok(())
     }
-    fn poll_read(&mut self) -> Option<TaggedPacket> {
-        self.read.pop_front()
-    }
     fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Error> {
         self.write.push_back(msg);
         Ok(())
-    }
-    fn poll_write(&mut self) -> Option<TaggedPacket> {
-        self.write.pop_front()
-    }
-    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Error> {
-        Ok(())
-    }
-    fn poll_timeout(&mut self) -> Option<Instant> {
-        None
     }
 }
 

@@ -117,18 +117,11 @@ fn rtx_payload(osn: u16, payload: &[u8]) -> bytes::Bytes {
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for RtxSender {
-    type Rout = TaggedPacket;
-    type Wout = TaggedPacket;
-    type Eout = ();
-    type Error = Error;
-    type Time = Instant;
+    super::engine::queued_interceptor!();
 
     fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Error> {
         self.read.push_back(msg);
         Ok(())
-    }
-    fn poll_read(&mut self) -> Option<TaggedPacket> {
-        self.read.pop_front()
     }
     fn handle_write(&mut self, mut msg: TaggedPacket) -> Result<(), Error> {
         if let Packet::Rtp(p) = &mut msg.message.packet {
@@ -155,15 +148,6 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtxSender {
         }
         self.write.push_back(msg);
         Ok(())
-    }
-    fn poll_write(&mut self) -> Option<TaggedPacket> {
-        self.write.pop_front()
-    }
-    fn handle_timeout(&mut self, _now: Instant) -> Result<(), Error> {
-        Ok(())
-    }
-    fn poll_timeout(&mut self) -> Option<Instant> {
-        None
     }
 }
 
