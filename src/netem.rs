@@ -151,24 +151,40 @@ pub async fn start(
                     );
                     // Replies from upstream go back through the return delay line, each
                     // client's at most at the downlink rate.
+                    // The reader never waits: a datagram is admitted to the bottleneck's queue
+                    // (or dropped) when it arrives, and a pacer releases it when it has crossed
+                    // the link. Waiting in the reader would make the socket's receive buffer the
+                    // queue, seconds deep instead of QUEUE_LIMIT.
                     let back = to_clients.clone();
+                    let (paced, mut leaving) = mpsc::unbounded_channel::<(Instant, Bytes)>();
+                    tokio::spawn(async move {
+                        while let Some((leave, data)) = leaving.recv().await {
+                            tokio::time::sleep_until(leave.into()).await;
+                            if back.send((data, from)).is_err() {
+                                break;
+                            }
+                        }
+                    });
                     let (rate, stats) = (downlink_bps.clone(), stats.clone());
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65536];
                         let mut limit = RateLimit::default();
                         while let Ok((n, _)) = up.recv_from(&mut buf).await {
+                            let now = Instant::now();
                             let bps = rate.load(Relaxed);
-                            if bps > 0 {
-                                match limit.admit(Instant::now(), n, bps) {
-                                    Some(leave) => tokio::time::sleep_until(leave.into()).await,
+                            let leave = if bps > 0 {
+                                match limit.admit(now, n, bps) {
+                                    Some(leave) => leave,
                                     None => {
                                         stats.dropped.fetch_add(1, Relaxed);
                                         continue;
                                     }
                                 }
-                            }
-                            if back
-                                .send((Bytes::copy_from_slice(&buf[..n]), from))
+                            } else {
+                                now
+                            };
+                            if paced
+                                .send((leave, Bytes::copy_from_slice(&buf[..n])))
                                 .is_err()
                             {
                                 break;

@@ -144,20 +144,21 @@ async fn constrained_subscriber(firefox_agent: bool) {
     );
 }
 
-/// Flaky today (passes about half the runs): behind this bottleneck a keyframe of the middle
-/// layer (15-25 kB) overflows the 200 ms queue, and when the repairs of its losses do not get
-/// the decoder going again the agent stays frozen until the test ends, with the same
-/// unserved-NACK pattern as the lossy-link test below. The layer choice itself (settling on
-/// the middle layer, probes refused at the bottleneck's rate, the top layer 3-13 s after the
-/// limit is lifted) is what the passing runs show.
-#[ignore = "issue 12: a frozen decoder behind a bottleneck does not always recover (see the lossy-link test)"]
+/// Fails today for Chromium (Firefox passes): a probe is confirmed above what the 450 kbit/s
+/// link carries, the consumer moves to the top layer, whose keyframes (40-60 kB) cannot cross a
+/// 200 ms queue without loss, and the decoder stays frozen: in one run Chrome lost 25 packets
+/// for good, sent 383 NACKs (all served: 65 retransmissions) and 21 PLIs, of which the node
+/// turned 4 into keyframe requests. To find: why that probe measured more than the bottleneck
+/// (arrival times across feedback messages?) and why the freeze outlives the keyframe requests.
+/// (Earlier runs passed most of the time only because the proxy's limiter waited in its reader,
+/// so its queue was the socket buffer, seconds deep, instead of 200 ms; fixed in `netem`.)
+#[ignore = "issue 12: behind a real 200 ms queue the Chromium subscriber is probed onto the top layer and freezes"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_behind_a_constrained_link_settles_on_a_lower_layer_and_returns_to_the_top() {
     let _alone = ALONE.lock().await;
     constrained_subscriber(false).await;
 }
 
-#[ignore = "issue 12: a frozen decoder behind a bottleneck does not always recover (see the lossy-link test)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firefox_subscriber_behind_a_constrained_link_settles_and_returns_to_the_top() {
     let _alone = ALONE.lock().await;
