@@ -144,15 +144,13 @@ async fn constrained_subscriber(firefox_agent: bool) {
     );
 }
 
-/// Fails today for Chromium (Firefox passes): a probe is confirmed above what the 450 kbit/s
-/// link carries, the consumer moves to the top layer, whose keyframes (40-60 kB) cannot cross a
-/// 200 ms queue without loss, and the decoder stays frozen: in one run Chrome lost 25 packets
-/// for good, sent 383 NACKs (all served: 65 retransmissions) and 21 PLIs, of which the node
-/// turned 4 into keyframe requests. To find: why that probe measured more than the bottleneck
-/// (arrival times across feedback messages?) and why the freeze outlives the keyframe requests.
-/// (Earlier runs passed most of the time only because the proxy's limiter waited in its reader,
-/// so its queue was the socket buffer, seconds deep, instead of 200 ms; fixed in `netem`.)
-#[ignore = "issue 12: behind a real 200 ms queue the Chromium subscriber is probed onto the top layer and freezes"]
+/// Flaky today for Chromium (Firefox passes): the layer choice holds (steps up only on a
+/// confirmed probe, so it stays below the top layer behind the limit and returns within 3-5 s
+/// once it is lifted), but the decoder sometimes freezes for good behind the 200 ms queue: in
+/// one run Chrome lost 25 packets for good, sent 383 NACKs (all served: 65 retransmissions)
+/// and 21 PLIs, of which the node turned 4 into keyframe requests. Same defect as the
+/// lossy-link test below.
+#[ignore = "issue 12: behind a 200 ms queue the Chromium subscriber's decoder sometimes freezes for good"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_behind_a_constrained_link_settles_on_a_lower_layer_and_returns_to_the_top() {
     let _alone = ALONE.lock().await;

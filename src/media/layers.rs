@@ -52,6 +52,8 @@ pub struct LayerSelector {
     lossy: bool,
     /// Why the target last changed.
     reason: LayerReason,
+    /// Send-side, with probing: the most a step up may rely on (see `set_send_side_bandwidth`).
+    up_bps: Option<u64>,
 }
 
 /// How long an estimate gets to catch up with a higher layer before it may force a step down.
@@ -85,6 +87,7 @@ impl LayerSelector {
             raised: false,
             lossy: false,
             reason: LayerReason::Start,
+            up_bps: None,
         }
     }
 
@@ -142,11 +145,15 @@ impl LayerSelector {
     /// then on REMB is ignored and layer choice follows [`UP_HEADROOM`] and [`SEND_SIDE_HOLD`].
     /// `lossy`: the subscriber reports losses beyond what a healthy path shows; the current
     /// layer then gets no [`STAY_MARGIN`] (a bottleneck's drop-tail queue keeps the delay-based
-    /// estimate near the layer while the layer does not get through).
-    pub fn set_send_side_bandwidth(&mut self, bps: u64, lossy: bool) {
+    /// estimate near the layer while the layer does not get through). `up`: when the
+    /// connection can probe, the share a recent probe confirmed (0 when none did): a step up
+    /// must fit within it too, so layers go up on measured capacity, never on the estimate's
+    /// own growth.
+    pub fn set_send_side_bandwidth(&mut self, bps: u64, lossy: bool, up: Option<u64>) {
         self.send_side = true;
         self.bandwidth_bps = Some(bps);
         self.lossy = lossy;
+        self.up_bps = up;
     }
 
     pub fn bandwidth(&self) -> Option<u64> {
@@ -263,8 +270,18 @@ impl LayerSelector {
             return best(1.0);
         }
         let holding = self.hold_until.is_some_and(|t| now < t);
+        let confirmed = |l: usize| {
+            self.up_bps
+                .is_none_or(|up| bitrates[l].is_some_and(|r| r as f64 * UP_HEADROOM <= up as f64))
+        };
         match best(UP_HEADROOM) {
-            Some(up) if up > current && !holding => Some(up),
+            Some(up) if up > current && !holding => {
+                // The highest layer the probe confirmed, if above the current one.
+                (current + 1..=up)
+                    .rev()
+                    .find(|&l| confirmed(l))
+                    .or(Some(current))
+            }
             _ => Some(current),
         }
     }
@@ -398,7 +415,7 @@ mod tests {
     fn follow(s: &mut LayerSelector, t: &mut Instant, seconds: u64, bps: u64) -> Vec<Layer> {
         let mut seen = Vec::new();
         for _ in 0..seconds {
-            s.set_send_side_bandwidth(bps, false);
+            s.set_send_side_bandwidth(bps, false, None);
             s.update_target(*t, &LAYERS);
             s.on_packet(s.target(), true);
             seen.push(s.current().unwrap());
@@ -432,6 +449,28 @@ mod tests {
         assert_eq!(back[0], 1, "held right after the step down: {back:?}");
         assert_eq!(*back.last().unwrap(), 2, "{back:?}");
         assert!(back.iter().position(|&l| l == 2).unwrap() as u64 <= SEND_SIDE_HOLD.as_secs());
+    }
+
+    #[test]
+    fn with_probing_a_step_up_waits_for_a_probe_to_confirm_it() {
+        let t = Instant::now();
+        let mut s = LayerSelector::new(2);
+        s.set_send_side_bandwidth(600_000, false, Some(0));
+        s.update_target(t, &LAYERS);
+        s.on_packet(s.target(), true);
+        assert_eq!(
+            s.current(),
+            Some(1),
+            "the first choice follows the estimate"
+        );
+        // The estimate grows past the top layer on its own: no step up without a probe.
+        s.set_send_side_bandwidth(2_000_000, false, Some(0));
+        s.update_target(t + SEND_SIDE_HOLD, &LAYERS);
+        assert_eq!(s.target(), 1);
+        // A probe confirmed 2 Mbit/s: up.
+        s.set_send_side_bandwidth(2_000_000, false, Some(2_000_000));
+        s.update_target(t + SEND_SIDE_HOLD, &LAYERS);
+        assert_eq!(s.target(), 2);
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub const PROBE_HOLD: Duration = Duration::from_secs(3);
 pub const PROBE_DURATION: Duration = Duration::from_millis(300);
 /// How long the measurement of a cluster may take after it was sent.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// How long a confirmed probe's rate may carry a step up (the switch waits for a keyframe).
+pub const PROBE_CONFIRMED_FOR: Duration = Duration::from_secs(5);
 /// Wait after a confirmed probe before the next, if the consumers still want more.
 pub const PROBE_AFTER_CONFIRMED: Duration = Duration::from_secs(1);
 /// Waits after a failed probe: doubling from the first to the last.
@@ -525,6 +527,8 @@ pub struct Prober {
     pub last_result_bps: u64,
     /// Clusters judged (confirmed, refused or unanswered).
     pub finished: u64,
+    /// The rate the last confirmed probe measured, and until when it may be relied on.
+    confirmed: Option<(u64, Instant)>,
 }
 
 impl Prober {
@@ -533,8 +537,12 @@ impl Prober {
     pub fn consider(&mut self, now: Instant, est: &SendEstimate, sending: u64, wanted: u64) {
         match self.state {
             ProbeState::Idle => {
-                let Some(target) = est.target() else { return };
-                let more = wanted > sending && wanted > target;
+                if est.target().is_none() {
+                    return;
+                }
+                // Consumers want a higher layer than they get, and no recent probe confirmed
+                // its rate.
+                let more = wanted != sending && wanted > self.confirmed(now);
                 if !more || self.not_before.is_some_and(|t| now < t) {
                     return;
                 }
@@ -586,6 +594,7 @@ impl Prober {
         self.finished += 1;
         self.state = ProbeState::Idle;
         if outcome == ProbeOutcome::Confirmed {
+            self.confirmed = Some((self.last_result_bps, now + PROBE_CONFIRMED_FOR));
             self.backoff = None;
             // Give the layer switch a moment before asking again (layer rates move, and a
             // confirmed rate can still fall short of the next layer's).
@@ -623,6 +632,13 @@ impl Prober {
             est.end_probe(now);
             self.finish(now, ProbeOutcome::Unanswered);
         }
+    }
+
+    /// The rate a probe confirmed recently (0 when none did): what a step up may rely on.
+    pub fn confirmed(&self, now: Instant) -> u64 {
+        self.confirmed
+            .filter(|&(_, until)| now < until)
+            .map_or(0, |(rate, _)| rate)
     }
 
     pub fn is_sending(&self) -> bool {
@@ -896,12 +912,12 @@ mod tests {
     }
 
     #[test]
-    fn a_prober_probes_only_for_more_than_the_estimate_and_backs_off_while_refused() {
+    fn a_prober_probes_only_when_consumers_want_more_and_backs_off_while_refused() {
         let t0 = Instant::now();
         let est = estimate_at(t0, 400_000);
         let mut p = Prober::default();
-        p.consider(t0, &est, 270_000, 350_000);
-        assert!(!p.is_sending(), "the estimate already allows it");
+        p.consider(t0, &est, 350_000, 350_000);
+        assert!(!p.is_sending(), "nobody wants more than they get");
         let mut now = t0;
         let mut starts = Vec::new();
         for _ in 0..300 {

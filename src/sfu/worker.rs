@@ -440,24 +440,29 @@ impl Worker {
                     MediaKind::Video => {
                         video += 1;
                         let rate = |l: usize| p.layers.get(l).and_then(|l| l.bitrate);
-                        let now_rate = c.selector.current().and_then(|l| rate(l.into()));
+                        let current = c.selector.current().map(usize::from);
+                        let now_rate = current.and_then(rate).unwrap_or(0);
+                        // The best layer the consumer may have that is flowing.
                         let best = (0..=usize::from(c.selector.max_layer()))
                             .rev()
-                            .find_map(rate);
-                        sending += now_rate.unwrap_or(0);
-                        wanted += match (best, now_rate) {
-                            (Some(b), Some(n)) if b > n => (b as f64 * UP_HEADROOM) as u64,
-                            (Some(b), None) => (b as f64 * UP_HEADROOM) as u64,
-                            (_, n) => n.unwrap_or(0),
+                            .find(|&l| rate(l).is_some());
+                        sending += now_rate;
+                        wanted += match best {
+                            Some(b) if current.is_none_or(|c| b > c) => {
+                                (rate(b).unwrap_or(0) as f64 * UP_HEADROOM) as u64
+                            }
+                            _ => now_rate,
                         };
                     }
                 }
             }
-            let share = target.saturating_sub(audio * AUDIO_ALLOWANCE) / video.max(1);
+            let share_of = |bps: u64| bps.saturating_sub(audio * AUDIO_ALLOWANCE) / video.max(1);
+            let share = share_of(target);
             let lossy = est.loss() > LOSSY;
+            let up = can_probe.then(|| share_of(conn.prober.confirmed(now)));
             for &cid in conn.track_consumer.values() {
                 if let Some(c) = consumers.get_mut(cid) {
-                    c.selector.set_send_side_bandwidth(share, lossy);
+                    c.selector.set_send_side_bandwidth(share, lossy, up);
                 }
             }
             if can_probe && video > 0 {
