@@ -595,7 +595,10 @@ impl Outgoing {
 }
 
 /// Adds a send-only transceiver for `track`.
-fn add_sender(pc: &mut RTCPeerConnection, track: MediaStreamTrack) -> Result<(), ClientError> {
+pub(super) fn add_sender(
+    pc: &mut RTCPeerConnection,
+    track: MediaStreamTrack,
+) -> Result<(), ClientError> {
     pc.add_transceiver_from_track(
         track,
         Some(RTCRtpTransceiverInit {

@@ -247,13 +247,7 @@ impl RtcPeer {
                     ..Default::default()
                 }],
             );
-            pc.add_transceiver_from_track(
-                track,
-                Some(RTCRtpTransceiverInit {
-                    direction: RTCRtpTransceiverDirection::Sendonly,
-                    ..Default::default()
-                }),
-            )?;
+            super::media::add_sender(&mut pc, track)?;
         } else if with_transceiver {
             pc.add_transceiver_from_kind(
                 RtpCodecKind::Video,

@@ -204,6 +204,7 @@ pub(super) fn build_peer_connection(
     announced: SocketAddr,
     cfg: &super::WorkerConfig,
     send_side_bwe: bool,
+    stats: Arc<super::WorkerStats>,
     now: Instant,
 ) -> Result<Built, Error> {
     let (udp, tcp) = (cfg.udp, cfg.tcp);
@@ -211,7 +212,7 @@ pub(super) fn build_peer_connection(
     let mut registry = Registry::new();
     let mut repairs = None;
     if kind == TransportKind::Subscribe {
-        let (rtx, shared) = RtxSender::new();
+        let (rtx, shared) = RtxSender::new(stats);
         repairs = Some(shared);
         registry = registry
             .with(Slot::from(14_000), DeliverFeedback::default())

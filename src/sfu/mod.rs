@@ -533,6 +533,9 @@ counters! {
     /// NACKs not served because the subscriber has no RTX while packets are numbered
     /// transport-wide (a copy on the primary SSRC would not be byte-identical).
     pub nack_unserved_no_rtx: AtomicU64,
+    /// Repairs or probes dropped at the wire because their stream has no RTX on a connection
+    /// numbered transport-wide (a copy on the primary SSRC would reuse an SRTP index).
+    pub rtx_unsafe_dropped: AtomicU64,
     /// Bandwidth probes towards subscribers: clusters started, confirmed and refused by the
     /// path, and the RTX packets they were made of.
     pub probe_clusters: AtomicU64,

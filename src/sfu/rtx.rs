@@ -20,7 +20,7 @@
 //! the packet (under the transport-wide number the TWCC sender gave it) when it is rewritten.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,10 +41,6 @@ pub struct Repairs {
     /// A stream numbered transport-wide has been bound: a repair must not reuse its primary
     /// sequence number.
     twcc: AtomicBool,
-    /// Packets rewritten to RTX.
-    sent: AtomicU64,
-    /// Marked packets of a stream without RTX on a connection numbered transport-wide: dropped.
-    dropped: AtomicU64,
 }
 
 /// The contributing-source entry that marks a packet for the RTX stream: no mixer is in play
@@ -72,11 +68,6 @@ impl Repairs {
     pub fn can_repair(&self) -> bool {
         self.rtx() || !self.twcc.load(Relaxed)
     }
-
-    /// Packets sent on RTX so far.
-    pub fn sent(&self) -> u64 {
-        self.sent.load(Relaxed)
-    }
 }
 
 struct RtxStream {
@@ -88,17 +79,20 @@ struct RtxStream {
 /// The interceptor that rewrites marked packets to RTX (see the module docs).
 pub struct RtxSender {
     shared: Arc<Repairs>,
+    stats: Arc<super::WorkerStats>,
     streams: HashMap<u32, RtxStream>,
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
 }
 
 impl RtxSender {
-    pub fn new() -> (Self, Arc<Repairs>) {
+    /// A converter counting what it must drop in `stats`.
+    pub fn new(stats: Arc<super::WorkerStats>) -> (Self, Arc<Repairs>) {
         let shared = Arc::new(Repairs::default());
         (
             Self {
                 shared: shared.clone(),
+                stats,
                 streams: HashMap::new(),
                 read: VecDeque::new(),
                 write: VecDeque::new(),
@@ -134,12 +128,11 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for RtxSender {
                         p.header.payload_type = rtx.payload_type;
                         p.header.sequence_number = rtx.next_seq;
                         rtx.next_seq = rtx.next_seq.wrapping_add(1);
-                        self.shared.sent.fetch_add(1, Relaxed);
                     }
                     // A stream without RTX on a connection numbered transport-wide: the copy
                     // would reuse the original's SRTP index with different bytes. Never sent.
                     None if self.shared.twcc.load(Relaxed) => {
-                        self.shared.dropped.fetch_add(1, Relaxed);
+                        self.stats.rtx_unsafe_dropped.fetch_add(1, Relaxed);
                         return Ok(());
                     }
                     None => {}

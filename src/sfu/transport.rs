@@ -524,8 +524,15 @@ impl Worker {
         rtx: bool,
     ) -> Result<ConnKey, String> {
         let send_side = self.cfg.send_side_bwe && rtx;
-        let built = build_peer_connection(kind, self.announced, &self.cfg, send_side, now)
-            .map_err(sdp_error)?;
+        let built = build_peer_connection(
+            kind,
+            self.announced,
+            &self.cfg,
+            send_side,
+            self.stats.clone(),
+            now,
+        )
+        .map_err(sdp_error)?;
         let ck = self.conns.insert(Conn {
             pc: built.pc,
             kind,

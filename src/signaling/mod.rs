@@ -164,7 +164,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let labels = format!("region=\"{}\",node=\"{}\"", s.region, s.node);
     type Field = fn(&WorkerStats) -> &std::sync::atomic::AtomicU64;
     // Per worker, so a hot or stuck worker shows; sum over `worker` for the node.
-    let per_worker: [(&str, &str, Field); 29] = [
+    let per_worker: [(&str, &str, Field); 30] = [
         (
             "meridian_datagrams_in_total",
             "UDP datagrams received on the media port",
@@ -214,6 +214,11 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             "meridian_nack_unserved_no_rtx_total",
             "Consumer NACKs not served: no RTX negotiated while packets are numbered transport-wide",
             |w| &w.nack_unserved_no_rtx,
+        ),
+        (
+            "meridian_rtx_unsafe_dropped_total",
+            "Repairs or probes dropped: their stream has no RTX on a transport-cc connection",
+            |w| &w.rtx_unsafe_dropped,
         ),
         (
             "meridian_probe_clusters_total",
