@@ -9,6 +9,7 @@ pub mod keyframe;
 pub mod layers;
 pub mod repair;
 pub mod rewrite;
+pub mod vp8;
 
 /// Codecs Meridian forwards. Forwarding never re-encodes, so a consumer always receives the
 /// producer's codec.

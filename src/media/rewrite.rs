@@ -12,6 +12,8 @@ pub struct RtpRewriter {
     last_out: Option<Last>,
     /// The next packet starts a new mapping even from the same SSRC.
     resync: bool,
+    /// Counts the mappings started: what codec-level rewriting keys its own numbering on.
+    generation: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -43,7 +45,13 @@ impl RtpRewriter {
             source: None,
             last_out: None,
             resync: false,
+            generation: 0,
         }
+    }
+
+    /// Which mapping the last packet went through (changes at every source change or resync).
+    pub fn generation(&self) -> u32 {
+        self.generation
     }
 
     /// Maps an input packet to output `(seq, timestamp)`, or `None` when the packet must be
@@ -75,6 +83,9 @@ impl RtpRewriter {
                     seq_offset: out_seq.wrapping_sub(seq),
                     ts_offset: out_ts.wrapping_sub(ts),
                 };
+                if self.source.is_some() {
+                    self.generation = self.generation.wrapping_add(1);
+                }
                 self.source = Some(s);
                 self.resync = false;
                 s

@@ -101,6 +101,7 @@ pub struct SendEstimate {
     /// The last cluster measured and its result (bits/s; 0 = nothing could be measured).
     probe_done: AtomicU64,
     probe_result_bps: AtomicU64,
+    probe_queued: AtomicBool,
 }
 
 impl SendEstimate {
@@ -119,6 +120,7 @@ impl SendEstimate {
             probe_end_us: AtomicU64::new(u64::MAX),
             probe_done: AtomicU64::new(0),
             probe_result_bps: AtomicU64::new(0),
+            probe_queued: AtomicBool::new(false),
         }
     }
 
@@ -174,10 +176,22 @@ impl SendEstimate {
         self.probe_end_us.store(self.us(now), Release);
     }
 
-    /// The measured rate of cluster `id`, once it has been measured (0: it said nothing).
-    pub fn probe_result(&self, id: u64) -> Option<u64> {
-        (self.probe_done.load(Acquire) == id).then(|| self.probe_result_bps.load(Relaxed))
+    /// What cluster `id` measured, once it has been measured.
+    pub fn probe_result(&self, id: u64) -> Option<ProbeMeasure> {
+        (self.probe_done.load(Acquire) == id).then(|| ProbeMeasure {
+            bps: self.probe_result_bps.load(Relaxed),
+            queued: self.probe_queued.load(Relaxed),
+        })
     }
+}
+
+/// What the feedback said about one probe cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeMeasure {
+    /// The rate it was delivered at (bits/s; 0 = it said nothing).
+    pub bps: u64,
+    /// It arrived markedly slower than it was sent, or lost packets: the path's limit.
+    pub queued: bool,
 }
 
 /// The rate acknowledged by the subscriber, over [`ACKED_WINDOW`] of feedback batches.
@@ -394,6 +408,7 @@ impl Estimator {
             self.target = r.clamp(MIN_BITRATE, MAX_BITRATE);
         }
         self.out.probe_result_bps.store(rate, Relaxed);
+        self.out.probe_queued.store(queued, Relaxed);
         self.out.probe_done.store(self.cluster.id, Release);
         self.cluster = Cluster::default();
     }
@@ -488,8 +503,12 @@ pub enum ProbeOutcome {
     None,
     /// The path carried the cluster at the rate the consumers want.
     Confirmed,
-    /// It arrived slower (or lost too much): the consumers stay where they are.
+    /// It queued behind the path's limit (or lost too much): the consumers get no more than
+    /// the limit it measured.
     Refused,
+    /// It arrived as fast as it was sent, but went out slower than asked (a busy node): the
+    /// rate it reached is known to be carried, and the next probe comes soon.
+    Unsaturated,
     /// No feedback in time.
     Unanswered,
 }
@@ -573,12 +592,14 @@ impl Prober {
                 deadline,
             } => {
                 let outcome = match est.probe_result(id) {
-                    Some(rate) => {
-                        self.last_result_bps = rate;
-                        if rate >= wanted {
+                    Some(m) => {
+                        self.last_result_bps = m.bps;
+                        if m.bps >= wanted {
                             ProbeOutcome::Confirmed
-                        } else {
+                        } else if m.queued || m.bps == 0 {
                             ProbeOutcome::Refused
+                        } else {
+                            ProbeOutcome::Unsaturated
                         }
                     }
                     None if now >= deadline => ProbeOutcome::Unanswered,
@@ -593,16 +614,37 @@ impl Prober {
         self.last_outcome = outcome;
         self.finished += 1;
         self.state = ProbeState::Idle;
-        if outcome == ProbeOutcome::Confirmed {
-            self.confirmed = Some((self.last_result_bps, now + PROBE_CONFIRMED_FOR));
-            self.backoff = None;
-            // Give the layer switch a moment before asking again (layer rates move, and a
-            // confirmed rate can still fall short of the next layer's).
-            self.not_before = Some(now + PROBE_AFTER_CONFIRMED);
-        } else {
-            let wait = self.backoff.unwrap_or(PROBE_BACKOFF_MIN);
-            self.not_before = Some(now + wait);
-            self.backoff = Some((wait * 2).min(PROBE_BACKOFF_MAX));
+        // No more than the cluster was sent at: a measurement above it is an artefact of
+        // bunched timestamps, and would let a consumer skip a layer no probe tried.
+        let measured = self
+            .last_result_bps
+            .min((self.wanted as f64 * PROBE_OVERSHOOT) as u64);
+        let until = now + PROBE_CONFIRMED_FOR;
+        match outcome {
+            ProbeOutcome::Confirmed => {
+                self.confirmed = Some((measured, until));
+                self.backoff = None;
+                // Give the layer switch a moment before asking again (layer rates move, and a
+                // confirmed rate can still fall short of the next layer's).
+                self.not_before = Some(now + PROBE_AFTER_CONFIRMED);
+            }
+            ProbeOutcome::Unsaturated => {
+                // The path carried all it was given: that much may be relied on, and the
+                // shortfall was the sender's, so no backoff.
+                if measured > self.confirmed(now) {
+                    self.confirmed = Some((measured, until));
+                }
+                self.not_before = Some(now + PROBE_BACKOFF_MIN);
+            }
+            _ => {
+                // The path's limit, measured: layers under it may still be stepped up to.
+                if outcome == ProbeOutcome::Refused && measured > 0 {
+                    self.confirmed = Some((measured, until));
+                }
+                let wait = self.backoff.unwrap_or(PROBE_BACKOFF_MIN);
+                self.not_before = Some(now + wait);
+                self.backoff = Some((wait * 2).min(PROBE_BACKOFF_MAX));
+            }
         }
     }
 
@@ -634,7 +676,10 @@ impl Prober {
         }
     }
 
-    /// The rate a probe confirmed recently (0 when none did): what a step up may rely on.
+    /// The rate a probe measured recently (0 when none did): what a step up may rely on.
+    /// Not the estimator's starting point: a new publisher's layers run below their settled
+    /// rates for a while, so a starting budget would let the top layer in on a rate it soon
+    /// outgrows.
     pub fn confirmed(&self, now: Instant) -> u64 {
         self.confirmed
             .filter(|&(_, until)| now < until)
@@ -840,7 +885,7 @@ mod tests {
             self.run(PROBE_DURATION, extra_bps);
             self.out.end_probe(self.now);
             self.run(after, 0.0);
-            self.out.probe_result(id).expect("measured")
+            self.out.probe_result(id).expect("measured").bps
         }
 
         fn target(&self) -> u64 {
@@ -929,6 +974,7 @@ mod tests {
             if let ProbeState::Measuring { id, .. } = p.state {
                 // The path carries 450 kbit/s.
                 est.probe_result_bps.store(450_000, Relaxed);
+                est.probe_queued.store(true, Relaxed);
                 est.probe_done.store(id, Relaxed);
             }
             now += Duration::from_millis(100);
@@ -951,6 +997,7 @@ mod tests {
             p.consider(now, &est, 270_000, 621_000);
             if let ProbeState::Measuring { id, .. } = p.state {
                 est.probe_result_bps.store(700_000, Relaxed);
+                est.probe_queued.store(false, Relaxed);
                 est.probe_done.store(id, Relaxed);
                 p.consider(now, &est, 270_000, 621_000);
                 break;
@@ -959,6 +1006,43 @@ mod tests {
         }
         assert_eq!(p.last_outcome, ProbeOutcome::Confirmed);
         assert_eq!(p.backoff, None);
+    }
+
+    /// Runs `p` until its next cluster is judged, the estimator having measured `bps`.
+    fn judge(p: &mut Prober, est: &SendEstimate, now: &mut Instant, bps: u64, queued: bool) {
+        let finished = p.finished;
+        while p.finished == finished {
+            p.consider(*now, est, 270_000, 621_000);
+            if let ProbeState::Measuring { id, .. } = p.state {
+                est.probe_result_bps.store(bps, Relaxed);
+                est.probe_queued.store(queued, Relaxed);
+                est.probe_done.store(id, Relaxed);
+            }
+            *now += Duration::from_millis(100);
+        }
+    }
+
+    #[test]
+    fn a_probe_short_of_its_rate_still_lets_the_layers_under_what_it_measured_in() {
+        let t0 = Instant::now();
+        let est = estimate_at(t0, 400_000);
+        let mut p = Prober::default();
+        let mut now = t0;
+        // Behind a bottleneck: refused, but the middle layer fits under what it measured.
+        judge(&mut p, &est, &mut now, 450_000, true);
+        assert_eq!(p.last_outcome, ProbeOutcome::Refused);
+        assert_eq!(p.confirmed(now), 450_000);
+        assert_eq!(p.backoff, Some(PROBE_BACKOFF_MIN * 2));
+        // Delivered as sent, only sent too slowly (a busy node): the rate it reached counts,
+        // and the next probe comes after the shortest wait, the backoff untouched.
+        let mut now = now + PROBE_BACKOFF_MAX;
+        judge(&mut p, &est, &mut now, 500_000, false);
+        assert_eq!(p.last_outcome, ProbeOutcome::Unsaturated);
+        assert_eq!(p.confirmed(now), 500_000);
+        assert_eq!(p.backoff, Some(PROBE_BACKOFF_MIN * 2));
+        assert!(p.not_before.is_some_and(|t| t <= now + PROBE_BACKOFF_MIN));
+        // Measured rates expire like confirmed ones.
+        assert_eq!(p.confirmed(now + PROBE_CONFIRMED_FOR), 0);
     }
 
     #[test]

@@ -16,6 +16,8 @@ use super::{producer::*, transport::*, worker::*};
 use crate::media::extensions::OutgoingExtensions;
 use crate::media::layers::LayerSelector;
 use crate::media::rewrite::RtpRewriter;
+use crate::media::vp8::Vp8Rewriter;
+use crate::media::Codec;
 
 pub(super) struct Consumer {
     pub(super) id: ConsumerId,
@@ -27,6 +29,8 @@ pub(super) struct Consumer {
     pub(super) payload_type: u8,
     pub(super) extensions: OutgoingExtensions,
     pub(super) rewriter: RtpRewriter,
+    /// VP8 picture IDs continuous across layer switches (used when the producer is VP8).
+    pub(super) vp8: Vp8Rewriter,
     pub(super) selector: LayerSelector,
     pub(super) paused: bool,
     pub(super) track_id: String,
@@ -35,6 +39,21 @@ pub(super) struct Consumer {
 }
 
 impl Consumer {
+    /// Renumbers the codec's own frame numbering in a copy about to go out, after its RTP
+    /// header went through `rewriter` (so the source generation is current). Copies the
+    /// payload only when the numbering differs from the producer's: after a layer switch
+    /// of a VP8 simulcast consumer.
+    pub(super) fn renumber_payload(&mut self, codec: Option<Codec>, pkt: &mut rtc::rtp::Packet) {
+        if codec != Some(Codec::Vp8) {
+            return;
+        }
+        if let Some(edit) = self.vp8.rewrite(self.rewriter.generation(), &pkt.payload) {
+            let mut payload = bytes::BytesMut::from(&pkt.payload[..]);
+            edit.apply(&mut payload);
+            pkt.payload = payload.freeze();
+        }
+    }
+
     pub(super) fn is_paused(&self) -> bool {
         self.paused
     }
@@ -192,6 +211,7 @@ impl Worker {
             payload_type,
             extensions,
             rewriter: RtpRewriter::new(rtp_codec.clock_rate),
+            vp8: Vp8Rewriter::new(),
             selector: if self.conns[ck].estimate.is_some() {
                 LayerSelector::for_send_side(max_layer.unwrap_or(top).min(top))
             } else {
@@ -322,6 +342,8 @@ impl Worker {
         let Some((out_seq, out_ts)) = c.rewriter.rewrite(now, ssrc, seq, ts) else {
             return Resent::NotCached;
         };
+        let codec = self.producers.get(c.producer).and_then(|p| p.codec);
+        c.renumber_payload(codec, &mut pkt);
         pkt.header.ssrc = c.ssrc;
         pkt.header.sequence_number = out_seq;
         pkt.header.timestamp = out_ts;

@@ -485,6 +485,107 @@ mod simulcast {
         panic!("not within 20 virtual seconds: {what}");
     }
 
+    /// Browsers lead their compound RTCP with a receiver report whose first block may name a
+    /// stream that is no track here (an RTX stream): the NACK and PLI behind it must still
+    /// reach the consumer (rtc routes a compound by its first SSRC and would drop it whole).
+    #[test]
+    fn a_nack_and_a_pli_behind_a_report_on_another_stream_reach_the_consumer() {
+        use rtc::rtcp::receiver_report::ReceiverReport;
+        use rtc::rtcp::reception_report::ReceptionReport;
+        use rtc::rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
+        use std::sync::atomic::Ordering::Relaxed;
+
+        let mut h = Harness::plain();
+        h.core.cfg.send_side_bwe = true;
+        let (user, _user_events) = h.join("kyc-rtcp", "user");
+        let (agent, _agent_events) = h.join("kyc-rtcp", "agent");
+        let mut publisher = Client::new(
+            "10.0.0.1:5000",
+            PeerMedia {
+                audio: None,
+                video: vec![Encoding {
+                    packets_per_s: 200.0,
+                    payload_bytes: 200,
+                }],
+                high_first: false,
+            },
+        );
+        let (reply, mut answer) = oneshot::channel();
+        h.command(Command::Publish {
+            participant: user,
+            offer: publisher.peer.offer().unwrap(),
+            reply,
+        });
+        let published = answer.try_recv().unwrap().expect("published");
+        publisher.peer.answer(&published.answer).unwrap();
+        publisher.streams = publisher.peer.outgoing();
+        let mut subscriber = Client::new("10.0.0.2:5000", PeerMedia::default());
+        subscriber.peer.add_receiver(true).unwrap();
+        let (reply, mut answer) = oneshot::channel();
+        h.command(Command::Subscribe {
+            participant: agent,
+            producer: published.producers[0].1.producer_id.clone(),
+            offer: subscriber.peer.offer().unwrap(),
+            max_layer: None,
+            reply,
+        });
+        let subscribed = answer.try_recv().unwrap().expect("subscribed");
+        subscriber.peer.answer(&subscribed.answer).unwrap();
+        pump_until(
+            &mut h,
+            &mut [&mut publisher, &mut subscriber],
+            "100 packets forwarded",
+            |c| c[1].received.len() >= 100,
+        );
+        // Past the keyframe requests of the start.
+        for _ in 0..100 {
+            h.pump(&mut [&mut publisher, &mut subscriber]);
+        }
+
+        let c = &h.core.consumers[h.core.consumer_ids[&subscribed.consumer_id]];
+        let (media_ssrc, newest) = (c.ssrc, c.rewriter.last_seq().unwrap());
+        let retransmitted = h.core.stats.rtp_retransmitted.load(Relaxed);
+        let requested = h.core.stats.keyframe_requests.load(Relaxed);
+        let pc = subscriber.peer.pc();
+        let receiver = pc.get_receivers().next().unwrap();
+        let compound: Vec<Box<dyn rtc::rtcp::Packet>> = vec![
+            Box::new(ReceiverReport {
+                ssrc: 1,
+                reports: vec![ReceptionReport {
+                    ssrc: 0x5eed_0001,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            Box::new(TransportLayerNack {
+                sender_ssrc: 1,
+                media_ssrc,
+                nacks: vec![NackPair::new(newest.wrapping_sub(3))],
+            }),
+            Box::new(PictureLossIndication {
+                sender_ssrc: 1,
+                media_ssrc,
+            }),
+        ];
+        pc.rtp_receiver(receiver)
+            .unwrap()
+            .write_rtcp(h.now, compound)
+            .unwrap();
+        for _ in 0..4 {
+            h.pump(&mut [&mut publisher, &mut subscriber]);
+        }
+        assert_eq!(
+            h.core.stats.rtp_retransmitted.load(Relaxed),
+            retransmitted + 1,
+            "the NACKed packet was sent again"
+        );
+        assert_eq!(
+            h.core.stats.keyframe_requests.load(Relaxed),
+            requested + 1,
+            "the PLI became a keyframe request to the publisher"
+        );
+    }
+
     #[test]
     fn a_simulcast_consumer_switches_layer_only_on_a_keyframe_of_the_new_layer() {
         switches_on_keyframes(false);

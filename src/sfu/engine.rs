@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use rtc::interceptor::{
-    Attribute, CongestionControlBuilder, Interceptor, NackGeneratorBuilder, Packet, Registry, Slot,
-    StreamInfo, TaggedPacket, TwccSenderBuilder,
+    Attribute, AttributedPacket, CongestionControlBuilder, Interceptor, NackGeneratorBuilder,
+    Packet, Registry, Slot, StreamInfo, TaggedPacket, TwccSenderBuilder,
 };
 use rtc::peer_connection::configuration::interceptor_registry::{
     configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
@@ -143,29 +143,53 @@ macro_rules! queued_interceptor {
 }
 pub(super) use queued_interceptor;
 
-/// Marks keyframe requests, NACKs and bandwidth estimates for delivery to the application:
-/// the SFU relays keyframe requests upstream and serves NACKs from the producer's packet
-/// cache, neither of which an interceptor of one peer connection can do.
+/// Delivers keyframe requests, NACKs and bandwidth estimates to the application: the SFU
+/// relays keyframe requests upstream and serves NACKs from the producer's packet cache,
+/// neither of which an interceptor of one peer connection can do.
+///
+/// Each goes on alone. rtc hands a compound RTCP packet to the track named by its first
+/// packet's first SSRC; browsers lead their compounds with a receiver report, whose first
+/// block names whichever stream it likes (audio, or an RTX stream that is no track, and then
+/// rtc drops the whole compound). Left together, most NACKs and PLIs of a subscriber that
+/// also receives audio or RTX never reached its video consumer. On its own, each is routed by
+/// its own media SSRC.
 #[derive(Default)]
 pub struct DeliverFeedback {
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
 }
 
+fn for_application(p: &dyn rtc::rtcp::Packet) -> bool {
+    let any = p.as_any();
+    any.is::<PictureLossIndication>()
+        || any.is::<FullIntraRequest>()
+        || any.is::<ReceiverEstimatedMaximumBitrate>()
+        || any.is::<TransportLayerNack>()
+}
+
 impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverFeedback {
     queued_interceptor!();
 
     fn handle_read(&mut self, mut msg: TaggedPacket) -> Result<(), Error> {
-        if let Packet::Rtcp(pkts) = &msg.message.packet {
-            let wanted = pkts.iter().any(|p| {
-                let any = p.as_any();
-                any.is::<PictureLossIndication>()
-                    || any.is::<FullIntraRequest>()
-                    || any.is::<ReceiverEstimatedMaximumBitrate>()
-                    || any.is::<TransportLayerNack>()
-            });
-            if wanted {
-                msg.message.add(Attribute::DeliverToApplication);
+        if let Packet::Rtcp(pkts) = &mut msg.message.packet {
+            if pkts.iter().any(|p| for_application(p.as_ref())) {
+                let (wanted, rest): (Vec<_>, Vec<_>) = std::mem::take(pkts)
+                    .into_iter()
+                    .partition(|p| for_application(p.as_ref()));
+                for p in wanted {
+                    self.read.push_back(TaggedPacket {
+                        now: msg.now,
+                        transport: msg.transport,
+                        message: AttributedPacket::new(Packet::Rtcp(vec![p]))
+                            .with(Attribute::DeliverToApplication),
+                    });
+                }
+                // What is left goes on as it came (an empty compound only to carry what
+                // earlier interceptors attached, as rtc reserves it for).
+                if rest.is_empty() && msg.message.attributes.is_empty() {
+                    return Ok(());
+                }
+                *pkts = rest;
             }
         }
         self.read.push_back(msg);

@@ -149,6 +149,7 @@ impl Worker {
                 }
             }
             let mut out = pkt.clone();
+            c.renumber_payload(producer.codec, &mut out);
             out.header.ssrc = c.ssrc;
             out.header.sequence_number = out_seq;
             out.header.timestamp = out_ts;

@@ -541,6 +541,8 @@ counters! {
     pub probe_clusters: AtomicU64,
     pub probes_confirmed: AtomicU64,
     pub probes_refused: AtomicU64,
+    /// Probe clusters the path carried whole but this node sent slower than asked (busy).
+    pub probes_unsaturated: AtomicU64,
     pub probe_packets: AtomicU64,
     pub send_errors: AtomicU64,
     /// Media socket receive failures.

@@ -442,16 +442,15 @@ impl Worker {
                         let rate = |l: usize| p.layers.get(l).and_then(|l| l.bitrate);
                         let current = c.selector.current().map(usize::from);
                         let now_rate = current.and_then(rate).unwrap_or(0);
-                        // The best layer the consumer may have that is flowing.
-                        let best = (0..=usize::from(c.selector.max_layer()))
-                            .rev()
-                            .find(|&l| rate(l).is_some());
+                        // The next layer up that is flowing, within the consumer's maximum: one
+                        // step at a time, so a probe overshoots a bottleneck by one layer's
+                        // worth at most. Nothing is probed before the first layer flows.
+                        let max = usize::from(c.selector.max_layer());
+                        let next = current.and_then(|l| (l + 1..=max).find(|&l| rate(l).is_some()));
                         sending += now_rate;
-                        wanted += match best {
-                            Some(b) if current.is_none_or(|c| b > c) => {
-                                (rate(b).unwrap_or(0) as f64 * UP_HEADROOM) as u64
-                            }
-                            _ => now_rate,
+                        wanted += match next {
+                            Some(n) => (rate(n).unwrap_or(0) as f64 * UP_HEADROOM) as u64,
+                            None => now_rate,
                         };
                     }
                 }
@@ -474,6 +473,7 @@ impl Worker {
                 if conn.prober.finished != before.1 {
                     match conn.prober.last_outcome {
                         ProbeOutcome::Confirmed => &stats.probes_confirmed,
+                        ProbeOutcome::Unsaturated => &stats.probes_unsaturated,
                         _ => &stats.probes_refused,
                     }
                     .fetch_add(1, Relaxed);

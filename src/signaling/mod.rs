@@ -164,7 +164,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     let labels = format!("region=\"{}\",node=\"{}\"", s.region, s.node);
     type Field = fn(&WorkerStats) -> &std::sync::atomic::AtomicU64;
     // Per worker, so a hot or stuck worker shows; sum over `worker` for the node.
-    let per_worker: [(&str, &str, Field); 30] = [
+    let per_worker: [(&str, &str, Field); 31] = [
         (
             "meridian_datagrams_in_total",
             "UDP datagrams received on the media port",
@@ -234,6 +234,11 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
             "meridian_probes_refused_total",
             "Probe clusters that arrived slower, lost too much or got no feedback",
             |w| &w.probes_refused,
+        ),
+        (
+            "meridian_probes_unsaturated_total",
+            "Probe clusters the path carried whole but the node sent slower than asked",
+            |w| &w.probes_unsaturated,
         ),
         (
             "meridian_probe_packets_total",
