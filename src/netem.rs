@@ -115,13 +115,29 @@ fn delay_line(
     (tx, task)
 }
 
+/// A socket with room for a few hundred milliseconds of bursts: the proxy's own task may
+/// wait behind browsers for the CPU, and the kernel's default buffer would then add losses
+/// nobody asked for.
+async fn bind_roomy(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    let _ = socket.set_send_buffer_size(4 << 20);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
+}
+
 /// Starts a proxy on `listen` towards `upstream`, impairing both directions alike.
 pub async fn start(
     listen: SocketAddr,
     upstream: SocketAddr,
     imp: Impairment,
 ) -> std::io::Result<ImpairProxy> {
-    let front = Arc::new(UdpSocket::bind(listen).await?);
+    let front = Arc::new(bind_roomy(listen).await?);
     let local_addr = front.local_addr()?;
     let stats = Arc::new(ProxyStats::default());
     let downlink_bps = Arc::new(AtomicU64::new(0));
@@ -138,7 +154,7 @@ pub async fn start(
             while let Ok((n, from)) = front.recv_from(&mut buf).await {
                 let data = Bytes::copy_from_slice(&buf[..n]);
                 if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(from) {
-                    let Ok(up) = UdpSocket::bind(SocketAddr::new(upstream.ip(), 0)).await else {
+                    let Ok(up) = bind_roomy(SocketAddr::new(upstream.ip(), 0)).await else {
                         continue;
                     };
                     let up = Arc::new(up);
