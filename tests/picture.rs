@@ -252,12 +252,15 @@ async fn a_subscriber_on_a_lossy_link_keeps_decoding_with_rtx_repairs() {
 
 /// On a clean link the agent reaches the top layer and then makes no layer change for 60 s.
 /// The time to the top layer from opening the pages is reported.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_on_a_stable_link_keeps_the_top_layer_for_a_minute() {
-    let _alone = ALONE.lock().await;
+async fn stable_subscriber(firefox_agent: bool) {
     assert_isolated_network();
     let (node, _proxy) = node_behind_impairment(meridian::netem::Impairment::none()).await;
-    let (user, agent) = open_simulcast_pair(&node, "kyc-stable", false);
+    let session = if firefox_agent {
+        "kyc-stable-ff"
+    } else {
+        "kyc-stable"
+    };
+    let (user, agent) = open_simulcast_pair(&node, session, firefox_agent);
     let opened = Instant::now();
     wait_until(
         "the agent on the top layer",
@@ -281,23 +284,30 @@ async fn a_subscriber_on_a_stable_link_keeps_the_top_layer_for_a_minute() {
         seen.iter().all(|&(w, _)| w >= 1000),
         "no layer change in 60 s: {seen:?}"
     );
-    // Decoding must go on; a stall is reported, not asserted here: recovery from a lost
-    // packet is what the lossy-link test (ignored, issue 12) is about, and two browsers
-    // encoding and decoding 720p on two cores do lose packets on loopback now and then.
-    let longest_stall = seen
-        .windows(2)
-        .map(|w| w[1].1 == w[0].1)
-        .fold((0, 0), |(run, max), stalled| {
-            let run = if stalled { run + 1 } else { 0 };
-            (run, max.max(run))
-        })
-        .1;
-    println!("longest stall on the stable link: {longest_stall} s");
+    // Decoding goes on. A stall is reported, not asserted: two browsers encoding and decoding
+    // 720p on two cores lose a packet on loopback now and then, and recovery from that is
+    // held to its bound by the lossy-link test.
+    println!(
+        "longest stall on the stable link: {} s",
+        longest_stall(&seen)
+    );
     let (first, last) = (seen[0].1, seen[seen.len() - 1].1);
     assert!(
         last - first >= 10 * (seen.len() as u64 - 1),
         "decodes at least 10 frames a second on average: {seen:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_a_stable_link_keeps_the_top_layer_for_a_minute() {
+    let _alone = ALONE.lock().await;
+    stable_subscriber(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firefox_subscriber_on_a_stable_link_keeps_the_top_layer_for_a_minute() {
+    let _alone = ALONE.lock().await;
+    stable_subscriber(true).await;
 }
 
 /// Whether a user page's STATS report shows a simulcast encoding at 1280 wide sending.
