@@ -15,6 +15,7 @@ pub mod bench;
 pub mod cidr;
 #[cfg(feature = "loadgen")]
 pub mod client;
+pub mod compliance;
 pub mod config;
 pub mod ids;
 pub mod logging;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use meridian::auth::{generate_ed25519_pem, Role, TokenSigner};
+use meridian::compliance::seal::{parse_public_key, verify};
 use meridian::config::MeshSection;
 use meridian::config::NodeConfig;
 use meridian::ids::{NodeId, RegionId, SessionId, UserId};
@@ -73,6 +74,17 @@ enum Command {
     Geoip {
         #[command(subcommand)]
         command: GeoipCommand,
+    },
+    /// Check a sealed session folder: the manifest's signature, every file's hash and size,
+    /// no file added, and the audit log's chain up to the sealed entry. Exits 1 naming every
+    /// fault found.
+    Verify {
+        /// The session folder (holding manifest.json and manifest.sig).
+        dir: PathBuf,
+        /// The recording node's public key: its PEM file or 64 hex digits. Without it the
+        /// key the manifest names is used, which proves integrity only against that key.
+        #[arg(long)]
+        public_key: Option<String>,
     },
     /// Write a new Ed25519 key pair for EdDSA tokens.
     Keygen {
@@ -237,6 +249,39 @@ fn main() -> anyhow::Result<()> {
                     println!("wrote {} ({} networks)", out.display(), rows.len());
                 }
             },
+            Command::Verify { dir, public_key } => {
+                let trusted = match public_key.as_deref().map(parse_public_key).transpose() {
+                    Ok(k) => k,
+                    Err(e) => {
+                        eprintln!("meridian verify: {e}");
+                        std::process::exit(2);
+                    }
+                };
+                let v = verify(&dir, trusted.as_deref());
+                if !v.ok() {
+                    println!("NOT VERIFIED {}:", dir.display());
+                    for f in &v.faults {
+                        println!("  - {f}");
+                    }
+                    std::process::exit(1);
+                }
+                let m = v.manifest.expect("verified manifests were read");
+                println!(
+                    "verified {}: session {} ({:?}), {} files, {} audit entries ending in {}, signed by {}{}",
+                    dir.display(),
+                    m.session,
+                    m.status,
+                    m.files.len(),
+                    m.audit.entries,
+                    m.audit.final_hash,
+                    m.signing_key,
+                    if trusted.is_some() {
+                        " (the trusted key)"
+                    } else {
+                        " (the key the manifest names: pass --public-key to check it is the node's)"
+                    }
+                );
+            }
             Command::Keygen { private, public } => {
                 let (sk, pk) = generate_ed25519_pem();
                 std::fs::write(&private, sk)?;
