@@ -36,6 +36,43 @@ pub struct NodeConfig {
     /// The Prometheus endpoint, kept off the client-facing listener.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// Compliance records of the sessions this node holds (see docs/compliance.md).
+    #[serde(default)]
+    pub recording: RecordingSection,
+}
+
+/// Compliance records: each session's audit log, sealed with the node's signing key when the
+/// session ends. Off by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingSection {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Session folders go under `<dir>/<session>/<start>/`.
+    #[serde(default = "default_recording_dir")]
+    pub dir: std::path::PathBuf,
+    /// The node's Ed25519 signing key (PKCS#8 PEM). Required when recording is enabled.
+    #[serde(default)]
+    pub signing_key_file: Option<std::path::PathBuf>,
+    /// Create the signing key (and `<name>.pub.pem` beside it) when the file does not exist:
+    /// for development; in production the key is provisioned and its absence is an error.
+    #[serde(default)]
+    pub create_signing_key: bool,
+}
+
+fn default_recording_dir() -> std::path::PathBuf {
+    "recordings".into()
+}
+
+impl Default for RecordingSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            dir: default_recording_dir(),
+            signing_key_file: None,
+            create_signing_key: false,
+        }
+    }
 }
 
 /// Where `/metrics` is served. Loads, drain state and counts are operational data: they are

@@ -46,6 +46,12 @@ pub enum StartError {
     },
     #[error(transparent)]
     Geo(#[from] GeoError),
+    #[error("recording.enabled needs recording.signing_key_file (the node's Ed25519 key that seals sessions)")]
+    RecordingKeyMissing,
+    #[error("cannot load the recording signing key: {0}")]
+    RecordingKey(#[from] crate::compliance::seal::SealError),
+    #[error("cannot start recording: {0}")]
+    Recording(#[from] crate::compliance::recorder::RecordError),
     #[error("cannot bind signaling on {addr}: {source} (is signaling.listen in use?)")]
     Signaling {
         addr: SocketAddr,
@@ -275,7 +281,36 @@ impl Node {
             std::sync::Arc::new(m)
                 as std::sync::Arc<dyn Fn() -> Vec<mesh::PipeReport> + Send + Sync>
         });
+        let recorder = if cfg.recording.enabled {
+            use crate::compliance::{recorder, seal::SigningKey};
+            let path = cfg
+                .recording
+                .signing_key_file
+                .as_ref()
+                .ok_or(StartError::RecordingKeyMissing)?;
+            let key = if cfg.recording.create_signing_key {
+                SigningKey::load_or_create(path)?
+            } else {
+                SigningKey::load(path)?
+            };
+            let (rec, recovered) = recorder::Recorder::start(recorder::RecorderSettings {
+                dir: cfg.recording.dir.clone(),
+                key,
+                node: cfg.node_id(),
+                region: cfg.node.region.clone(),
+            })?;
+            for dir in &recovered.sealed {
+                tracing::warn!(dir = %dir.display(), "sealed a session interrupted by the last stop");
+            }
+            for (dir, why) in &recovered.broken {
+                tracing::error!(dir = %dir.display(), %why, "an interrupted session's audit log does not verify: left unsealed");
+            }
+            Some(rec)
+        } else {
+            None
+        };
         let state = AppState {
+            recorder,
             workers: workers.clone(),
             verifier,
             metrics: metrics.clone(),

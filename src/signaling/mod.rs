@@ -48,6 +48,8 @@ impl SignalingMetrics {
 /// What every request handler shares.
 #[derive(Clone)]
 pub struct AppState {
+    /// Compliance records of the sessions joined here, when `recording.enabled`.
+    pub recorder: Option<crate::compliance::recorder::Recorder>,
     /// The node's media workers; a joined connection talks to the one hosting its session.
     pub workers: Workers,
     pub verifier: TokenVerifier,
@@ -627,6 +629,21 @@ impl Drop for LeaveOnDrop {
     }
 }
 
+/// Records a participant's departure however its connection ends.
+struct RecordLeave {
+    recorder: crate::compliance::recorder::Recorder,
+    session: crate::ids::SessionId,
+    participant: ParticipantId,
+    reason: &'static str,
+}
+
+impl Drop for RecordLeave {
+    fn drop(&mut self) {
+        self.recorder
+            .left(self.session.clone(), self.participant.clone(), self.reason);
+    }
+}
+
 /// Why a joined connection's loop ended and what the client is told.
 enum Ending {
     /// The client left, went away, or could not be written to: nothing more to say.
@@ -781,6 +798,26 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
         worker: worker.clone(),
         participant: pid.clone(),
     };
+    // A session that is recorded never runs unrecorded: no audit entry, no session.
+    let mut recorded = None;
+    if let Some(rec) = &state.recorder {
+        let arrival = crate::compliance::recorder::Arrival {
+            session: claims.sid.clone(),
+            participant: pid.clone(),
+            user: claims.sub.clone(),
+            role: claims.role,
+        };
+        if let Err(e) = rec.joined(arrival).await {
+            tracing::error!(session = %claims.sid, error = %e, "join refused: not recorded");
+            return refuse(&state, &mut sink, e.code(), e.to_string(), close::INTERNAL).await;
+        }
+        recorded = Some(RecordLeave {
+            recorder: rec.clone(),
+            session: claims.sid.clone(),
+            participant: pid.clone(),
+            reason: "connection_closed",
+        });
+    }
     let ok = send(
         &mut sink,
         &ServerMessage::Joined {
@@ -891,6 +928,13 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             }
         }
     };
+    if let Some(r) = recorded.as_mut() {
+        r.reason = match &ending {
+            Ending::Quiet => "left",
+            Ending::Expired => "token_expired",
+            Ending::Refuse(code, ..) => code,
+        };
+    }
     match ending {
         Ending::Quiet => {}
         Ending::Refuse(code, message, close_code) => {

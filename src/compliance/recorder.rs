@@ -1,0 +1,578 @@
+//! The node's compliance records of its sessions: one folder per session run, its audit log
+//! written as participants come and go, sealed when the last one leaves, and sealed as
+//! `interrupted` on the next start when the node stopped in the middle of one.
+//!
+//! File I/O (every audit entry is `fsync`ed) runs on a thread of its own, never on the async
+//! runtime or a media worker: callers send requests and, for a join, wait for the entry to be
+//! on disk, so a session that must be recorded never runs unrecorded.
+//!
+//! This increment records what this node sees: the participants who joined through it. The
+//! recorder in the residency region taking the other nodes' participants and the media is the
+//! rest of issue 13.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::{json, Map, Value};
+use tokio::sync::oneshot;
+
+use super::audit::{AuditError, AuditLog};
+use super::seal::{seal, SealError, SealStatus, SigningKey, MANIFEST};
+use super::utc_rfc3339;
+use crate::auth::Role;
+use crate::ids::{NodeId, ParticipantId, RegionId, SessionId, UserId};
+
+pub const AUDIT_FILE: &str = "audit.jsonl";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot write the session's records: {0}")]
+    Audit(#[from] AuditError),
+    #[error("cannot create the session folder {path}: {source}")]
+    Folder {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("session id {0:?} cannot name a folder (it starts with a dot)")]
+    UnsafeSession(String),
+    #[error("the recorder has stopped")]
+    Stopped,
+}
+
+impl RecordError {
+    /// The code a refused client is told.
+    pub fn code(&self) -> &'static str {
+        "recording_unavailable"
+    }
+}
+
+/// Where and as whom this node keeps records.
+pub struct RecorderSettings {
+    /// Session folders go under `<dir>/<session>/<start>/`.
+    pub dir: PathBuf,
+    pub key: SigningKey,
+    pub node: NodeId,
+    pub region: RegionId,
+}
+
+/// What starting the recorder found from a previous run.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// Folders sealed as interrupted.
+    pub sealed: Vec<PathBuf>,
+    /// Folders whose audit log does not verify: left as they are (never appended to), named
+    /// here and in the log for an operator.
+    pub broken: Vec<(PathBuf, String)>,
+}
+
+/// One participant's arrival, as its audit entry says it.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    pub session: SessionId,
+    pub participant: ParticipantId,
+    pub user: UserId,
+    pub role: Role,
+}
+
+enum Request {
+    Joined(Arrival, oneshot::Sender<Result<(), RecordError>>),
+    Left {
+        session: SessionId,
+        participant: ParticipantId,
+        reason: &'static str,
+    },
+    #[cfg(test)]
+    Sync(oneshot::Sender<()>),
+}
+
+/// A handle to the recorder thread (cheap to clone).
+#[derive(Clone)]
+pub struct Recorder {
+    tx: std_mpsc::Sender<Request>,
+    stats: Arc<RecorderStats>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct RecorderStats {
+    pub sessions_sealed: std::sync::atomic::AtomicU64,
+    pub entries: std::sync::atomic::AtomicU64,
+    pub failures: std::sync::atomic::AtomicU64,
+}
+
+impl Recorder {
+    /// Seals what a previous run left unsealed, then starts the recorder thread.
+    pub fn start(settings: RecorderSettings) -> Result<(Recorder, Recovered), RecordError> {
+        std::fs::create_dir_all(&settings.dir).map_err(|source| RecordError::Folder {
+            path: settings.dir.clone(),
+            source,
+        })?;
+        let recovered = recover(&settings);
+        let (tx, rx) = std_mpsc::channel();
+        let stats = Arc::new(RecorderStats::default());
+        let mut state = State {
+            settings,
+            open: HashMap::new(),
+            stats: stats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("meridian-recorder".into())
+            .spawn(move || {
+                while let Ok(req) = rx.recv() {
+                    state.handle(req);
+                }
+            })
+            .map_err(|source| RecordError::Folder {
+                path: PathBuf::from("<recorder thread>"),
+                source,
+            })?;
+        Ok((Recorder { tx, stats }, recovered))
+    }
+
+    pub fn stats(&self) -> &RecorderStats {
+        &self.stats
+    }
+
+    /// Records a participant's arrival; returns once the entry is on disk.
+    pub async fn joined(&self, arrival: Arrival) -> Result<(), RecordError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Joined(arrival, reply))
+            .map_err(|_| RecordError::Stopped)?;
+        rx.await.unwrap_or(Err(RecordError::Stopped))
+    }
+
+    /// Records a departure (`reason`: `left`, `token_expired`, `replaced`, …); the last one
+    /// out seals the session.
+    pub fn left(&self, session: SessionId, participant: ParticipantId, reason: &'static str) {
+        let _ = self.tx.send(Request::Left {
+            session,
+            participant,
+            reason,
+        });
+    }
+
+    /// Waits until every request sent before has been handled (tests).
+    #[cfg(test)]
+    async fn sync(&self) {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Request::Sync(tx));
+        let _ = rx.await;
+    }
+}
+
+struct Present {
+    user: UserId,
+    role: Role,
+    joined_at: String,
+}
+
+struct OpenSession {
+    dir: PathBuf,
+    log: AuditLog,
+    started_at: String,
+    present: HashMap<ParticipantId, Present>,
+    /// Everyone who took part, for the manifest.
+    participants: Vec<Value>,
+}
+
+struct State {
+    settings: RecorderSettings,
+    open: HashMap<SessionId, OpenSession>,
+    stats: Arc<RecorderStats>,
+}
+
+fn fields(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::User => "user",
+        Role::Agent => "agent",
+        Role::Observer => "observer",
+    }
+}
+
+impl State {
+    fn handle(&mut self, req: Request) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match req {
+            Request::Joined(a, reply) => {
+                let r = self.joined(a);
+                if r.is_err() {
+                    self.stats.failures.fetch_add(1, Relaxed);
+                }
+                let _ = reply.send(r);
+            }
+            Request::Left {
+                session,
+                participant,
+                reason,
+            } => {
+                if let Err(e) = self.left(&session, &participant, reason) {
+                    self.stats.failures.fetch_add(1, Relaxed);
+                    tracing::error!(%session, error = %e, "audit entry not written");
+                }
+            }
+            #[cfg(test)]
+            Request::Sync(tx) => {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    fn append(&mut self, session: &SessionId, event: &str, f: Value) -> Result<(), RecordError> {
+        let Some(s) = self.open.get_mut(session) else {
+            return Ok(());
+        };
+        s.log.append(event, fields(f))?;
+        self.stats
+            .entries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn joined(&mut self, a: Arrival) -> Result<(), RecordError> {
+        let (node, region) = (
+            self.settings.node.to_string(),
+            self.settings.region.to_string(),
+        );
+        if !self.open.contains_key(&a.session) {
+            let name = a.session.to_string();
+            if name.starts_with('.') {
+                return Err(RecordError::UnsafeSession(name));
+            }
+            let now = SystemTime::now();
+            let started_at = utc_rfc3339(now);
+            // One folder per run of the session: a session that empties and starts again
+            // gets a new one beside the sealed one.
+            let stamp: String = started_at
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '.')
+                .collect();
+            let dir = self.settings.dir.join(&name).join(stamp);
+            std::fs::create_dir_all(&dir).map_err(|source| RecordError::Folder {
+                path: dir.clone(),
+                source,
+            })?;
+            let log = AuditLog::create(&dir.join(AUDIT_FILE))?;
+            self.open.insert(
+                a.session.clone(),
+                OpenSession {
+                    dir,
+                    log,
+                    started_at,
+                    present: HashMap::new(),
+                    participants: Vec::new(),
+                },
+            );
+            let created = self.append(
+                &a.session,
+                "session_created",
+                json!({"session": name, "node": node, "region": region}),
+            );
+            if let Err(e) = created {
+                self.open.remove(&a.session);
+                return Err(e);
+            }
+        }
+        self.append(
+            &a.session,
+            "participant_joined",
+            json!({
+                "participant": a.participant.to_string(),
+                "user": a.user.to_string(),
+                "role": role_name(a.role),
+                "node": node,
+                "region": region,
+            }),
+        )?;
+        let s = self.open.get_mut(&a.session).expect("opened above");
+        s.present.insert(
+            a.participant.clone(),
+            Present {
+                user: a.user.clone(),
+                role: a.role,
+                joined_at: utc_rfc3339(SystemTime::now()),
+            },
+        );
+        Ok(())
+    }
+
+    fn left(
+        &mut self,
+        session: &SessionId,
+        participant: &ParticipantId,
+        reason: &str,
+    ) -> Result<(), RecordError> {
+        let Some(s) = self.open.get_mut(session) else {
+            return Ok(());
+        };
+        let Some(p) = s.present.remove(participant) else {
+            return Ok(());
+        };
+        s.participants.push(json!({
+            "participant": participant.to_string(),
+            "user": p.user.to_string(),
+            "role": role_name(p.role),
+            "joined_at": p.joined_at,
+            "left_at": utc_rfc3339(SystemTime::now()),
+            "left_because": reason,
+        }));
+        let empty = s.present.is_empty();
+        self.append(
+            session,
+            "participant_left",
+            json!({
+                "participant": participant.to_string(),
+                "user": p.user.to_string(),
+                "role": role_name(p.role),
+                "reason": reason,
+            }),
+        )?;
+        if empty {
+            self.append(session, "session_ended", json!({}))?;
+            let s = self.open.remove(session).expect("open");
+            let metadata = json!({
+                "node": self.settings.node.to_string(),
+                "region": self.settings.region.to_string(),
+                "started_at": s.started_at,
+                "ended_at": utc_rfc3339(SystemTime::now()),
+                "participants": s.participants,
+            });
+            match seal(
+                &s.dir,
+                &session.to_string(),
+                SealStatus::Complete,
+                &s.log,
+                metadata,
+                &self.settings.key,
+            ) {
+                Ok(_) => {
+                    self.stats
+                        .sessions_sealed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(%session, dir = %s.dir.display(), error = %e, "session not sealed");
+                    self.stats
+                        .failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every `<dir>/<session>/<run>/` holding an audit log and no manifest: the node stopped in
+/// the middle of it. Its log is reopened (a line cut by the stop is dropped), the stop is
+/// recorded, and the folder sealed as interrupted.
+fn recover(settings: &RecorderSettings) -> Recovered {
+    let mut out = Recovered::default();
+    for run in session_runs(&settings.dir) {
+        if run.join(MANIFEST).exists() || !run.join(AUDIT_FILE).exists() {
+            continue;
+        }
+        match seal_interrupted(settings, &run) {
+            Ok(()) => out.sealed.push(run),
+            Err(e) => {
+                tracing::error!(dir = %run.display(), error = %e, "interrupted session not sealed");
+                out.broken.push((run, e.to_string()));
+            }
+        }
+    }
+    out
+}
+
+fn session_runs(dir: &Path) -> Vec<PathBuf> {
+    let mut runs = Vec::new();
+    let Ok(sessions) = std::fs::read_dir(dir) else {
+        return runs;
+    };
+    for s in sessions.flatten() {
+        if let Ok(rs) = std::fs::read_dir(s.path()) {
+            runs.extend(rs.flatten().map(|r| r.path()).filter(|p| p.is_dir()));
+        }
+    }
+    runs.sort();
+    runs
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RecoverError {
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+}
+
+fn seal_interrupted(settings: &RecorderSettings, run: &Path) -> Result<(), RecoverError> {
+    let (mut log, reopened) = AuditLog::reopen(&run.join(AUDIT_FILE))?;
+    log.append(
+        "session_interrupted",
+        fields(json!({
+            "node": settings.node.to_string(),
+            "region": settings.region.to_string(),
+            "entries_kept": reopened.entries,
+            "bytes_of_a_cut_entry_dropped": reopened.discarded_bytes,
+        })),
+    )?;
+    let session = run
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    seal(
+        run,
+        &session,
+        SealStatus::Interrupted,
+        &log,
+        json!({
+            "node": settings.node.to_string(),
+            "region": settings.region.to_string(),
+            "sealed_after_restart": true,
+        }),
+        &settings.key,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compliance::seal::verify;
+
+    fn settings(root: &Path) -> RecorderSettings {
+        RecorderSettings {
+            dir: root.join("recordings"),
+            key: SigningKey::load_or_create(&root.join("node.key")).unwrap(),
+            node: "india-1".parse().unwrap(),
+            region: "india".parse().unwrap(),
+        }
+    }
+
+    fn arrival(session: &str, participant: &str, user: &str, role: Role) -> Arrival {
+        Arrival {
+            session: session.parse().unwrap(),
+            participant: participant.parse().unwrap(),
+            user: user.parse().unwrap(),
+            role,
+        }
+    }
+
+    fn events(run: &Path) -> Vec<String> {
+        std::fs::read_to_string(run.join(AUDIT_FILE))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["event"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_last_one_out_seals_the_session_and_it_verifies() {
+        let root = tempfile::tempdir().unwrap();
+        let (rec, recovered) = Recorder::start(settings(root.path())).unwrap();
+        assert_eq!(recovered, Recovered::default());
+        rec.joined(arrival("kyc-1", "p1", "user-1", Role::User))
+            .await
+            .unwrap();
+        rec.joined(arrival("kyc-1", "p2", "agent-7", Role::Agent))
+            .await
+            .unwrap();
+        rec.left("kyc-1".parse().unwrap(), "p1".parse().unwrap(), "left");
+        rec.sync().await;
+        let runs = session_runs(&root.path().join("recordings"));
+        assert_eq!(runs.len(), 1);
+        assert!(!runs[0].join(MANIFEST).exists(), "still one participant in");
+        rec.left(
+            "kyc-1".parse().unwrap(),
+            "p2".parse().unwrap(),
+            "token_expired",
+        );
+        rec.sync().await;
+        let v = verify(&runs[0], None);
+        assert_eq!(v.faults, vec![]);
+        let m = v.manifest.unwrap();
+        assert_eq!(m.status, SealStatus::Complete);
+        assert_eq!(m.metadata["participants"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            events(&runs[0]),
+            [
+                "session_created",
+                "participant_joined",
+                "participant_joined",
+                "participant_left",
+                "participant_left",
+                "session_ended"
+            ]
+        );
+        // The session starting again gets a folder of its own.
+        rec.joined(arrival("kyc-1", "p3", "user-1", Role::User))
+            .await
+            .unwrap();
+        rec.sync().await;
+        assert_eq!(session_runs(&root.path().join("recordings")).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_session_cut_by_a_stop_is_sealed_as_interrupted_on_the_next_start() {
+        let root = tempfile::tempdir().unwrap();
+        let (rec, _) = Recorder::start(settings(root.path())).unwrap();
+        rec.joined(arrival("kyc-2", "p1", "user-1", Role::User))
+            .await
+            .unwrap();
+        drop(rec);
+        let run = session_runs(&root.path().join("recordings")).remove(0);
+        // The stop cut an entry in the middle.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(run.join(AUDIT_FILE))
+            .unwrap();
+        std::io::Write::write_all(&mut f, br#"{"seq":4,"#).unwrap();
+        let (_rec, recovered) = Recorder::start(settings(root.path())).unwrap();
+        assert_eq!(recovered.sealed, vec![run.clone()]);
+        let v = verify(&run, None);
+        assert_eq!(v.faults, vec![]);
+        assert_eq!(v.manifest.unwrap().status, SealStatus::Interrupted);
+        assert_eq!(
+            events(&run),
+            [
+                "session_created",
+                "participant_joined",
+                "session_interrupted"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_join_that_cannot_be_recorded_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let (rec, _) = Recorder::start(settings(root.path())).unwrap();
+        // A file where the session's folder must go.
+        std::fs::write(root.path().join("recordings/kyc-3"), b"").unwrap();
+        let err = rec
+            .joined(arrival("kyc-3", "p1", "user-1", Role::User))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RecordError::Folder { .. }), "{err}");
+        assert_eq!(err.code(), "recording_unavailable");
+        let err = rec
+            .joined(arrival("..", "p1", "user-1", Role::User))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RecordError::UnsafeSession(_)), "{err}");
+    }
+}

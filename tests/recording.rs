@@ -1,0 +1,152 @@
+//! Compliance records through the real signaling: participants joining and leaving a node
+//! with `recording.enabled` leave a sealed session folder that verifies against the node's
+//! key; a join that cannot be recorded is refused.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use meridian::auth::Role;
+use meridian::compliance::seal::{parse_public_key, verify, SealStatus, MANIFEST};
+use meridian::node::Node;
+use serde_json::{json, Value};
+
+async fn recording_node(root: &Path) -> Node {
+    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
+    cfg.recording.enabled = true;
+    cfg.recording.dir = root.join("recordings");
+    cfg.recording.signing_key_file = Some(root.join("node.key"));
+    cfg.recording.create_signing_key = true;
+    Node::start(cfg).await.expect("node starts")
+}
+
+/// The session's run folders.
+fn runs(root: &Path, session: &str) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(root.join("recordings").join(session)) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    v.sort();
+    v
+}
+
+async fn sealed_run(root: &Path, session: &str) -> PathBuf {
+    for _ in 0..100 {
+        if let Some(r) = runs(root, session)
+            .into_iter()
+            .find(|r| r.join(MANIFEST).exists())
+        {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "session {session} not sealed within 5 s: {:?}",
+        runs(root, session)
+    );
+}
+
+fn audit(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_session_leaves_a_sealed_audit_of_who_joined_and_left() {
+    let root = tempfile::tempdir().unwrap();
+    let node = recording_node(root.path()).await;
+    let (mut user, joined) = Signal::join(&node, "kyc-rec", "user-1", Role::User).await;
+    let (mut agent, _) = Signal::join(&node, "kyc-rec", "agent-7", Role::Agent).await;
+    agent.send_text(&json!({"type": "leave"}).to_string()).await;
+    agent.until_closed().await;
+    assert!(
+        runs(root.path(), "kyc-rec")
+            .iter()
+            .all(|r| !r.join(MANIFEST).exists()),
+        "not sealed while the user is still in"
+    );
+    user.send_text(&json!({"type": "leave"}).to_string()).await;
+    user.until_closed().await;
+
+    let run = sealed_run(root.path(), "kyc-rec").await;
+    let key = parse_public_key(root.path().join("node.pub.pem").to_str().unwrap()).unwrap();
+    let v = verify(&run, Some(&key));
+    assert_eq!(v.faults, vec![], "{}", run.display());
+    let m = v.manifest.unwrap();
+    assert_eq!(m.status, SealStatus::Complete);
+    assert_eq!(m.session, "kyc-rec");
+    let entries = audit(&run);
+    let events: Vec<&str> = entries
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "session_created",
+            "participant_joined",
+            "participant_joined",
+            "participant_left",
+            "participant_left",
+            "session_ended"
+        ]
+    );
+    assert_eq!(entries[1]["user"], "user-1");
+    assert_eq!(entries[1]["role"], "user");
+    assert_eq!(entries[1]["participant"], joined["participantId"]);
+    assert_eq!(entries[1]["region"], "test");
+    assert_eq!(entries[2]["user"], "agent-7");
+    assert_eq!(entries[2]["role"], "agent");
+    assert_eq!(entries[3]["user"], "agent-7");
+    assert_eq!(entries[3]["reason"], "left");
+    assert!(entries
+        .iter()
+        .all(|e| e["at"].as_str().unwrap().ends_with('Z')));
+}
+
+#[tokio::test]
+async fn an_expired_token_is_in_the_audit() {
+    let root = tempfile::tempdir().unwrap();
+    let node = recording_node(root.path()).await;
+    let short = token("kyc-rec-exp", "user-2", Role::User, Duration::from_secs(2));
+    let (mut user, _) = Signal::connect(&node).await.join_with(&short).await;
+    user.until_closed().await;
+    let run = sealed_run(root.path(), "kyc-rec-exp").await;
+    let left = audit(&run)
+        .into_iter()
+        .find(|e| e["event"] == "participant_left")
+        .unwrap();
+    assert_eq!(left["reason"], "token_expired", "{left}");
+}
+
+#[tokio::test]
+async fn a_join_that_cannot_be_recorded_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let node = recording_node(root.path()).await;
+    // A file where the session's folder must go: its records cannot be written.
+    std::fs::write(root.path().join("recordings/kyc-unrecordable"), b"").unwrap();
+    let mut s = Signal::connect(&node).await;
+    let t = token(
+        "kyc-unrecordable",
+        "user-3",
+        Role::User,
+        Duration::from_secs(60),
+    );
+    s.send_text(&json!({"type":"join","version":1,"token":t}).to_string())
+        .await;
+    let (seen, _) = s.until_closed().await;
+    assert!(
+        seen.iter()
+            .any(|m| m["type"] == "error" && m["code"] == "recording_unavailable"),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|m| m["type"] == "joined"),
+        "never told it joined: {seen:?}"
+    );
+}
