@@ -61,7 +61,23 @@ async fn a_session_leaves_a_sealed_audit_of_who_joined_and_left() {
     let root = tempfile::tempdir().unwrap();
     let node = recording_node(root.path()).await;
     let (mut user, joined) = Signal::join(&node, "kyc-rec", "user-1", Role::User).await;
+    assert_eq!(
+        joined["recorded"], true,
+        "the participant is told: {joined}"
+    );
     let (mut agent, _) = Signal::join(&node, "kyc-rec", "agent-7", Role::Agent).await;
+    let (producer, _publisher, _task) = publish_as(&mut agent, TestCodec::Vp8).await;
+    for ty in ["pauseProducer", "resumeProducer"] {
+        let r = agent
+            .request(json!({"type": ty, "producerId": producer}))
+            .await;
+        assert_eq!(r["type"], "ok", "{r}");
+    }
+    // A request that fails is not in the log.
+    let r = agent
+        .request(json!({"type": "pauseProducer", "producerId": "pr-nosuchproducer"}))
+        .await;
+    assert_eq!(r["type"], "error", "{r}");
     agent.send_text(&json!({"type": "leave"}).to_string()).await;
     agent.until_closed().await;
     assert!(
@@ -91,19 +107,27 @@ async fn a_session_leaves_a_sealed_audit_of_who_joined_and_left() {
             "session_created",
             "participant_joined",
             "participant_joined",
+            "producer_started",
+            "producer_paused",
+            "producer_resumed",
+            "producer_stopped",
             "participant_left",
             "participant_left",
             "session_ended"
         ]
     );
+    assert_eq!(entries[3]["producer"], producer.as_str());
+    assert_eq!(entries[3]["kind"], "video");
+    assert_eq!(entries[3]["user"], "agent-7");
+    assert_eq!(entries[6]["reason"], "left", "stopped as its owner left");
     assert_eq!(entries[1]["user"], "user-1");
     assert_eq!(entries[1]["role"], "user");
     assert_eq!(entries[1]["participant"], joined["participantId"]);
     assert_eq!(entries[1]["region"], "test");
     assert_eq!(entries[2]["user"], "agent-7");
     assert_eq!(entries[2]["role"], "agent");
-    assert_eq!(entries[3]["user"], "agent-7");
-    assert_eq!(entries[3]["reason"], "left");
+    assert_eq!(entries[7]["user"], "agent-7");
+    assert_eq!(entries[7]["reason"], "left");
     assert!(entries
         .iter()
         .all(|e| e["at"].as_str().unwrap().ends_with('Z')));

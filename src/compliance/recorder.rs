@@ -23,7 +23,7 @@ use super::audit::{AuditError, AuditLog};
 use super::seal::{seal, SealError, SealStatus, SigningKey, MANIFEST};
 use super::utc_rfc3339;
 use crate::auth::Role;
-use crate::ids::{NodeId, ParticipantId, RegionId, SessionId, UserId};
+use crate::ids::{NodeId, ParticipantId, ProducerId, RegionId, SessionId, UserId};
 
 pub const AUDIT_FILE: &str = "audit.jsonl";
 
@@ -77,8 +77,22 @@ pub struct Arrival {
     pub role: Role,
 }
 
+/// What a participant did with its media, as the audit log says it.
+#[derive(Debug, Clone)]
+pub enum ProducerEvent {
+    Started { producer: ProducerId, kind: String },
+    Paused(ProducerId),
+    Resumed(ProducerId),
+    Stopped(ProducerId),
+}
+
 enum Request {
     Joined(Arrival, oneshot::Sender<Result<(), RecordError>>),
+    Producer {
+        session: SessionId,
+        participant: ParticipantId,
+        event: ProducerEvent,
+    },
     Left {
         session: SessionId,
         participant: ParticipantId,
@@ -145,8 +159,17 @@ impl Recorder {
         rx.await.unwrap_or(Err(RecordError::Stopped))
     }
 
-    /// Records a departure (`reason`: `left`, `token_expired`, `replaced`, …); the last one
-    /// out seals the session.
+    /// Records a producer of `participant` starting, pausing, resuming or stopping.
+    pub fn producer(&self, session: SessionId, participant: ParticipantId, event: ProducerEvent) {
+        let _ = self.tx.send(Request::Producer {
+            session,
+            participant,
+            event,
+        });
+    }
+
+    /// Records a departure (`reason`: `left`, `token_expired`, `replaced`, …) and the end of
+    /// the producers it leaves behind; the last one out seals the session.
     pub fn left(&self, session: SessionId, participant: ParticipantId, reason: &'static str) {
         let _ = self.tx.send(Request::Left {
             session,
@@ -168,6 +191,8 @@ struct Present {
     user: UserId,
     role: Role,
     joined_at: String,
+    /// Producers started and not stopped.
+    producers: Vec<ProducerId>,
 }
 
 struct OpenSession {
@@ -217,6 +242,16 @@ impl State {
                 reason,
             } => {
                 if let Err(e) = self.left(&session, &participant, reason) {
+                    self.stats.failures.fetch_add(1, Relaxed);
+                    tracing::error!(%session, error = %e, "audit entry not written");
+                }
+            }
+            Request::Producer {
+                session,
+                participant,
+                event,
+            } => {
+                if let Err(e) = self.producer(&session, &participant, event) {
                     self.stats.failures.fetch_add(1, Relaxed);
                     tracing::error!(%session, error = %e, "audit entry not written");
                 }
@@ -301,9 +336,50 @@ impl State {
                 user: a.user.clone(),
                 role: a.role,
                 joined_at: utc_rfc3339(SystemTime::now()),
+                producers: Vec::new(),
             },
         );
         Ok(())
+    }
+
+    fn producer(
+        &mut self,
+        session: &SessionId,
+        participant: &ParticipantId,
+        event: ProducerEvent,
+    ) -> Result<(), RecordError> {
+        let Some(p) = self
+            .open
+            .get_mut(session)
+            .and_then(|s| s.present.get_mut(participant))
+        else {
+            return Ok(());
+        };
+        let user = p.user.to_string();
+        let (name, producer, extra) = match event {
+            ProducerEvent::Started { producer, kind } => {
+                p.producers.push(producer.clone());
+                ("producer_started", producer, Some(kind))
+            }
+            ProducerEvent::Paused(producer) => ("producer_paused", producer, None),
+            ProducerEvent::Resumed(producer) => ("producer_resumed", producer, None),
+            ProducerEvent::Stopped(producer) => {
+                p.producers.retain(|q| *q != producer);
+                ("producer_stopped", producer, None)
+            }
+        };
+        let mut f = json!({
+            "participant": participant.to_string(),
+            "user": user,
+            "producer": producer.to_string(),
+        });
+        if let Some(kind) = extra {
+            f["kind"] = kind.into();
+        }
+        if name == "producer_stopped" {
+            f["reason"] = "closed".into();
+        }
+        self.append(session, name, f)
     }
 
     fn left(
@@ -327,6 +403,18 @@ impl State {
             "left_because": reason,
         }));
         let empty = s.present.is_empty();
+        for producer in &p.producers {
+            self.append(
+                session,
+                "producer_stopped",
+                json!({
+                    "participant": participant.to_string(),
+                    "user": p.user.to_string(),
+                    "producer": producer.to_string(),
+                    "reason": reason,
+                }),
+            )?;
+        }
         self.append(
             session,
             "participant_left",

@@ -19,8 +19,8 @@ use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 
 use crate::auth::{TokenError, TokenVerifier};
-use crate::ids::{NodeId, ParticipantId, RegionId};
-use crate::sfu::{Dismissal, SfuEvent, WorkerHandle, WorkerStats, Workers};
+use crate::ids::{NodeId, ParticipantId, ProducerId, RegionId};
+use crate::sfu::{Dismissal, MediaKind, SfuEvent, WorkerHandle, WorkerStats, Workers};
 use protocol::{close, ClientMessage, ParseError, PublishedProducer, ServerMessage};
 
 /// Counters of refused signaling input, by error code.
@@ -637,6 +637,55 @@ struct RecordLeave {
     reason: &'static str,
 }
 
+/// What a request does to the participant's producers, for the audit log.
+enum ProducerOp {
+    Publish,
+    Pause(ProducerId),
+    Resume(ProducerId),
+    Close(ProducerId),
+}
+
+fn producer_op(msg: &ClientMessage) -> Option<ProducerOp> {
+    Some(match msg {
+        ClientMessage::Publish { .. } => ProducerOp::Publish,
+        ClientMessage::PauseProducer { producer_id, .. } => ProducerOp::Pause(producer_id.clone()),
+        ClientMessage::ResumeProducer { producer_id, .. } => {
+            ProducerOp::Resume(producer_id.clone())
+        }
+        ClientMessage::CloseProducer { producer_id, .. } => ProducerOp::Close(producer_id.clone()),
+        _ => return None,
+    })
+}
+
+impl RecordLeave {
+    /// Records what a producer request did, once it succeeded.
+    fn producer_result(&self, op: ProducerOp, reply: &ServerMessage) {
+        use crate::compliance::recorder::ProducerEvent;
+        let events = match (op, reply) {
+            (_, ServerMessage::Error { .. }) => Vec::new(),
+            (ProducerOp::Publish, ServerMessage::Published { producers, .. }) => producers
+                .iter()
+                .map(|p| ProducerEvent::Started {
+                    producer: p.producer_id.clone(),
+                    kind: match p.kind {
+                        MediaKind::Audio => "audio",
+                        MediaKind::Video => "video",
+                    }
+                    .into(),
+                })
+                .collect(),
+            (ProducerOp::Pause(id), ServerMessage::Ok { .. }) => vec![ProducerEvent::Paused(id)],
+            (ProducerOp::Resume(id), ServerMessage::Ok { .. }) => vec![ProducerEvent::Resumed(id)],
+            (ProducerOp::Close(id), ServerMessage::Ok { .. }) => vec![ProducerEvent::Stopped(id)],
+            _ => Vec::new(),
+        };
+        for e in events {
+            self.recorder
+                .producer(self.session.clone(), self.participant.clone(), e);
+        }
+    }
+}
+
 impl Drop for RecordLeave {
     fn drop(&mut self) {
         self.recorder
@@ -829,6 +878,7 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             expires_at: claims.exp,
             node: state.node.clone(),
             region: state.region.clone(),
+            recorded: recorded.is_some(),
             participants: joined.participants,
             producers: joined.producers,
         },
@@ -895,7 +945,11 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
                         break Ending::Quiet;
                     }
                     Ok(msg) => {
+                        let op = recorded.as_ref().and_then(|_| producer_op(&msg));
                         let reply = handle_request(&worker, &pid, msg).await;
+                        if let (Some(r), Some(op)) = (&recorded, op) {
+                            r.producer_result(op, &reply);
+                        }
                         if let ServerMessage::Error { code, .. } = &reply {
                             state.metrics.count(code);
                         }

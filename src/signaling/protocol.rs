@@ -193,6 +193,9 @@ pub enum ServerMessage {
         /// The node and region the client joined, for display and support.
         node: NodeId,
         region: RegionId,
+        /// The session is recorded: its audit log (and, later, media) kept for compliance.
+        /// Clients must tell the participant (the demo pages show a recording indicator).
+        recorded: bool,
         participants: Vec<ParticipantInfo>,
         producers: Vec<ProducerInfo>,
     },

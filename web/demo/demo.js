@@ -102,6 +102,8 @@ async function main() {
   }
   setState(`joined as ${joined.role}`);
   $("where").textContent = `Node ${joined.node}, region ${joined.region}`;
+  // The participant is told the session is recorded.
+  $("rec").hidden = !joined.recorded;
   log("JOINED", { participantId: joined.participantId, role: joined.role, node: joined.node });
   renderPresence();
   log("PRESENCE", { event: "initial", present: presentIds() });
