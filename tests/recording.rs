@@ -174,3 +174,193 @@ async fn a_join_that_cannot_be_recorded_is_refused() {
         "never told it joined: {seen:?}"
     );
 }
+
+/// `POST path` with `headers` and `body` over a plain TCP connection: status and body.
+async fn post(node: &Node, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(node.signaling_addr)
+        .await
+        .unwrap();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    // A refusal may come before the whole body is read: a write error then is expected.
+    let _ = s.write_all(body).await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .and_then(|(_, b)| serde_json::from_str(b.trim()).ok())
+        .unwrap_or(Value::Null);
+    (status, body)
+}
+
+const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR-a-still";
+
+#[tokio::test]
+async fn the_agents_checklist_outcome_and_snapshot_are_sealed_with_the_session() {
+    let root = tempfile::tempdir().unwrap();
+    let node = recording_node(root.path()).await;
+    let (mut user, _) = Signal::join(&node, "kyc-steps", "user-1", Role::User).await;
+    let (mut agent, _) = Signal::join(&node, "kyc-steps", "agent-7", Role::Agent).await;
+
+    let r = agent
+        .request(json!({"type": "markChecklist", "step": "document shown", "checked": true}))
+        .await;
+    assert_eq!(r["type"], "ok", "{r}");
+    let r = user
+        .request(json!({"type": "markChecklist", "step": "document shown", "checked": true}))
+        .await;
+    assert_eq!(r["code"], "not_allowed", "only the agent: {r}");
+    let r = agent
+        .request(json!({"type": "markChecklist", "step": "", "checked": true}))
+        .await;
+    assert_eq!(r["code"], "invalid_field", "{r}");
+    let r = user
+        .request(json!({"type": "recordOutcome", "outcome": "approved"}))
+        .await;
+    assert_eq!(r["code"], "not_allowed", "{r}");
+
+    let agent_token = token("kyc-steps", "agent-7", Role::Agent, Duration::from_secs(60));
+    let bearer = format!("Bearer {agent_token}");
+    let auth = [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "image/png"),
+    ];
+    let (status, stored) = post(&node, "/v1/snapshot", &auth, PNG).await;
+    assert_eq!(status, 201, "{stored}");
+    let file = stored["file"].as_str().unwrap().to_owned();
+    assert!(
+        file.starts_with("snapshots/") && file.ends_with(".png"),
+        "{file}"
+    );
+
+    // Forged uploads: each refused with its own code, nothing stored.
+    let user_token = token("kyc-steps", "user-1", Role::User, Duration::from_secs(60));
+    let user_bearer = format!("Bearer {user_token}");
+    let other = token(
+        "kyc-nowhere",
+        "agent-7",
+        Role::Agent,
+        Duration::from_secs(60),
+    );
+    let other_bearer = format!("Bearer {other}");
+    let big = [PNG, &vec![0u8; 4 << 20]].concat();
+    for (what, headers, body, status, code) in [
+        (
+            "no token",
+            vec![("Content-Type", "image/png")],
+            PNG.to_vec(),
+            401,
+            "token_missing",
+        ),
+        (
+            "user's token",
+            vec![("Authorization", user_bearer.as_str())],
+            PNG.to_vec(),
+            403,
+            "not_allowed",
+        ),
+        (
+            "another session",
+            vec![("Authorization", other_bearer.as_str())],
+            PNG.to_vec(),
+            404,
+            "not_recorded_here",
+        ),
+        (
+            "not an image",
+            vec![("Authorization", bearer.as_str())],
+            b"GIF89a...".to_vec(),
+            415,
+            "not_an_image",
+        ),
+        (
+            "a mislabelled one",
+            vec![
+                ("Authorization", bearer.as_str()),
+                ("Content-Type", "image/jpeg"),
+            ],
+            PNG.to_vec(),
+            415,
+            "not_an_image",
+        ),
+        (
+            "oversized",
+            vec![("Authorization", bearer.as_str())],
+            big,
+            413,
+            "too_big",
+        ),
+    ] {
+        let (got, reply) = post(&node, "/v1/snapshot", &headers, &body).await;
+        assert_eq!(got, status, "{what}: {reply}");
+        assert_eq!(reply["code"], code, "{what}: {reply}");
+    }
+
+    let r = agent
+        .request(json!({"type": "recordOutcome", "outcome": "approved", "note": "face matches the card"}))
+        .await;
+    assert_eq!(r["type"], "ok", "{r}");
+    agent.send_text(&json!({"type": "leave"}).to_string()).await;
+    agent.until_closed().await;
+    user.send_text(&json!({"type": "leave"}).to_string()).await;
+    user.until_closed().await;
+
+    let run = sealed_run(root.path(), "kyc-steps").await;
+    let v = verify(&run, None);
+    assert_eq!(v.faults, vec![]);
+    let m = v.manifest.unwrap();
+    let sealed = m
+        .files
+        .iter()
+        .find(|f| f.path == file)
+        .expect("snapshot sealed");
+    assert_eq!(sealed.sha256, stored["sha256"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_dir(run.join("snapshots")).unwrap().count(),
+        1,
+        "only the accepted snapshot is stored"
+    );
+    let entries = audit(&run);
+    let find = |event: &str| {
+        entries
+            .iter()
+            .find(|e| e["event"] == event)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {event}: {entries:?}"))
+    };
+    let step = find("checklist_marked");
+    assert_eq!(step["step"], "document shown");
+    assert_eq!(step["checked"], true);
+    assert_eq!(step["user"], "agent-7", "the official's identity");
+    assert_eq!(step["role"], "agent");
+    let shot = find("snapshot_taken");
+    assert_eq!(shot["file"], file.as_str());
+    assert_eq!(shot["sha256"], stored["sha256"]);
+    assert_eq!(shot["user"], "agent-7");
+    let outcome = find("outcome_recorded");
+    assert_eq!(outcome["outcome"], "approved");
+    assert_eq!(outcome["note"], "face matches the card");
+    assert_eq!(outcome["user"], "agent-7");
+    assert_eq!(
+        entries
+            .iter()
+            .filter(|e| e["event"] == "checklist_marked")
+            .count(),
+        1,
+        "refused steps are not in the log"
+    );
+}

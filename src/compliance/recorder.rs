@@ -40,12 +40,22 @@ pub enum RecordError {
     UnsafeSession(String),
     #[error("the recorder has stopped")]
     Stopped,
+    #[error("session {0} is not being recorded on this node")]
+    NotOpen(String),
+    #[error("cannot store the snapshot {path}: {source}")]
+    Snapshot {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl RecordError {
     /// The code a refused client is told.
     pub fn code(&self) -> &'static str {
-        "recording_unavailable"
+        match self {
+            RecordError::NotOpen(_) => "not_recorded_here",
+            _ => "recording_unavailable",
+        }
     }
 }
 
@@ -86,8 +96,36 @@ pub enum ProducerEvent {
     Stopped(ProducerId),
 }
 
+/// An evidence still the agent took.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub session: SessionId,
+    pub user: UserId,
+    pub role: Role,
+    /// `png` or `jpg`.
+    pub extension: &'static str,
+    pub content_type: &'static str,
+    pub bytes: Vec<u8>,
+}
+
+/// Where a stored snapshot went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Relative to the session folder.
+    pub file: String,
+    pub sha256: String,
+}
+
 enum Request {
     Joined(Arrival, oneshot::Sender<Result<(), RecordError>>),
+    Note {
+        session: SessionId,
+        participant: ParticipantId,
+        event: &'static str,
+        fields: Map<String, Value>,
+        reply: oneshot::Sender<Result<(), RecordError>>,
+    },
+    Snapshot(Snapshot, oneshot::Sender<Result<Stored, RecordError>>),
     Producer {
         session: SessionId,
         participant: ParticipantId,
@@ -155,6 +193,37 @@ impl Recorder {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Request::Joined(arrival, reply))
+            .map_err(|_| RecordError::Stopped)?;
+        rx.await.unwrap_or(Err(RecordError::Stopped))
+    }
+
+    /// Records something `participant` did (a checklist step, an outcome), with its identity;
+    /// returns once the entry is on disk.
+    pub async fn note(
+        &self,
+        session: SessionId,
+        participant: ParticipantId,
+        event: &'static str,
+        fields: Map<String, Value>,
+    ) -> Result<(), RecordError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Note {
+                session,
+                participant,
+                event,
+                fields,
+                reply,
+            })
+            .map_err(|_| RecordError::Stopped)?;
+        rx.await.unwrap_or(Err(RecordError::Stopped))
+    }
+
+    /// Stores an evidence still in the session's folder and records it with its hash.
+    pub async fn snapshot(&self, snapshot: Snapshot) -> Result<Stored, RecordError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Snapshot(snapshot, reply))
             .map_err(|_| RecordError::Stopped)?;
         rx.await.unwrap_or(Err(RecordError::Stopped))
     }
@@ -245,6 +314,26 @@ impl State {
                     self.stats.failures.fetch_add(1, Relaxed);
                     tracing::error!(%session, error = %e, "audit entry not written");
                 }
+            }
+            Request::Note {
+                session,
+                participant,
+                event,
+                fields,
+                reply,
+            } => {
+                let r = self.note(&session, &participant, event, fields);
+                if r.is_err() {
+                    self.stats.failures.fetch_add(1, Relaxed);
+                }
+                let _ = reply.send(r);
+            }
+            Request::Snapshot(s, reply) => {
+                let r = self.snapshot(s);
+                if matches!(r, Err(ref e) if !matches!(e, RecordError::NotOpen(_))) {
+                    self.stats.failures.fetch_add(1, Relaxed);
+                }
+                let _ = reply.send(r);
             }
             Request::Producer {
                 session,
@@ -340,6 +429,67 @@ impl State {
             },
         );
         Ok(())
+    }
+
+    fn note(
+        &mut self,
+        session: &SessionId,
+        participant: &ParticipantId,
+        event: &str,
+        mut f: Map<String, Value>,
+    ) -> Result<(), RecordError> {
+        let p = self
+            .open
+            .get(session)
+            .and_then(|s| s.present.get(participant))
+            .ok_or_else(|| RecordError::NotOpen(session.to_string()))?;
+        // Who did it, in every entry of theirs.
+        f.insert("participant".into(), participant.to_string().into());
+        f.insert("user".into(), p.user.to_string().into());
+        f.insert("role".into(), role_name(p.role).into());
+        self.append(session, event, Value::Object(f))
+    }
+
+    fn snapshot(&mut self, shot: Snapshot) -> Result<Stored, RecordError> {
+        use std::io::Write;
+        let s = self
+            .open
+            .get(&shot.session)
+            .ok_or_else(|| RecordError::NotOpen(shot.session.to_string()))?;
+        let sha256 = super::sha256_hex(&shot.bytes);
+        let dir = s.dir.join("snapshots");
+        std::fs::create_dir_all(&dir).map_err(|source| RecordError::Snapshot {
+            path: dir.clone(),
+            source,
+        })?;
+        let n = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0) + 1;
+        let file = format!("snapshots/{n:03}-{}.{}", &sha256[..12], shot.extension);
+        let path = s.dir.join(&file);
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(&shot.bytes)?;
+                f.sync_all()
+            });
+        if let Err(source) = written {
+            let _ = std::fs::remove_file(&path);
+            return Err(RecordError::Snapshot { path, source });
+        }
+        self.append(
+            &shot.session,
+            "snapshot_taken",
+            json!({
+                "file": file,
+                "sha256": sha256,
+                "bytes": shot.bytes.len(),
+                "content_type": shot.content_type,
+                "user": shot.user.to_string(),
+                "role": role_name(shot.role),
+            }),
+        )?;
+        Ok(Stored { file, sha256 })
     }
 
     fn producer(

@@ -123,6 +123,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/ws", get(ws_upgrade))
         .route("/v1/edge", get(edge::edge))
+        .route("/v1/snapshot", axum::routing::post(snapshot_upload))
         .route("/healthz", get(healthz))
         .route("/sdk/meridian.js", get(|| async { sdk() }))
         .route("/demo/demo.js", get(|| async { asset(JS, DEMO_JS) }))
@@ -149,6 +150,112 @@ async fn healthz(State(s): State<AppState>) -> Response {
             "media worker not responding",
         )
             .into_response()
+    }
+}
+
+/// Largest evidence still accepted (bytes).
+pub const MAX_SNAPSHOT_BYTES: usize = 4 << 20;
+
+/// `POST /v1/snapshot`: an evidence still from the agent console (PNG or JPEG, at most
+/// [`MAX_SNAPSHOT_BYTES`]), authorized by the agent's session token (`Authorization: Bearer`),
+/// stored in the session's folder with its hash in the audit log. Answers `201` with
+/// `{"file","sha256"}`, or an error `{"code","message"}`.
+async fn snapshot_upload(
+    State(s): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    use axum::http::StatusCode;
+    let fail = |status: StatusCode, code: &'static str, message: String| {
+        s.metrics.count(code);
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({"code": code, "message": message}).to_string(),
+        )
+            .into_response()
+    };
+    let Some(recorder) = &s.recorder else {
+        return fail(
+            StatusCode::NOT_FOUND,
+            "not_recorded",
+            "this node does not record sessions (recording.enabled)".into(),
+        );
+    };
+    let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return fail(
+            StatusCode::UNAUTHORIZED,
+            "token_missing",
+            "send the session token as `Authorization: Bearer <token>`".into(),
+        );
+    };
+    let claims = match s.verifier.verify(token.trim()) {
+        Ok(c) => c,
+        Err(e) => return fail(StatusCode::UNAUTHORIZED, e.code(), e.to_string()),
+    };
+    if claims.role != crate::auth::Role::Agent {
+        return fail(
+            StatusCode::FORBIDDEN,
+            "not_allowed",
+            "only the agent takes evidence snapshots".into(),
+        );
+    }
+    let bytes = match axum::body::to_bytes(body, MAX_SNAPSHOT_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return fail(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_big",
+                format!("a snapshot is at most {MAX_SNAPSHOT_BYTES} bytes"),
+            )
+        }
+    };
+    const PNG: &[u8] = b"\x89PNG\r\n\x1a\n";
+    let (extension, content_type) = if bytes.starts_with(PNG) {
+        ("png", "image/png")
+    } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
+        ("jpg", "image/jpeg")
+    } else {
+        return fail(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not_an_image",
+            "a snapshot is a PNG or JPEG image".into(),
+        );
+    };
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(content_type);
+    if declared != content_type {
+        return fail(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not_an_image",
+            format!("Content-Type says {declared:?} but the body is {content_type}"),
+        );
+    }
+    let shot = crate::compliance::recorder::Snapshot {
+        session: claims.sid.clone(),
+        user: claims.sub.clone(),
+        role: claims.role,
+        extension,
+        content_type,
+        bytes: bytes.to_vec(),
+    };
+    match recorder.snapshot(shot).await {
+        Ok(stored) => (
+            StatusCode::CREATED,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({"file": stored.file, "sha256": stored.sha256}).to_string(),
+        )
+            .into_response(),
+        Err(e @ crate::compliance::recorder::RecordError::NotOpen(_)) => {
+            fail(StatusCode::NOT_FOUND, e.code(), e.to_string())
+        }
+        Err(e) => fail(StatusCode::SERVICE_UNAVAILABLE, e.code(), e.to_string()),
     }
 }
 
@@ -637,6 +744,83 @@ struct RecordLeave {
     reason: &'static str,
 }
 
+/// A checklist step or an outcome from the agent console: written to the audit log (with the
+/// official's identity) before it is acknowledged.
+async fn verification_step(
+    recorded: Option<&RecordLeave>,
+    role: crate::auth::Role,
+    msg: ClientMessage,
+) -> ServerMessage {
+    let (request_id, event, fields) = match msg {
+        ClientMessage::MarkChecklist {
+            request_id,
+            step,
+            checked,
+        } => {
+            if step.trim().is_empty()
+                || step.chars().count() > protocol::MAX_STEP_CHARS
+                || step.chars().any(char::is_control)
+            {
+                return ServerMessage::error(
+                    Some(request_id),
+                    "invalid_field",
+                    format!(
+                        "a checklist step is 1 to {} characters of text",
+                        protocol::MAX_STEP_CHARS
+                    ),
+                );
+            }
+            (
+                request_id,
+                "checklist_marked",
+                serde_json::json!({"step": step, "checked": checked}),
+            )
+        }
+        ClientMessage::RecordOutcome {
+            request_id,
+            outcome,
+            note,
+        } => {
+            if note.chars().count() > protocol::MAX_NOTE_CHARS {
+                return ServerMessage::error(
+                    Some(request_id),
+                    "invalid_field",
+                    format!("a note is at most {} characters", protocol::MAX_NOTE_CHARS),
+                );
+            }
+            (
+                request_id,
+                "outcome_recorded",
+                serde_json::json!({"outcome": outcome.as_str(), "note": note}),
+            )
+        }
+        _ => return ServerMessage::error(None, "internal", "not a verification step"),
+    };
+    if role != crate::auth::Role::Agent {
+        return ServerMessage::error(
+            Some(request_id),
+            "not_allowed",
+            "only the agent marks checklist steps and records outcomes",
+        );
+    }
+    let Some(r) = recorded else {
+        return ServerMessage::error(
+            Some(request_id),
+            "not_recorded",
+            "this node does not record sessions (recording.enabled), so it cannot keep verification steps",
+        );
+    };
+    let fields = fields.as_object().cloned().unwrap_or_default();
+    match r
+        .recorder
+        .note(r.session.clone(), r.participant.clone(), event, fields)
+        .await
+    {
+        Ok(()) => ServerMessage::Ok { request_id },
+        Err(e) => ServerMessage::error(Some(request_id), e.code(), e.to_string()),
+    }
+}
+
 /// What a request does to the participant's producers, for the audit log.
 enum ProducerOp {
     Publish,
@@ -944,6 +1128,13 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
                         close_with(&mut sink, close::NORMAL, "bye").await;
                         break Ending::Quiet;
                     }
+                    Ok(msg @ (ClientMessage::MarkChecklist { .. } | ClientMessage::RecordOutcome { .. })) => {
+                        let reply = verification_step(recorded.as_ref(), claims.role, msg).await;
+                        if let ServerMessage::Error { code, .. } = &reply {
+                            state.metrics.count(code);
+                        }
+                        if !send(&mut sink, &reply).await { break Ending::Quiet; }
+                    }
                     Ok(msg) => {
                         let op = recorded.as_ref().and_then(|_| producer_op(&msg));
                         let reply = handle_request(&worker, &pid, msg).await;
@@ -1024,6 +1215,11 @@ async fn handle_request(
     };
     match msg {
         ClientMessage::Join { .. } => ServerMessage::error(None, "not_allowed", "already joined"),
+        // Answered by the connection loop, which holds the role and the recorder.
+        ClientMessage::MarkChecklist { request_id, .. }
+        | ClientMessage::RecordOutcome { request_id, .. } => {
+            ServerMessage::error(Some(request_id), "internal", "not dispatched here")
+        }
         // The connection loop closes on `leave` before dispatching requests here.
         ClientMessage::Leave => ServerMessage::Ok { request_id: 0 },
         ClientMessage::Ping { request_id } => ServerMessage::Pong { request_id },

@@ -105,8 +105,46 @@ pub enum ClientMessage {
         #[serde(default)]
         request_id: Option<u64>,
     },
+    /// Agent only, on a recorded session: a verification checklist step marked.
+    #[serde(rename_all = "camelCase")]
+    MarkChecklist {
+        request_id: u64,
+        step: String,
+        checked: bool,
+    },
+    /// Agent only, on a recorded session: the verification's outcome.
+    #[serde(rename_all = "camelCase")]
+    RecordOutcome {
+        request_id: u64,
+        outcome: Outcome,
+        #[serde(default)]
+        note: String,
+    },
     Leave,
 }
+
+/// How a verification ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Approved,
+    Rejected,
+    Escalated,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Approved => "approved",
+            Outcome::Rejected => "rejected",
+            Outcome::Escalated => "escalated",
+        }
+    }
+}
+
+/// Longest checklist step name and outcome note accepted (characters).
+pub const MAX_STEP_CHARS: usize = 200;
+pub const MAX_NOTE_CHARS: usize = 2000;
 
 const KNOWN_TYPES: &[&str] = &[
     "join",
@@ -121,6 +159,8 @@ const KNOWN_TYPES: &[&str] = &[
     "resumeConsumer",
     "closeConsumer",
     "ping",
+    "markChecklist",
+    "recordOutcome",
     "leave",
 ];
 
