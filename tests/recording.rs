@@ -7,6 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::browser::*;
 use common::*;
 use meridian::auth::Role;
 use meridian::compliance::seal::{parse_public_key, verify, SealStatus, MANIFEST};
@@ -363,4 +364,46 @@ async fn the_agents_checklist_outcome_and_snapshot_are_sealed_with_the_session()
         1,
         "refused steps are not in the log"
     );
+}
+
+/// The agent console in Chromium: once the customer's video decodes, it marks a checklist
+/// step, takes a snapshot of the customer's picture and records an outcome; all three are in
+/// the sealed audit log, and the snapshot is a PNG the manifest seals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_console_marks_snapshots_and_decides_into_the_sealed_log() {
+    assert_isolated_network();
+    let root = tempfile::tempdir().unwrap();
+    let node = recording_node(root.path()).await;
+    let day = Duration::from_secs(3600);
+    let page = |role: &str, user: &str, r: Role, opts: &str| {
+        let t = token("kyc-console", user, r, day);
+        format!("{}/demo/{role}.html#token={t}{opts}", node.http_url())
+    };
+    let user = Browser::open(&page("user", "alice", Role::User, ""));
+    let agent = Browser::open(&page("agent", "bob", Role::Agent, "&verifyAfterFrames=30"));
+    wait_until(
+        "the agent console recording an outcome",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || !agent.reports("OUTCOME").is_empty(),
+    )
+    .await;
+    assert!(agent.reports("ERROR").is_empty(), "{}", agent.transcript());
+    let snapshot = agent.reports("SNAPSHOT").remove(0);
+    drop(agent);
+    drop(user);
+
+    let run = sealed_run(root.path(), "kyc-console").await;
+    let v = verify(&run, None);
+    assert_eq!(v.faults, vec![]);
+    let file = snapshot["file"].as_str().unwrap();
+    let png = std::fs::read(run.join(file)).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG still");
+    let events: Vec<String> = audit(&run)
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_owned())
+        .collect();
+    for e in ["checklist_marked", "snapshot_taken", "outcome_recorded"] {
+        assert!(events.iter().any(|x| x == e), "{e} in {events:?}");
+    }
 }

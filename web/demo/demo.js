@@ -104,6 +104,7 @@ async function main() {
   $("where").textContent = `Node ${joined.node}, region ${joined.region}`;
   // The participant is told the session is recorded.
   $("rec").hidden = !joined.recorded;
+  if (role === "agent" && joined.recorded) verificationConsole(client, remoteVideo);
   log("JOINED", { participantId: joined.participantId, role: joined.role, node: joined.node });
   renderPresence();
   log("PRESENCE", { event: "initial", present: presentIds() });
@@ -263,6 +264,61 @@ async function main() {
       remoteMuted: remoteVideo.muted,
     });
   }, 1000);
+}
+
+/**
+ * The agent's verification console (recorded sessions only): checklist, evidence snapshot and
+ * outcome, each written to the session's audit log by the node. `#verifyAfterFrames=N` runs
+ * all three once the customer's video has decoded N frames (the browser test uses it).
+ */
+function verificationConsole(client, video) {
+  $("verify").hidden = false;
+  const mark = async (step, checked) => {
+    try {
+      await client.markChecklist(step, checked);
+      log("CHECKLIST", { step, checked });
+    } catch (e) {
+      log("ERROR", { code: e.code, message: e.message });
+    }
+  };
+  for (const box of document.querySelectorAll("#checklist input")) {
+    box.addEventListener("change", () => mark(box.value, box.checked));
+  }
+  const snap = async () => {
+    try {
+      const stored = await client.snapshot(video);
+      $("snapshot-note").textContent = `Saved ${stored.file}`;
+      log("SNAPSHOT", stored);
+    } catch (e) {
+      $("snapshot-note").textContent = `Not saved: ${e.message}`;
+      log("ERROR", { code: e.code, message: e.message });
+    }
+  };
+  $("snapshot").addEventListener("click", snap);
+  const decide = async (outcome) => {
+    try {
+      await client.recordOutcome(outcome, $("outcome-note").value);
+      $("outcome-state").textContent = `Recorded: ${outcome}`;
+      log("OUTCOME", { outcome });
+    } catch (e) {
+      log("ERROR", { code: e.code, message: e.message });
+    }
+  };
+  for (const b of document.querySelectorAll("button.outcome")) b.addEventListener("click", () => decide(b.value));
+
+  const after = params.has("verifyAfterFrames") ? Number(params.get("verifyAfterFrames")) : null;
+  if (after === null) return;
+  const timer = setInterval(async () => {
+    const stats = await client.consumerStats();
+    if (!Object.values(stats).some((s) => s.kind === "video" && s.framesDecoded >= after)) return;
+    clearInterval(timer);
+    const box = document.querySelector("#checklist input");
+    box.checked = true;
+    await mark(box.value, true);
+    await snap();
+    $("outcome-note").value = "document and face match";
+    await decide("approved");
+  }, 500);
 }
 
 /** The selected candidate pair's round-trip time, as text. */

@@ -315,6 +315,38 @@ export class MeridianClient extends EventTarget {
     });
   }
 
+  /** Agent only, on a recorded session: marks a verification checklist step (audited). */
+  markChecklist(step, checked = true) {
+    return this._request({ type: "markChecklist", step, checked });
+  }
+  /** Agent only, on a recorded session: "approved", "rejected" or "escalated" (audited). */
+  recordOutcome(outcome, note = "") {
+    return this._request({ type: "recordOutcome", outcome, note });
+  }
+  /**
+   * Agent only, on a recorded session: a still of `video` (the customer's picture) stored as
+   * evidence on the node the client joined, with its hash in the audit log. Resolves to
+   * `{ file, sha256 }`.
+   */
+  async snapshot(video, { type = "image/png" } = {}) {
+    if (!video.videoWidth) throw new MeridianError("no_picture", "the video has no picture yet");
+    const canvas = document.createElement("canvas");
+    canvas.width = video.videoWidth;
+    canvas.height = video.videoHeight;
+    canvas.getContext("2d").drawImage(video, 0, 0);
+    const blob = await new Promise((resolve) => canvas.toBlob(resolve, type));
+    // The node this client joined: its signaling URL, as HTTP.
+    const base = this.url.replace(/^ws/, "http").replace(/\/v1\/ws.*$/, "");
+    const res = await fetch(`${base}/v1/snapshot`, {
+      method: "POST",
+      headers: { Authorization: `Bearer ${this.token}`, "Content-Type": type },
+      body: blob,
+    });
+    const body = await res.json().catch(() => ({}));
+    if (!res.ok) throw new MeridianError(body.code || "snapshot", body.message || `HTTP ${res.status}`);
+    return body;
+  }
+
   setConsumerLayer(consumerId, maxLayer) {
     return this._request({ type: "setConsumerLayer", consumerId, maxLayer });
   }
