@@ -58,6 +58,10 @@ pub struct RecordingSection {
     /// for development; in production the key is provisioned and its absence is an error.
     #[serde(default)]
     pub create_signing_key: bool,
+    /// The region whose node records a session when its token names none; absent: the
+    /// region of the node the participant joins.
+    #[serde(default)]
+    pub default_residency: Option<RegionId>,
 }
 
 fn default_recording_dir() -> std::path::PathBuf {
@@ -71,6 +75,7 @@ impl Default for RecordingSection {
             dir: default_recording_dir(),
             signing_key_file: None,
             create_signing_key: false,
+            default_residency: None,
         }
     }
 }

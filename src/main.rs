@@ -58,6 +58,12 @@ enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+        /// Whether the session is recorded (the `rec` claim); absent: the node decides.
+        #[arg(long)]
+        rec: Option<bool>,
+        /// The region that keeps the session's records (the `residency` claim).
+        #[arg(long)]
+        residency: Option<String>,
     },
     /// Measure a node: starts one as a separate process and loads it over real UDP.
     #[cfg(feature = "loadgen")]
@@ -184,6 +190,8 @@ fn main() -> anyhow::Result<()> {
                 user,
                 role,
                 ttl,
+                rec,
+                residency,
             } => {
                 let cfg = NodeConfig::load(&config)?;
                 let signer = match eddsa_key {
@@ -196,7 +204,13 @@ fn main() -> anyhow::Result<()> {
                 };
                 println!(
                     "{}",
-                    signer.mint(&session, &user, role, Duration::from_secs(ttl))?
+                    signer.mint_with(
+                        &session,
+                        &user,
+                        role,
+                        Duration::from_secs(ttl),
+                        meridian::auth::RecordingClaims { rec, residency },
+                    )?
                 );
             }
             #[cfg(feature = "loadgen")]

@@ -309,7 +309,13 @@ impl Node {
         } else {
             None
         };
+        let recording_policy = crate::compliance::policy::RecordingPolicy {
+            record_by_default: cfg.recording.enabled,
+            default_residency: cfg.recording.default_residency.clone(),
+            can_record: recorder.is_some(),
+        };
         let state = AppState {
+            recording_policy,
             recorder,
             workers: workers.clone(),
             verifier,

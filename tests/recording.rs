@@ -407,3 +407,64 @@ async fn the_agent_console_marks_snapshots_and_decides_into_the_sealed_log() {
         assert!(events.iter().any(|x| x == e), "{e} in {events:?}");
     }
 }
+
+fn recording_token(session: &str, rec: Option<bool>, residency: Option<&str>) -> String {
+    signer()
+        .mint_with(
+            &session.parse().unwrap(),
+            &"user-9".parse().unwrap(),
+            Role::User,
+            Duration::from_secs(60),
+            meridian::auth::RecordingClaims {
+                rec,
+                residency: residency.map(str::to_owned),
+            },
+        )
+        .unwrap()
+}
+
+/// The refusal a join with `token` gets: (error code, close code).
+async fn refused(node: &Node, token: &str) -> (Value, Option<u16>) {
+    let mut s = Signal::connect(node).await;
+    s.send_text(&json!({"type":"join","version":1,"token":token}).to_string())
+        .await;
+    let (seen, close) = s.until_closed().await;
+    assert!(!seen.iter().any(|m| m["type"] == "joined"), "{seen:?}");
+    let error = seen
+        .into_iter()
+        .find(|m| m["type"] == "error")
+        .expect("an error before the close");
+    (error["code"].clone(), close)
+}
+
+#[tokio::test]
+async fn the_token_says_whether_and_where_a_session_is_recorded() {
+    let root = tempfile::tempdir().unwrap();
+    let node = recording_node(root.path()).await;
+    // Not recorded: told so, and nothing written.
+    let t = recording_token("kyc-unrec", Some(false), None);
+    let (mut s, joined) = Signal::connect(&node).await.join_with(&t).await;
+    assert_eq!(joined["recorded"], false, "{joined}");
+    s.send_text(&json!({"type": "leave"}).to_string()).await;
+    s.until_closed().await;
+    assert!(runs(root.path(), "kyc-unrec").is_empty());
+    // Recorded in this node's region, named explicitly.
+    let t = recording_token("kyc-here", None, Some("test"));
+    let (_s, joined) = Signal::connect(&node).await.join_with(&t).await;
+    assert_eq!(joined["recorded"], true, "{joined}");
+    // A residency no region of the mesh has.
+    let t = recording_token("kyc-mars", Some(true), Some("mars"));
+    assert_eq!(
+        refused(&node, &t).await,
+        (json!("unknown_residency"), Some(4401))
+    );
+    assert!(runs(root.path(), "kyc-mars").is_empty());
+
+    // A node that does not record refuses a session that must be recorded.
+    let plain = start_node().await;
+    let t = recording_token("kyc-must", Some(true), None);
+    assert_eq!(
+        refused(&plain, &t).await,
+        (json!("recording_unavailable"), Some(1011))
+    );
+}

@@ -53,6 +53,20 @@ pub struct Claims {
     pub iat: u64,
     pub iss: String,
     pub aud: String,
+    /// Whether the session is recorded; absent: the node's `recording.enabled`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rec: Option<bool>,
+    /// The region whose node keeps the session's records; absent: the node's
+    /// `recording.default_residency`, else the node's own region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residency: Option<String>,
+}
+
+/// The recording claims a token may carry (see [`Claims::rec`], [`Claims::residency`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordingClaims {
+    pub rec: Option<bool>,
+    pub residency: Option<String>,
 }
 
 /// Latest expiry accepted: the start of the year 10000. Anything later is not a real expiry
@@ -317,6 +331,18 @@ impl TokenSigner {
         role: Role,
         ttl: Duration,
     ) -> Result<String, MintError> {
+        self.mint_with(session, user, role, ttl, RecordingClaims::default())
+    }
+
+    /// A token that also says whether and where the session is recorded.
+    pub fn mint_with(
+        &self,
+        session: &SessionId,
+        user: &UserId,
+        role: Role,
+        ttl: Duration,
+        recording: RecordingClaims,
+    ) -> Result<String, MintError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -329,6 +355,8 @@ impl TokenSigner {
             iat: now,
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
+            rec: recording.rec,
+            residency: recording.residency,
         };
         Ok(encode(&Header::new(self.alg), &claims, &self.key)?)
     }
@@ -408,6 +436,8 @@ mod tests {
             iat: now - 100,
             iss: "iss".into(),
             aud: "aud".into(),
+            rec: None,
+            residency: None,
         };
         let t = encode(&Header::new(Algorithm::HS256), &claims, &signer.key).unwrap();
         assert_eq!(verifier().verify(&t), Err(TokenError::Expired));

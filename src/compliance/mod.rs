@@ -4,6 +4,7 @@
 //! beyond the timestamps written into entries.
 
 pub mod audit;
+pub mod policy;
 pub mod recorder;
 pub mod seal;
 

@@ -50,6 +50,8 @@ impl SignalingMetrics {
 pub struct AppState {
     /// Compliance records of the sessions joined here, when `recording.enabled`.
     pub recorder: Option<crate::compliance::recorder::Recorder>,
+    /// Which sessions are recorded, and where (token claims over these defaults).
+    pub recording_policy: crate::compliance::policy::RecordingPolicy,
     /// The node's media workers; a joined connection talks to the one hosting its session.
     pub workers: Workers,
     pub verifier: TokenVerifier,
@@ -1002,6 +1004,32 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             .await;
         }
     };
+    // Recorded, and here? Decided before the session gets a seat.
+    let known: Vec<RegionId> = state
+        .edge
+        .members
+        .borrow()
+        .iter()
+        .map(|m| m.info.region.clone())
+        .collect();
+    let record = match state.recording_policy.decide(
+        claims.rec,
+        claims.residency.as_deref(),
+        &state.region,
+        &known,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(session = %claims.sid, code = e.code(), "join refused by the recording rules");
+            let close_code = match e {
+                crate::compliance::policy::PolicyRefusal::UnknownResidency(_) => {
+                    close::UNAUTHORIZED
+                }
+                _ => close::INTERNAL,
+            };
+            return refuse(&state, &mut sink, e.code(), e.to_string(), close_code).await;
+        }
+    };
     let (events_tx, mut events_rx) = crate::sfu::event_channel();
     // Held until the connection ends, so the session stays on this worker while it lasts.
     let seat = match state.workers.place(&claims.sid) {
@@ -1033,7 +1061,7 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
     };
     // A session that is recorded never runs unrecorded: no audit entry, no session.
     let mut recorded = None;
-    if let Some(rec) = &state.recorder {
+    if let Some(rec) = state.recorder.as_ref().filter(|_| record) {
         let arrival = crate::compliance::recorder::Arrival {
             session: claims.sid.clone(),
             participant: pid.clone(),
