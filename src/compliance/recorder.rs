@@ -296,24 +296,10 @@ fn role_name(r: Role) -> &'static str {
 
 impl State {
     fn handle(&mut self, req: Request) {
-        use std::sync::atomic::Ordering::Relaxed;
         match req {
             Request::Joined(a, reply) => {
                 let r = self.joined(a);
-                if r.is_err() {
-                    self.stats.failures.fetch_add(1, Relaxed);
-                }
-                let _ = reply.send(r);
-            }
-            Request::Left {
-                session,
-                participant,
-                reason,
-            } => {
-                if let Err(e) = self.left(&session, &participant, reason) {
-                    self.stats.failures.fetch_add(1, Relaxed);
-                    tracing::error!(%session, error = %e, "audit entry not written");
-                }
+                self.answer(r, reply);
             }
             Request::Note {
                 session,
@@ -323,32 +309,55 @@ impl State {
                 reply,
             } => {
                 let r = self.note(&session, &participant, event, fields);
-                if r.is_err() {
-                    self.stats.failures.fetch_add(1, Relaxed);
-                }
-                let _ = reply.send(r);
+                self.answer(r, reply);
             }
             Request::Snapshot(s, reply) => {
                 let r = self.snapshot(s);
-                if matches!(r, Err(ref e) if !matches!(e, RecordError::NotOpen(_))) {
-                    self.stats.failures.fetch_add(1, Relaxed);
-                }
-                let _ = reply.send(r);
+                self.answer(r, reply);
+            }
+            Request::Left {
+                session,
+                participant,
+                reason,
+            } => {
+                let r = self.left(&session, &participant, reason);
+                self.logged(&session, r);
             }
             Request::Producer {
                 session,
                 participant,
                 event,
             } => {
-                if let Err(e) = self.producer(&session, &participant, event) {
-                    self.stats.failures.fetch_add(1, Relaxed);
-                    tracing::error!(%session, error = %e, "audit entry not written");
-                }
+                let r = self.producer(&session, &participant, event);
+                self.logged(&session, r);
             }
             #[cfg(test)]
             Request::Sync(tx) => {
                 let _ = tx.send(());
             }
+        }
+    }
+
+    /// Counts a failure to write (a request for a session not recorded here is the caller's).
+    fn count<T>(&self, r: &Result<T, RecordError>) {
+        if matches!(r, Err(e) if !matches!(e, RecordError::NotOpen(_))) {
+            self.stats
+                .failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Answers a caller waiting for its entry to be on disk.
+    fn answer<T>(&self, r: Result<T, RecordError>, reply: oneshot::Sender<Result<T, RecordError>>) {
+        self.count(&r);
+        let _ = reply.send(r);
+    }
+
+    /// Nobody waits for these entries: a failure is counted and logged for the operator.
+    fn logged(&self, session: &SessionId, r: Result<(), RecordError>) {
+        self.count(&r);
+        if let Err(e) = r {
+            tracing::error!(%session, error = %e, "audit entry not written");
         }
     }
 

@@ -463,6 +463,54 @@ mod simulcast {
             }
         }
 
+        /// `participant` publishes `video` from a new client: the client and its producer.
+        fn publisher(
+            &mut self,
+            participant: ParticipantId,
+            video: Vec<Encoding>,
+        ) -> (Client, ProducerId) {
+            let mut publisher = Client::new(
+                "10.0.0.1:5000",
+                PeerMedia {
+                    audio: None,
+                    video,
+                    high_first: false,
+                },
+            );
+            let (reply, mut answer) = oneshot::channel();
+            self.command(Command::Publish {
+                participant,
+                offer: publisher.peer.offer().unwrap(),
+                reply,
+            });
+            let published = answer.try_recv().unwrap().expect("published");
+            publisher.peer.answer(&published.answer).unwrap();
+            publisher.streams = publisher.peer.outgoing();
+            (publisher, published.producers[0].1.producer_id.clone())
+        }
+
+        /// `participant` subscribes to `producer` from a new client, capped at `max_layer`.
+        fn subscriber(
+            &mut self,
+            participant: ParticipantId,
+            producer: ProducerId,
+            max_layer: Option<u8>,
+        ) -> (Client, Subscribed) {
+            let mut subscriber = Client::new("10.0.0.2:5000", PeerMedia::default());
+            subscriber.peer.add_receiver(true).unwrap();
+            let (reply, mut answer) = oneshot::channel();
+            self.command(Command::Subscribe {
+                participant,
+                producer,
+                offer: subscriber.peer.offer().unwrap(),
+                max_layer,
+                reply,
+            });
+            let subscribed = answer.try_recv().unwrap().expect("subscribed");
+            subscriber.peer.answer(&subscribed.answer).unwrap();
+            (subscriber, subscribed)
+        }
+
         /// Whether the 100 ms periodic turn is due (the virtual clock moves 5 ms a pump).
         fn ticks_due(&mut self) -> bool {
             self.pumps += 1;
@@ -499,38 +547,12 @@ mod simulcast {
         h.core.cfg.send_side_bwe = true;
         let (user, _user_events) = h.join("kyc-rtcp", "user");
         let (agent, _agent_events) = h.join("kyc-rtcp", "agent");
-        let mut publisher = Client::new(
-            "10.0.0.1:5000",
-            PeerMedia {
-                audio: None,
-                video: vec![Encoding {
-                    packets_per_s: 200.0,
-                    payload_bytes: 200,
-                }],
-                high_first: false,
-            },
-        );
-        let (reply, mut answer) = oneshot::channel();
-        h.command(Command::Publish {
-            participant: user,
-            offer: publisher.peer.offer().unwrap(),
-            reply,
-        });
-        let published = answer.try_recv().unwrap().expect("published");
-        publisher.peer.answer(&published.answer).unwrap();
-        publisher.streams = publisher.peer.outgoing();
-        let mut subscriber = Client::new("10.0.0.2:5000", PeerMedia::default());
-        subscriber.peer.add_receiver(true).unwrap();
-        let (reply, mut answer) = oneshot::channel();
-        h.command(Command::Subscribe {
-            participant: agent,
-            producer: published.producers[0].1.producer_id.clone(),
-            offer: subscriber.peer.offer().unwrap(),
-            max_layer: None,
-            reply,
-        });
-        let subscribed = answer.try_recv().unwrap().expect("subscribed");
-        subscriber.peer.answer(&subscribed.answer).unwrap();
+        let layer = Encoding {
+            packets_per_s: 200.0,
+            payload_bytes: 200,
+        };
+        let (mut publisher, producer) = h.publisher(user, vec![layer]);
+        let (mut subscriber, subscribed) = h.subscriber(agent, producer, None);
         pump_until(
             &mut h,
             &mut [&mut publisher, &mut subscriber],
@@ -607,37 +629,8 @@ mod simulcast {
             packets_per_s: 200.0,
             payload_bytes: 200,
         };
-        let mut publisher = Client::new(
-            "10.0.0.1:5000",
-            PeerMedia {
-                audio: None,
-                video: vec![layer; 3],
-                high_first: false,
-            },
-        );
-        let (reply, mut answer) = oneshot::channel();
-        h.command(Command::Publish {
-            participant: user,
-            offer: publisher.peer.offer().unwrap(),
-            reply,
-        });
-        let published = answer.try_recv().unwrap().expect("published");
-        publisher.peer.answer(&published.answer).unwrap();
-        publisher.streams = publisher.peer.outgoing();
-        let producer = published.producers[0].1.producer_id.clone();
-
-        let mut subscriber = Client::new("10.0.0.2:5000", PeerMedia::default());
-        subscriber.peer.add_receiver(true).unwrap();
-        let (reply, mut answer) = oneshot::channel();
-        h.command(Command::Subscribe {
-            participant: agent.clone(),
-            producer,
-            offer: subscriber.peer.offer().unwrap(),
-            max_layer: Some(0),
-            reply,
-        });
-        let subscribed = answer.try_recv().unwrap().expect("subscribed");
-        subscriber.peer.answer(&subscribed.answer).unwrap();
+        let (mut publisher, producer) = h.publisher(user, vec![layer; 3]);
+        let (mut subscriber, subscribed) = h.subscriber(agent.clone(), producer, Some(0));
 
         // Capped at the lowest layer: it starts on a keyframe of layer 0 and gets only that.
         pump_until(
