@@ -49,6 +49,10 @@ fn decodes_high_layer_after_lift(b: &Browser) -> bool {
     !b.reports("LIFTED").is_empty() && b.reports("STATS").iter().any(|r| video_width(r) >= 1000)
 }
 
+/// The simulcast tests measure layer choice, which follows the estimated capacity: they run
+/// alone (write), the other browser tests two at a time (read).
+static LOAD: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// Waits until both pages decode the other's video.
 async fn both_decoding(what: &str, user: &Browser, agent: &Browser) {
     wait_until(what, Duration::from_secs(90), &[user, agent], || {
@@ -59,6 +63,7 @@ async fn both_decoding(what: &str, user: &Browser, agent: &Browser) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_agent_pages_decode_each_others_video() {
+    let _load = LOAD.read().await;
     assert_isolated_network();
     let node = start_node().await;
     let (user, agent) = open_pair(&node, "kyc-browser", "", "");
@@ -75,6 +80,8 @@ async fn user_and_agent_pages_decode_each_others_video() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulcast_consumer_gets_low_layer_then_high_after_the_cap_is_lifted() {
+    // Two 720p simulcast pairs at once starve two cores: alone.
+    let _load = LOAD.write().await;
     assert_isolated_network();
     let node = start_node().await;
     let (user, agent) = open_pair(
@@ -112,6 +119,7 @@ async fn simulcast_consumer_gets_low_layer_then_high_after_the_cap_is_lifted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_in_india_and_agent_in_us_decode_each_other_through_the_pipe() {
+    let _load = LOAD.read().await;
     assert_isolated_network();
     let dir = tempfile::tempdir().unwrap();
     let nodes = start_mesh(dir.path(), &["india", "us"]).await;
@@ -134,6 +142,7 @@ async fn user_in_india_and_agent_in_us_decode_each_other_through_the_pipe() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_region_call_keeps_decoding_over_a_long_lossy_link() {
+    let _load = LOAD.read().await;
     assert_isolated_network();
     let dir = tempfile::tempdir().unwrap();
     let (india, link, us) = pair_over_link(dir.path(), long_lossy_link()).await;
@@ -189,6 +198,8 @@ async fn pipe_bitrate(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_simulcast_layers_remote_consumers_need_cross_the_pipe() {
+    // Two 720p simulcast pairs at once starve two cores: alone.
+    let _load = LOAD.write().await;
     assert_isolated_network();
     let dir = tempfile::tempdir().unwrap();
     let nodes = start_mesh(dir.path(), &["india", "us"]).await;
@@ -251,6 +262,7 @@ async fn only_the_simulcast_layers_remote_consumers_need_cross_the_pipe() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ice_tcp_carries_the_call_when_the_node_offers_no_udp() {
+    let _load = LOAD.read().await;
     assert_isolated_network();
     let mut cfg = test_config("127.0.0.1", "127.0.0.1");
     cfg.rtc.udp = false;
@@ -275,6 +287,7 @@ async fn ice_tcp_carries_the_call_when_the_node_offers_no_udp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn firefox_user_and_chromium_agent_decode_each_others_video() {
+    let _load = LOAD.read().await;
     assert_isolated_network();
     let node = start_node().await;
     let day = Duration::from_secs(3600);
@@ -294,6 +307,7 @@ async fn firefox_user_and_chromium_agent_decode_each_others_video() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sdk_follows_the_edge_answer_to_the_nearest_node_from_any_node() {
+    let _load = LOAD.read().await;
     assert_isolated_network();
     let dir = tempfile::tempdir().unwrap();
     let nodes = routed_mesh(dir.path(), |_| {}).await;
@@ -451,11 +465,13 @@ async fn rejoin_and_leave(firefox_agent: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_who_reloads_is_seen_again_and_one_who_leaves_is_shown_gone() {
+    let _load = LOAD.read().await;
     rejoin_and_leave(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_firefox_agent_sees_a_reloaded_user_again_and_is_shown_when_they_leave() {
+    let _load = LOAD.read().await;
     rejoin_and_leave(true).await;
 }
 
@@ -539,11 +555,13 @@ async fn sound_and_phone_layout(firefox_user: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_on_a_phone_and_the_agent_hear_each_other() {
+    let _load = LOAD.read().await;
     sound_and_phone_layout(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn firefox_on_a_phone_and_the_agent_hear_each_other() {
+    let _load = LOAD.read().await;
     sound_and_phone_layout(true).await;
 }
 
@@ -572,6 +590,7 @@ async fn serve_page(html: String) -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_integrators_page_on_another_origin_imports_the_sdk_and_sees_producers_already_there() {
+    let _load = LOAD.read().await;
     assert_isolated_network();
     let node = start_node().await;
     // The user publishes before the integrator's agent page joins.
