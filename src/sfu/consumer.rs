@@ -41,8 +41,9 @@ pub(super) struct Consumer {
 impl Consumer {
     /// Renumbers the codec's own frame numbering in a copy about to go out, after its RTP
     /// header went through `rewriter` (so the source generation is current). Copies the
-    /// payload only when the numbering differs from the producer's: after a layer switch
-    /// of a VP8 simulcast consumer.
+    /// payload when the numbering differs from the producer's, which for a VP8 simulcast
+    /// consumer is every packet from its first layer switch on: one allocation per packet
+    /// until the in-place send path (issue 16) writes the descriptor into its own buffer.
     pub(super) fn renumber_payload(&mut self, codec: Option<Codec>, pkt: &mut rtc::rtp::Packet) {
         if codec != Some(Codec::Vp8) {
             return;
