@@ -132,6 +132,20 @@ async fn a_session_leaves_a_sealed_audit_of_who_joined_and_left() {
     assert!(entries
         .iter()
         .all(|e| e["at"].as_str().unwrap().ends_with('Z')));
+    // The count follows the manifest on disk by a moment.
+    let sealed = |m: &str| {
+        m.lines()
+            .any(|l| l.starts_with("meridian_recording_sessions_sealed_total") && l.ends_with(" 1"))
+    };
+    let mut m = metrics(&node).await;
+    for _ in 0..50 {
+        if sealed(&m) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = metrics(&node).await;
+    }
+    assert!(sealed(&m), "{m}");
 }
 
 #[tokio::test]

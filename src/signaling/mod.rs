@@ -625,6 +625,26 @@ meridian_members{{{labels}}} {}
             ),
         ]);
     }
+    if let Some(r) = &s.recorder {
+        let r = r.stats();
+        scalars.extend([
+            (
+                "meridian_recording_sessions_sealed_total",
+                "Session folders sealed when their last participant left",
+                r.sessions_sealed.load(Relaxed),
+            ),
+            (
+                "meridian_recording_entries_total",
+                "Audit entries written",
+                r.entries.load(Relaxed),
+            ),
+            (
+                "meridian_recording_failures_total",
+                "Audit entries, snapshots or seals that could not be written (disk full, folder not writable)",
+                r.failures.load(Relaxed),
+            ),
+        ]);
+    }
     for (name, help, v) in scalars {
         let _ = write!(out, "# HELP {name} {help}\n{name}{{{labels}}} {v}\n");
     }
