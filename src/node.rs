@@ -160,6 +160,34 @@ impl Node {
             }
             None => None,
         };
+        let recorder = if cfg.recording.enabled {
+            use crate::compliance::{recorder, seal::SigningKey};
+            let path = cfg
+                .recording
+                .signing_key_file
+                .as_ref()
+                .ok_or(StartError::RecordingKeyMissing)?;
+            let key = if cfg.recording.create_signing_key {
+                SigningKey::load_or_create(path)?
+            } else {
+                SigningKey::load(path)?
+            };
+            let (rec, recovered) = recorder::Recorder::start(recorder::RecorderSettings {
+                dir: cfg.recording.dir.clone(),
+                key,
+                node: cfg.node_id(),
+                region: cfg.node.region.clone(),
+            })?;
+            for dir in &recovered.sealed {
+                tracing::warn!(dir = %dir.display(), "sealed a session interrupted by the last stop");
+            }
+            for (dir, why) in &recovered.broken {
+                tracing::error!(dir = %dir.display(), %why, "an interrupted session's audit log does not verify: left unsealed");
+            }
+            Some(rec)
+        } else {
+            None
+        };
         let (mesh_tx, mesh_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut handles = Vec::new();
         for (index, port) in cfg.media_ports().into_iter().enumerate() {
@@ -175,6 +203,7 @@ impl Node {
                 index: index as u8,
                 mesh: cfg.mesh.is_some().then(|| mesh_tx.clone()),
                 send_side_bwe: cfg.rtc.send_side_bwe,
+                recording: recorder.as_ref().map(|r| r.media().clone()),
             })
             .map_err(|source| StartError::Media {
                 addr: listen,
@@ -281,34 +310,6 @@ impl Node {
             std::sync::Arc::new(m)
                 as std::sync::Arc<dyn Fn() -> Vec<mesh::PipeReport> + Send + Sync>
         });
-        let recorder = if cfg.recording.enabled {
-            use crate::compliance::{recorder, seal::SigningKey};
-            let path = cfg
-                .recording
-                .signing_key_file
-                .as_ref()
-                .ok_or(StartError::RecordingKeyMissing)?;
-            let key = if cfg.recording.create_signing_key {
-                SigningKey::load_or_create(path)?
-            } else {
-                SigningKey::load(path)?
-            };
-            let (rec, recovered) = recorder::Recorder::start(recorder::RecorderSettings {
-                dir: cfg.recording.dir.clone(),
-                key,
-                node: cfg.node_id(),
-                region: cfg.node.region.clone(),
-            })?;
-            for dir in &recovered.sealed {
-                tracing::warn!(dir = %dir.display(), "sealed a session interrupted by the last stop");
-            }
-            for (dir, why) in &recovered.broken {
-                tracing::error!(dir = %dir.display(), %why, "an interrupted session's audit log does not verify: left unsealed");
-            }
-            Some(rec)
-        } else {
-            None
-        };
         let recording_policy = crate::compliance::policy::RecordingPolicy {
             record_by_default: cfg.recording.enabled,
             default_residency: cfg.recording.default_residency.clone(),

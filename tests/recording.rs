@@ -482,3 +482,182 @@ async fn the_token_says_whether_and_where_a_session_is_recorded() {
         (json!("recording_unavailable"), Some(1011))
     );
 }
+
+/// What `ffprobe` says of a recording: its streams' codecs and the file's duration.
+fn probe(file: &Path) -> (Vec<String>, f64) {
+    let out = std::process::Command::new("ffprobe")
+        .args(["-v", "error", "-show_entries"])
+        .arg("stream=codec_name:format=duration")
+        .args(["-of", "json"])
+        .arg(file)
+        .output()
+        .expect("ffprobe runs (tests/run.sh installs ffmpeg)");
+    assert!(
+        out.status.success(),
+        "ffprobe {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut codecs: Vec<String> = v["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["codec_name"].as_str().unwrap().to_owned())
+        .collect();
+    codecs.sort();
+    let duration = v["format"]["duration"]
+        .as_str()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0.0);
+    (codecs, duration)
+}
+
+/// Every frame of `file` decodes: `ffmpeg -v error` prints nothing. WebRTC video has a
+/// variable frame rate; frames keep the file's own timestamps (`-enc_time_base -1`), as with
+/// ffmpeg's default output time base, its guess of a frame rate, two frames can share a tick,
+/// which the null muxer reports although nothing failed to decode.
+fn decodes_cleanly(file: &Path) {
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-nostdin", "-v", "error", "-i"])
+        .arg(file)
+        .args(["-enc_time_base", "-1", "-f", "null", "-"])
+        .output()
+        .expect("ffmpeg runs");
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && errors.trim().is_empty(),
+        "{} does not decode cleanly: {errors}",
+        file.display()
+    );
+}
+
+fn media_files(run: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(run.join("media"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A call between a Chromium user (VP8 simulcast and Opus) and a Chromium agent (VP8 and
+/// Opus) on a recording node leaves one WebM per participant in the sealed folder: ffprobe
+/// reads VP8 and Opus with the duration of the call, ffmpeg decodes every frame without an
+/// error, and the manifest seals the files with the audit's start and stop entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_call_leaves_a_webm_per_participant_that_players_open() {
+    assert_isolated_network();
+    let root = tempfile::tempdir().unwrap();
+    let node = recording_node(root.path()).await;
+    let day = Duration::from_secs(3600);
+    let page = |role: &str, user: &str, r: Role, opts: &str| {
+        let t = token("kyc-media", user, r, day);
+        format!("{}/demo/{role}.html#token={t}{opts}", node.http_url())
+    };
+    let opened = std::time::Instant::now();
+    let user = Browser::open(&page("user", "alice", Role::User, "&simulcast=1"));
+    let agent = Browser::open(&page("agent", "bob", Role::Agent, ""));
+    wait_until(
+        "the user and the agent decoding each other",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || decoding(&user) && decoding(&agent),
+    )
+    .await;
+    let decoding = opened.elapsed();
+    // Some seconds of call, recorded.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let call = opened.elapsed();
+    drop(agent);
+    drop(user);
+
+    let run = sealed_run(root.path(), "kyc-media").await;
+    let v = verify(&run, None);
+    assert_eq!(v.faults, vec![]);
+    let sealed: Vec<String> = v
+        .manifest
+        .unwrap()
+        .files
+        .iter()
+        .map(|f| f.path.clone())
+        .collect();
+    let files = media_files(&run);
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["agent-bob.webm", "user-alice.webm"], "{sealed:?}");
+    for f in &files {
+        let (codecs, duration) = probe(f);
+        eprintln!(
+            "{}: {codecs:?}, {duration:.2} s (call {:.2} s, both decoding after {:.2} s)",
+            f.display(),
+            call.as_secs_f64(),
+            decoding.as_secs_f64()
+        );
+        if let Ok(keep) = std::env::var("MERIDIAN_KEEP_RECORDING") {
+            let _ = std::fs::copy(f, Path::new(&keep).join(f.file_name().unwrap()));
+        }
+        assert_eq!(codecs, ["opus", "vp8"], "{}", f.display());
+        // From the first frames (before both pages decoded) to the pages' close.
+        let (least, most) = (
+            call.as_secs_f64() - decoding.as_secs_f64() - 1.0,
+            call.as_secs_f64() + 2.0,
+        );
+        assert!(
+            (least..most).contains(&duration),
+            "{}: {duration:.2} s, the call lasted {:.2} s ({:.2} s decoding)",
+            f.display(),
+            call.as_secs_f64(),
+            decoding.as_secs_f64()
+        );
+        decodes_cleanly(f);
+        let rel = format!("media/{}", f.file_name().unwrap().to_string_lossy());
+        assert!(sealed.contains(&rel), "{rel} sealed in {sealed:?}");
+    }
+    let entries = audit(&run);
+    for who in ["alice", "bob"] {
+        for event in ["recording_started", "recording_stopped"] {
+            assert!(
+                entries
+                    .iter()
+                    .any(|e| e["event"] == event && e["user"] == who),
+                "{event} for {who}"
+            );
+        }
+    }
+}
+
+/// A user publishing H.264 is recorded into Matroska (WebM holds no H.264): ffprobe reads
+/// H.264 and Opus, ffmpeg decodes it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h264_publisher_is_recorded_into_a_matroska_file_that_plays() {
+    assert_isolated_network();
+    let root = tempfile::tempdir().unwrap();
+    let node = recording_node(root.path()).await;
+    let day = Duration::from_secs(3600);
+    let page = |role: &str, user: &str, r: Role, opts: &str| {
+        let t = token("kyc-h264", user, r, day);
+        format!("{}/demo/{role}.html#token={t}{opts}", node.http_url())
+    };
+    let user = Browser::open(&page("user", "alice", Role::User, "&codec=H264"));
+    let agent = Browser::open(&page("agent", "bob", Role::Agent, ""));
+    wait_until(
+        "the agent decoding the user's H.264",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || decoding(&agent),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    drop(agent);
+    drop(user);
+
+    let run = sealed_run(root.path(), "kyc-h264").await;
+    assert_eq!(verify(&run, None).faults, vec![]);
+    let file = run.join("media/user-alice.mkv");
+    let (codecs, duration) = probe(&file);
+    assert_eq!(codecs, ["h264", "opus"], "{}", file.display());
+    assert!(duration > 4.0, "{duration:.2} s");
+    decodes_cleanly(&file);
+}

@@ -38,6 +38,7 @@ fn impostor(
         index: 0,
         mesh: Some(tx),
         send_side_bwe: false,
+        recording: None,
     })
     .unwrap();
     let worker = meridian::sfu::Workers::new(vec![worker], 10);

@@ -4,9 +4,12 @@
 //! beyond the timestamps written into entries.
 
 pub mod audit;
+pub mod frames;
+pub mod media;
 pub mod policy;
 pub mod recorder;
 pub mod seal;
+pub mod webm;
 
 use std::fmt::Write as _;
 

@@ -20,6 +20,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
 use super::audit::{AuditError, AuditLog};
+use super::media::{MediaInput, MediaSink, RecordedFile};
 use super::seal::{seal, SealError, SealStatus, SigningKey, MANIFEST};
 use super::utc_rfc3339;
 use crate::auth::Role;
@@ -136,6 +137,12 @@ enum Request {
         participant: ParticipantId,
         reason: &'static str,
     },
+    /// An entry from the media writer (a recording file started).
+    MediaNote {
+        session: SessionId,
+        event: &'static str,
+        fields: Value,
+    },
     #[cfg(test)]
     Sync(oneshot::Sender<()>),
 }
@@ -145,6 +152,7 @@ enum Request {
 pub struct Recorder {
     tx: std_mpsc::Sender<Request>,
     stats: Arc<RecorderStats>,
+    media: MediaSink,
 }
 
 /// Counters for `/metrics`.
@@ -165,27 +173,45 @@ impl Recorder {
         let recovered = recover(&settings);
         let (tx, rx) = std_mpsc::channel();
         let stats = Arc::new(RecorderStats::default());
+        let thread_err = |source| RecordError::Folder {
+            path: PathBuf::from("<recorder thread>"),
+            source,
+        };
+        let notes = tx.clone();
+        let media = super::media::start(move |session, event, fields| {
+            let _ = notes.send(Request::MediaNote {
+                session: session.clone(),
+                event,
+                fields,
+            });
+        })
+        .map_err(thread_err)?;
         let mut state = State {
             settings,
             open: HashMap::new(),
             stats: stats.clone(),
+            media: media.clone(),
+            rx,
+            deferred: std::collections::VecDeque::new(),
         };
         std::thread::Builder::new()
             .name("meridian-recorder".into())
             .spawn(move || {
-                while let Ok(req) = rx.recv() {
+                while let Some(req) = state.next() {
                     state.handle(req);
                 }
             })
-            .map_err(|source| RecordError::Folder {
-                path: PathBuf::from("<recorder thread>"),
-                source,
-            })?;
-        Ok((Recorder { tx, stats }, recovered))
+            .map_err(thread_err)?;
+        Ok((Recorder { tx, stats, media }, recovered))
     }
 
     pub fn stats(&self) -> &RecorderStats {
         &self.stats
+    }
+
+    /// Where media workers copy the packets of recorded producers.
+    pub fn media(&self) -> &MediaSink {
+        &self.media
     }
 
     /// Records a participant's arrival; returns once the entry is on disk.
@@ -277,6 +303,10 @@ struct State {
     settings: RecorderSettings,
     open: HashMap<SessionId, OpenSession>,
     stats: Arc<RecorderStats>,
+    media: MediaSink,
+    rx: std_mpsc::Receiver<Request>,
+    /// Requests read ahead while waiting for the media writer, handled next.
+    deferred: std::collections::VecDeque<Request>,
 }
 
 fn fields(v: Value) -> Map<String, Value> {
@@ -286,7 +316,7 @@ fn fields(v: Value) -> Map<String, Value> {
     }
 }
 
-fn role_name(r: Role) -> &'static str {
+pub(crate) fn role_name(r: Role) -> &'static str {
     match r {
         Role::User => "user",
         Role::Agent => "agent",
@@ -295,6 +325,10 @@ fn role_name(r: Role) -> &'static str {
 }
 
 impl State {
+    fn next(&mut self) -> Option<Request> {
+        self.deferred.pop_front().or_else(|| self.rx.recv().ok())
+    }
+
     fn handle(&mut self, req: Request) {
         match req {
             Request::Joined(a, reply) => {
@@ -329,6 +363,14 @@ impl State {
                 event,
             } => {
                 let r = self.producer(&session, &participant, event);
+                self.logged(&session, r);
+            }
+            Request::MediaNote {
+                session,
+                event,
+                fields,
+            } => {
+                let r = self.append(&session, event, fields);
                 self.logged(&session, r);
             }
             #[cfg(test)]
@@ -396,6 +438,11 @@ impl State {
                 source,
             })?;
             let log = AuditLog::create(&dir.join(AUDIT_FILE))?;
+            self.media.send(MediaInput::Begin {
+                session: a.session.clone(),
+                dir: dir.clone(),
+                started: now,
+            });
             self.open.insert(
                 a.session.clone(),
                 OpenSession {
@@ -585,6 +632,14 @@ impl State {
             }),
         )?;
         if empty {
+            for f in self.finish_media(session) {
+                let event = if f.error.is_some() {
+                    "recording_failed"
+                } else {
+                    "recording_stopped"
+                };
+                self.append(session, event, f.audit_fields())?;
+            }
             self.append(session, "session_ended", json!({}))?;
             let s = self.open.remove(session).expect("open");
             let metadata = json!({
@@ -618,6 +673,45 @@ impl State {
         Ok(())
     }
 }
+
+impl State {
+    /// Has the media writer write out and close the session's files; the entries it sent
+    /// before (recording started) are written first, in the order they came.
+    fn finish_media(&mut self, session: &SessionId) -> Vec<RecordedFile> {
+        let (reply, rx) = std_mpsc::channel();
+        let files = if self.media.send(MediaInput::Finish {
+            session: session.clone(),
+            reply,
+        }) {
+            rx.recv_timeout(FINISH_WAIT).unwrap_or_else(|_| {
+                tracing::error!(%session, "the media writer did not finish the session's files in time");
+                self.stats
+                    .failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Vec::new()
+            })
+        } else {
+            Vec::new()
+        };
+        while let Ok(req) = self.rx.try_recv() {
+            match req {
+                Request::MediaNote {
+                    session: s,
+                    event,
+                    fields,
+                } if s == *session => {
+                    let r = self.append(session, event, fields);
+                    self.logged(session, r);
+                }
+                other => self.deferred.push_back(other),
+            }
+        }
+        files
+    }
+}
+
+/// Longest a session's end waits for the media writer to close its files.
+const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Every `<dir>/<session>/<run>/` holding an audit log and no manifest: the node stopped in
 /// the middle of it. Its log is reopened (a line cut by the stop is dropped), the stop is

@@ -65,6 +65,7 @@ impl Harness {
             session: session.clone(),
             user: user.parse().unwrap(),
             role: Role::Agent,
+            recorded: false,
             events,
             reply,
         });
@@ -316,6 +317,7 @@ fn a_join_waits_for_the_mesh_replay_or_its_deadline_on_the_virtual_clock() {
         session: "kyc-wait".parse().unwrap(),
         user: "agent".parse().unwrap(),
         role: Role::Agent,
+        recorded: false,
         events,
         reply,
     });

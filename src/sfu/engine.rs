@@ -22,6 +22,7 @@ use rtc::peer_connection::{RTCPeerConnection, RTCPeerConnectionBuilder};
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::sender_report::SenderReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
@@ -159,6 +160,51 @@ pub struct DeliverFeedback {
     write: VecDeque<TaggedPacket>,
 }
 
+/// Hands a copy of each sender report from a publisher to the application (the recording
+/// maps its streams' RTP clocks through them); the original goes on to rtc's receiver reports.
+#[derive(Default)]
+pub struct DeliverSenderReports {
+    read: VecDeque<TaggedPacket>,
+    write: VecDeque<TaggedPacket>,
+}
+
+impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverSenderReports {
+    queued_interceptor!();
+
+    fn handle_read(&mut self, msg: TaggedPacket) -> Result<(), Error> {
+        if let Packet::Rtcp(pkts) = &msg.message.packet {
+            for p in pkts {
+                if let Some(sr) = p.as_any().downcast_ref::<SenderReport>() {
+                    let copy: Box<dyn rtc::rtcp::Packet> = Box::new(SenderReport {
+                        reports: Vec::new(),
+                        profile_extensions: Default::default(),
+                        ..sr.clone()
+                    });
+                    self.read.push_back(TaggedPacket {
+                        now: msg.now,
+                        transport: msg.transport,
+                        message: AttributedPacket::new(Packet::Rtcp(vec![copy]))
+                            .with(Attribute::DeliverToApplication),
+                    });
+                }
+            }
+        }
+        self.read.push_back(msg);
+        Ok(())
+    }
+    fn handle_write(&mut self, msg: TaggedPacket) -> Result<(), Error> {
+        self.write.push_back(msg);
+        Ok(())
+    }
+}
+
+impl Interceptor for DeliverSenderReports {
+    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
+    fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
+}
+
 fn for_application(p: &dyn rtc::rtcp::Packet) -> bool {
     let any = p.as_any();
     any.is::<PictureLossIndication>()
@@ -246,7 +292,9 @@ pub(super) fn build_peer_connection(
     // repaired by the worker from one packet cache per producer, not by a per-consumer
     // responder cache, so the subscribe side has no NACK responder.
     let registry = if kind == TransportKind::Publish {
-        registry.with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
+        registry
+            .with(Slot::NackGenerator, NackGeneratorBuilder::new().build())
+            .with(Slot::from(14_000), DeliverSenderReports::default())
     } else {
         registry
     };

@@ -75,6 +75,7 @@ impl Worker {
             pipes,
             pipe_arena,
             pipe_out,
+            cfg,
             ..
         } = self;
         let producer = &mut producers[pk];
@@ -108,6 +109,10 @@ impl Worker {
         if producer.paused {
             return;
         }
+        let keyframe = producer.codec.is_some_and(|c| is_keyframe(c, &pkt.payload));
+        if let (Some(tap), Some(sink)) = (&mut producer.tap, &cfg.recording) {
+            tap.on_packet(sink, now, layer, keyframe, &pkt);
+        }
         // One copy per remote node that wants this layer, whatever its number of consumers.
         for &(pipe, wanted) in &producer.pipes_out {
             if wanted & (1 << layer) == 0 {
@@ -122,7 +127,6 @@ impl Worker {
         if producer.consumers.is_empty() {
             return;
         }
-        let keyframe = producer.codec.is_some_and(|c| is_keyframe(c, &pkt.payload));
         for &cid in &producer.consumers {
             let c = &mut consumers[cid];
             let conn = &mut conns[c.conn];

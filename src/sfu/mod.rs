@@ -19,6 +19,7 @@ mod forward;
 mod keys;
 mod pipes;
 mod producer;
+mod record;
 mod router;
 pub mod rtx;
 mod tcp;
@@ -358,6 +359,8 @@ pub(crate) enum Command {
         session: SessionId,
         user: UserId,
         role: Role,
+        /// The session is recorded on this node: its producers are tapped.
+        recorded: bool,
         events: EventSender,
         reply: oneshot::Sender<Result<Joined, JoinError>>,
     },
@@ -625,6 +628,7 @@ impl WorkerHandle {
         session: SessionId,
         user: UserId,
         role: Role,
+        recorded: bool,
         events: EventSender,
     ) -> Result<Joined, JoinError> {
         self.call(
@@ -632,6 +636,7 @@ impl WorkerHandle {
                 session,
                 user,
                 role,
+                recorded,
                 events,
                 reply,
             },
@@ -830,6 +835,7 @@ pub(crate) fn test_worker_config(index: u8) -> WorkerConfig {
         index,
         mesh: None,
         send_side_bwe: false,
+        recording: None,
     }
 }
 
@@ -858,6 +864,7 @@ mod tests {
                 "kyc-burst".parse().unwrap(),
                 "alice".parse().unwrap(),
                 Role::Agent,
+                false,
                 events,
             ),
         )

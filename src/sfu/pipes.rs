@@ -465,6 +465,12 @@ impl Worker {
                         }
                     }
                     let mut need = 0u32;
+                    if let Some(tap) = &p.tap {
+                        need |= 1 << tap.selector.target();
+                        if let Some(cur) = tap.selector.current() {
+                            need |= 1 << cur;
+                        }
+                    }
                     for &cid in &p.consumers {
                         let c = &self.consumers[cid];
                         if c.is_paused() {

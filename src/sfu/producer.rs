@@ -103,6 +103,8 @@ pub(super) struct Producer {
     pub(super) paused: bool,
     pub(super) consumers: Vec<ConsumerKey>,
     pub(super) extensions: IncomingExtensions,
+    /// Copies packets to the recording, in a session recorded here.
+    pub(super) tap: Option<super::record::RecordTap>,
 }
 
 impl Producer {
@@ -137,6 +139,7 @@ impl Producer {
             paused,
             consumers: Vec::new(),
             extensions,
+            tap: None,
         }
     }
 
@@ -364,6 +367,7 @@ impl Worker {
         }
         self.producer_ids.insert(id, pk);
         self.session_producers.entry(session).or_default().push(pk);
+        self.tap(pk);
         self.update_gauges();
         pk
     }
@@ -390,7 +394,10 @@ impl Worker {
         for cid in consumers {
             self.close_consumer(cid, true);
         }
-        let p = self.producers.remove(prk);
+        let mut p = self.producers.remove(prk);
+        if let (Some(tap), Some(sink)) = (p.tap.take(), &self.cfg.recording) {
+            tap.close(sink);
+        }
         self.producer_ids.remove(&p.id);
         if let Some(list) = self.session_producers.get_mut(&p.session) {
             list.retain(|&x| x != prk);

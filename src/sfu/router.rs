@@ -63,6 +63,7 @@ impl Worker {
         session: SessionId,
         user: UserId,
         role: Role,
+        recorded: bool,
         events: EventSender,
     ) -> Result<ParticipantKey, JoinError> {
         // One live connection per user and session: the newest replaces the older, so a
@@ -113,6 +114,19 @@ impl Worker {
             consumers: Vec::new(),
         });
         self.participant_ids.insert(id.clone(), pk);
+        if recorded && self.cfg.recording.is_some() && self.recorded.insert(session.clone()) {
+            // Producers piped in before this join are recorded from now on.
+            let known: Vec<ProducerKey> = self
+                .session_producers
+                .get(&session)
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            for prk in known {
+                self.tap(prk);
+            }
+        }
         if !self.routers.contains_key(&session) {
             // Other nodes announce this session's producers from now on.
             self.mesh_event(MeshEvent::SessionActive(session.clone()));
@@ -255,6 +269,7 @@ impl Worker {
             self.notify_presence(&p.session, &p.info(), false);
             if empty {
                 self.routers.remove(&p.session);
+                self.recorded.remove(&p.session);
                 // Producers piped in for this session have no audience left here.
                 let piped: Vec<ProducerKey> = self
                     .session_producers

@@ -371,6 +371,14 @@ impl Worker {
         let mut rtcp = std::mem::take(&mut self.rtcp_scratch);
         for (track, pkts) in rtcp.drain(..) {
             self.on_subscriber_rtcp(now, ck, &track, &pkts);
+            for p in &pkts {
+                if let Some(sr) = p
+                    .as_any()
+                    .downcast_ref::<rtc::rtcp::sender_report::SenderReport>()
+                {
+                    self.on_sender_report(ck, sr);
+                }
+            }
         }
         self.rtcp_scratch = rtcp;
     }

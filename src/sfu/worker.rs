@@ -50,6 +50,9 @@ pub struct WorkerConfig {
     /// connections and choose simulcast layers by its estimate (`rtc.send_side_bwe`); off,
     /// layer choice follows the subscriber's REMB.
     pub send_side_bwe: bool,
+    /// The node's media writer, when it records sessions: producers of recorded sessions
+    /// copy their packets to it.
+    pub recording: Option<crate::compliance::media::MediaSink>,
 }
 
 /// The bits of a pipe stream number a worker counts in; the byte above is its index.
@@ -119,6 +122,8 @@ pub(super) struct Worker {
     /// Subscribe connections sending a probe cluster (see `send_probes`).
     pub(super) probing: Vec<ConnKey>,
     pub(super) ticks: u64,
+    /// Sessions recorded on this node: their producers are tapped.
+    pub(super) recorded: HashSet<SessionId>,
 }
 
 impl Worker {
@@ -162,6 +167,7 @@ impl Worker {
             event_scratch: Vec::new(),
             probing: Vec::new(),
             ticks: 0,
+            recorded: HashSet::new(),
         }
     }
 
@@ -193,7 +199,8 @@ impl Worker {
         self.share_send_estimates(now);
         let mut wants: Vec<ConsumerKey> = Vec::new();
         let mut bitrates: Vec<Option<u64>> = Vec::new();
-        for (_, p) in self.producers.iter_mut() {
+        let mut tap_keyframes: Vec<(ProducerKey, u8)> = Vec::new();
+        for (pk, p) in self.producers.iter_mut() {
             // A piped-in producer's layer bitrates come from its origin.
             if measure && matches!(p.origin, Origin::Local { .. }) {
                 for l in p.layers.iter_mut() {
@@ -210,6 +217,14 @@ impl Worker {
                     .iter()
                     .map(|l| l.bitrate.or(l.last_packet.map(|_| 1))),
             );
+            if let Some(tap) = &mut p.tap {
+                if p.layers.len() > 1 {
+                    tap.selector.update_target(now, &bitrates);
+                }
+                if tap.wants_keyframe() {
+                    tap_keyframes.push((pk, tap.selector.target()));
+                }
+            }
             for &cid in &p.consumers {
                 let c = &mut self.consumers[cid];
                 if p.layers.len() > 1 {
@@ -219,6 +234,9 @@ impl Worker {
                     wants.push(cid);
                 }
             }
+        }
+        for (pk, layer) in tap_keyframes {
+            self.request_keyframe(now, pk, layer);
         }
         for cid in wants {
             if self
@@ -239,10 +257,11 @@ impl Worker {
                 session,
                 user,
                 role,
+                recorded,
                 events,
                 reply,
             } => {
-                match self.join(session.clone(), user, role, events) {
+                match self.join(session.clone(), user, role, recorded, events) {
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }

@@ -1064,6 +1064,7 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             claims.sid.clone(),
             claims.sub.clone(),
             claims.role,
+            record && state.recorder.is_some(),
             events_tx,
         )
         .await

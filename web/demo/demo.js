@@ -1,5 +1,5 @@
 // Demo page logic shared by the user and agent pages. Options come from the URL fragment, so
-// tokens never reach server logs: #token=...&simulcast=1&maxLayer=0&liftAfterFrames=90
+// tokens never reach server logs: #token=...&simulcast=1&codec=H264&maxLayer=0&liftAfterFrames=90
 //
 // The pages double as test fixtures: every state a person sees is also printed as one
 // `MERIDIAN_<KIND> <json>` console line (JOINED, PRESENCE, REMOTE, STATS, LAYOUT, ...), which
@@ -179,7 +179,10 @@ async function main() {
     audio: true,
   });
   localVideo.srcObject = local;
-  const published = await client.publish(local, { simulcast: params.get("simulcast") === "1" });
+  const published = await client.publish(local, {
+    simulcast: params.get("simulcast") === "1",
+    videoCodec: params.get("codec") || undefined,
+  });
   log("PUBLISHED", published.map((p) => ({ producerId: p.producerId, kind: p.kind })));
 
   // Controls: mute, camera, leave. Muting pauses the producer on the node too, so the other

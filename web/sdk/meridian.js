@@ -8,7 +8,7 @@
 //   client.addEventListener("produceradded", (e) => show(e.detail));
 //   const joined = await client.connect();
 //   joined.producers.forEach(show); // those already there when we joined
-//   await client.publish(stream, { simulcast: true });
+//   await client.publish(stream, { simulcast: true }); // or { videoCodec: "H264" }
 //
 // Events (CustomEvent, data in `detail`): produceradded / producerclosed / producerpaused /
 // producerresumed, participantjoined / participantleft (detail: the participant; the current
@@ -241,7 +241,7 @@ export class MeridianClient extends EventTarget {
    * Options: simulcast (true for SIMULCAST_ENCODINGS, or an encodings array) for video.
    * Resolves to [{ producerId, kind, track }].
    */
-  publish(streamOrTracks, { simulcast = false } = {}) {
+  publish(streamOrTracks, { simulcast = false, videoCodec } = {}) {
     const tracks = Array.isArray(streamOrTracks) ? streamOrTracks : streamOrTracks.getTracks();
     return this._serial("publish", async () => {
       const pc = this._pc("publish");
@@ -253,7 +253,9 @@ export class MeridianClient extends EventTarget {
         if (track.kind === "video" && simulcast) {
           init.sendEncodings = Array.isArray(simulcast) ? simulcast : SIMULCAST_ENCODINGS;
         }
-        return { track, transceiver: pc.addTransceiver(track, init) };
+        const transceiver = pc.addTransceiver(track, init);
+        if (track.kind === "video" && videoCodec) preferCodec(transceiver, videoCodec);
+        return { track, transceiver };
       });
       const offer = await pc.createOffer();
       await pc.setLocalDescription(offer);
@@ -461,6 +463,22 @@ function sessionOfToken(token) {
   } catch {
     return null;
   }
+}
+
+/**
+ * Puts the browser's codecs of MIME subtype `name` (for example "H264" or "VP9") first in
+ * the transceiver's offer; the node answers with the first codec it supports. Throws a
+ * MeridianError when this browser cannot send that codec.
+ */
+function preferCodec(transceiver, name) {
+  const caps = RTCRtpSender.getCapabilities ? RTCRtpSender.getCapabilities("video") : null;
+  if (!caps || !transceiver.setCodecPreferences) {
+    throw new MeridianError("unsupported_codec", "this browser cannot choose its video codec");
+  }
+  const wanted = `video/${name}`.toLowerCase();
+  const first = caps.codecs.filter((c) => c.mimeType.toLowerCase() === wanted);
+  if (!first.length) throw new MeridianError("unsupported_codec", `this browser cannot send ${name}`);
+  transceiver.setCodecPreferences([...first, ...caps.codecs.filter((c) => c.mimeType.toLowerCase() !== wanted)]);
 }
 
 function stopTransceiver(t) {
