@@ -661,3 +661,175 @@ async fn an_h264_publisher_is_recorded_into_a_matroska_file_that_plays() {
     assert!(duration > 4.0, "{duration:.2} s");
     decodes_cleanly(&file);
 }
+
+/// A `meridian serve` process recording to `root`, on `port`.
+fn serve_recording(root: &Path, port: u16) -> std::process::Child {
+    let cfg = root.join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[node]
+region = "test"
+latitude = 19.0
+longitude = 72.8
+[signaling]
+listen = "127.0.0.1:{port}"
+[metrics]
+listen = "127.0.0.1:0"
+[rtc]
+listen_ip = "127.0.0.1"
+announced_ip = "127.0.0.1"
+port = 0
+workers = 1
+[auth]
+issuer = "meridian-test"
+audience = "meridian"
+algorithm = "HS256"
+secret = "{SECRET}"
+[recording]
+enabled = true
+dir = "{}"
+signing_key_file = "{}"
+create_signing_key = true
+"#,
+            root.join("recordings").display(),
+            root.join("node.key").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(root.join(format!("node-{port}.log"))).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+async fn until_listening(root: &Path, port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "the node did not listen on {port} within 10 s: {}",
+        std::fs::read_to_string(root.join(format!("node-{port}.log"))).unwrap_or_default()
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The pts (ms) of the first and last packets ffprobe reads in `file`.
+fn packet_span(file: &Path) -> (u64, u64) {
+    let out = std::process::Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-show_entries",
+            "packet=pts",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(file)
+        .output()
+        .unwrap();
+    let pts: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    (
+        pts.iter().copied().min().unwrap_or(0),
+        pts.iter().copied().max().unwrap_or(0),
+    )
+}
+
+/// A node killed with SIGKILL in the middle of a recorded call leaves media files that play
+/// up to the crash and an audit log whose chain holds up to its last complete entry; started
+/// again, it seals the session as interrupted, and the sealed folder verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_recording_leaves_playable_files_and_seals_them_as_interrupted() {
+    assert_isolated_network();
+    let root = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut node = serve_recording(root.path(), port);
+    until_listening(root.path(), port).await;
+    let day = Duration::from_secs(3600);
+    let page = |role: &str, user: &str, r: Role| {
+        let t = token("kyc-killed", user, r, day);
+        format!("http://127.0.0.1:{port}/demo/{role}.html#token={t}")
+    };
+    let user = Browser::open(&page("user", "alice", Role::User));
+    let agent = Browser::open(&page("agent", "bob", Role::Agent));
+    wait_until(
+        "the user and the agent decoding each other",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || decoding(&user) && decoding(&agent),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    node.kill().unwrap(); // SIGKILL
+    node.wait().unwrap();
+    drop(agent);
+    drop(user);
+
+    let run = runs(root.path(), "kyc-killed")
+        .pop()
+        .expect("a session folder");
+    assert!(!run.join(MANIFEST).exists(), "not sealed by a killed node");
+    let chain =
+        meridian::compliance::audit::verify_chain(&std::fs::read(run.join("audit.jsonl")).unwrap());
+    let cut_last = matches!(
+        chain.faults.as_slice(),
+        [meridian::compliance::audit::ChainFault::Incomplete { .. }]
+    );
+    assert!(
+        chain.faults.is_empty() || cut_last,
+        "the chain holds up to its last complete entry: {:?}",
+        chain.faults
+    );
+    let files = media_files(&run);
+    assert_eq!(files.len(), 2, "{files:?}");
+    for f in &files {
+        let (codecs, _) = probe(f);
+        assert_eq!(codecs, ["opus", "vp8"], "{}", f.display());
+        let (first, last) = packet_span(f);
+        // Six seconds of call after both decoded; whole clusters up to about a second (and
+        // the writer's two-second reordering wait) before the kill.
+        assert!(
+            last - first >= 2500,
+            "{} plays {first}..{last} ms",
+            f.display()
+        );
+        decodes_cleanly(f);
+    }
+
+    let mut again = serve_recording(root.path(), port);
+    until_listening(root.path(), port).await;
+    // SAFETY: sends SIGTERM to the child started above.
+    unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
+    again.wait().unwrap();
+    let key = parse_public_key(root.path().join("node.pub.pem").to_str().unwrap()).unwrap();
+    let v = verify(&run, Some(&key));
+    assert_eq!(v.faults, vec![], "{}", run.display());
+    let m = v.manifest.unwrap();
+    assert_eq!(m.status, SealStatus::Interrupted);
+    for f in &files {
+        let rel = format!("media/{}", f.file_name().unwrap().to_string_lossy());
+        assert!(m.files.iter().any(|e| e.path == rel), "{rel} sealed");
+    }
+    assert_eq!(audit(&run).last().unwrap()["event"], "session_interrupted");
+}

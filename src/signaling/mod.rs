@@ -625,8 +625,46 @@ meridian_members{{{labels}}} {}
             ),
         ]);
     }
-    if let Some(r) = &s.recorder {
-        let r = r.stats();
+    if let Some(rec) = &s.recorder {
+        let m = rec.media().stats();
+        scalars.extend([
+            (
+                "meridian_recording_packets_total",
+                "Media packets copied to the recording",
+                m.packets.load(Relaxed),
+            ),
+            (
+                "meridian_recording_dropped_packets_total",
+                "Media packets not recorded because the media writer was behind (disk too slow)",
+                m.dropped.load(Relaxed),
+            ),
+            (
+                "meridian_recording_frames_total",
+                "Frames written to recording files",
+                m.frames.load(Relaxed),
+            ),
+            (
+                "meridian_recording_gaps_total",
+                "Gaps in recorded streams given up after waiting for repair",
+                m.gaps.load(Relaxed),
+            ),
+            (
+                "meridian_recording_files_open",
+                "Recording files being written",
+                m.files_open.load(Relaxed),
+            ),
+            (
+                "meridian_recording_media_bytes_total",
+                "Bytes of frames written to recording files",
+                m.bytes.load(Relaxed),
+            ),
+            (
+                "meridian_recording_media_failures_total",
+                "Recording files that could not be created, written or finished",
+                m.failures.load(Relaxed),
+            ),
+        ]);
+        let r = rec.stats();
         scalars.extend([
             (
                 "meridian_recording_sessions_sealed_total",
