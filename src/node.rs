@@ -238,6 +238,13 @@ impl Node {
             max_cpu: cfg.limits.max_cpu,
         };
         let draining = Arc::new(AtomicBool::new(false));
+        let (record_inbox, record_inbox_rx) = match &recorder {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         let mesh = match (&cfg.mesh, mesh_tls) {
             (Some(m), Some(tls)) => Some(mesh::start(
                 MeshConfig {
@@ -255,9 +262,19 @@ impl Node {
                 },
                 workers.clone(),
                 mesh_rx,
+                record_inbox,
             )?),
             _ => None,
         };
+        // Records other nodes relay for sessions recorded here.
+        if let (Some(rec), Some(m), Some(inbox)) = (&recorder, &mesh, record_inbox_rx) {
+            tokio::spawn(signaling::records::serve_relayed(
+                inbox,
+                rec.clone(),
+                workers.clone(),
+                m.records(),
+            ));
+        }
         let (members, solo) = match &mesh {
             Some(m) => (m.watch_members(), None),
             None => {
@@ -338,6 +355,7 @@ impl Node {
                 metrics: Default::default(),
             }),
             mesh_stats: mesh.as_ref().map(|m| m.stats.clone()),
+            records: mesh.as_ref().map(|m| m.records()),
         };
         // The metrics listener is for a local scraper: a small cap of its own.
         let metrics_admission = Admission::new(Limits {

@@ -833,3 +833,111 @@ async fn a_node_killed_mid_recording_leaves_playable_files_and_seals_them_as_int
     }
     assert_eq!(audit(&run).last().unwrap()["event"], "session_interrupted");
 }
+
+/// Every file under `dir` (none when it does not exist).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// A KYC call between a user on the India node (VP8 simulcast + Opus) and an agent on the US
+/// node (VP8 + Opus), residency India: India alone keeps the sealed folder, with both
+/// participants' files (the agent's media piped in from the US) and the agent's arrival as
+/// the US node relayed it; the US and Europe nodes write nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_region_call_is_recorded_in_its_residency_region_only() {
+    assert_isolated_network();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let nodes = routed_mesh(dir.path(), |cfg| {
+        let region = cfg.node.region.to_string();
+        cfg.recording.enabled = true;
+        cfg.recording.dir = root.join(format!("rec-{region}"));
+        cfg.recording.signing_key_file = Some(root.join(format!("{region}.key")));
+        cfg.recording.create_signing_key = true;
+    })
+    .await;
+    let (india, us) = (&nodes[0], &nodes[2]);
+    let page = |node: &Node, role: &str, user: &str, r: Role, opts: &str| {
+        let t = signer()
+            .mint_with(
+                &"kyc-residency".parse().unwrap(),
+                &user.parse().unwrap(),
+                r,
+                Duration::from_secs(3600),
+                meridian::auth::RecordingClaims {
+                    rec: Some(true),
+                    residency: Some("india".into()),
+                },
+            )
+            .unwrap();
+        format!("{}/demo/{role}.html#token={t}{opts}", node.http_url())
+    };
+    let user = Browser::open(&page(india, "user", "alice", Role::User, "&simulcast=1"));
+    let agent = Browser::open(&page(us, "agent", "bob", Role::Agent, ""));
+    wait_until(
+        "the user in India and the agent in the US decoding each other",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || decoding(&user) && decoding(&agent),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    drop(agent);
+    drop(user);
+
+    let session = root.join("rec-india").join("kyc-residency");
+    let mut run = None;
+    for _ in 0..100 {
+        run = std::fs::read_dir(&session)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|r| r.join(MANIFEST).exists());
+        if run.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let run = run.expect("India seals the session");
+    let key = parse_public_key(root.join("india.pub.pem").to_str().unwrap()).unwrap();
+    assert_eq!(verify(&run, Some(&key)).faults, vec![]);
+    let names: Vec<String> = media_files(&run)
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["agent-bob.webm", "user-alice.webm"]);
+    for f in media_files(&run) {
+        let (codecs, duration) = probe(&f);
+        assert_eq!(codecs, ["opus", "vp8"], "{}", f.display());
+        assert!(duration > 4.0, "{}: {duration:.2} s", f.display());
+        decodes_cleanly(&f);
+    }
+    let entries = audit(&run);
+    let bob = entries
+        .iter()
+        .find(|e| e["event"] == "participant_joined" && e["user"] == "bob")
+        .expect("the agent's arrival, relayed");
+    assert_eq!(
+        (bob["region"].as_str(), bob["node"].as_str()),
+        (Some("us"), Some("us-1"))
+    );
+    assert!(entries
+        .iter()
+        .any(|e| e["event"] == "participant_left" && e["user"] == "bob"));
+    for region in ["us", "europe"] {
+        let written: Vec<PathBuf> = files_under(&root.join(format!("rec-{region}")));
+        assert_eq!(written, Vec::<PathBuf>::new(), "{region} wrote nothing");
+    }
+}

@@ -65,6 +65,7 @@ fn impostor(
         },
         worker.clone(),
         rx,
+        None,
     )
     .unwrap();
     (worker, mesh)

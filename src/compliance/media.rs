@@ -38,6 +38,8 @@ pub const QUEUE: usize = 16_384;
 pub const REORDER: Duration = Duration::from_millis(2000);
 /// How long a stream's frames wait for its first sender report before arrival time places them.
 pub const SENDER_REPORT_WAIT: Duration = Duration::from_millis(1500);
+/// Longest a participant's first file waits for all of its tracks to have frames.
+pub const FILE_WAIT: Duration = Duration::from_secs(5);
 /// Files are synced to disk this often.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// The writer's turn when no packet comes.
@@ -317,12 +319,13 @@ struct Participant {
     tracks: Vec<TrackId>,
     queue: BinaryHeap<Reverse<Queued>>,
     file: Option<MediaFile>,
-    /// Parts written so far (a new part starts when the set of tracks changes).
-    parts: u32,
     /// Session-clock ms minus sender-clock ms, fixed at the first frame mapped through a
     /// sender report.
     offset: Option<f64>,
     gaps_at_start: u64,
+    /// When the participant's first frame was queued: its first file waits for all of its
+    /// tracks until [`FILE_WAIT`] after this.
+    first_queued: Option<Instant>,
 }
 
 struct SessionMedia {
@@ -332,6 +335,9 @@ struct SessionMedia {
     participants: HashMap<ParticipantId, Participant>,
     done: Vec<RecordedFile>,
     order: u64,
+    /// Files started per name (role and user): a participant whose tracks change, or a user
+    /// who comes back, continues in `<name>.part2`, `.part3`, …
+    parts: HashMap<String, u32>,
 }
 
 /// Writes an audit entry for a session.
@@ -389,6 +395,7 @@ impl Writer {
                         participants: HashMap::new(),
                         done: Vec::new(),
                         order: 0,
+                        parts: HashMap::new(),
                     },
                 );
                 let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early)
@@ -463,9 +470,9 @@ impl Writer {
                 tracks: Vec::new(),
                 queue: BinaryHeap::new(),
                 file: None,
-                parts: 0,
                 offset: None,
                 gaps_at_start: 0,
+                first_queued: None,
             });
         p.tracks.push(open.track);
         self.tracks.insert(
@@ -556,6 +563,7 @@ impl Writer {
             t.frames += 1;
             self.stats.frames.fetch_add(1, Relaxed);
             s.order += 1;
+            p.first_queued.get_or_insert(now);
             p.queue.push(Reverse(Queued {
                 ms: ms.max(0.0) as u64,
                 order: s.order,
@@ -610,6 +618,9 @@ impl Writer {
         };
         let pids: Vec<ParticipantId> = s.participants.keys().cloned().collect();
         for pid in pids {
+            if !all && self.waits_for_tracks(session, &pid, now) {
+                continue;
+            }
             while let Some(q) = self.pop_due(session, &pid, watermark) {
                 let number = self.tracks.get(&q.track).map_or(0, |t| t.number);
                 if number == 0 {
@@ -662,6 +673,25 @@ impl Writer {
         if !all {
             self.sync_files(session, now);
         }
+    }
+
+    /// A participant's first file waits until every one of its tracks has frames (a file's
+    /// tracks are fixed when it starts), or [`FILE_WAIT`] has passed.
+    fn waits_for_tracks(&self, session: &SessionId, pid: &ParticipantId, now: Instant) -> bool {
+        let Some(p) = self
+            .sessions
+            .get(session)
+            .and_then(|s| s.participants.get(pid))
+        else {
+            return false;
+        };
+        p.file.is_none()
+            && p.first_queued
+                .is_some_and(|t| now.saturating_duration_since(t) < FILE_WAIT)
+            && p.tracks
+                .iter()
+                .filter_map(|id| self.tracks.get(id))
+                .any(|t| !t.ready && !t.closed)
     }
 
     /// The participant's next frame, if it is due by `watermark`.
@@ -759,16 +789,17 @@ impl Writer {
         if specs.is_empty() {
             return;
         }
-        p.parts += 1;
         let base = format!(
             "{}-{}",
             super::recorder::role_name(p.role),
             safe_name(&p.user.to_string())
         );
-        let name = if p.parts == 1 {
+        let part = s.parts.entry(base.clone()).or_insert(0);
+        *part += 1;
+        let name = if *part == 1 {
             format!("{base}.{}", extension(&specs))
         } else {
-            format!("{base}.part{}.{}", p.parts, extension(&specs))
+            format!("{base}.part{part}.{}", extension(&specs))
         };
         let rel = format!("{MEDIA_DIR}/{name}");
         let dir = s.dir.join(MEDIA_DIR);
@@ -920,5 +951,123 @@ impl Writer {
         for s in sessions {
             self.finish(&s);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use webm_iterable::matroska_spec::{MatroskaSpec, SimpleBlock};
+    use webm_iterable::WebmIterator;
+
+    fn open(track: TrackId, codec: Codec) -> MediaInput {
+        MediaInput::Open(TrackOpen {
+            track,
+            session: "kyc-sync".parse().unwrap(),
+            participant: "pa-alice".parse().unwrap(),
+            user: "alice".parse().unwrap(),
+            role: Role::User,
+            producer: format!("pr-{track}").parse().unwrap(),
+            codec,
+            channels: 2,
+            wants_keyframe: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn vp8_frame(key: bool) -> Bytes {
+        // Descriptor (S bit, partition 0), then a VP8 payload header.
+        let mut p = vec![0x10];
+        if key {
+            p.extend_from_slice(&[0x00, 0x00, 0x00, 0x9d, 0x01, 0x2a, 0x40, 0x01, 0xb4, 0x00]);
+        } else {
+            p.extend_from_slice(&[0x01, 0x00, 0x00]);
+        }
+        Bytes::from(p)
+    }
+
+    /// Audio and video of one participant, stamped by one sender clock: mapped through their
+    /// sender reports, frames captured together land at the same time in the file, whatever
+    /// their RTP clocks and offsets.
+    #[test]
+    fn audio_and_video_line_up_through_their_sender_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let notes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = notes.clone();
+        let sink = start(move |_, event, fields| {
+            seen.lock().unwrap().push((event, fields));
+        })
+        .unwrap();
+        let session: SessionId = "kyc-sync".parse().unwrap();
+        sink.send(MediaInput::Begin {
+            session: session.clone(),
+            dir: dir.path().to_path_buf(),
+            started: SystemTime::now(),
+        });
+        sink.send(open(1, Codec::Vp8));
+        sink.send(open(2, Codec::Opus));
+        // Sender time 1000 s: video RTP 900 000, audio RTP 240 000 (random offsets, as
+        // browsers pick them).
+        let ntp = 1000u64 << 32;
+        for (track, rtp) in [(1, 900_000), (2, 240_000)] {
+            sink.send(MediaInput::SenderReport {
+                track,
+                layer: 0,
+                ntp,
+                rtp,
+            });
+        }
+        let t0 = Instant::now();
+        // Audio starts 100 ms (sender time) after video; a second of each.
+        for i in 0..30u32 {
+            sink.send(MediaInput::Packet {
+                track: 1,
+                layer: 0,
+                seq: i as u16,
+                timestamp: 900_000 + i * 3000,
+                marker: true,
+                payload: vp8_frame(i == 0),
+                at: t0,
+            });
+        }
+        for i in 0..50u32 {
+            sink.send(MediaInput::Packet {
+                track: 2,
+                layer: 0,
+                seq: 500 + i as u16,
+                timestamp: 240_000 + 4800 + i * 960,
+                marker: false,
+                payload: Bytes::from_static(&[0xfc, 0xff, 0xfe]),
+                at: t0,
+            });
+        }
+        let (reply, rx) = std_mpsc::channel();
+        sink.send(MediaInput::Finish { session, reply });
+        let files = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(files.len(), 1);
+        let f = &files[0];
+        assert_eq!(f.file, "media/user-alice.webm");
+        assert_eq!(f.summary.frames, 80);
+        assert_eq!(f.error, None);
+        assert_eq!(notes.lock().unwrap()[0].0, "recording_started");
+        let file = std::fs::File::open(dir.path().join(&f.file)).unwrap();
+        let mut cluster = 0i64;
+        let mut first: HashMap<u64, i64> = HashMap::new();
+        for tag in WebmIterator::new(file, &[]) {
+            let tag = tag.unwrap();
+            match &tag {
+                MatroskaSpec::Timestamp(t) => cluster = *t as i64,
+                MatroskaSpec::SimpleBlock(_) => {
+                    let b = SimpleBlock::try_from(&tag).unwrap();
+                    first.entry(b.track).or_insert(cluster + b.timestamp as i64);
+                }
+                _ => {}
+            }
+        }
+        // Track numbers follow the order the tracks were opened: video 1, audio 2.
+        let gap = first[&2] - first[&1];
+        assert!(
+            (99..=101).contains(&gap),
+            "audio starts {gap} ms after video"
+        );
     }
 }

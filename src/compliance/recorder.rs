@@ -86,6 +86,9 @@ pub struct Arrival {
     pub participant: ParticipantId,
     pub user: UserId,
     pub role: Role,
+    /// The node and region the participant joined through, when not this node (its
+    /// records relayed here, the session's recording node).
+    pub via: Option<(NodeId, RegionId)>,
 }
 
 /// What a participant did with its media, as the audit log says it.
@@ -135,7 +138,7 @@ enum Request {
     Left {
         session: SessionId,
         participant: ParticipantId,
-        reason: &'static str,
+        reason: String,
     },
     /// An entry from the media writer (a recording file started).
     MediaNote {
@@ -265,11 +268,11 @@ impl Recorder {
 
     /// Records a departure (`reason`: `left`, `token_expired`, `replaced`, …) and the end of
     /// the producers it leaves behind; the last one out seals the session.
-    pub fn left(&self, session: SessionId, participant: ParticipantId, reason: &'static str) {
+    pub fn left(&self, session: SessionId, participant: ParticipantId, reason: impl Into<String>) {
         let _ = self.tx.send(Request::Left {
             session,
             participant,
-            reason,
+            reason: reason.into(),
         });
     }
 
@@ -354,7 +357,7 @@ impl State {
                 participant,
                 reason,
             } => {
-                let r = self.left(&session, &participant, reason);
+                let r = self.left(&session, &participant, &reason);
                 self.logged(&session, r);
             }
             Request::Producer {
@@ -463,6 +466,10 @@ impl State {
                 return Err(e);
             }
         }
+        let (node, region) = match &a.via {
+            Some((n, r)) => (n.to_string(), r.to_string()),
+            None => (node, region),
+        };
         self.append(
             &a.session,
             "participant_joined",
@@ -806,6 +813,7 @@ mod tests {
             participant: participant.parse().unwrap(),
             user: user.parse().unwrap(),
             role,
+            via: None,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod geo;
 pub mod load;
 pub mod membership;
+pub mod records;
 pub mod selector;
 pub mod tls;
 /// The pipe wire formats, which live in [`crate::proto::pipe`].
@@ -157,9 +158,15 @@ pub struct MeshHandle {
     registry: Arc<Mutex<HashMap<PipeId, PipeEntry>>>,
     endpoint: quinn::Endpoint,
     members: watch::Receiver<Arc<Vec<MemberView>>>,
+    records: records::RecordRelay,
 }
 
 impl MeshHandle {
+    /// Where audit records for other nodes go, and answers to theirs.
+    pub fn records(&self) -> records::RecordRelay {
+        self.records.clone()
+    }
+
     /// A receiver of membership changes (for routing).
     pub fn watch_members(&self) -> watch::Receiver<Arc<Vec<MemberView>>> {
         self.members.clone()
@@ -234,6 +241,19 @@ enum Internal {
     },
     /// A DNS answer: the peers this node should be connected to.
     Discovered(Vec<PeerRecord>),
+    /// An audit record for the session's recording node.
+    Record {
+        node: NodeId,
+        session: SessionId,
+        entry: crate::proto::pipe::RecordEntry,
+        reply: Option<tokio::sync::oneshot::Sender<Result<(), records::RelayError>>>,
+    },
+    /// The answer to a record received on `pipe`.
+    RecordAck {
+        pipe: PipeId,
+        id: u64,
+        error: Option<String>,
+    },
 }
 
 /// A change to a pipe's stream table, from the core to the pipe's datagram reader.
@@ -310,6 +330,7 @@ pub fn start(
     cfg: MeshConfig,
     workers: Workers,
     events: mpsc::UnboundedReceiver<WorkerEvent>,
+    record_inbox: Option<mpsc::UnboundedSender<records::Inbound>>,
 ) -> Result<MeshHandle, MeshError> {
     let server = cfg.tls.server_config()?;
     let client = cfg.tls.client_config()?;
@@ -437,7 +458,11 @@ pub fn start(
         discovered: None,
         dialers,
         connected,
+        record_inbox,
+        pending_records: HashMap::new(),
+        next_record: 1,
     };
+    let records = records::RecordRelay { tx: itx.clone() };
     tokio::spawn(core.run(events, irx));
     tracing::info!(node = %info.node, addr = %local_addr, peers = cfg.peers.len(), dns = cfg.discovery.is_some(), "mesh started");
     Ok(MeshHandle {
@@ -447,6 +472,7 @@ pub fn start(
         registry,
         endpoint,
         members: views_rx,
+        records,
     })
 }
 
@@ -802,7 +828,18 @@ struct Core {
     discovered: Option<Vec<PeerRecord>>,
     dialers: Dialers,
     connected: Arc<Mutex<HashSet<NodeId>>>,
+    /// Where records other nodes send for sessions recorded here go (`None`: this node
+    /// does not record, and says so).
+    record_inbox: Option<mpsc::UnboundedSender<records::Inbound>>,
+    /// Records sent and awaiting their answer, by id.
+    pending_records: HashMap<u64, PendingRecord>,
+    next_record: u64,
 }
+
+type PendingRecord = (
+    PipeId,
+    tokio::sync::oneshot::Sender<Result<(), records::RelayError>>,
+);
 
 /// How often the core checks heartbeats, drain state and silence.
 const TICK: Duration = Duration::from_millis(250);
@@ -1016,6 +1053,28 @@ impl Core {
             Internal::Closed { pipe } => self.drop_pipe(pipe, CloseCode::Done),
             Internal::Discovered(peers) => self.on_discovered(peers),
             Internal::Control { pipe, msg } => self.on_control(pipe, msg),
+            Internal::Record {
+                node,
+                session,
+                entry,
+                reply,
+            } => {
+                let Some(&pipe) = self.by_node.get(&node) else {
+                    if let Some(r) = reply {
+                        let _ = r.send(Err(records::RelayError::NoPipe(node)));
+                    }
+                    return;
+                };
+                let id = self.next_record;
+                self.next_record += 1;
+                if let Some(r) = reply {
+                    self.pending_records.insert(id, (pipe, r));
+                }
+                self.send(pipe, &Control::Record { id, session, entry });
+            }
+            Internal::RecordAck { pipe, id, error } => {
+                self.send(pipe, &Control::RecordAck { id, error });
+            }
         }
     }
 
@@ -1124,6 +1183,9 @@ impl Core {
         }
         if self.by_node.get(&p.node) == Some(&pipe) {
             self.by_node.remove(&p.node);
+            if let Some(inbox) = &self.record_inbox {
+                let _ = inbox.send(records::Inbound::NodeGone(p.node.clone()));
+            }
             if let Ok(mut c) = self.connected.lock() {
                 c.remove(&p.node);
             }
@@ -1134,6 +1196,17 @@ impl Core {
             reg.remove(&pipe);
         }
         self.membership.handle_pipe_closed(pipe);
+        let lost: Vec<u64> = self
+            .pending_records
+            .iter()
+            .filter(|(_, (p, _))| *p == pipe)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            if let Some((_, r)) = self.pending_records.remove(&id) {
+                let _ = r.send(Err(records::RelayError::Lost));
+            }
+        }
         self.to_all(|| Command::PipeDown { pipe });
         for waiting in self.replaying.values_mut() {
             waiting.remove(&pipe);
@@ -1206,6 +1279,33 @@ impl Core {
         };
         match msg {
             Control::Hello { .. } => {}
+            Control::Record { id, session, entry } => {
+                let from = (state.node.clone(), state.info.region.clone());
+                let delivered = self.record_inbox.as_ref().is_some_and(|inbox| {
+                    inbox
+                        .send(records::Inbound::Record(records::RelayedRecord {
+                            from_node: from.0,
+                            from_region: from.1,
+                            session,
+                            entry,
+                            pipe,
+                            id,
+                        }))
+                        .is_ok()
+                });
+                if !delivered {
+                    let error = Some("this node does not record sessions".to_owned());
+                    let _ = state.out.send(Control::RecordAck { id, error }.encode());
+                }
+            }
+            Control::RecordAck { id, error } => {
+                if let Some((_, r)) = self.pending_records.remove(&id) {
+                    let _ = r.send(match error {
+                        None => Ok(()),
+                        Some(e) => Err(records::RelayError::Refused(e)),
+                    });
+                }
+            }
             Control::Heartbeat { load, draining } => {
                 self.membership
                     .handle_heartbeat(Instant::now(), pipe, load, draining);

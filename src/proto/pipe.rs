@@ -405,6 +405,50 @@ pub enum Control {
         producer: ProducerId,
         bitrates: Vec<Option<u64>>,
     },
+    /// An audit record of a participant of the sender, for a session the receiver records
+    /// (its residency region). Answered by `record_ack` with the same `id`.
+    Record {
+        id: u64,
+        session: SessionId,
+        entry: RecordEntry,
+    },
+    /// The record `id` is on the receiver's disk (`error` absent), or why it is not.
+    RecordAck {
+        id: u64,
+        #[serde(default)]
+        error: Option<String>,
+    },
+}
+
+/// What happened to a participant of the sending node, for the recording node's audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RecordEntry {
+    Joined {
+        participant: ParticipantId,
+        user: UserId,
+        role: Role,
+    },
+    Left {
+        participant: ParticipantId,
+        reason: String,
+    },
+    /// `event`: `started`, `paused`, `resumed` or `stopped`; `media`: `audio` or `video`
+    /// when started.
+    Producer {
+        participant: ParticipantId,
+        producer: ProducerId,
+        event: String,
+        #[serde(default)]
+        media: Option<String>,
+    },
+    /// A verification step of the participant (`checklist_marked`, `outcome_recorded`),
+    /// its fields as a JSON object's text.
+    Note {
+        participant: ParticipantId,
+        event: String,
+        fields: String,
+    },
 }
 
 /// Largest control message accepted.

@@ -355,6 +355,12 @@ op_error!(
 /// Requests from signaling to the worker.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Command {
+    /// Holds (or releases) a session recorded here whose participants are on other nodes:
+    /// its producers are piped in and recorded as if someone here consumed them.
+    RecordSeat {
+        session: SessionId,
+        on: bool,
+    },
     Join {
         session: SessionId,
         user: UserId,
@@ -643,6 +649,11 @@ impl WorkerHandle {
             JoinError::WorkerGone,
         )
         .await
+    }
+
+    /// See [`Command::RecordSeat`].
+    pub fn record_seat(&self, session: SessionId, on: bool) {
+        self.mesh_command(Command::RecordSeat { session, on });
     }
 
     pub async fn publish(

@@ -13,6 +13,7 @@ use std::time::Instant;
 use super::keys::ProducerKey;
 use super::producer::Producer;
 use super::worker::Worker;
+use super::{MeshEvent, SessionId};
 use crate::compliance::media::{MediaInput, MediaSink, TrackId, TrackOpen};
 use crate::media::layers::Layer;
 use crate::media::layers::{Decision, LayerSelector};
@@ -116,6 +117,36 @@ impl Worker {
         if p.tap.is_none() && self.recorded.contains(&p.session) {
             p.tap = RecordTap::new(sink, p);
         }
+    }
+
+    /// Holds a session recorded here for participants on other nodes, or lets it go.
+    pub(super) fn record_seat(&mut self, session: SessionId, on: bool) {
+        if !on {
+            self.record_seats.remove(&session);
+            self.end_if_empty(&session);
+            return;
+        }
+        if self.cfg.recording.is_none() || !self.record_seats.insert(session.clone()) {
+            return;
+        }
+        if !self.routers.contains_key(&session) {
+            self.routers.insert(session.clone(), Vec::new());
+            // Other nodes announce the session's producers from now on.
+            self.mesh_event(MeshEvent::SessionActive(session.clone()));
+        }
+        if self.recorded.insert(session.clone()) {
+            let known: Vec<ProducerKey> = self
+                .session_producers
+                .get(&session)
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            for pk in known {
+                self.tap(pk);
+            }
+        }
+        self.update_gauges();
     }
 
     /// A sender report from a publisher, for the recording of the stream it describes.

@@ -265,28 +265,34 @@ impl Worker {
         });
         if let Some(members) = self.routers.get_mut(&p.session) {
             members.retain(|&x| x != pk);
-            let empty = members.is_empty();
             self.notify_presence(&p.session, &p.info(), false);
-            if empty {
-                self.routers.remove(&p.session);
-                self.recorded.remove(&p.session);
-                // Producers piped in for this session have no audience left here.
-                let piped: Vec<ProducerKey> = self
-                    .session_producers
-                    .get(&p.session)
-                    .into_iter()
-                    .flatten()
-                    .copied()
-                    .collect();
-                for prk in piped {
-                    self.close_producer(prk);
-                }
-                self.remote_participants.remove(&p.session);
-                self.mesh_event(MeshEvent::SessionInactive(p.session.clone()));
-            }
+            self.end_if_empty(&p.session);
         }
         tracing::info!(participant = %p.id, "participant left");
         self.update_gauges();
+    }
+
+    /// Ends the session here when no participant and no recording seat holds it.
+    pub(super) fn end_if_empty(&mut self, session: &SessionId) {
+        let empty = self.routers.get(session).is_some_and(|m| m.is_empty());
+        if !empty || self.record_seats.contains(session) {
+            return;
+        }
+        self.routers.remove(session);
+        self.recorded.remove(session);
+        // Producers piped in for this session have no audience left here.
+        let piped: Vec<ProducerKey> = self
+            .session_producers
+            .get(session)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        for prk in piped {
+            self.close_producer(prk);
+        }
+        self.remote_participants.remove(session);
+        self.mesh_event(MeshEvent::SessionInactive(session.clone()));
     }
 
     pub(super) fn update_gauges(&self) {

@@ -124,6 +124,8 @@ pub(super) struct Worker {
     pub(super) ticks: u64,
     /// Sessions recorded on this node: their producers are tapped.
     pub(super) recorded: HashSet<SessionId>,
+    /// Sessions held here for their recording only (participants on other nodes).
+    pub(super) record_seats: HashSet<SessionId>,
 }
 
 impl Worker {
@@ -168,6 +170,7 @@ impl Worker {
             probing: Vec::new(),
             ticks: 0,
             recorded: HashSet::new(),
+            record_seats: HashSet::new(),
         }
     }
 
@@ -280,6 +283,7 @@ impl Worker {
                     }
                 }
             }
+            Command::RecordSeat { session, on } => self.record_seat(session, on),
             Command::SessionReplayed { session } => {
                 for (id, reply, _) in self.awaiting_mesh.remove(&session).unwrap_or_default() {
                     self.answer_join(&id, reply);

@@ -3,6 +3,7 @@
 
 pub mod edge;
 pub mod protocol;
+pub mod records;
 pub mod server;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 
 use crate::auth::{TokenError, TokenVerifier};
+use crate::compliance::policy::Recording;
 use crate::ids::{NodeId, ParticipantId, ProducerId, RegionId};
 use crate::sfu::{Dismissal, MediaKind, SfuEvent, WorkerHandle, WorkerStats, Workers};
 use protocol::{close, ClientMessage, ParseError, PublishedProducer, ServerMessage};
@@ -70,6 +72,8 @@ pub struct AppState {
     pub edge: Arc<edge::EdgeRouting>,
     /// Mesh counters, when the node is part of a mesh.
     pub mesh_stats: Option<Arc<crate::mesh::MeshStats>>,
+    /// Records of participants whose session is recorded on another node go through it.
+    pub records: Option<crate::mesh::records::RecordRelay>,
 }
 
 const SDK_JS: &str = include_str!("../../web/sdk/meridian.js");
@@ -798,7 +802,7 @@ impl Drop for LeaveOnDrop {
 
 /// Records a participant's departure however its connection ends.
 struct RecordLeave {
-    recorder: crate::compliance::recorder::Recorder,
+    recorder: records::RecordsTo,
     session: crate::ids::SessionId,
     participant: ParticipantId,
     reason: &'static str,
@@ -1063,18 +1067,18 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
         }
     };
     // Recorded, and here? Decided before the session gets a seat.
-    let known: Vec<RegionId> = state
+    let members: Vec<(NodeId, RegionId)> = state
         .edge
         .members
         .borrow()
         .iter()
-        .map(|m| m.info.region.clone())
+        .map(|m| (m.info.node.clone(), m.info.region.clone()))
         .collect();
-    let record = match state.recording_policy.decide(
+    let recording = match state.recording_policy.decide(
         claims.rec,
         claims.residency.as_deref(),
-        &state.region,
-        &known,
+        (&state.node, &state.region),
+        &members,
     ) {
         Ok(r) => r,
         Err(e) => {
@@ -1102,7 +1106,7 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             claims.sid.clone(),
             claims.sub.clone(),
             claims.role,
-            record && state.recorder.is_some(),
+            matches!(recording, Some(Recording::Here)),
             events_tx,
         )
         .await
@@ -1120,19 +1124,35 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
     };
     // A session that is recorded never runs unrecorded: no audit entry, no session.
     let mut recorded = None;
-    if let Some(rec) = state.recorder.as_ref().filter(|_| record) {
+    let records_to = match &recording {
+        None => None,
+        Some(Recording::Here) => state.recorder.clone().map(records::RecordsTo::Here),
+        Some(Recording::At(node)) => state
+            .records
+            .clone()
+            .map(|relay| records::RecordsTo::There {
+                relay,
+                node: node.clone(),
+            }),
+    };
+    if recording.is_some() && records_to.is_none() {
+        let e = crate::compliance::policy::PolicyRefusal::CannotRecord;
+        return refuse(&state, &mut sink, e.code(), e.to_string(), close::INTERNAL).await;
+    }
+    if let Some(rec) = records_to {
         let arrival = crate::compliance::recorder::Arrival {
             session: claims.sid.clone(),
             participant: pid.clone(),
             user: claims.sub.clone(),
             role: claims.role,
+            via: None,
         };
         if let Err(e) = rec.joined(arrival).await {
             tracing::error!(session = %claims.sid, error = %e, "join refused: not recorded");
             return refuse(&state, &mut sink, e.code(), e.to_string(), close::INTERNAL).await;
         }
         recorded = Some(RecordLeave {
-            recorder: rec.clone(),
+            recorder: rec,
             session: claims.sid.clone(),
             participant: pid.clone(),
             reason: "connection_closed",
