@@ -62,6 +62,20 @@ pub struct RecordingSection {
     /// region of the node the participant joins.
     #[serde(default)]
     pub default_residency: Option<RegionId>,
+    /// The session database (sessions, participants, recordings, outcomes, audit index):
+    /// `sqlite://<path>` or `postgres://user:password@host/db`. Absent: a SQLite file
+    /// `sessions.db` in `dir`.
+    #[serde(default)]
+    pub database: Option<String>,
+}
+
+impl RecordingSection {
+    /// The session database's URL (see `database`).
+    pub fn database_url(&self) -> String {
+        self.database
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.dir.join("sessions.db").display()))
+    }
 }
 
 fn default_recording_dir() -> std::path::PathBuf {
@@ -76,6 +90,7 @@ impl Default for RecordingSection {
             signing_key_file: None,
             create_signing_key: false,
             default_residency: None,
+            database: None,
         }
     }
 }

@@ -92,6 +92,11 @@ enum Command {
         #[arg(long)]
         public_key: Option<String>,
     },
+    /// Read the session database a node writes (`recording.database` of its region file).
+    Sessions {
+        #[command(subcommand)]
+        command: SessionsCommand,
+    },
     /// Write a new Ed25519 key pair for EdDSA tokens.
     Keygen {
         /// Private key output (PEM, PKCS#8).
@@ -100,6 +105,37 @@ enum Command {
         /// Public key output (PEM, SPKI): point auth.public_key_file at it.
         #[arg(long)]
         public: PathBuf,
+    },
+}
+
+/// Where `meridian sessions` reads: a region file's database, or a URL.
+#[derive(clap::Args)]
+struct DatabaseArgs {
+    /// Region file whose `recording.database` (or default SQLite file) to read.
+    #[arg(long, short, default_value = "regions/india.toml")]
+    config: PathBuf,
+    /// A database URL instead (`sqlite://…`, `postgres://…`); also MERIDIAN_DATABASE_URL.
+    #[arg(long, env = "MERIDIAN_DATABASE_URL")]
+    database: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// The latest session runs, newest first.
+    List {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// One session: each run with its participants, files, outcome and audit entries.
+    Show {
+        session: SessionId,
+        #[command(flatten)]
+        db: DatabaseArgs,
     },
 }
 
@@ -263,6 +299,7 @@ fn main() -> anyhow::Result<()> {
                     println!("wrote {} ({} networks)", out.display(), rows.len());
                 }
             },
+            Command::Sessions { command } => sessions(command).await?,
             Command::Verify { dir, public_key } => {
                 let trusted = match public_key.as_deref().map(parse_public_key).transpose() {
                     Ok(k) => k,
@@ -422,4 +459,112 @@ impl StopSignals {
             _ = self.hup.recv() => {}
         }
     }
+}
+
+async fn open_sessions_db(a: &DatabaseArgs) -> anyhow::Result<meridian::compliance::db::SessionDb> {
+    let url = match &a.database {
+        Some(u) => u.clone(),
+        None => NodeConfig::load(&a.config)?.recording.database_url(),
+    };
+    Ok(meridian::compliance::db::SessionDb::open(&url).await?)
+}
+
+async fn sessions(command: SessionsCommand) -> anyhow::Result<()> {
+    match command {
+        SessionsCommand::List { db, limit } => {
+            let rows = open_sessions_db(&db).await?.list(limit).await?;
+            if db.json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<27} {:<10} {:<12} {:<9} {:>3}  {:<27} OUTCOME",
+                "SESSION", "STARTED", "REGION", "NODE", "STATUS", "PPL", "ENDED"
+            );
+            for r in rows {
+                println!(
+                    "{:<24} {:<27} {:<10} {:<12} {:<9} {:>3}  {:<27} {}",
+                    r.session_id,
+                    r.started_at,
+                    r.region,
+                    r.node,
+                    r.status,
+                    r.participants,
+                    r.ended_at.unwrap_or_else(|| "-".into()),
+                    r.outcome.unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+        SessionsCommand::Show { session, db } => {
+            let runs = open_sessions_db(&db)
+                .await?
+                .show(&session.to_string())
+                .await?;
+            if runs.is_empty() {
+                anyhow::bail!("no session {session} in the database");
+            }
+            if db.json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+                return Ok(());
+            }
+            for d in runs {
+                let s = &d.session;
+                println!("session {} run {} ({})", s.session_id, s.run, s.status);
+                println!("  folder   {}", s.folder);
+                println!("  node     {} in {}", s.node, s.region);
+                println!(
+                    "  time     {} .. {}",
+                    s.started_at,
+                    s.ended_at.as_deref().unwrap_or("-")
+                );
+                if let Some(o) = &s.outcome {
+                    println!(
+                        "  outcome  {o} by {} {}",
+                        d.outcome_by.as_deref().unwrap_or("?"),
+                        d.outcome_note.as_deref().unwrap_or("")
+                    );
+                }
+                if let Some(m) = &d.manifest_sha256 {
+                    println!("  manifest sha256 {m}");
+                }
+                println!("  participants:");
+                for p in &d.participant_list {
+                    println!(
+                        "    {:<8} {:<20} {:<16} {} .. {} ({})",
+                        p.role,
+                        p.user_id,
+                        format!("{}/{}", p.region, p.node),
+                        p.joined_at,
+                        p.left_at.as_deref().unwrap_or("-"),
+                        p.left_reason.as_deref().unwrap_or("-")
+                    );
+                }
+                println!("  recordings:");
+                for f in &d.recordings {
+                    println!(
+                        "    {:<36} {:<10} {:>10} bytes {:>8} ms{}",
+                        f.file,
+                        f.tracks,
+                        f.bytes,
+                        f.duration_ms,
+                        f.error
+                            .as_ref()
+                            .map(|e| format!(" ERROR {e}"))
+                            .unwrap_or_default()
+                    );
+                }
+                println!("  audit entries: {}", d.entries.len());
+                for e in &d.entries {
+                    println!(
+                        "    {:>4} {} {:<22} {}",
+                        e.seq,
+                        e.at,
+                        e.event,
+                        e.user_id.as_deref().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -52,6 +52,8 @@ pub enum StartError {
     RecordingKey(#[from] crate::compliance::seal::SealError),
     #[error("cannot start recording: {0}")]
     Recording(#[from] crate::compliance::recorder::RecordError),
+    #[error(transparent)]
+    Database(#[from] crate::compliance::db::DbError),
     #[error("cannot bind signaling on {addr}: {source} (is signaling.listen in use?)")]
     Signaling {
         addr: SocketAddr,
@@ -172,12 +174,33 @@ impl Node {
             } else {
                 SigningKey::load(path)?
             };
+            let url = cfg.recording.database_url();
+            std::fs::create_dir_all(&cfg.recording.dir).map_err(|source| {
+                recorder::RecordError::Folder {
+                    path: cfg.recording.dir.clone(),
+                    source,
+                }
+            })?;
+            let db = crate::compliance::db::SessionDb::open(&url).await?;
+            let (db_tx, mut db_rx) = tokio::sync::mpsc::unbounded_channel();
+            let db_failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let failures = db_failures.clone();
+            tokio::spawn(async move {
+                while let Some(u) = db_rx.recv().await {
+                    if let Err(e) = db.apply(&u).await {
+                        failures.fetch_add(1, Relaxed);
+                        tracing::error!(error = %e, "session database not updated");
+                    }
+                }
+            });
             let (rec, recovered) = recorder::Recorder::start(recorder::RecorderSettings {
                 dir: cfg.recording.dir.clone(),
                 key,
                 node: cfg.node_id(),
                 region: cfg.node.region.clone(),
+                db: Some(db_tx),
             })?;
+            rec.stats().set_db_failures(db_failures);
             for dir in &recovered.sealed {
                 tracing::warn!(dir = %dir.display(), "sealed a session interrupted by the last stop");
             }

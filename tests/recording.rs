@@ -937,7 +937,42 @@ async fn a_cross_region_call_is_recorded_in_its_residency_region_only() {
         .iter()
         .any(|e| e["event"] == "participant_left" && e["user"] == "bob"));
     for region in ["us", "europe"] {
-        let written: Vec<PathBuf> = files_under(&root.join(format!("rec-{region}")));
+        // Nothing but the node's own (empty) session database.
+        let dir = root.join(format!("rec-{region}"));
+        let written: Vec<PathBuf> = files_under(&dir)
+            .into_iter()
+            .filter(|f| {
+                !f.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("sessions.db")
+            })
+            .collect();
         assert_eq!(written, Vec::<PathBuf>::new(), "{region} wrote nothing");
+        let db = meridian::compliance::db::SessionDb::open(&format!(
+            "sqlite://{}",
+            dir.join("sessions.db").display()
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            db.list(10).await.unwrap(),
+            vec![],
+            "{region} indexed nothing"
+        );
     }
+    let db = meridian::compliance::db::SessionDb::open(&format!(
+        "sqlite://{}",
+        root.join("rec-india/sessions.db").display()
+    ))
+    .await
+    .unwrap();
+    let runs = db.show("kyc-residency").await.unwrap();
+    let mut regions: Vec<&str> = runs[0]
+        .participant_list
+        .iter()
+        .map(|p| p.region.as_str())
+        .collect();
+    regions.sort();
+    assert_eq!(regions, ["india", "us"], "India indexes both participants");
 }

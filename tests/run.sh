@@ -2,7 +2,8 @@
 # Runs every Meridian test with its own set-up:
 #  1. installs what the tests need when it is missing: from Debian packages Chromium for the
 #     browser tests, Firefox ESR for the cross-browser test, iproute2 and util-linux for the
-#     network namespace, python3-venv, ffmpeg (ffprobe reads the recordings); from PyPI, in target/aiortc-venv, aiortc (an
+#     network namespace, python3-venv, ffmpeg (ffprobe reads the recordings), postgresql
+#     (a throwaway cluster for the session database tests); from PyPI, in target/aiortc-venv, aiortc (an
 #     independent WebRTC client for the signaling tests);
 #  2. builds the tests (this step may download crates);
 #  3. runs the whole suite inside a private network namespace with only loopback up, so no
@@ -20,6 +21,7 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 python3 -c "import ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
 command -v ffprobe >/dev/null 2>&1 || need+=(ffmpeg)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${need[*]}"
   $SUDO apt-get update -qq

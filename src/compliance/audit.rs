@@ -40,6 +40,8 @@ pub enum AuditError {
 pub struct Appended {
     pub seq: u64,
     pub hash: String,
+    /// The entry's `at`.
+    pub at: String,
 }
 
 /// An open audit log of one session.
@@ -131,11 +133,9 @@ impl AuditLog {
             return Err(AuditError::ReservedField(k.clone()));
         }
         let mut entry = Map::new();
+        let at = utc_rfc3339(std::time::SystemTime::now());
         entry.insert("seq".into(), self.next_seq.into());
-        entry.insert(
-            "at".into(),
-            utc_rfc3339(std::time::SystemTime::now()).into(),
-        );
+        entry.insert("at".into(), at.clone().into());
         entry.insert("event".into(), event.into());
         entry.extend(fields);
         entry.insert("prev".into(), self.last_hash.clone().into());
@@ -150,6 +150,7 @@ impl AuditLog {
         let appended = Appended {
             seq: self.next_seq,
             hash: hash.clone(),
+            at,
         };
         self.next_seq += 1;
         self.last_hash = hash;

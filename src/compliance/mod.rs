@@ -4,6 +4,7 @@
 //! beyond the timestamps written into entries.
 
 pub mod audit;
+pub mod db;
 pub mod frames;
 pub mod media;
 pub mod policy;

@@ -67,6 +67,8 @@ pub struct RecorderSettings {
     pub key: SigningKey,
     pub node: NodeId,
     pub region: RegionId,
+    /// Where the session database's updates go (every entry, every seal), if it has one.
+    pub db: Option<tokio::sync::mpsc::UnboundedSender<super::db::DbUpdate>>,
 }
 
 /// What starting the recorder found from a previous run.
@@ -164,6 +166,20 @@ pub struct RecorderStats {
     pub sessions_sealed: std::sync::atomic::AtomicU64,
     pub entries: std::sync::atomic::AtomicU64,
     pub failures: std::sync::atomic::AtomicU64,
+    /// Session database updates that failed (the folder is still written).
+    db_failures: std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>>,
+}
+
+impl RecorderStats {
+    pub fn set_db_failures(&self, c: Arc<std::sync::atomic::AtomicU64>) {
+        let _ = self.db_failures.set(c);
+    }
+
+    pub fn db_failures(&self) -> u64 {
+        self.db_failures
+            .get()
+            .map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
 }
 
 impl Recorder {
@@ -410,7 +426,8 @@ impl State {
         let Some(s) = self.open.get_mut(session) else {
             return Ok(());
         };
-        s.log.append(event, fields(f))?;
+        let appended = s.log.append(event, fields(f.clone()))?;
+        index_entry(&self.settings, session, &s.dir, event, &appended, f);
         self.stats
             .entries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -665,6 +682,7 @@ impl State {
                 &self.settings.key,
             ) {
                 Ok(_) => {
+                    index_seal(&self.settings, session, &s.dir, SealStatus::Complete);
                     self.stats
                         .sessions_sealed
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -720,6 +738,56 @@ impl State {
 /// Longest a session's end waits for the media writer to close its files.
 const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Tells the session database about an entry just written.
+fn index_entry(
+    settings: &RecorderSettings,
+    session: &SessionId,
+    dir: &Path,
+    event: &str,
+    appended: &super::audit::Appended,
+    fields: Value,
+) {
+    if let Some(db) = &settings.db {
+        let _ = db.send(super::db::DbUpdate::Entry {
+            session: session.to_string(),
+            run: run_name(dir),
+            node: settings.node.to_string(),
+            region: settings.region.to_string(),
+            folder: dir.display().to_string(),
+            seq: appended.seq,
+            at: appended.at.clone(),
+            event: event.to_owned(),
+            hash: appended.hash.clone(),
+            fields,
+        });
+    }
+}
+
+/// Tells the session database a run was sealed, with its manifest's hash.
+fn index_seal(settings: &RecorderSettings, session: &SessionId, dir: &Path, status: SealStatus) {
+    if let Some(db) = &settings.db {
+        let manifest_sha256 = std::fs::read(dir.join(MANIFEST))
+            .map(|b| super::sha256_hex(&b))
+            .unwrap_or_default();
+        let _ = db.send(super::db::DbUpdate::Sealed {
+            session: session.to_string(),
+            run: run_name(dir),
+            status: match status {
+                SealStatus::Complete => "complete",
+                SealStatus::Interrupted => "interrupted",
+            }
+            .to_owned(),
+            manifest_sha256,
+        });
+    }
+}
+
+fn run_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// Every `<dir>/<session>/<run>/` holding an audit log and no manifest: the node stopped in
 /// the middle of it. Its log is reopened (a line cut by the stop is dropped), the stop is
 /// recorded, and the folder sealed as interrupted.
@@ -764,20 +832,21 @@ enum RecoverError {
 
 fn seal_interrupted(settings: &RecorderSettings, run: &Path) -> Result<(), RecoverError> {
     let (mut log, reopened) = AuditLog::reopen(&run.join(AUDIT_FILE))?;
-    log.append(
-        "session_interrupted",
-        fields(json!({
-            "node": settings.node.to_string(),
-            "region": settings.region.to_string(),
-            "entries_kept": reopened.entries,
-            "bytes_of_a_cut_entry_dropped": reopened.discarded_bytes,
-        })),
-    )?;
+    let f = json!({
+        "node": settings.node.to_string(),
+        "region": settings.region.to_string(),
+        "entries_kept": reopened.entries,
+        "bytes_of_a_cut_entry_dropped": reopened.discarded_bytes,
+    });
+    let appended = log.append("session_interrupted", fields(f.clone()))?;
     let session = run
         .parent()
         .and_then(|p| p.file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    if let Ok(id) = session.parse::<SessionId>() {
+        index_entry(settings, &id, run, "session_interrupted", &appended, f);
+    }
     seal(
         run,
         &session,
@@ -790,6 +859,9 @@ fn seal_interrupted(settings: &RecorderSettings, run: &Path) -> Result<(), Recov
         }),
         &settings.key,
     )?;
+    if let Ok(id) = session.parse::<SessionId>() {
+        index_seal(settings, &id, run, SealStatus::Interrupted);
+    }
     Ok(())
 }
 
@@ -804,6 +876,7 @@ mod tests {
             key: SigningKey::load_or_create(&root.join("node.key")).unwrap(),
             node: "india-1".parse().unwrap(),
             region: "india".parse().unwrap(),
+            db: None,
         }
     }
 

@@ -685,6 +685,11 @@ meridian_members{{{labels}}} {}
                 "Audit entries, snapshots or seals that could not be written (disk full, folder not writable)",
                 r.failures.load(Relaxed),
             ),
+            (
+                "meridian_recording_database_failures_total",
+                "Session database updates that failed (the session folder is still written)",
+                r.db_failures(),
+            ),
         ]);
     }
     for (name, help, v) in scalars {
