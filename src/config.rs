@@ -67,6 +67,9 @@ pub struct RecordingSection {
     /// `sessions.db` in `dir`.
     #[serde(default)]
     pub database: Option<String>,
+    /// Copy sealed folders to an S3-compatible object store (see docs/compliance.md).
+    #[serde(default)]
+    pub storage: Option<crate::compliance::storage::StorageSection>,
 }
 
 impl RecordingSection {
@@ -91,6 +94,7 @@ impl Default for RecordingSection {
             create_signing_key: false,
             default_residency: None,
             database: None,
+            storage: None,
         }
     }
 }

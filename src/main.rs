@@ -85,12 +85,17 @@ enum Command {
     /// no file added, and the audit log's chain up to the sealed entry. Exits 1 naming every
     /// fault found.
     Verify {
-        /// The session folder (holding manifest.json and manifest.sig).
+        /// The session folder (holding manifest.json and manifest.sig); with --store-config,
+        /// the stored run as `<session>/<run>`.
         dir: PathBuf,
         /// The recording node's public key: its PEM file or 64 hex digits. Without it the
         /// key the manifest names is used, which proves integrity only against that key.
         #[arg(long)]
         public_key: Option<String>,
+        /// Verify the copy in the object store that this region file's
+        /// `[recording.storage]` names, downloaded to a temporary folder.
+        #[arg(long)]
+        store_config: Option<PathBuf>,
     },
     /// Read the session database a node writes (`recording.database` of its region file).
     Sessions {
@@ -300,7 +305,11 @@ fn main() -> anyhow::Result<()> {
                 }
             },
             Command::Sessions { command } => sessions(command).await?,
-            Command::Verify { dir, public_key } => {
+            Command::Verify {
+                dir,
+                public_key,
+                store_config,
+            } => {
                 let trusted = match public_key.as_deref().map(parse_public_key).transpose() {
                     Ok(k) => k,
                     Err(e) => {
@@ -308,7 +317,21 @@ fn main() -> anyhow::Result<()> {
                         std::process::exit(2);
                     }
                 };
+                let fetched = match &store_config {
+                    Some(cfg) => match fetch_stored(cfg, &dir).await {
+                        Ok(d) => Some(d),
+                        Err(e) => {
+                            eprintln!("meridian verify: {e:#}");
+                            std::process::exit(2);
+                        }
+                    },
+                    None => None,
+                };
+                let dir = fetched.clone().unwrap_or(dir);
                 let v = verify(&dir, trusted.as_deref());
+                if let Some(d) = &fetched {
+                    let _ = std::fs::remove_dir_all(d);
+                }
                 if !v.ok() {
                     println!("NOT VERIFIED {}:", dir.display());
                     for f in &v.faults {
@@ -567,4 +590,35 @@ async fn sessions(command: SessionsCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Downloads the stored run `<session>/<run>` named by a region file's `[recording.storage]`
+/// into a fresh temporary folder.
+async fn fetch_stored(config: &std::path::Path, run: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let cfg = NodeConfig::load(config)?;
+    let storage = cfg
+        .recording
+        .storage
+        .as_ref()
+        .context("the region file has no [recording.storage]")?;
+    let key = run.to_string_lossy();
+    let (session, run) = key
+        .trim_matches('/')
+        .split_once('/')
+        .context("a stored run is named <session>/<run>")?;
+    let store = meridian::compliance::storage::Store::new(storage)?;
+    let dir = std::env::temp_dir().join(format!(
+        "meridian-verify-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let n = store.fetch(session, run, &dir).await?;
+    anyhow::ensure!(
+        n > 0,
+        "nothing stored under {}",
+        store.run_url(session, run)
+    );
+    Ok(dir)
 }

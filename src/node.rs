@@ -54,6 +54,8 @@ pub enum StartError {
     Recording(#[from] crate::compliance::recorder::RecordError),
     #[error(transparent)]
     Database(#[from] crate::compliance::db::DbError),
+    #[error("cannot set up the object store: {0}")]
+    Storage(#[from] crate::compliance::storage::StorageError),
     #[error("cannot bind signaling on {addr}: {source} (is signaling.listen in use?)")]
     Signaling {
         addr: SocketAddr,
@@ -182,6 +184,32 @@ impl Node {
                 }
             })?;
             let db = crate::compliance::db::SessionDb::open(&url).await?;
+            let uploads = match &cfg.recording.storage {
+                Some(s) => {
+                    use crate::compliance::storage;
+                    let store = storage::Store::new(s)?;
+                    let index = db.clone();
+                    let uploads = storage::start(store, move |job, url| {
+                        let (index, job) = (index.clone(), job.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = index.mark_stored(&job.session, &job.run, &url).await {
+                                tracing::error!(error = %e, "session database not updated");
+                            }
+                        });
+                    });
+                    // Runs sealed before this start and never stored (the node stopped, or
+                    // the store was down): queued again.
+                    for (session, run, folder) in db.unstored().await? {
+                        uploads.queue(storage::UploadJob {
+                            folder: folder.into(),
+                            session,
+                            run,
+                        });
+                    }
+                    Some(uploads)
+                }
+                None => None,
+            };
             let (db_tx, mut db_rx) = tokio::sync::mpsc::unbounded_channel();
             let db_failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
             let failures = db_failures.clone();
@@ -199,8 +227,12 @@ impl Node {
                 node: cfg.node_id(),
                 region: cfg.node.region.clone(),
                 db: Some(db_tx),
+                uploads: uploads.clone(),
             })?;
             rec.stats().set_db_failures(db_failures);
+            if let Some(u) = &uploads {
+                rec.stats().set_storage(u.stats.clone());
+            }
             for dir in &recovered.sealed {
                 tracing::warn!(dir = %dir.display(), "sealed a session interrupted by the last stop");
             }

@@ -3,8 +3,9 @@
 #  1. installs what the tests need when it is missing: from Debian packages Chromium for the
 #     browser tests, Firefox ESR for the cross-browser test, iproute2 and util-linux for the
 #     network namespace, python3-venv, ffmpeg (ffprobe reads the recordings), postgresql
-#     (a throwaway cluster for the session database tests); from PyPI, in target/aiortc-venv, aiortc (an
-#     independent WebRTC client for the signaling tests);
+#     (a throwaway cluster for the session database tests); from PyPI, in target/aiortc-venv,
+#     aiortc (an independent WebRTC client for the signaling tests), and in target/moto-venv,
+#     moto's S3 server (the object store the storage tests upload to);
 #  2. builds the tests (this step may download crates);
 #  3. runs the whole suite inside a private network namespace with only loopback up, so no
 #     browser or test can reach anything beyond 127.0.0.0/8.
@@ -35,6 +36,13 @@ if ! "$venv/bin/python" -c "import aiortc, websockets" >/dev/null 2>&1; then
   "$venv/bin/pip" install -q "aiortc==1.16.0" "websockets==15.0.1"
 fi
 export MERIDIAN_AIORTC_PYTHON="$PWD/$venv/bin/python"
+
+moto=target/moto-venv
+if [ ! -x "$moto/bin/moto_server" ]; then
+  echo "tests/run.sh: installing moto[server] into $moto"
+  python3 -m venv "$moto"
+  "$moto/bin/pip" install -q "moto[server]==5.1.*"
+fi
 
 # The production build (no load generator) compiles on its own.
 cargo check --locked --no-default-features --bin meridian

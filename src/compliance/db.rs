@@ -32,10 +32,11 @@ pub const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The schema, in order. Each step runs once (sqlx's migrator keeps the list in
 /// `_sqlx_migrations`); a step already applied is never edited, only followed by another.
-const SCHEMA: &[(i64, &str, &str)] = &[(
-    1,
-    "sessions participants recordings audit index",
-    "CREATE TABLE IF NOT EXISTS sessions (
+const SCHEMA: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "sessions participants recordings audit index",
+        "CREATE TABLE IF NOT EXISTS sessions (
         session_id TEXT NOT NULL,
         run TEXT NOT NULL,
         node TEXT NOT NULL,
@@ -86,7 +87,14 @@ const SCHEMA: &[(i64, &str, &str)] = &[(
         PRIMARY KEY (session_id, run, seq)
     );
     CREATE INDEX IF NOT EXISTS sessions_started ON sessions (started_at);",
-)];
+    ),
+    (
+        2,
+        "where each run is stored",
+        "ALTER TABLE sessions ADD COLUMN stored_url TEXT;
+         ALTER TABLE sessions ADD COLUMN stored_at TEXT;",
+    ),
+];
 
 #[derive(Debug)]
 struct Schema;
@@ -190,11 +198,15 @@ pub struct SessionDetail {
     pub outcome_note: Option<String>,
     pub outcome_by: Option<String>,
     pub manifest_sha256: Option<String>,
+    /// Where the sealed folder was copied and checked (`s3://bucket/key/`), and when.
+    pub stored_url: Option<String>,
+    pub stored_at: Option<String>,
     pub participant_list: Vec<ParticipantRow>,
     pub recordings: Vec<RecordingRow>,
     pub entries: Vec<EntryRow>,
 }
 
+#[derive(Clone)]
 pub struct SessionDb {
     pool: AnyPool,
     sqlite: bool,
@@ -423,6 +435,33 @@ impl SessionDb {
         Ok(())
     }
 
+    /// A run's sealed folder was copied to `url` and checked there.
+    pub async fn mark_stored(&self, session: &str, run: &str, url: &str) -> Result<(), DbError> {
+        sqlx::query(&self.sql(
+            "UPDATE sessions SET stored_url = $1, stored_at = $2 WHERE session_id = $3 AND run = $4",
+        ))
+        .bind(url)
+        .bind(super::utc_rfc3339(std::time::SystemTime::now()))
+        .bind(session)
+        .bind(run)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Sealed runs not stored yet: (session, run, folder).
+    pub async fn unstored(&self) -> Result<Vec<(String, String, String)>, DbError> {
+        let rows = sqlx::query(
+            "SELECT session_id, run, folder FROM sessions
+             WHERE manifest_sha256 IS NOT NULL AND stored_at IS NULL ORDER BY started_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+    }
+
     /// The latest session runs, newest first.
     pub async fn list(&self, limit: i64) -> Result<Vec<SessionRow>, DbError> {
         let rows = sqlx::query(&self.sql(
@@ -445,7 +484,7 @@ impl SessionDb {
                     s.status, s.outcome,
                     (SELECT COUNT(*) FROM participants p
                       WHERE p.session_id = s.session_id AND p.run = s.run) AS participants,
-                    s.outcome_note, s.outcome_by, s.manifest_sha256
+                    s.outcome_note, s.outcome_by, s.manifest_sha256, s.stored_url, s.stored_at
              FROM sessions s WHERE s.session_id = $1 ORDER BY s.started_at",
         ))
         .bind(session)
@@ -522,6 +561,8 @@ impl SessionDb {
                 outcome_note: r.try_get(10)?,
                 outcome_by: r.try_get(11)?,
                 manifest_sha256: r.try_get(12)?,
+                stored_url: r.try_get(13)?,
+                stored_at: r.try_get(14)?,
                 participant_list,
                 recordings,
                 entries,

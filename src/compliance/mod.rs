@@ -10,6 +10,7 @@ pub mod media;
 pub mod policy;
 pub mod recorder;
 pub mod seal;
+pub mod storage;
 pub mod webm;
 
 use std::fmt::Write as _;

@@ -69,6 +69,8 @@ pub struct RecorderSettings {
     pub region: RegionId,
     /// Where the session database's updates go (every entry, every seal), if it has one.
     pub db: Option<tokio::sync::mpsc::UnboundedSender<super::db::DbUpdate>>,
+    /// Where sealed runs are queued for the object store, if one is configured.
+    pub uploads: Option<super::storage::Uploads>,
 }
 
 /// What starting the recorder found from a previous run.
@@ -168,11 +170,21 @@ pub struct RecorderStats {
     pub failures: std::sync::atomic::AtomicU64,
     /// Session database updates that failed (the folder is still written).
     db_failures: std::sync::OnceLock<Arc<std::sync::atomic::AtomicU64>>,
+    /// The object store uploads, when configured.
+    storage: std::sync::OnceLock<Arc<super::storage::StorageStats>>,
 }
 
 impl RecorderStats {
     pub fn set_db_failures(&self, c: Arc<std::sync::atomic::AtomicU64>) {
         let _ = self.db_failures.set(c);
+    }
+
+    pub fn set_storage(&self, s: Arc<super::storage::StorageStats>) {
+        let _ = self.storage.set(s);
+    }
+
+    pub fn storage(&self) -> Option<&super::storage::StorageStats> {
+        self.storage.get().map(|s| s.as_ref())
     }
 
     pub fn db_failures(&self) -> u64 {
@@ -765,6 +777,13 @@ fn index_entry(
 
 /// Tells the session database a run was sealed, with its manifest's hash.
 fn index_seal(settings: &RecorderSettings, session: &SessionId, dir: &Path, status: SealStatus) {
+    if let Some(u) = &settings.uploads {
+        u.queue(super::storage::UploadJob {
+            folder: dir.to_path_buf(),
+            session: session.to_string(),
+            run: run_name(dir),
+        });
+    }
     if let Some(db) = &settings.db {
         let manifest_sha256 = std::fs::read(dir.join(MANIFEST))
             .map(|b| super::sha256_hex(&b))
@@ -877,6 +896,7 @@ mod tests {
             node: "india-1".parse().unwrap(),
             region: "india".parse().unwrap(),
             db: None,
+            uploads: None,
         }
     }
 

@@ -691,6 +691,30 @@ meridian_members{{{labels}}} {}
                 r.db_failures(),
             ),
         ]);
+        if let Some(st) = r.storage() {
+            scalars.extend([
+                (
+                    "meridian_storage_uploaded_total",
+                    "Sealed session runs copied to the object store and checked there",
+                    st.uploaded.load(Relaxed),
+                ),
+                (
+                    "meridian_storage_bytes_total",
+                    "Bytes copied to the object store",
+                    st.bytes.load(Relaxed),
+                ),
+                (
+                    "meridian_storage_pending_uploads",
+                    "Sealed runs waiting for (or retrying) their upload",
+                    st.pending.load(Relaxed),
+                ),
+                (
+                    "meridian_storage_failures_total",
+                    "Upload attempts that failed (retried with backoff) and runs the full queue turned away (stored at the next start)",
+                    st.failures.load(Relaxed),
+                ),
+            ]);
+        }
     }
     for (name, help, v) in scalars {
         let _ = write!(out, "# HELP {name} {help}\n{name}{{{labels}}} {v}\n");
