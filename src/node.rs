@@ -54,6 +54,8 @@ pub enum StartError {
     Recording(#[from] crate::compliance::recorder::RecordError),
     #[error(transparent)]
     Database(#[from] crate::compliance::db::DbError),
+    #[error("the system's random source failed")]
+    Random,
     #[error("cannot set up the object store: {0}")]
     Storage(#[from] crate::compliance::storage::StorageError),
     #[error("cannot bind signaling on {addr}: {source} (is signaling.listen in use?)")]
@@ -411,6 +413,11 @@ impl Node {
             }),
             mesh_stats: mesh.as_ref().map(|m| m.stats.clone()),
             records: mesh.as_ref().map(|m| m.records()),
+            review_key: ring::hmac::Key::generate(
+                ring::hmac::HMAC_SHA256,
+                &ring::rand::SystemRandom::new(),
+            )
+            .map_err(|_| StartError::Random)?,
         };
         // The metrics listener is for a local scraper: a small cap of its own.
         let metrics_admission = Admission::new(Limits {

@@ -626,6 +626,110 @@ async fn a_recorded_call_leaves_a_webm_per_participant_that_players_open() {
             );
         }
     }
+    review_plays_both_files(&node, "kyc-media", day).await;
+}
+
+/// An HTTP/1.0 GET with headers; the status and the raw body.
+async fn raw_get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("GET {path} HTTP/1.0\r\nHost: x\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(out.len());
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out.get(split + 4..).unwrap_or_default().to_vec())
+}
+
+/// The review page of a sealed session: the API admits the agent (not the user), says the
+/// seal verifies, and signs links that serve ranges (a forged one is refused); Chromium plays
+/// both participants' files, both advancing.
+async fn review_plays_both_files(node: &Node, session: &str, day: Duration) {
+    let agent = token(session, "bob", Role::Agent, day);
+    let auth = format!("Bearer {agent}");
+    let (status, body) = raw_get(
+        node.signaling_addr,
+        &format!("/v1/review/{session}"),
+        &[("Authorization", &auth)],
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    let run = &review["runs"][0];
+    assert_eq!(run["verified"], true, "{run}");
+    assert_eq!(run["files"].as_array().unwrap().len(), 2, "{run}");
+    let url = run["files"][0]["url"].as_str().unwrap();
+    let (status, head) = raw_get(node.signaling_addr, url, &[("Range", "bytes=0-3")]).await;
+    assert_eq!(
+        (status, head.as_slice()),
+        (206, &[0x1a, 0x45, 0xdf, 0xa3][..]),
+        "EBML magic, as a range"
+    );
+    let forged = url.replace("sig=", "sig=0");
+    assert_eq!(raw_get(node.signaling_addr, &forged, &[]).await.0, 403);
+    let user = format!("Bearer {}", token(session, "alice", Role::User, day));
+    let (status, _) = raw_get(
+        node.signaling_addr,
+        &format!("/v1/review/{session}"),
+        &[("Authorization", &user)],
+    )
+    .await;
+    assert_eq!(status, 403, "a user does not review");
+    let other = format!("Bearer {}", token("kyc-other", "bob", Role::Agent, day));
+    let (status, _) = raw_get(
+        node.signaling_addr,
+        &format!("/v1/review/{session}"),
+        &[("Authorization", &other)],
+    )
+    .await;
+    assert_eq!(status, 403, "a token for another session");
+
+    let page = Browser::open(&format!(
+        "{}/review.html#token={agent}&autoplay=1",
+        node.http_url()
+    ));
+    let advancing = || {
+        let r = page.reports("PLAYBACK");
+        let times = |i: usize| -> Vec<f64> {
+            r[i]["times"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_f64().unwrap())
+                .collect()
+        };
+        r.len() >= 4 && {
+            let (a, b) = (times(r.len() - 4), times(r.len() - 1));
+            a.len() == 2 && a.iter().zip(&b).all(|(x, y)| y - x > 1.5)
+        }
+    };
+    wait_until(
+        "both recordings playing on the review page",
+        Duration::from_secs(60),
+        &[&page],
+        advancing,
+    )
+    .await;
+    let shown = page.reports("REVIEW").remove(0);
+    assert_eq!(shown["verified"], true, "{shown}");
+    assert!(page.reports("ERROR").is_empty(), "{}", page.transcript());
 }
 
 /// A user publishing H.264 is recorded into Matroska (WebM holds no H.264): ffprobe reads

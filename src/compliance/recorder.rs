@@ -160,6 +160,9 @@ pub struct Recorder {
     tx: std_mpsc::Sender<Request>,
     stats: Arc<RecorderStats>,
     media: MediaSink,
+    /// Where session folders are, and the key that seals them (for review).
+    dir: Arc<PathBuf>,
+    public_key: Arc<Vec<u8>>,
 }
 
 /// Counters for `/metrics`.
@@ -217,6 +220,10 @@ impl Recorder {
             });
         })
         .map_err(thread_err)?;
+        let (dir, public_key) = (
+            Arc::new(settings.dir.clone()),
+            Arc::new(settings.key.public_key()),
+        );
         let mut state = State {
             settings,
             open: HashMap::new(),
@@ -233,11 +240,30 @@ impl Recorder {
                 }
             })
             .map_err(thread_err)?;
-        Ok((Recorder { tx, stats, media }, recovered))
+        Ok((
+            Recorder {
+                tx,
+                stats,
+                media,
+                dir,
+                public_key,
+            },
+            recovered,
+        ))
     }
 
     pub fn stats(&self) -> &RecorderStats {
         &self.stats
+    }
+
+    /// Where session folders are kept: `<dir>/<session>/<run>/`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The public key of the key this node seals with.
+    pub fn public_key(&self) -> &[u8] {
+        &self.public_key
     }
 
     /// Where media workers copy the packets of recorded producers.

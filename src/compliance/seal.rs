@@ -121,6 +121,11 @@ impl SigningKey {
         hex(self.pair.public_key().as_ref())
     }
 
+    /// The public key's 32 bytes.
+    pub fn public_key(&self) -> Vec<u8> {
+        self.pair.public_key().as_ref().to_vec()
+    }
+
     fn sign(&self, bytes: &[u8]) -> String {
         hex(self.pair.sign(bytes).as_ref())
     }

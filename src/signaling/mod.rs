@@ -4,6 +4,7 @@
 pub mod edge;
 pub mod protocol;
 pub mod records;
+pub mod review;
 pub mod server;
 
 use std::collections::BTreeMap;
@@ -74,6 +75,8 @@ pub struct AppState {
     pub mesh_stats: Option<Arc<crate::mesh::MeshStats>>,
     /// Records of participants whose session is recorded on another node go through it.
     pub records: Option<crate::mesh::records::RecordRelay>,
+    /// Signs the review page's file links (a fresh key each start: links last an hour).
+    pub review_key: ring::hmac::Key,
 }
 
 const SDK_JS: &str = include_str!("../../web/sdk/meridian.js");
@@ -81,6 +84,8 @@ const USER_HTML: &str = include_str!("../../web/demo/user.html");
 const AGENT_HTML: &str = include_str!("../../web/demo/agent.html");
 const DEMO_JS: &str = include_str!("../../web/demo/demo.js");
 const DEMO_CSS: &str = include_str!("../../web/demo/demo.css");
+const REVIEW_HTML: &str = include_str!("../../web/review/review.html");
+const REVIEW_JS: &str = include_str!("../../web/review/review.js");
 
 /// Headers every page and script carries: the demo pages read a JWT from the URL and open the
 /// camera, so they may not be framed, sniffed, or leak their URL to another site.
@@ -130,6 +135,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ws", get(ws_upgrade))
         .route("/v1/edge", get(edge::edge))
         .route("/v1/snapshot", axum::routing::post(snapshot_upload))
+        .route("/v1/review/{session}", get(review::review))
+        .route("/v1/review/{session}/{run}/{*file}", get(review::file))
+        .route("/review.html", get(|| async { asset(HTML, REVIEW_HTML) }))
+        .route("/review/review.js", get(|| async { asset(JS, REVIEW_JS) }))
         .route("/healthz", get(healthz))
         .route("/sdk/meridian.js", get(|| async { sdk() }))
         .route("/demo/demo.js", get(|| async { asset(JS, DEMO_JS) }))
