@@ -117,6 +117,23 @@ pub enum BenchCommand {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// What recording costs: the sessions load on a node without and with recording (one
+    /// node each per step), the extra CPU per recorded packet and the disk written per
+    /// session minute.
+    Recording {
+        /// Numbers of concurrent sessions, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,25")]
+        sessions: Vec<usize>,
+        /// Measurement window per step, seconds.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Warm-up before each window, seconds.
+        #[arg(long, default_value_t = 8)]
+        warmup: u64,
+        /// Also write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 /// Runs one benchmark command.
@@ -142,6 +159,118 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
             };
             bench_sessions(cfg, &workers, &sfus, json).await?
         }
+        BenchCommand::Recording {
+            sessions,
+            seconds,
+            warmup,
+            json,
+        } => {
+            let cfg = meridian::bench::sessions::SessionsConfig {
+                sessions,
+                seconds,
+                warmup_seconds: warmup,
+                ..Default::default()
+            };
+            bench_recording(cfg, json).await?
+        }
+    }
+    Ok(())
+}
+
+/// One step of the recording benchmark.
+#[derive(Debug, serde::Serialize)]
+struct RecordingCost {
+    sessions: usize,
+    cpu_percent_plain: f64,
+    cpu_percent_recording: f64,
+    /// Packets copied to the recording per second (each session's top video layer and
+    /// audio of both participants).
+    recorded_packets_per_s: f64,
+    /// Extra SFU CPU per recorded packet (tap, queue, reassembly, muxing, disk).
+    extra_cpu_us_per_recorded_packet: f64,
+    /// Bytes of media files per session minute (both participants).
+    disk_bytes_per_session_minute: f64,
+}
+
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.extension().is_some_and(|x| x == "webm" || x == "mkv") {
+                total += e.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// The sessions load without and with recording, one fresh single-worker node per run.
+async fn bench_recording(
+    cfg: meridian::bench::sessions::SessionsConfig,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use meridian::bench::sessions::run_sessions;
+    let dir = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
+    let per_session = cfg.user_layers.last().map_or(0.0, |l| l.packets_per_s)
+        + cfg.agent_video.packets_per_s
+        + 2.0 * cfg.audio.packets_per_s;
+    println!(
+        "recording: {:?} concurrent sessions, {per_session:.0} recorded packets/s each (top user layer, agent video, two audio), {} s windows after {} s warm-up",
+        cfg.sessions, cfg.seconds, cfg.warmup_seconds
+    );
+    println!("{:>8} {:>10} {:>12} {:>12} {:>18} {:>20}", "sessions", "cpu plain", "cpu recorded", "recorded/s", "extra us/rec. pkt", "disk B/session-min");
+    let mut out = Vec::new();
+    for &n in &cfg.sessions {
+        let step = meridian::bench::sessions::SessionsConfig {
+            sessions: vec![n],
+            ..cfg.clone()
+        };
+        let plain = meridian::bench::SpawnedNode::start(&dir, &format!("plain-{n}"), None, 1)?;
+        plain.wait_ready().await?;
+        let p = run_sessions(&plain.target(), 1, &step).await;
+        drop(plain);
+        let p = p?.remove(0);
+        let rec_dir = dir.join(format!("recordings-{n}"));
+        let extra = format!(
+            "[recording]\nenabled = true\ndir = {:?}\nsigning_key_file = {:?}\ncreate_signing_key = true\n",
+            rec_dir,
+            dir.join("recording.key")
+        );
+        let node = meridian::bench::SpawnedNode::start_with(&dir, &format!("rec-{n}"), None, 1, &extra)?;
+        node.wait_ready().await?;
+        let started = std::time::Instant::now();
+        let r = run_sessions(&node.target(), 1, &step).await;
+        let minutes = started.elapsed().as_secs_f64() / 60.0;
+        drop(node);
+        let r = r?.remove(0);
+        let recorded = per_session * n as f64;
+        let extra_us = (r.cpu_percent_of_core - p.cpu_percent_of_core) / 100.0 * 1e6 / recorded;
+        let cost = RecordingCost {
+            sessions: n,
+            cpu_percent_plain: p.cpu_percent_of_core,
+            cpu_percent_recording: r.cpu_percent_of_core,
+            recorded_packets_per_s: recorded,
+            extra_cpu_us_per_recorded_packet: extra_us,
+            disk_bytes_per_session_minute: bytes_under(&rec_dir) as f64 / n as f64 / minutes,
+        };
+        println!(
+            "{:>8} {:>9.1}% {:>11.1}% {:>12.0} {:>18.1} {:>20.0}",
+            n,
+            cost.cpu_percent_plain,
+            cost.cpu_percent_recording,
+            cost.recorded_packets_per_s,
+            cost.extra_cpu_us_per_recorded_packet,
+            cost.disk_bytes_per_session_minute
+        );
+        out.push(cost);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&out)?)?;
     }
     Ok(())
 }

@@ -55,6 +55,21 @@ impl SpawnedNode {
         )>,
         workers: usize,
     ) -> std::io::Result<SpawnedNode> {
+        Self::start_with(dir, name, mesh, workers, "")
+    }
+
+    /// [`SpawnedNode::start`] with more configuration (whole TOML tables) appended.
+    pub fn start_with(
+        dir: &std::path::Path,
+        name: &str,
+        mesh: Option<(
+            std::net::SocketAddr,
+            Vec<std::net::SocketAddr>,
+            crate::mesh::tls::NodeFiles,
+        )>,
+        workers: usize,
+        extra: &str,
+    ) -> std::io::Result<SpawnedNode> {
         std::fs::create_dir_all(dir)?;
         let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -102,6 +117,7 @@ impl SpawnedNode {
                 files.key_file
             ));
         }
+        text.push_str(extra);
         let config = dir.join(format!("{name}.toml"));
         std::fs::write(&config, text)?;
         let log = dir.join(format!("{name}.log"));
