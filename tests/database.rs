@@ -114,11 +114,7 @@ fn nix_user(name: &str) -> (u32, u32) {
 }
 
 async fn recording_node(root: &Path, database: &str) -> Node {
-    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
-    cfg.recording.enabled = true;
-    cfg.recording.dir = root.join("recordings");
-    cfg.recording.signing_key_file = Some(root.join("node.key"));
-    cfg.recording.create_signing_key = true;
+    let mut cfg = recording_config(root);
     cfg.recording.database = Some(database.to_owned());
     Node::start(cfg).await.expect("node starts")
 }
@@ -245,11 +241,7 @@ async fn sessions_are_indexed_in_postgresql() {
 #[tokio::test]
 async fn an_unreachable_database_stops_the_node_with_a_clear_error() {
     let root = tempfile::tempdir().unwrap();
-    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
-    cfg.recording.enabled = true;
-    cfg.recording.dir = root.path().join("recordings");
-    cfg.recording.signing_key_file = Some(root.path().join("node.key"));
-    cfg.recording.create_signing_key = true;
+    let mut cfg = recording_config(root.path());
     cfg.recording.database = Some("postgres://meridian:secret@127.0.0.1:1/none".into());
     let e = Node::start(cfg).await.err().expect("refused").to_string();
     assert!(e.contains("cannot open the session database"), "{e}");

@@ -15,12 +15,9 @@ use meridian::node::Node;
 use serde_json::{json, Value};
 
 async fn recording_node(root: &Path) -> Node {
-    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
-    cfg.recording.enabled = true;
-    cfg.recording.dir = root.join("recordings");
-    cfg.recording.signing_key_file = Some(root.join("node.key"));
-    cfg.recording.create_signing_key = true;
-    Node::start(cfg).await.expect("node starts")
+    Node::start(recording_config(root))
+        .await
+        .expect("node starts")
 }
 
 /// The session's run folders.
@@ -388,13 +385,7 @@ async fn the_agent_console_marks_snapshots_and_decides_into_the_sealed_log() {
     assert_isolated_network();
     let root = tempfile::tempdir().unwrap();
     let node = recording_node(root.path()).await;
-    let day = Duration::from_secs(3600);
-    let page = |role: &str, user: &str, r: Role, opts: &str| {
-        let t = token("kyc-console", user, r, day);
-        format!("{}/demo/{role}.html#token={t}{opts}", node.http_url())
-    };
-    let user = Browser::open(&page("user", "alice", Role::User, ""));
-    let agent = Browser::open(&page("agent", "bob", Role::Agent, "&verifyAfterFrames=30"));
+    let (user, agent) = call_pages(&node, "kyc-console", "", "&verifyAfterFrames=30");
     wait_until(
         "the agent console recording an outcome",
         Duration::from_secs(90),
@@ -420,6 +411,19 @@ async fn the_agent_console_marks_snapshots_and_decides_into_the_sealed_log() {
     for e in ["checklist_marked", "snapshot_taken", "outcome_recorded"] {
         assert!(events.iter().any(|x| x == e), "{e} in {events:?}");
     }
+}
+
+/// The demo pages of a call: the user alice and the agent bob, with extra page options.
+fn call_pages(node: &Node, session: &str, user_opts: &str, agent_opts: &str) -> (Browser, Browser) {
+    let day = Duration::from_secs(3600);
+    let page = |role: &str, user: &str, r: Role, opts: &str| {
+        let t = token(session, user, r, day);
+        format!("{}/demo/{role}.html#token={t}{opts}", node.http_url())
+    };
+    (
+        Browser::open(&page("user", "alice", Role::User, user_opts)),
+        Browser::open(&page("agent", "bob", Role::Agent, agent_opts)),
+    )
 }
 
 fn recording_token(session: &str, rec: Option<bool>, residency: Option<&str>) -> String {
@@ -549,14 +553,8 @@ async fn a_recorded_call_leaves_a_webm_per_participant_that_players_open() {
     assert_isolated_network();
     let root = tempfile::tempdir().unwrap();
     let node = recording_node(root.path()).await;
-    let day = Duration::from_secs(3600);
-    let page = |role: &str, user: &str, r: Role, opts: &str| {
-        let t = token("kyc-media", user, r, day);
-        format!("{}/demo/{role}.html#token={t}{opts}", node.http_url())
-    };
     let opened = std::time::Instant::now();
-    let user = Browser::open(&page("user", "alice", Role::User, "&simulcast=1"));
-    let agent = Browser::open(&page("agent", "bob", Role::Agent, ""));
+    let (user, agent) = call_pages(&node, "kyc-media", "&simulcast=1", "");
     wait_until(
         "the user and the agent decoding each other",
         Duration::from_secs(90),
@@ -626,7 +624,7 @@ async fn a_recorded_call_leaves_a_webm_per_participant_that_players_open() {
             );
         }
     }
-    review_plays_both_files(&node, "kyc-media", day).await;
+    review_plays_both_files(&node, "kyc-media", Duration::from_secs(3600)).await;
 }
 
 /// An HTTP/1.0 GET with headers; the status and the raw body.
@@ -739,13 +737,7 @@ async fn an_h264_publisher_is_recorded_into_a_matroska_file_that_plays() {
     assert_isolated_network();
     let root = tempfile::tempdir().unwrap();
     let node = recording_node(root.path()).await;
-    let day = Duration::from_secs(3600);
-    let page = |role: &str, user: &str, r: Role, opts: &str| {
-        let t = token("kyc-h264", user, r, day);
-        format!("{}/demo/{role}.html#token={t}{opts}", node.http_url())
-    };
-    let user = Browser::open(&page("user", "alice", Role::User, "&codec=H264"));
-    let agent = Browser::open(&page("agent", "bob", Role::Agent, ""));
+    let (user, agent) = call_pages(&node, "kyc-h264", "&codec=H264", "");
     wait_until(
         "the agent decoding the user's H.264",
         Duration::from_secs(90),

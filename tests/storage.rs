@@ -96,11 +96,7 @@ async fn a_sealed_session_is_stored_checked_and_verifies_from_the_store() {
     let server = moto().await;
     create_bucket(server.port, "kyc-archive").await;
     let root = tempfile::tempdir().unwrap();
-    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
-    cfg.recording.enabled = true;
-    cfg.recording.dir = root.path().join("recordings");
-    cfg.recording.signing_key_file = Some(root.path().join("node.key"));
-    cfg.recording.create_signing_key = true;
+    let mut cfg = recording_config(root.path());
     cfg.recording.storage = Some(storage_section(root.path(), server.port));
     let node = Node::start(cfg).await.expect("node starts");
     let (mut user, _) = Signal::join(&node, "kyc-stored", "alice", Role::User).await;

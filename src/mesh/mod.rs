@@ -1037,6 +1037,21 @@ impl Core {
                 producer,
                 bitrates,
             } => self.send(pipe, &Control::LayerBitrates { producer, bitrates }),
+            MeshEvent::SenderReport {
+                pipe,
+                producer,
+                layer,
+                ntp,
+                rtp,
+            } => self.send(
+                pipe,
+                &Control::SenderReport {
+                    producer,
+                    layer,
+                    ntp,
+                    rtp,
+                },
+            ),
         }
     }
 
@@ -1428,6 +1443,24 @@ impl Core {
                             pipe,
                             producer,
                             paused,
+                        });
+                }
+            }
+            Control::SenderReport {
+                producer,
+                layer,
+                ntp,
+                rtp,
+            } => {
+                if let Some(r) = state.remote_producers.get(&producer) {
+                    self.workers
+                        .get(r.worker)
+                        .mesh_command(Command::RemoteSenderReport {
+                            pipe,
+                            producer,
+                            layer,
+                            ntp,
+                            rtp,
                         });
                 }
             }

@@ -405,6 +405,14 @@ pub enum Control {
         producer: ProducerId,
         bitrates: Vec<Option<u64>>,
     },
+    /// The publisher's RTCP sender report for a layer of `producer` the receiver consumes:
+    /// NTP time (32.32) at RTP time `rtp`, for the receiver's recording of the stream.
+    SenderReport {
+        producer: ProducerId,
+        layer: u8,
+        ntp: u64,
+        rtp: u32,
+    },
     /// An audit record of a participant of the sender, for a session the receiver records
     /// (its residency region). Answered by `record_ack` with the same `id`.
     Record {

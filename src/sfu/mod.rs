@@ -95,6 +95,15 @@ pub enum MeshEvent {
         producer: ProducerId,
         bitrates: Vec<Option<u64>>,
     },
+    /// A publisher's RTCP sender report for a layer the node behind `pipe` receives (its
+    /// recording maps the stream's clock through it).
+    SenderReport {
+        pipe: PipeId,
+        producer: ProducerId,
+        layer: u8,
+        ntp: u64,
+        rtp: u32,
+    },
 }
 
 /// A [`MeshEvent`] with the number of the worker that raised it, so the mesh sends what
@@ -461,6 +470,14 @@ pub(crate) enum Command {
         pipe: PipeId,
         producer: ProducerId,
         bitrates: Vec<Option<u64>>,
+    },
+    /// The origin's sender report for a layer of a producer piped in through `pipe`.
+    RemoteSenderReport {
+        pipe: PipeId,
+        producer: ProducerId,
+        layer: u8,
+        ntp: u64,
+        rtp: u32,
     },
     /// The node behind `pipe` wants these layers of a local producer (0: none).
     PipeConsume {

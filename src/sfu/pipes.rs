@@ -305,6 +305,24 @@ impl Worker {
         }
     }
 
+    /// The origin's sender report for a piped-in producer: for its recording here.
+    pub(super) fn remote_sender_report(
+        &mut self,
+        pipe: PipeId,
+        producer: &ProducerId,
+        layer: u8,
+        ntp: u64,
+        rtp: u32,
+    ) {
+        let (Some(pk), Some(sink)) = (self.piped_producer(pipe, producer), &self.cfg.recording)
+        else {
+            return;
+        };
+        if let Some(tap) = &self.producers[pk].tap {
+            tap.sender_report(sink, layer, ntp, rtp);
+        }
+    }
+
     fn piped_producer(&self, pipe: PipeId, producer: &ProducerId) -> Option<ProducerKey> {
         let pk = *self.producer_ids.get(producer)?;
         matches!(self.producers[pk].origin, Origin::Pipe { pipe: q, .. } if q == pipe).then_some(pk)

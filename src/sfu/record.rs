@@ -134,19 +134,25 @@ impl Worker {
             // Other nodes announce the session's producers from now on.
             self.mesh_event(MeshEvent::SessionActive(session.clone()));
         }
-        if self.recorded.insert(session.clone()) {
-            let known: Vec<ProducerKey> = self
-                .session_producers
-                .get(&session)
-                .into_iter()
-                .flatten()
-                .copied()
-                .collect();
-            for pk in known {
-                self.tap(pk);
-            }
-        }
+        self.record_session(&session);
         self.update_gauges();
+    }
+
+    /// Records `session` here from now on: every producer it has gets a tap.
+    pub(super) fn record_session(&mut self, session: &SessionId) {
+        if !self.recorded.insert(session.clone()) {
+            return;
+        }
+        let known: Vec<ProducerKey> = self
+            .session_producers
+            .get(session)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        for pk in known {
+            self.tap(pk);
+        }
     }
 
     /// A sender report from a publisher, for the recording of the stream it describes.
@@ -155,14 +161,30 @@ impl Worker {
         ck: super::keys::ConnKey,
         sr: &rtc::rtcp::sender_report::SenderReport,
     ) {
-        let (Some(sink), Some(conn)) = (&self.cfg.recording, self.conns.get(ck)) else {
+        let Some(&(pk, layer)) = self.conns.get(ck).and_then(|c| c.ssrc_route.get(&sr.ssrc)) else {
             return;
         };
-        let Some(&(pk, layer)) = conn.ssrc_route.get(&sr.ssrc) else {
+        let Some(p) = self.producers.get(pk) else {
             return;
         };
-        if let Some(tap) = self.producers.get(pk).and_then(|p| p.tap.as_ref()) {
+        if let (Some(tap), Some(sink)) = (&p.tap, &self.cfg.recording) {
             tap.sender_report(sink, layer, sr.ntp_time, sr.rtp_time);
+        }
+        // Nodes that receive the layer record it too, wherever their recording is.
+        let events: Vec<MeshEvent> = p
+            .pipes_out
+            .iter()
+            .filter(|(_, wanted)| wanted & (1 << layer) != 0)
+            .map(|&(pipe, _)| MeshEvent::SenderReport {
+                pipe,
+                producer: p.id.clone(),
+                layer,
+                ntp: sr.ntp_time,
+                rtp: sr.rtp_time,
+            })
+            .collect();
+        for ev in events {
+            self.mesh_event(ev);
         }
     }
 }

@@ -114,18 +114,9 @@ impl Worker {
             consumers: Vec::new(),
         });
         self.participant_ids.insert(id.clone(), pk);
-        if recorded && self.cfg.recording.is_some() && self.recorded.insert(session.clone()) {
+        if recorded && self.cfg.recording.is_some() {
             // Producers piped in before this join are recorded from now on.
-            let known: Vec<ProducerKey> = self
-                .session_producers
-                .get(&session)
-                .into_iter()
-                .flatten()
-                .copied()
-                .collect();
-            for prk in known {
-                self.tap(prk);
-            }
+            self.record_session(&session);
         }
         if !self.routers.contains_key(&session) {
             // Other nodes announce this session's producers from now on.

@@ -412,6 +412,13 @@ impl Worker {
                 layers,
             } => self.pipe_consume(now, pipe, &producer, layers),
             Command::PipeKeyframe { producer, layer } => self.pipe_keyframe(now, &producer, layer),
+            Command::RemoteSenderReport {
+                pipe,
+                producer,
+                layer,
+                ntp,
+                rtp,
+            } => self.remote_sender_report(pipe, &producer, layer, ntp, rtp),
             Command::PipeSessionEnded { pipe, session } => self.pipe_session_ended(pipe, &session),
         }
     }

@@ -168,6 +168,55 @@ async fn healthz(State(s): State<AppState>) -> Response {
     }
 }
 
+/// An HTTP API error answer, `{"code","message"}`, counted by its code.
+pub(crate) fn api_error(
+    s: &AppState,
+    status: axum::http::StatusCode,
+    code: &'static str,
+    message: String,
+) -> Response {
+    s.metrics.count(code);
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::json!({"code": code, "message": message}).to_string(),
+    )
+        .into_response()
+}
+
+/// For the recording APIs: this node's recorder and the verified claims of the request's
+/// `Authorization: Bearer` token, or the error to answer.
+pub(crate) fn recorder_and_claims<'a>(
+    s: &'a AppState,
+    headers: &axum::http::HeaderMap,
+) -> Result<(&'a crate::compliance::recorder::Recorder, crate::auth::Claims), Response> {
+    use axum::http::StatusCode;
+    let Some(recorder) = &s.recorder else {
+        return Err(api_error(
+            s,
+            StatusCode::NOT_FOUND,
+            "not_recorded",
+            "this node does not record sessions (recording.enabled)".into(),
+        ));
+    };
+    let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return Err(api_error(
+            s,
+            StatusCode::UNAUTHORIZED,
+            "token_missing",
+            "send the session token as `Authorization: Bearer <token>`".into(),
+        ));
+    };
+    match s.verifier.verify(token.trim()) {
+        Ok(c) => Ok((recorder, c)),
+        Err(e) => Err(api_error(s, StatusCode::UNAUTHORIZED, e.code(), e.to_string())),
+    }
+}
+
 /// Largest evidence still accepted (bytes).
 pub const MAX_SNAPSHOT_BYTES: usize = 4 << 20;
 
@@ -182,35 +231,11 @@ async fn snapshot_upload(
 ) -> Response {
     use axum::http::StatusCode;
     let fail = |status: StatusCode, code: &'static str, message: String| {
-        s.metrics.count(code);
-        (
-            status,
-            [(header::CONTENT_TYPE, "application/json")],
-            serde_json::json!({"code": code, "message": message}).to_string(),
-        )
-            .into_response()
+        api_error(&s, status, code, message)
     };
-    let Some(recorder) = &s.recorder else {
-        return fail(
-            StatusCode::NOT_FOUND,
-            "not_recorded",
-            "this node does not record sessions (recording.enabled)".into(),
-        );
-    };
-    let Some(token) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return fail(
-            StatusCode::UNAUTHORIZED,
-            "token_missing",
-            "send the session token as `Authorization: Bearer <token>`".into(),
-        );
-    };
-    let claims = match s.verifier.verify(token.trim()) {
-        Ok(c) => c,
-        Err(e) => return fail(StatusCode::UNAUTHORIZED, e.code(), e.to_string()),
+    let (recorder, claims) = match recorder_and_claims(&s, &headers) {
+        Ok(r) => r,
+        Err(answer) => return answer,
     };
     if claims.role != crate::auth::Role::Agent {
         return fail(

@@ -21,15 +21,7 @@ use crate::compliance::seal::{verify, Manifest};
 /// How long a file link from the review API stays valid.
 pub const LINK_TTL: Duration = Duration::from_secs(3600);
 
-fn fail(s: &AppState, status: StatusCode, code: &'static str, message: String) -> Response {
-    s.metrics.count(code);
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        json!({"code": code, "message": message}).to_string(),
-    )
-        .into_response()
-}
+use super::api_error as fail;
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -87,31 +79,9 @@ pub async fn review(
     UrlPath(session): UrlPath<String>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    let Some(recorder) = &s.recorder else {
-        return fail(
-            &s,
-            StatusCode::NOT_FOUND,
-            "not_recorded",
-            "this node does not record sessions (recording.enabled)".into(),
-        );
-    };
-    let Some(token) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return fail(
-            &s,
-            StatusCode::UNAUTHORIZED,
-            "token_missing",
-            "send the session token as `Authorization: Bearer <token>`".into(),
-        );
-    };
-    let claims = match s.verifier.verify(token) {
-        Ok(c) => c,
-        Err(e) => {
-            return fail(&s, StatusCode::UNAUTHORIZED, e.code(), e.to_string());
-        }
+    let (recorder, claims) = match super::recorder_and_claims(&s, &headers) {
+        Ok(r) => r,
+        Err(answer) => return answer,
     };
     if claims.sid.to_string() != session || !plain(&session) {
         return fail(

@@ -53,6 +53,18 @@ secret = "{SECRET}"
     .expect("test config is valid")
 }
 
+/// [`test_config`] recording into `root/recordings`, with a signing key made at
+/// `root/node.key` (its public half at `root/node.pub.pem`).
+#[allow(dead_code)] // not every test file records
+pub fn recording_config(root: &std::path::Path) -> NodeConfig {
+    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
+    cfg.recording.enabled = true;
+    cfg.recording.dir = root.join("recordings");
+    cfg.recording.signing_key_file = Some(root.join("node.key"));
+    cfg.recording.create_signing_key = true;
+    cfg
+}
+
 /// Starts `regions.len()` nodes joined by pipes (each dials the ones started before it) and
 /// waits until every pipe is up. `dir` receives the cluster's certificates.
 pub async fn start_mesh(dir: &std::path::Path, regions: &[&str]) -> Vec<Node> {
