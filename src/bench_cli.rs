@@ -192,6 +192,35 @@ struct RecordingCost {
     disk_bytes_per_session_minute: f64,
 }
 
+/// The recording node's own counters (frames, gaps, packets dropped, keyframe requests).
+async fn recording_counters(metrics: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(metrics).await else {
+        return String::new();
+    };
+    let _ = s
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await;
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body).await;
+    [
+        "meridian_recording_packets_total",
+        "meridian_recording_frames_total",
+        "meridian_recording_gaps_total",
+        "meridian_recording_dropped_packets_total",
+        "meridian_keyframe_requests_total",
+    ]
+    .iter()
+    .filter_map(|name| {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| format!("{}={v}", name.trim_start_matches("meridian_")))
+    })
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
 fn bytes_under(dir: &std::path::Path) -> u64 {
     let mut total = 0;
     let mut todo = vec![dir.to_path_buf()];
@@ -222,7 +251,15 @@ async fn bench_recording(
         "recording: {:?} concurrent sessions, {per_session:.0} recorded packets/s each (top user layer, agent video, two audio), {} s windows after {} s warm-up",
         cfg.sessions, cfg.seconds, cfg.warmup_seconds
     );
-    println!("{:>8} {:>10} {:>12} {:>12} {:>18} {:>20}", "sessions", "cpu plain", "cpu recorded", "recorded/s", "extra us/rec. pkt", "disk B/session-min");
+    println!(
+        "{:>8} {:>10} {:>12} {:>12} {:>18} {:>20}",
+        "sessions",
+        "cpu plain",
+        "cpu recorded",
+        "recorded/s",
+        "extra us/rec. pkt",
+        "disk B/session-min"
+    );
     let mut out = Vec::new();
     for &n in &cfg.sessions {
         let step = meridian::bench::sessions::SessionsConfig {
@@ -240,11 +277,13 @@ async fn bench_recording(
             rec_dir,
             dir.join("recording.key")
         );
-        let node = meridian::bench::SpawnedNode::start_with(&dir, &format!("rec-{n}"), None, 1, &extra)?;
+        let node =
+            meridian::bench::SpawnedNode::start_with(&dir, &format!("rec-{n}"), None, 1, &extra)?;
         node.wait_ready().await?;
         let started = std::time::Instant::now();
         let r = run_sessions(&node.target(), 1, &step).await;
         let minutes = started.elapsed().as_secs_f64() / 60.0;
+        let counters = recording_counters(node.target().metrics_addr).await;
         drop(node);
         let r = r?.remove(0);
         let recorded = per_session * n as f64;
@@ -266,6 +305,7 @@ async fn bench_recording(
             cost.extra_cpu_us_per_recorded_packet,
             cost.disk_bytes_per_session_minute
         );
+        println!("         ({counters})");
         out.push(cost);
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -189,31 +189,42 @@ pub(crate) fn api_error(
 pub(crate) fn recorder_and_claims<'a>(
     s: &'a AppState,
     headers: &axum::http::HeaderMap,
-) -> Result<(&'a crate::compliance::recorder::Recorder, crate::auth::Claims), Response> {
+) -> Result<
+    (
+        &'a crate::compliance::recorder::Recorder,
+        crate::auth::Claims,
+    ),
+    Box<Response>,
+> {
     use axum::http::StatusCode;
     let Some(recorder) = &s.recorder else {
-        return Err(api_error(
+        return Err(Box::new(api_error(
             s,
             StatusCode::NOT_FOUND,
             "not_recorded",
             "this node does not record sessions (recording.enabled)".into(),
-        ));
+        )));
     };
     let Some(token) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
     else {
-        return Err(api_error(
+        return Err(Box::new(api_error(
             s,
             StatusCode::UNAUTHORIZED,
             "token_missing",
             "send the session token as `Authorization: Bearer <token>`".into(),
-        ));
+        )));
     };
     match s.verifier.verify(token.trim()) {
         Ok(c) => Ok((recorder, c)),
-        Err(e) => Err(api_error(s, StatusCode::UNAUTHORIZED, e.code(), e.to_string())),
+        Err(e) => Err(Box::new(api_error(
+            s,
+            StatusCode::UNAUTHORIZED,
+            e.code(),
+            e.to_string(),
+        ))),
     }
 }
 
@@ -235,7 +246,7 @@ async fn snapshot_upload(
     };
     let (recorder, claims) = match recorder_and_claims(&s, &headers) {
         Ok(r) => r,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     if claims.role != crate::auth::Role::Agent {
         return fail(

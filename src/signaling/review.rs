@@ -81,7 +81,7 @@ pub async fn review(
 ) -> Response {
     let (recorder, claims) = match super::recorder_and_claims(&s, &headers) {
         Ok(r) => r,
-        Err(answer) => return answer,
+        Err(answer) => return *answer,
     };
     if claims.sid.to_string() != session || !plain(&session) {
         return fail(
