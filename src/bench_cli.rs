@@ -104,13 +104,8 @@ pub enum BenchCommand {
         /// Meridian media workers to measure with, comma-separated (one node per value).
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         workers: Vec<usize>,
-        /// Measurement window per step, seconds.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Warm-up before each window, seconds: long enough for subscribers to probe their
-        /// way to the top layer.
-        #[arg(long, default_value_t = 8)]
-        warmup: u64,
+        #[command(flatten)]
+        window: Window,
         #[command(flatten)]
         sfus: SfuArgs,
         /// Also write the results as JSON here (and a plot beside it).
@@ -124,12 +119,8 @@ pub enum BenchCommand {
         /// Numbers of concurrent sessions, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "10,25")]
         sessions: Vec<usize>,
-        /// Measurement window per step, seconds.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Warm-up before each window, seconds.
-        #[arg(long, default_value_t = 8)]
-        warmup: u64,
+        #[command(flatten)]
+        window: Window,
         /// Also write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -146,35 +137,40 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Sessions {
             sessions,
             workers,
-            seconds,
-            warmup,
+            window,
             sfus,
             json,
-        } => {
-            let cfg = meridian::bench::sessions::SessionsConfig {
-                sessions,
-                seconds,
-                warmup_seconds: warmup,
-                ..Default::default()
-            };
-            bench_sessions(cfg, &workers, &sfus, json).await?
-        }
+        } => bench_sessions(window.load(sessions), &workers, &sfus, json).await?,
         BenchCommand::Recording {
             sessions,
-            seconds,
-            warmup,
+            window,
             json,
-        } => {
-            let cfg = meridian::bench::sessions::SessionsConfig {
-                sessions,
-                seconds,
-                warmup_seconds: warmup,
-                ..Default::default()
-            };
-            bench_recording(cfg, json).await?
-        }
+        } => bench_recording(window.load(sessions), json).await?,
     }
     Ok(())
+}
+
+/// How long each step of a sessions benchmark warms up and measures.
+#[derive(clap::Args)]
+pub struct Window {
+    /// Measurement window per step, seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Warm-up before each window, seconds: long enough for subscribers to probe their way
+    /// to the top layer.
+    #[arg(long, default_value_t = 8)]
+    warmup: u64,
+}
+
+impl Window {
+    fn load(&self, sessions: Vec<usize>) -> meridian::bench::sessions::SessionsConfig {
+        meridian::bench::sessions::SessionsConfig {
+            sessions,
+            seconds: self.seconds,
+            warmup_seconds: self.warmup,
+            ..Default::default()
+        }
+    }
 }
 
 /// One step of the recording benchmark.

@@ -41,18 +41,21 @@ pub struct SpawnedNode {
     log: std::path::PathBuf,
 }
 
+/// A spawned node's place in a mesh: its pipe listen address, the peers it dials, its
+/// certificate files.
+pub type MeshSetup = (
+    std::net::SocketAddr,
+    Vec<std::net::SocketAddr>,
+    crate::mesh::tls::NodeFiles,
+);
+
 impl SpawnedNode {
     /// Writes a config into `dir` and starts `meridian serve` with it, with `workers` media
-    /// workers (each on a free port). `mesh` is (pipe listen address, peers to dial,
-    /// certificate files).
+    /// workers (each on a free port), in a mesh when `mesh` says so.
     pub fn start(
         dir: &std::path::Path,
         name: &str,
-        mesh: Option<(
-            std::net::SocketAddr,
-            Vec<std::net::SocketAddr>,
-            crate::mesh::tls::NodeFiles,
-        )>,
+        mesh: Option<MeshSetup>,
         workers: usize,
     ) -> std::io::Result<SpawnedNode> {
         Self::start_with(dir, name, mesh, workers, "")
@@ -62,11 +65,7 @@ impl SpawnedNode {
     pub fn start_with(
         dir: &std::path::Path,
         name: &str,
-        mesh: Option<(
-            std::net::SocketAddr,
-            Vec<std::net::SocketAddr>,
-            crate::mesh::tls::NodeFiles,
-        )>,
+        mesh: Option<MeshSetup>,
         workers: usize,
         extra: &str,
     ) -> std::io::Result<SpawnedNode> {

@@ -143,14 +143,7 @@ impl Worker {
         if !self.recorded.insert(session.clone()) {
             return;
         }
-        let known: Vec<ProducerKey> = self
-            .session_producers
-            .get(session)
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
-        for pk in known {
+        for pk in self.producers_of(session) {
             self.tap(pk);
         }
     }

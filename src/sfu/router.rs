@@ -272,18 +272,19 @@ impl Worker {
         self.routers.remove(session);
         self.recorded.remove(session);
         // Producers piped in for this session have no audience left here.
-        let piped: Vec<ProducerKey> = self
-            .session_producers
-            .get(session)
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
-        for prk in piped {
+        for prk in self.producers_of(session) {
             self.close_producer(prk);
         }
         self.remote_participants.remove(session);
         self.mesh_event(MeshEvent::SessionInactive(session.clone()));
+    }
+
+    /// The session's producers here (published here and piped in).
+    pub(super) fn producers_of(&self, session: &SessionId) -> Vec<ProducerKey> {
+        self.session_producers
+            .get(session)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub(super) fn update_gauges(&self) {

@@ -248,6 +248,18 @@ pub async fn http_get_as(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
+    let (status, body) = http_get_bytes(addr, from, path, headers).await;
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// [`http_get_as`] with the body as bytes.
+#[allow(dead_code)] // not every test file reads binary bodies
+pub async fn http_get_bytes(
+    addr: SocketAddr,
+    from: std::net::IpAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind(SocketAddr::new(from, 0)).unwrap();
@@ -258,18 +270,19 @@ pub async fn http_get_as(
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    let status = out
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(out.len());
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    (status, out.get(split + 4..).unwrap_or_default().to_vec())
 }
 
 pub async fn start_node() -> Node {
