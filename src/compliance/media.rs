@@ -155,6 +155,8 @@ pub struct MediaStats {
     pub files_open: AtomicU64,
     pub bytes: AtomicU64,
     pub failures: AtomicU64,
+    /// Frames of a track a file header cannot describe (H.264 without parameter sets).
+    pub unplaceable: AtomicU64,
 }
 
 /// The workers' end of the queue (cheap to clone).
@@ -639,6 +641,13 @@ impl Writer {
             while let Some(q) = self.pop_due(session, &pid, watermark) {
                 let number = self.tracks.get(&q.track).map_or(0, |t| t.number);
                 if number == 0 {
+                    if !self.describable(q.track) {
+                        // An H.264 track whose parameter sets never came cannot be put in
+                        // a file header: its frame is dropped, counted, and does not cut
+                        // the open file into a new part (it would, frame after frame).
+                        self.stats.unplaceable.fetch_add(1, Relaxed);
+                        continue;
+                    }
                     // A track not in the open file (or no file yet): start a new part.
                     self.start_part(session, &pid);
                 }
@@ -707,6 +716,14 @@ impl Writer {
                 .iter()
                 .filter_map(|id| self.tracks.get(id))
                 .any(|t| !t.ready && !t.closed)
+    }
+
+    /// Whether a file header can describe the track (H.264 needs its parameter sets).
+    fn describable(&self, track: TrackId) -> bool {
+        self.tracks.get(&track).is_some_and(|t| {
+            let info = t.assembler.info();
+            t.open.codec != Codec::H264 || (info.sps.is_some() && info.pps.is_some())
+        })
     }
 
     /// The participant's next frame, if it is due by `watermark`.
@@ -934,7 +951,7 @@ impl Writer {
             if let Some(t) = self.tracks.get_mut(id) {
                 t.closed = true;
                 // Whatever waits for a sender report is placed by arrival now.
-                t.held_since = Some(now - SENDER_REPORT_WAIT);
+                t.held_since = Some(now.checked_sub(SENDER_REPORT_WAIT).unwrap_or(now));
             }
             self.place(*id, now);
         }
@@ -1084,5 +1101,51 @@ mod tests {
             (99..=101).contains(&gap),
             "audio starts {gap} ms after video"
         );
+    }
+
+    /// An H.264 stream that never sends its parameter sets cannot be described in a file
+    /// header: its frames are counted and dropped, and the participant's audio stays in one
+    /// file (before, each such frame cut the file into a new part).
+    #[test]
+    fn an_h264_track_without_parameter_sets_neither_splits_the_file_nor_vanishes_uncounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = start(|_, _, _| {}).unwrap();
+        let session: SessionId = "kyc-sync".parse().unwrap();
+        sink.send(MediaInput::Begin {
+            session: session.clone(),
+            dir: dir.path().to_path_buf(),
+            started: SystemTime::now(),
+        });
+        sink.send(open(1, Codec::H264));
+        sink.send(open(2, Codec::Opus));
+        let t0 = Instant::now();
+        for i in 0..20u32 {
+            // IDR slices only (NAL type 5), no SPS or PPS.
+            sink.send(MediaInput::Packet {
+                track: 1,
+                layer: 0,
+                seq: i as u16,
+                timestamp: i * 3000,
+                marker: true,
+                payload: Bytes::from_static(&[0x65, 0x88, 0x84, 0x00]),
+                at: t0,
+            });
+            sink.send(MediaInput::Packet {
+                track: 2,
+                layer: 0,
+                seq: i as u16,
+                timestamp: i * 960,
+                marker: false,
+                payload: Bytes::from_static(&[0xfc, 0xff, 0xfe]),
+                at: t0,
+            });
+        }
+        let (reply, rx) = std_mpsc::channel();
+        sink.send(MediaInput::Finish { session, reply });
+        let files = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let names: Vec<&str> = files.iter().map(|f| f.file.as_str()).collect();
+        assert_eq!(names, ["media/user-alice.webm"], "audio only, one part");
+        assert_eq!(files[0].tracks, ["opus"]);
+        assert_eq!(sink.stats().unplaceable.load(Relaxed), 20);
     }
 }

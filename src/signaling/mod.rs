@@ -708,6 +708,11 @@ meridian_members{{{labels}}} {}
                 m.bytes.load(Relaxed),
             ),
             (
+                "meridian_recording_unplaceable_frames_total",
+                "H.264 frames not recorded because their stream never sent parameter sets (SPS/PPS)",
+                m.unplaceable.load(Relaxed),
+            ),
+            (
                 "meridian_recording_media_failures_total",
                 "Recording files that could not be created, written or finished",
                 m.failures.load(Relaxed),
