@@ -365,6 +365,8 @@ mod simulcast {
         streams: Vec<Outgoing>,
         /// Layers whose keyframe requests it ignores for now.
         deaf: Vec<u8>,
+        /// Layers it no longer sends.
+        silent: Vec<u8>,
         /// (layer, keyframe) of every packet received.
         received: Vec<(u8, bool)>,
     }
@@ -377,6 +379,7 @@ mod simulcast {
                 addr,
                 streams: Vec::new(),
                 deaf: Vec::new(),
+                silent: Vec::new(),
                 received: Vec::new(),
             }
         }
@@ -398,8 +401,10 @@ mod simulcast {
                 if pc.poll_timeout().is_some_and(|t| t <= self.now) {
                     let _ = pc.handle_timeout(self.now);
                 }
-                for o in c.streams.iter_mut() {
-                    o.send(pc, self.now);
+                for (i, o) in c.streams.iter_mut().enumerate() {
+                    if !c.silent.contains(&(i as u8)) {
+                        o.send(pc, self.now);
+                    }
                 }
                 while let Some(msg) = pc.poll_write() {
                     self.core
@@ -607,6 +612,42 @@ mod simulcast {
             h.core.stats.keyframe_requests.load(Relaxed),
             requested + 1,
             "the PLI became a keyframe request to the publisher"
+        );
+    }
+
+    /// Browsers drop their top simulcast layer under CPU or bandwidth pressure, sometimes
+    /// after a few packets and before any keyframe of it: a consumer joining then gets the
+    /// best layer still flowing rather than waiting for the stopped one forever.
+    #[test]
+    fn a_top_layer_that_stopped_after_a_few_packets_is_not_waited_for() {
+        let mut h = Harness::plain();
+        let (user, _user_events) = h.join("kyc-stop", "user");
+        let (agent, _agent_events) = h.join("kyc-stop", "agent");
+        let layer = Encoding {
+            packets_per_s: 200.0,
+            payload_bytes: 200,
+        };
+        let (mut publisher, producer) = h.publisher(user, vec![layer; 3]);
+        publisher.deaf.push(2);
+        for _ in 0..100 {
+            h.pump(&mut [&mut publisher]);
+        }
+        publisher.silent.push(2);
+        for _ in 0..600 {
+            h.pump(&mut [&mut publisher]);
+        }
+        let (mut subscriber, _) = h.subscriber(agent, producer, None);
+        pump_until(
+            &mut h,
+            &mut [&mut publisher, &mut subscriber],
+            "40 packets of a layer still flowing",
+            |c| c[1].received.len() >= 40,
+        );
+        assert!(subscriber.received[0].1, "starts on a keyframe");
+        assert!(
+            subscriber.received.iter().all(|&(l, _)| l == 1),
+            "the best layer flowing: {:?}",
+            &subscriber.received[..5]
         );
     }
 

@@ -215,11 +215,16 @@ impl Worker {
                 }
             }
             bitrates.clear();
-            bitrates.extend(
-                p.layers
-                    .iter()
-                    .map(|l| l.bitrate.or(l.last_packet.map(|_| 1))),
-            );
+            // A layer with packets but no measured rate yet stands at 1 bit/s ("flowing");
+            // one silent for longer than LAYER_IDLE is not flowing, whatever it sent once
+            // (a consumer or a recording targeting it would wait for it forever).
+            bitrates.extend(p.layers.iter().map(|l| {
+                l.bitrate.or_else(|| {
+                    l.last_packet
+                        .filter(|&t| now.duration_since(t) <= LAYER_IDLE)
+                        .map(|_| 1)
+                })
+            }));
             if let Some(tap) = &mut p.tap {
                 if p.layers.len() > 1 {
                     tap.selector.update_target(now, &bitrates);
