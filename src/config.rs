@@ -70,6 +70,14 @@ pub struct RecordingSection {
     /// Copy sealed folders to an S3-compatible object store (see docs/compliance.md).
     #[serde(default)]
     pub storage: Option<crate::compliance::storage::StorageSection>,
+    /// The compliance profile of sessions whose token names none (for example `rbi-vcip`);
+    /// absent: none.
+    #[serde(default)]
+    pub profile: Option<String>,
+    /// Compliance profiles besides (or replacing) the built-in `rbi-vcip`
+    /// (`[recording.profiles.<name>]`, see docs/compliance.md).
+    #[serde(default)]
+    pub profiles: std::collections::BTreeMap<String, crate::compliance::profile::ProfileRules>,
 }
 
 impl RecordingSection {
@@ -95,6 +103,8 @@ impl Default for RecordingSection {
             default_residency: None,
             database: None,
             storage: None,
+            profile: None,
+            profiles: Default::default(),
         }
     }
 }
@@ -568,6 +578,11 @@ impl NodeConfig {
         if self.node.region.as_str().len() > 60 {
             return Err(invalid("node.region", "at most 60 characters"));
         }
+        crate::compliance::profile::Profiles::new(
+            &self.recording.profiles,
+            self.recording.profile.as_deref(),
+        )
+        .map_err(|e| invalid("recording.profiles", e.to_string()))?;
         if !(-90.0..=90.0).contains(&self.node.latitude) {
             return Err(invalid("node.latitude", "must be within -90..=90 degrees"));
         }

@@ -64,6 +64,9 @@ enum Command {
         /// The region that keeps the session's records (the `residency` claim).
         #[arg(long)]
         residency: Option<String>,
+        /// The compliance profile the session runs under (the `profile` claim), e.g. rbi-vcip.
+        #[arg(long)]
+        profile: Option<String>,
     },
     /// Measure a node: starts one as a separate process and loads it over real UDP.
     #[cfg(feature = "loadgen")]
@@ -233,6 +236,7 @@ fn main() -> anyhow::Result<()> {
                 ttl,
                 rec,
                 residency,
+                profile,
             } => {
                 let cfg = NodeConfig::load(&config)?;
                 let signer = match eddsa_key {
@@ -250,7 +254,11 @@ fn main() -> anyhow::Result<()> {
                         &user,
                         role,
                         Duration::from_secs(ttl),
-                        meridian::auth::RecordingClaims { rec, residency },
+                        meridian::auth::RecordingClaims {
+                            rec,
+                            residency,
+                            profile,
+                        },
                     )?
                 );
             }

@@ -389,8 +389,19 @@ impl Node {
             default_residency: cfg.recording.default_residency.clone(),
             can_record: recorder.is_some(),
         };
+        let profiles = crate::compliance::profile::Profiles::new(
+            &cfg.recording.profiles,
+            cfg.recording.profile.as_deref(),
+        )
+        .map_err(|e| {
+            StartError::Config(ConfigError::Invalid {
+                key: "recording.profiles",
+                reason: e.to_string(),
+            })
+        })?;
         let state = AppState {
             recording_policy,
+            profiles,
             recorder,
             workers: workers.clone(),
             verifier,

@@ -20,40 +20,6 @@ async fn recording_node(root: &Path) -> Node {
         .expect("node starts")
 }
 
-/// The session's run folders.
-fn runs(root: &Path, session: &str) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(root.join("recordings").join(session)) else {
-        return Vec::new();
-    };
-    let mut v: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
-    v.sort();
-    v
-}
-
-async fn sealed_run(root: &Path, session: &str) -> PathBuf {
-    for _ in 0..100 {
-        if let Some(r) = runs(root, session)
-            .into_iter()
-            .find(|r| r.join(MANIFEST).exists())
-        {
-            return r;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "session {session} not sealed within 5 s: {:?}",
-        runs(root, session)
-    );
-}
-
-fn audit(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("audit.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn a_session_leaves_a_sealed_audit_of_who_joined_and_left() {
     let root = tempfile::tempdir().unwrap();
@@ -436,6 +402,7 @@ fn recording_token(session: &str, rec: Option<bool>, residency: Option<&str>) ->
             meridian::auth::RecordingClaims {
                 rec,
                 residency: residency.map(str::to_owned),
+                profile: None,
             },
         )
         .unwrap()
@@ -911,21 +878,6 @@ async fn a_node_killed_mid_recording_leaves_playable_files_and_seals_them_as_int
 }
 
 /// Every file under `dir` (none when it does not exist).
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.path().is_dir() {
-                todo.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
-}
-
 /// A KYC call between a user on the India node (VP8 simulcast + Opus) and an agent on the US
 /// node (VP8 + Opus), residency India: India alone keeps the sealed folder, with both
 /// participants' files (the agent's media piped in from the US) and the agent's arrival as
@@ -954,6 +906,7 @@ async fn a_cross_region_call_is_recorded_in_its_residency_region_only() {
                 meridian::auth::RecordingClaims {
                     rec: Some(true),
                     residency: Some("india".into()),
+                    profile: None,
                 },
             )
             .unwrap();

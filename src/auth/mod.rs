@@ -60,6 +60,10 @@ pub struct Claims {
     /// `recording.default_residency`, else the node's own region.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residency: Option<String>,
+    /// The compliance profile the session runs under (for example `rbi-vcip`); absent: the
+    /// node's `recording.profile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 /// The recording claims a token may carry (see [`Claims::rec`], [`Claims::residency`]).
@@ -67,6 +71,7 @@ pub struct Claims {
 pub struct RecordingClaims {
     pub rec: Option<bool>,
     pub residency: Option<String>,
+    pub profile: Option<String>,
 }
 
 /// Latest expiry accepted: the start of the year 10000. Anything later is not a real expiry
@@ -357,6 +362,7 @@ impl TokenSigner {
             aud: self.audience.clone(),
             rec: recording.rec,
             residency: recording.residency,
+            profile: recording.profile,
         };
         Ok(encode(&Header::new(self.alg), &claims, &self.key)?)
     }
@@ -438,6 +444,7 @@ mod tests {
             aud: "aud".into(),
             rec: None,
             residency: None,
+            profile: None,
         };
         let t = encode(&Header::new(Algorithm::HS256), &claims, &signer.key).unwrap();
         assert_eq!(verifier().verify(&t), Err(TokenError::Expired));

@@ -101,6 +101,11 @@ pub enum MediaInput {
     Close {
         track: TrackId,
     },
+    /// Where the customer is (ISO 6709): the title of every file started from now on says it.
+    Geotag {
+        session: SessionId,
+        geotag: String,
+    },
     /// The session ended: write everything, close its files, say what they are.
     Finish {
         session: SessionId,
@@ -355,6 +360,7 @@ struct SessionMedia {
     /// Files started per name (role and user): a participant whose tracks change, or a user
     /// who comes back, continues in `<name>.part2`, `.part3`, …
     parts: HashMap<String, u32>,
+    geotag: Option<String>,
 }
 
 /// Writes an audit entry for a session.
@@ -413,6 +419,7 @@ impl Writer {
                         done: Vec::new(),
                         order: 0,
                         parts: HashMap::new(),
+                        geotag: None,
                     },
                 );
                 let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early)
@@ -457,6 +464,11 @@ impl Writer {
                             l.report = Some((ntp_ms(ntp), rtp));
                         }
                     }
+                }
+            }
+            MediaInput::Geotag { session, geotag } => {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.geotag = Some(geotag);
                 }
             }
             MediaInput::Close { track } => {
@@ -834,17 +846,18 @@ impl Writer {
             format!("{base}.part{part}.{}", extension(&specs))
         };
         let rel = format!("{MEDIA_DIR}/{name}");
+        // The session, its UTC start and, once captured, where the customer is.
+        let mut title = format!("{session} {}", super::utc_rfc3339(s.wall));
+        if let Some(g) = &s.geotag {
+            title.push(' ');
+            title.push_str(g);
+        }
         let dir = s.dir.join(MEDIA_DIR);
         let created = std::fs::create_dir_all(&dir)
             .map_err(|e| e.to_string())
             .and_then(|_| {
-                MediaFile::create(
-                    &dir.join(&name),
-                    specs.clone(),
-                    s.wall,
-                    &format!("{session}"),
-                )
-                .map_err(|e| e.to_string())
+                MediaFile::create(&dir.join(&name), specs.clone(), s.wall, &title)
+                    .map_err(|e| e.to_string())
             });
         match created {
             Ok(f) => {

@@ -8,6 +8,7 @@ pub mod db;
 pub mod frames;
 pub mod media;
 pub mod policy;
+pub mod profile;
 pub mod recorder;
 pub mod seal;
 pub mod storage;

@@ -93,6 +93,23 @@ pub struct Arrival {
     /// The node and region the participant joined through, when not this node (its
     /// records relayed here, the session's recording node).
     pub via: Option<(NodeId, RegionId)>,
+    /// The compliance profile the session runs under.
+    pub profile: Option<String>,
+}
+
+/// A join refused by the session's rules (for example a customer outside the profile's
+/// countries), as its audit entry says it.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub session: SessionId,
+    pub user: UserId,
+    pub role: Role,
+    /// As for [`Arrival::via`].
+    pub via: Option<(NodeId, RegionId)>,
+    pub profile: Option<String>,
+    /// The error code the client was told, and what else the rule looked at.
+    pub code: String,
+    pub fields: Map<String, Value>,
 }
 
 /// What a participant did with its media, as the audit log says it.
@@ -126,6 +143,7 @@ pub struct Stored {
 
 enum Request {
     Joined(Arrival, oneshot::Sender<Result<(), RecordError>>),
+    Refused(Refusal, oneshot::Sender<Result<(), RecordError>>),
     Note {
         session: SessionId,
         participant: ParticipantId,
@@ -280,6 +298,16 @@ impl Recorder {
         rx.await.unwrap_or(Err(RecordError::Stopped))
     }
 
+    /// Records a refused join in the session's log (a session with nobody in it gets a run of
+    /// its own, sealed at once); returns once the entry is on disk.
+    pub async fn refused(&self, refusal: Refusal) -> Result<(), RecordError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Refused(refusal, reply))
+            .map_err(|_| RecordError::Stopped)?;
+        rx.await.unwrap_or(Err(RecordError::Stopped))
+    }
+
     /// Records something `participant` did (a checklist step, an outcome), with its identity;
     /// returns once the entry is on disk.
     pub async fn note(
@@ -354,6 +382,9 @@ struct OpenSession {
     present: HashMap<ParticipantId, Present>,
     /// Everyone who took part, for the manifest.
     participants: Vec<Value>,
+    /// The compliance profile, and the customer's captured location (for the manifest).
+    profile: Option<String>,
+    location: Option<Value>,
 }
 
 struct State {
@@ -390,6 +421,10 @@ impl State {
         match req {
             Request::Joined(a, reply) => {
                 let r = self.joined(a);
+                self.answer(r, reply);
+            }
+            Request::Refused(refusal, reply) => {
+                let r = self.refused(refusal);
                 self.answer(r, reply);
             }
             Request::Note {
@@ -472,59 +507,78 @@ impl State {
         Ok(())
     }
 
-    fn joined(&mut self, a: Arrival) -> Result<(), RecordError> {
+    /// Opens a run of `session` unless one is open.
+    fn open_run(&mut self, session: &SessionId, profile: Option<&str>) -> Result<(), RecordError> {
         let (node, region) = (
             self.settings.node.to_string(),
             self.settings.region.to_string(),
         );
-        if !self.open.contains_key(&a.session) {
-            let name = a.session.to_string();
-            if name.starts_with('.') {
-                return Err(RecordError::UnsafeSession(name));
+        if let Some(s) = self.open.get_mut(session) {
+            if s.profile.is_none() {
+                s.profile = profile.map(str::to_owned);
             }
-            let now = SystemTime::now();
-            let started_at = utc_rfc3339(now);
-            // One folder per run of the session: a session that empties and starts again
-            // gets a new one beside the sealed one.
-            let stamp: String = started_at
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '.')
-                .collect();
-            let dir = self.settings.dir.join(&name).join(stamp);
-            std::fs::create_dir_all(&dir).map_err(|source| RecordError::Folder {
-                path: dir.clone(),
-                source,
-            })?;
-            let log = AuditLog::create(&dir.join(AUDIT_FILE))?;
-            self.media.send(MediaInput::Begin {
-                session: a.session.clone(),
-                dir: dir.clone(),
-                started: now,
-            });
-            self.open.insert(
-                a.session.clone(),
-                OpenSession {
-                    dir,
-                    log,
-                    started_at,
-                    present: HashMap::new(),
-                    participants: Vec::new(),
-                },
-            );
-            let created = self.append(
-                &a.session,
-                "session_created",
-                json!({"session": name, "node": node, "region": region}),
-            );
-            if let Err(e) = created {
-                self.open.remove(&a.session);
-                return Err(e);
-            }
+            return Ok(());
         }
-        let (node, region) = match &a.via {
+        let name = session.to_string();
+        if name.starts_with('.') {
+            return Err(RecordError::UnsafeSession(name));
+        }
+        let now = SystemTime::now();
+        let started_at = utc_rfc3339(now);
+        // One folder per run of the session: a session that empties and starts again
+        // gets a new one beside the sealed one.
+        let stamp: String = started_at
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '.')
+            .collect();
+        let dir = self.settings.dir.join(&name).join(stamp);
+        std::fs::create_dir_all(&dir).map_err(|source| RecordError::Folder {
+            path: dir.clone(),
+            source,
+        })?;
+        let log = AuditLog::create(&dir.join(AUDIT_FILE))?;
+        self.media.send(MediaInput::Begin {
+            session: session.clone(),
+            dir: dir.clone(),
+            started: now,
+        });
+        self.open.insert(
+            session.clone(),
+            OpenSession {
+                dir,
+                log,
+                started_at,
+                present: HashMap::new(),
+                participants: Vec::new(),
+                profile: profile.map(str::to_owned),
+                location: None,
+            },
+        );
+        let mut created = json!({"session": name, "node": node, "region": region});
+        if let Some(p) = profile {
+            created["profile"] = p.into();
+        }
+        if let Err(e) = self.append(session, "session_created", created) {
+            self.open.remove(session);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Where a participant came through: `via`, else this node.
+    fn through(&self, via: &Option<(NodeId, RegionId)>) -> (String, String) {
+        match via {
             Some((n, r)) => (n.to_string(), r.to_string()),
-            None => (node, region),
-        };
+            None => (
+                self.settings.node.to_string(),
+                self.settings.region.to_string(),
+            ),
+        }
+    }
+
+    fn joined(&mut self, a: Arrival) -> Result<(), RecordError> {
+        self.open_run(&a.session, a.profile.as_deref())?;
+        let (node, region) = self.through(&a.via);
         self.append(
             &a.session,
             "participant_joined",
@@ -549,6 +603,26 @@ impl State {
         Ok(())
     }
 
+    fn refused(&mut self, r: Refusal) -> Result<(), RecordError> {
+        self.open_run(&r.session, r.profile.as_deref())?;
+        let (node, region) = self.through(&r.via);
+        let mut f = r.fields;
+        f.insert("user".into(), r.user.to_string().into());
+        f.insert("role".into(), role_name(r.role).into());
+        f.insert("node".into(), node.into());
+        f.insert("region".into(), region.into());
+        f.insert("code".into(), r.code.into());
+        self.append(&r.session, "join_refused", Value::Object(f))?;
+        if self
+            .open
+            .get(&r.session)
+            .is_some_and(|s| s.present.is_empty())
+        {
+            self.end_run(&r.session)?;
+        }
+        Ok(())
+    }
+
     fn note(
         &mut self,
         session: &SessionId,
@@ -556,15 +630,29 @@ impl State {
         event: &str,
         mut f: Map<String, Value>,
     ) -> Result<(), RecordError> {
-        let p = self
+        let s = self
             .open
-            .get(session)
-            .and_then(|s| s.present.get(participant))
+            .get_mut(session)
+            .ok_or_else(|| RecordError::NotOpen(session.to_string()))?;
+        let p = s
+            .present
+            .get(participant)
             .ok_or_else(|| RecordError::NotOpen(session.to_string()))?;
         // Who did it, in every entry of theirs.
         f.insert("participant".into(), participant.to_string().into());
         f.insert("user".into(), p.user.to_string().into());
         f.insert("role".into(), role_name(p.role).into());
+        if event == "location_captured" {
+            let at = |k: &str| f.get(k).and_then(Value::as_f64);
+            if let (Some(lat), Some(lon)) = (at("latitude"), at("longitude")) {
+                // Files started from now on carry it in their title.
+                self.media.send(MediaInput::Geotag {
+                    session: session.clone(),
+                    geotag: super::profile::iso6709(lat, lon),
+                });
+            }
+            s.location = Some(Value::Object(f.clone()));
+        }
         self.append(session, event, Value::Object(f))
     }
 
@@ -694,43 +782,55 @@ impl State {
             }),
         )?;
         if empty {
-            for f in self.finish_media(session) {
-                let event = if f.error.is_some() {
-                    "recording_failed"
-                } else {
-                    "recording_stopped"
-                };
-                self.append(session, event, f.audit_fields())?;
+            self.end_run(session)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the session's files, ends its log and seals the run.
+    fn end_run(&mut self, session: &SessionId) -> Result<(), RecordError> {
+        for f in self.finish_media(session) {
+            let event = if f.error.is_some() {
+                "recording_failed"
+            } else {
+                "recording_stopped"
+            };
+            self.append(session, event, f.audit_fields())?;
+        }
+        self.append(session, "session_ended", json!({}))?;
+        let s = self.open.remove(session).expect("open");
+        let mut metadata = json!({
+            "node": self.settings.node.to_string(),
+            "region": self.settings.region.to_string(),
+            "started_at": s.started_at,
+            "ended_at": utc_rfc3339(SystemTime::now()),
+            "participants": s.participants,
+        });
+        if let Some(p) = s.profile {
+            metadata["profile"] = p.into();
+        }
+        if let Some(l) = s.location {
+            metadata["location"] = l;
+        }
+        match seal(
+            &s.dir,
+            &session.to_string(),
+            SealStatus::Complete,
+            &s.log,
+            metadata,
+            &self.settings.key,
+        ) {
+            Ok(_) => {
+                index_seal(&self.settings, session, &s.dir, SealStatus::Complete);
+                self.stats
+                    .sessions_sealed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            self.append(session, "session_ended", json!({}))?;
-            let s = self.open.remove(session).expect("open");
-            let metadata = json!({
-                "node": self.settings.node.to_string(),
-                "region": self.settings.region.to_string(),
-                "started_at": s.started_at,
-                "ended_at": utc_rfc3339(SystemTime::now()),
-                "participants": s.participants,
-            });
-            match seal(
-                &s.dir,
-                &session.to_string(),
-                SealStatus::Complete,
-                &s.log,
-                metadata,
-                &self.settings.key,
-            ) {
-                Ok(_) => {
-                    index_seal(&self.settings, session, &s.dir, SealStatus::Complete);
-                    self.stats
-                        .sessions_sealed
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                Err(e) => {
-                    tracing::error!(%session, dir = %s.dir.display(), error = %e, "session not sealed");
-                    self.stats
-                        .failures
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
+            Err(e) => {
+                tracing::error!(%session, dir = %s.dir.display(), error = %e, "session not sealed");
+                self.stats
+                    .failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
         Ok(())
@@ -933,6 +1033,7 @@ mod tests {
             user: user.parse().unwrap(),
             role,
             via: None,
+            profile: None,
         }
     }
 

@@ -436,6 +436,19 @@ pub enum RecordEntry {
         participant: ParticipantId,
         user: UserId,
         role: Role,
+        /// The compliance profile the session runs under.
+        #[serde(default)]
+        profile: Option<String>,
+    },
+    /// A join refused by the session's rules: the code the client was told and the other
+    /// fields of the entry, as a JSON object's text.
+    Refused {
+        user: UserId,
+        role: Role,
+        #[serde(default)]
+        profile: Option<String>,
+        code: String,
+        fields: String,
     },
     Left {
         participant: ParticipantId,
@@ -450,8 +463,9 @@ pub enum RecordEntry {
         #[serde(default)]
         media: Option<String>,
     },
-    /// A verification step of the participant (`checklist_marked`, `outcome_recorded`),
-    /// its fields as a JSON object's text.
+    /// A verification step of the participant (`checklist_marked`, `outcome_recorded`,
+    /// `consent_given`, `location_captured`, `question_asked`), its fields as a JSON object's
+    /// text.
     Note {
         participant: ParticipantId,
         event: String,

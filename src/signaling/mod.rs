@@ -55,6 +55,8 @@ pub struct AppState {
     pub recorder: Option<crate::compliance::recorder::Recorder>,
     /// Which sessions are recorded, and where (token claims over these defaults).
     pub recording_policy: crate::compliance::policy::RecordingPolicy,
+    /// Compliance profiles (`recording.profile`, `recording.profiles`).
+    pub profiles: crate::compliance::profile::Profiles,
     /// The node's media workers; a joined connection talks to the one hosting its session.
     pub workers: Workers,
     pub verifier: TokenVerifier,
@@ -775,8 +777,17 @@ async fn ws_upgrade(
     ws: WebSocketUpgrade,
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: axum::http::HeaderMap,
     permit: Option<axum::Extension<Arc<crate::admission::Permit>>>,
 ) -> Response {
+    // Where the client is, for the compliance profile's country rule: behind a trusted
+    // proxy, the address it forwarded.
+    let client = edge::client_ip(
+        peer.ip(),
+        &headers,
+        &state.edge.trusted_proxies,
+        state.edge.client_address_header,
+    );
     // The transport limit is a backstop well above the protocol limit, so that a message just
     // over the protocol limit still gets a precise error before the close.
     let hard = state.max_message_bytes.saturating_mul(4);
@@ -786,7 +797,7 @@ async fn ws_upgrade(
     ws.max_message_size(hard)
         .max_frame_size(hard)
         .on_upgrade(move |socket| async move {
-            connection(socket, state, peer).await;
+            connection(socket, state, peer, client).await;
             drop(permit);
         })
 }
@@ -964,6 +975,136 @@ async fn verification_step(
     }
 }
 
+/// A session's compliance profile as one connection lives it.
+struct ProfileSteps {
+    profile: Arc<crate::compliance::profile::Profile>,
+    /// Where GeoIP placed the client.
+    country: Option<String>,
+    consented: bool,
+    located: bool,
+    /// Question pool indexes not yet drawn by this agent, drawn from the end.
+    questions: Vec<usize>,
+}
+
+/// Refuses a customer's publish or subscribe before the profile's steps are done.
+fn media_gate(
+    steps: Option<&ProfileSteps>,
+    role: crate::auth::Role,
+    msg: &ClientMessage,
+) -> Option<crate::compliance::profile::ProfileRefusal> {
+    let steps = steps?;
+    if role != crate::auth::Role::User
+        || !matches!(
+            msg,
+            ClientMessage::Publish { .. } | ClientMessage::Subscribe { .. }
+        )
+    {
+        return None;
+    }
+    steps
+        .profile
+        .media_allowed(steps.consented, steps.located)
+        .err()
+}
+
+fn msg_request_id(msg: &ClientMessage) -> Option<u64> {
+    match msg {
+        ClientMessage::Publish { request_id, .. } | ClientMessage::Subscribe { request_id, .. } => {
+            Some(*request_id)
+        }
+        _ => None,
+    }
+}
+
+/// A step of the session's compliance profile: the customer's consent or location, or the
+/// agent drawing a question. Written to the audit log before it is acknowledged.
+async fn profile_step(
+    steps: Option<&mut ProfileSteps>,
+    recorded: Option<&RecordLeave>,
+    role: crate::auth::Role,
+    msg: ClientMessage,
+) -> ServerMessage {
+    use crate::auth::Role;
+    use crate::compliance::profile::{Location, ProfileRefusal};
+    let (request_id, needs) = match &msg {
+        ClientMessage::GiveConsent { request_id, .. } => (*request_id, Role::User),
+        ClientMessage::ShareLocation { request_id, .. } => (*request_id, Role::User),
+        ClientMessage::DrawQuestion { request_id } => (*request_id, Role::Agent),
+        _ => return ServerMessage::error(None, "internal", "not a profile step"),
+    };
+    let refused =
+        |e: ProfileRefusal| ServerMessage::error(Some(request_id), e.code(), e.to_string());
+    let (Some(steps), Some(r)) = (steps, recorded) else {
+        return refused(ProfileRefusal::NotAllowed(
+            "this session runs under no compliance profile".into(),
+        ));
+    };
+    if role != needs {
+        return refused(ProfileRefusal::NotAllowed(format!(
+            "only the {} does this step",
+            crate::compliance::recorder::role_name(needs)
+        )));
+    }
+    let p = steps.profile.clone();
+    let (event, fields, reply) = match msg {
+        ClientMessage::GiveConsent { text, .. } => match p.consent_entry(&text) {
+            Ok(f) => ("consent_given", f, ServerMessage::Ok { request_id }),
+            Err(e) => return refused(e),
+        },
+        ClientMessage::ShareLocation {
+            latitude,
+            longitude,
+            accuracy,
+            captured_at,
+            ..
+        } => {
+            let fix = Location {
+                latitude,
+                longitude,
+                accuracy,
+                captured_at_ms: captured_at,
+            };
+            match p.location_entry(fix, steps.country.as_deref(), SystemTime::now()) {
+                Ok(f) => ("location_captured", f, ServerMessage::Ok { request_id }),
+                Err(e) => return refused(e),
+            }
+        }
+        _ => {
+            let Some(i) = steps.questions.pop() else {
+                return refused(ProfileRefusal::NotAllowed(format!(
+                    "no questions left: compliance profile {} has {} in its pool",
+                    p.name,
+                    p.rules.questions.len()
+                )));
+            };
+            let question = p.rules.questions[i].clone();
+            let fields = serde_json::json!({"profile": p.name, "question": question});
+            let reply = ServerMessage::Question {
+                request_id,
+                question,
+                remaining: steps.questions.len(),
+            };
+            ("question_asked", fields, reply)
+        }
+    };
+    let fields = fields.as_object().cloned().unwrap_or_default();
+    match r
+        .recorder
+        .note(r.session.clone(), r.participant.clone(), event, fields)
+        .await
+    {
+        Ok(()) => {
+            match event {
+                "consent_given" => steps.consented = true,
+                "location_captured" => steps.located = true,
+                _ => {}
+            }
+            reply
+        }
+        Err(e) => ServerMessage::error(Some(request_id), e.code(), e.to_string()),
+    }
+}
+
 /// What a request does to the participant's producers, for the audit log.
 enum ProducerOp {
     Publish,
@@ -1029,7 +1170,12 @@ enum Ending {
     Expired,
 }
 
-async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
+async fn connection(
+    socket: WebSocket,
+    state: AppState,
+    peer: SocketAddr,
+    client: std::net::IpAddr,
+) {
     state
         .metrics
         .connections
@@ -1145,6 +1291,36 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             .await;
         }
     };
+    // The session's compliance profile, whose rules go over the token's recording claims.
+    let profile = match state.profiles.resolve(claims.profile.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            return refuse(
+                &state,
+                &mut sink,
+                e.code(),
+                e.to_string(),
+                close::UNAUTHORIZED,
+            )
+            .await;
+        }
+    };
+    let (rec, residency) = match &profile {
+        None => (claims.rec, claims.residency.clone()),
+        Some(p) => match p.recording(claims.rec, claims.residency.as_deref()) {
+            Ok(r) => r,
+            Err(e) => {
+                return refuse(
+                    &state,
+                    &mut sink,
+                    e.code(),
+                    e.to_string(),
+                    close::UNAUTHORIZED,
+                )
+                .await;
+            }
+        },
+    };
     // Recorded, and here? Decided before the session gets a seat.
     let members: Vec<(NodeId, RegionId)> = state
         .edge
@@ -1154,8 +1330,8 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
         .map(|m| (m.info.node.clone(), m.info.region.clone()))
         .collect();
     let recording = match state.recording_policy.decide(
-        claims.rec,
-        claims.residency.as_deref(),
+        rec,
+        residency.as_deref(),
         (&state.node, &state.region),
         &members,
     ) {
@@ -1171,6 +1347,47 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             return refuse(&state, &mut sink, e.code(), e.to_string(), close_code).await;
         }
     };
+    let records_to = match &recording {
+        None => None,
+        Some(Recording::Here) => state.recorder.clone().map(records::RecordsTo::Here),
+        Some(Recording::At(node)) => state
+            .records
+            .clone()
+            .map(|relay| records::RecordsTo::There {
+                relay,
+                node: node.clone(),
+            }),
+    };
+    if recording.is_some() && records_to.is_none() {
+        let e = crate::compliance::policy::PolicyRefusal::CannotRecord;
+        return refuse(&state, &mut sink, e.code(), e.to_string(), close::INTERNAL).await;
+    }
+    // The customer's network address must be in the profile's countries; a refusal is
+    // written to the session's audit log.
+    let country = state.edge.geo.lookup(client).and_then(|p| p.country);
+    if let (Some(p), crate::auth::Role::User) = (&profile, claims.role) {
+        if let Err(e) = p.admits_country(country.as_deref()) {
+            tracing::info!(session = %claims.sid, code = e.code(), "join refused by the compliance profile");
+            if let Some(rec) = &records_to {
+                let mut fields = serde_json::Map::new();
+                fields.insert("reason".into(), e.to_string().into());
+                fields.insert("geoip_country".into(), country.clone().into());
+                let refusal = crate::compliance::recorder::Refusal {
+                    session: claims.sid.clone(),
+                    user: claims.sub.clone(),
+                    role: claims.role,
+                    via: None,
+                    profile: Some(p.name.clone()),
+                    code: e.code().into(),
+                    fields,
+                };
+                if let Err(err) = rec.refused(refusal).await {
+                    tracing::error!(session = %claims.sid, error = %err, "a refused join was not recorded");
+                }
+            }
+            return refuse(&state, &mut sink, e.code(), e.to_string(), close::FORBIDDEN).await;
+        }
+    }
     let (events_tx, mut events_rx) = crate::sfu::event_channel();
     // Held until the connection ends, so the session stays on this worker while it lasts.
     let seat = match state.workers.place(&claims.sid) {
@@ -1203,21 +1420,6 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
     };
     // A session that is recorded never runs unrecorded: no audit entry, no session.
     let mut recorded = None;
-    let records_to = match &recording {
-        None => None,
-        Some(Recording::Here) => state.recorder.clone().map(records::RecordsTo::Here),
-        Some(Recording::At(node)) => state
-            .records
-            .clone()
-            .map(|relay| records::RecordsTo::There {
-                relay,
-                node: node.clone(),
-            }),
-    };
-    if recording.is_some() && records_to.is_none() {
-        let e = crate::compliance::policy::PolicyRefusal::CannotRecord;
-        return refuse(&state, &mut sink, e.code(), e.to_string(), close::INTERNAL).await;
-    }
     if let Some(rec) = records_to {
         let arrival = crate::compliance::recorder::Arrival {
             session: claims.sid.clone(),
@@ -1225,6 +1427,7 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             user: claims.sub.clone(),
             role: claims.role,
             via: None,
+            profile: profile.as_ref().map(|p| p.name.clone()),
         };
         if let Err(e) = rec.joined(arrival).await {
             tracing::error!(session = %claims.sid, error = %e, "join refused: not recorded");
@@ -1249,6 +1452,7 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
             node: state.node.clone(),
             region: state.region.clone(),
             recorded: recorded.is_some(),
+            profile: profile.as_ref().map(|p| p.summary()),
             participants: joined.participants,
             producers: joined.producers,
         },
@@ -1257,6 +1461,14 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
     if !ok {
         return;
     }
+
+    let mut steps = profile.map(|profile| ProfileSteps {
+        questions: profile.question_order(&mut rand::rng()),
+        profile,
+        country,
+        consented: false,
+        located: false,
+    });
 
     // Phase 2: requests, events and the token's expiry.
     let expires_at = claims.expires_at();
@@ -1321,7 +1533,21 @@ async fn connection(socket: WebSocket, state: AppState, peer: SocketAddr) {
                         }
                         if !send(&mut sink, &reply).await { break Ending::Quiet; }
                     }
+                    Ok(msg @ (ClientMessage::GiveConsent { .. } | ClientMessage::ShareLocation { .. } | ClientMessage::DrawQuestion { .. })) => {
+                        let reply = profile_step(steps.as_mut(), recorded.as_ref(), claims.role, msg).await;
+                        if let ServerMessage::Error { code, .. } = &reply {
+                            state.metrics.count(code);
+                        }
+                        if !send(&mut sink, &reply).await { break Ending::Quiet; }
+                    }
                     Ok(msg) => {
+                        // The customer's media waits for the profile's steps.
+                        if let (Some(refusal), Some(request_id)) = (media_gate(steps.as_ref(), claims.role, &msg), msg_request_id(&msg)) {
+                            state.metrics.count(refusal.code());
+                            let reply = ServerMessage::error(Some(request_id), refusal.code(), refusal.to_string());
+                            if !send(&mut sink, &reply).await { break Ending::Quiet; }
+                            continue;
+                        }
                         let op = recorded.as_ref().and_then(|_| producer_op(&msg));
                         let reply = handle_request(&worker, &pid, msg).await;
                         if let (Some(r), Some(op)) = (&recorded, op) {
@@ -1403,7 +1629,10 @@ async fn handle_request(
         ClientMessage::Join { .. } => ServerMessage::error(None, "not_allowed", "already joined"),
         // Answered by the connection loop, which holds the role and the recorder.
         ClientMessage::MarkChecklist { request_id, .. }
-        | ClientMessage::RecordOutcome { request_id, .. } => {
+        | ClientMessage::RecordOutcome { request_id, .. }
+        | ClientMessage::GiveConsent { request_id, .. }
+        | ClientMessage::ShareLocation { request_id, .. }
+        | ClientMessage::DrawQuestion { request_id, .. } => {
             ServerMessage::error(Some(request_id), "internal", "not dispatched here")
         }
         // The connection loop closes on `leave` before dispatching requests here.

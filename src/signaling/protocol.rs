@@ -19,6 +19,8 @@ pub mod close {
     pub const INTERNAL: u16 = 1011;
     pub const MALFORMED: u16 = 4400;
     pub const UNAUTHORIZED: u16 = 4401;
+    /// Refused by the session's compliance profile (for example, outside its countries).
+    pub const FORBIDDEN: u16 = 4403;
     pub const JOIN_TIMEOUT: u16 = 4408;
     pub const REPLACED: u16 = 4409;
     pub const IDLE: u16 = 4410;
@@ -120,6 +122,29 @@ pub enum ClientMessage {
         #[serde(default)]
         note: String,
     },
+    /// Customer (`user` role) only, under a profile with a consent step: the consent text
+    /// they were shown (`joined.profile.consent`) and agreed to.
+    #[serde(rename_all = "camelCase")]
+    GiveConsent {
+        request_id: u64,
+        text: String,
+    },
+    /// Customer only, under a profile that captures location: the browser's fix.
+    #[serde(rename_all = "camelCase")]
+    ShareLocation {
+        request_id: u64,
+        latitude: f64,
+        longitude: f64,
+        /// Metres.
+        accuracy: f64,
+        /// When the fix was taken: milliseconds since the Unix epoch (`GeolocationPosition.timestamp`).
+        captured_at: u64,
+    },
+    /// Agent only, under a profile with a question pool: the next question to ask.
+    #[serde(rename_all = "camelCase")]
+    DrawQuestion {
+        request_id: u64,
+    },
     Leave,
 }
 
@@ -161,6 +186,9 @@ const KNOWN_TYPES: &[&str] = &[
     "ping",
     "markChecklist",
     "recordOutcome",
+    "giveConsent",
+    "shareLocation",
+    "drawQuestion",
     "leave",
 ];
 
@@ -236,6 +264,10 @@ pub enum ServerMessage {
         /// The session is recorded: its audit log (and, later, media) kept for compliance.
         /// Clients must tell the participant (the demo pages show a recording indicator).
         recorded: bool,
+        /// The compliance profile the session runs under (`name`, `consent` text, whether
+        /// `location` is captured, whether the agent has `questions`); absent: none.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        profile: Option<serde_json::Value>,
         participants: Vec<ParticipantInfo>,
         producers: Vec<ProducerInfo>,
     },
@@ -255,6 +287,13 @@ pub enum ServerMessage {
     },
     #[serde(rename_all = "camelCase")]
     Ok { request_id: u64 },
+    /// The answer to `drawQuestion`: the question to ask, and how many are left in the pool.
+    #[serde(rename_all = "camelCase")]
+    Question {
+        request_id: u64,
+        question: String,
+        remaining: usize,
+    },
     #[serde(rename_all = "camelCase")]
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]

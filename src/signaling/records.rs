@@ -9,9 +9,8 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 
-use crate::auth::Role;
-use crate::compliance::recorder::{Arrival, ProducerEvent, RecordError, Recorder};
-use crate::ids::{NodeId, ParticipantId, SessionId, UserId};
+use crate::compliance::recorder::{Arrival, ProducerEvent, RecordError, Recorder, Refusal};
+use crate::ids::{NodeId, ParticipantId, SessionId};
 use crate::mesh::records::{Inbound, RecordRelay, RelayError};
 use crate::proto::pipe::RecordEntry;
 use crate::sfu::{Seat, Workers};
@@ -54,7 +53,13 @@ const LEAVE_REASONS: &[&str] = &[
 ];
 
 /// Verification steps a relayed record may carry.
-const NOTES: &[&str] = &["checklist_marked", "outcome_recorded"];
+const NOTES: &[&str] = &[
+    "checklist_marked",
+    "outcome_recorded",
+    "consent_given",
+    "location_captured",
+    "question_asked",
+];
 
 impl RecordsTo {
     /// This node's recorder, when the records are kept here.
@@ -74,9 +79,33 @@ impl RecordsTo {
                     participant: a.participant,
                     user: a.user,
                     role: a.role,
+                    profile: a.profile,
                 };
                 relay
                     .send(node, &a.session, entry)
+                    .await
+                    .map_err(|source| RecordsError::There {
+                        node: node.clone(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// A refused join; returns once it is on the recording node's disk.
+    pub async fn refused(&self, r: Refusal) -> Result<(), RecordsError> {
+        match self {
+            RecordsTo::Here(rec) => Ok(rec.refused(r).await?),
+            RecordsTo::There { relay, node } => {
+                let entry = RecordEntry::Refused {
+                    user: r.user,
+                    role: r.role,
+                    profile: r.profile,
+                    code: r.code,
+                    fields: Value::Object(r.fields).to_string(),
+                };
+                relay
+                    .send(node, &r.session, entry)
                     .await
                     .map_err(|source| RecordsError::There {
                         node: node.clone(),
@@ -223,18 +252,36 @@ async fn relayed(
             participant,
             user,
             role,
+            profile,
         } => {
-            joined(
-                held,
-                recorder,
-                workers,
+            let arrival = Arrival {
                 session,
                 participant,
                 user,
                 role,
-                via,
-            )
-            .await
+                via: Some(via),
+                profile,
+            };
+            joined(held, recorder, workers, arrival).await
+        }
+        RecordEntry::Refused {
+            user,
+            role,
+            profile,
+            code,
+            fields,
+        } => {
+            let fields = json_object(&fields)?;
+            let refusal = Refusal {
+                session,
+                user,
+                role,
+                via: Some(via),
+                profile,
+                code: code.chars().take(64).collect(),
+                fields,
+            };
+            recorder.refused(refusal).await.map_err(|e| e.to_string())
         }
         RecordEntry::Left {
             participant,
@@ -282,9 +329,7 @@ async fn relayed(
                 .find(|n| **n == event)
                 .copied()
                 .ok_or_else(|| format!("unknown verification step {event:?}"))?;
-            let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(&fields) else {
-                return Err("a verification step's fields must be a JSON object".into());
-            };
+            let fields = json_object(&fields)?;
             recorder
                 .note(session, participant, event, fields)
                 .await
@@ -293,17 +338,22 @@ async fn relayed(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A relayed entry's fields.
+fn json_object(text: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(fields)) => Ok(fields),
+        _ => Err("a relayed entry's fields must be a JSON object".into()),
+    }
+}
+
 async fn joined(
     held: &mut HashMap<SessionId, Held>,
     recorder: &Recorder,
     workers: &Workers,
-    session: SessionId,
-    participant: ParticipantId,
-    user: UserId,
-    role: Role,
-    via: (NodeId, crate::ids::RegionId),
+    arrival: Arrival,
 ) -> Result<(), String> {
+    let session = arrival.session.clone();
+    let participant = arrival.participant.clone();
     // The seat first: the session's producers are piped in and tapped from the start.
     if !held.contains_key(&session) {
         let seat = workers.place(&session).map_err(|e| e.to_string())?;
@@ -316,17 +366,10 @@ async fn joined(
             },
         );
     }
-    let node = via.0.clone();
-    let arrival = Arrival {
-        session: session.clone(),
-        participant: participant.clone(),
-        user,
-        role,
-        via: Some(via),
-    };
+    let node = arrival.via.as_ref().map(|v| v.0.clone());
     match recorder.joined(arrival).await {
         Ok(()) => {
-            if let Some(h) = held.get_mut(&session) {
+            if let (Some(h), Some(node)) = (held.get_mut(&session), node) {
                 h.participants.insert(participant, node);
             }
             Ok(())

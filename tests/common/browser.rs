@@ -57,6 +57,8 @@ pub fn assert_isolated_network() {
 pub struct Browser {
     child: Child,
     lines: Arc<Mutex<Vec<(String, Value)>>>,
+    /// Chromium's DevTools WebSocket, when started with `--remote-debugging-port`.
+    devtools: Arc<Mutex<Option<String>>>,
     _profile: tempfile::TempDir,
 }
 
@@ -157,6 +159,7 @@ impl Browser {
 
     fn collect(mut child: Child, profile: tempfile::TempDir) -> Browser {
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let devtools = Arc::new(Mutex::new(None));
         let outputs: Vec<Box<dyn std::io::Read + Send>> = [
             child
                 .stdout
@@ -172,8 +175,12 @@ impl Browser {
         .collect();
         for out in outputs {
             let sink = lines.clone();
+            let devtools = devtools.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Some(url) = line.strip_prefix("DevTools listening on ") {
+                        *devtools.lock().unwrap() = Some(url.trim().to_owned());
+                    }
                     if let Some(parsed) = parse_console(&line) {
                         sink.lock().unwrap().push(parsed);
                     }
@@ -183,8 +190,17 @@ impl Browser {
         Browser {
             child,
             lines,
+            devtools,
             _profile: profile,
         }
+    }
+
+    /// The page in Chromium with the DevTools protocol on, for tests that click and grant
+    /// permissions as a person would (see [`Cdp`]).
+    pub fn debuggable(url: &str, extra: &[String]) -> Browser {
+        let mut args = vec!["--remote-debugging-port=0".to_string()];
+        args.extend_from_slice(extra);
+        Self::open_with(url, &args)
     }
 
     /// Console reports of one kind (`STATS`, `LIFTED`, ...), oldest first.
@@ -282,5 +298,134 @@ pub async fn wait_until(
             );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A DevTools protocol session with a [`Browser::debuggable`] page: the browser-level
+/// connection, attached to its page target. Overrides set through it last while it is open.
+pub struct Cdp {
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    next: u64,
+    page: String,
+}
+
+impl Cdp {
+    pub async fn attach(b: &Browser) -> Cdp {
+        let start = Instant::now();
+        let url = loop {
+            if let Some(u) = b.devtools.lock().unwrap().clone() {
+                break u;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "Chromium printed no DevTools address"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect("connect to DevTools");
+        let mut cdp = Cdp {
+            ws,
+            next: 0,
+            page: String::new(),
+        };
+        let target = loop {
+            let targets = cdp
+                .call_on(None, "Target.getTargets", serde_json::json!({}))
+                .await;
+            let page = targets["targetInfos"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|t| t["type"] == "page")
+                .map(|t| t["targetId"].as_str().unwrap().to_owned());
+            if let Some(p) = page {
+                break p;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "no page target");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let attached = cdp
+            .call_on(
+                None,
+                "Target.attachToTarget",
+                serde_json::json!({"targetId": target, "flatten": true}),
+            )
+            .await;
+        cdp.page = attached["sessionId"].as_str().unwrap().to_owned();
+        cdp
+    }
+
+    async fn call_on(&mut self, session: Option<&str>, method: &str, params: Value) -> Value {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        self.next += 1;
+        let id = self.next;
+        let mut msg = serde_json::json!({"id": id, "method": method, "params": params});
+        if let Some(s) = session {
+            msg["sessionId"] = s.into();
+        }
+        self.ws
+            .send(Message::Text(msg.to_string().into()))
+            .await
+            .expect("DevTools send");
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("DevTools did not answer {method}"))
+                .expect("DevTools open")
+                .expect("DevTools read");
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["id"] == id {
+                assert!(v["error"].is_null(), "{method}: {}", v["error"]);
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// A method of the page (`Emulation.*`, `Runtime.*`).
+    pub async fn page(&mut self, method: &str, params: Value) -> Value {
+        let page = self.page.clone();
+        self.call_on(Some(&page), method, params).await
+    }
+
+    /// A method of the browser (`Browser.*`).
+    pub async fn browser(&mut self, method: &str, params: Value) -> Value {
+        self.call_on(None, method, params).await
+    }
+
+    /// Grants geolocation and makes the page's position `(latitude, longitude)`. (The grant
+    /// replaces every other, so the camera and microphone are granted again with it: without
+    /// them Chromium gathers no loopback candidates.)
+    pub async fn place(&mut self, latitude: f64, longitude: f64, accuracy: f64) {
+        self.browser(
+            "Browser.grantPermissions",
+            serde_json::json!({"permissions": ["geolocation", "audioCapture", "videoCapture"]}),
+        )
+        .await;
+        self.page(
+            "Emulation.setGeolocationOverride",
+            serde_json::json!({"latitude": latitude, "longitude": longitude, "accuracy": accuracy}),
+        )
+        .await;
+    }
+
+    /// Clicks the page's element `#id` as a person would (a trusted click event).
+    pub async fn click(&mut self, id: &str) {
+        let r = self
+            .page(
+                "Runtime.evaluate",
+                serde_json::json!({
+                    "expression": format!("(() => {{ const b = document.getElementById({id:?}); if (!b) return false; b.click(); return true; }})()"),
+                    "userGesture": true,
+                    "returnByValue": true,
+                }),
+            )
+            .await;
+        assert_eq!(r["result"]["value"], true, "no #{id} to click");
     }
 }

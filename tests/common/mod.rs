@@ -489,3 +489,53 @@ pub fn media_addr_of(node: &Node, session: &str) -> SocketAddr {
         .expect("the session is placed on a worker");
     node.workers.get(worker).media_addr()
 }
+
+/// The session's run folders.
+pub fn runs(root: &std::path::Path, session: &str) -> Vec<std::path::PathBuf> {
+    let Ok(rd) = std::fs::read_dir(root.join("recordings").join(session)) else {
+        return Vec::new();
+    };
+    let mut v: Vec<std::path::PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    v.sort();
+    v
+}
+
+pub async fn sealed_run(root: &std::path::Path, session: &str) -> std::path::PathBuf {
+    for _ in 0..100 {
+        if let Some(r) = runs(root, session)
+            .into_iter()
+            .find(|r| r.join(meridian::compliance::seal::MANIFEST).exists())
+        {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "session {session} not sealed within 5 s: {:?}",
+        runs(root, session)
+    );
+}
+
+pub fn audit(run: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("audit.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every file under `dir`, at any depth.
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                todo.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}

@@ -109,6 +109,10 @@ async function main() {
   renderPresence();
   log("PRESENCE", { event: "initial", present: presentIds() });
 
+  // A compliance profile may require the customer's consent and location before any media,
+  // received or sent.
+  const stepsDone = role === "user" && joined.profile ? profileSteps(client, joined.profile) : Promise.resolve();
+
   // The other side's media, by producer.
   const remoteStream = new MediaStream();
   remoteVideo.srcObject = remoteStream;
@@ -121,6 +125,7 @@ async function main() {
     if (subscribing.has(p.producerId) || remote.has(p.producerId)) return;
     subscribing.add(p.producerId);
     try {
+      await stepsDone;
       const c = await client.subscribe(p.producerId, p.kind, { maxLayer });
       // A rejoined participant's new track replaces its old one of the same kind.
       for (const t of remoteStream.getTracks()) if (t.kind === p.kind) remoteStream.removeTrack(t);
@@ -174,6 +179,7 @@ async function main() {
   }
   soundButton.addEventListener("click", playRemote);
 
+  await stepsDone;
   const local = await navigator.mediaDevices.getUserMedia({
     video: { width: 1280, height: 720, frameRate: 30 },
     audio: true,
@@ -298,6 +304,24 @@ function verificationConsole(client, video) {
     }
   };
   $("snapshot").addEventListener("click", snap);
+  // Questions from the profile's pool, drawn by the node (which records each one asked).
+  const profile = client.joined.profile;
+  $("questions").hidden = !(profile && profile.questions);
+  const ask = async () => {
+    try {
+      const q = await client.drawQuestion();
+      const item = document.createElement("li");
+      item.textContent = q.question;
+      $("asked").append(item);
+      $("question-note").textContent = `${q.remaining} left`;
+      if (!q.remaining) $("ask").disabled = true;
+      log("QUESTION", { question: q.question, remaining: q.remaining });
+    } catch (e) {
+      $("question-note").textContent = e.message;
+      log("ERROR", { code: e.code, message: e.message });
+    }
+  };
+  $("ask").addEventListener("click", ask);
   const decide = async (outcome) => {
     try {
       await client.recordOutcome(outcome, $("outcome-note").value);
@@ -315,6 +339,10 @@ function verificationConsole(client, video) {
     const stats = await client.consumerStats();
     if (!Object.values(stats).some((s) => s.kind === "video" && s.framesDecoded >= after)) return;
     clearInterval(timer);
+    if (profile && profile.questions) {
+      await ask();
+      await ask();
+    }
     const box = document.querySelector("#checklist input");
     box.checked = true;
     await mark(box.value, true);
@@ -322,6 +350,43 @@ function verificationConsole(client, video) {
     $("outcome-note").value = "document and face match";
     await decide("approved");
   }, 500);
+}
+
+/**
+ * The customer's steps under a compliance profile: the consent text shown with an "I agree"
+ * button (nothing starts until it is clicked), then the browser's location. Resolves once the
+ * node has recorded both.
+ */
+async function profileSteps(client, profile) {
+  if (!profile.consent && !profile.location) return;
+  const panel = $("consent");
+  $("consent-text").textContent = profile.consent || "";
+  $("consent-location").hidden = !profile.location;
+  panel.hidden = false;
+  setState("waiting for your consent");
+  log("CONSENT_ASKED", { profile: profile.name });
+  for (;;) {
+    await new Promise((resolve) => $("consent-agree").addEventListener("click", resolve, { once: true }));
+    $("consent-agree").disabled = true;
+    try {
+      if (profile.consent) await client.giveConsent(profile.consent);
+      if (profile.location) {
+        const position = await new Promise((resolve, reject) =>
+          navigator.geolocation.getCurrentPosition(resolve, reject, { enableHighAccuracy: true, timeout: 20000, maximumAge: 0 }),
+        );
+        await client.shareLocation(position);
+        log("LOCATION", { latitude: position.coords.latitude, longitude: position.coords.longitude });
+      }
+      panel.hidden = true;
+      log("CONSENTED", { profile: profile.name });
+      return;
+    } catch (e) {
+      // A refused location (GeolocationPositionError) or a refused step: say why, let them retry.
+      $("consent-note").textContent = `Not yet: ${e.message}`;
+      $("consent-agree").disabled = false;
+      log("ERROR", { code: e.code, message: e.message });
+    }
+  }
 }
 
 /** The selected candidate pair's round-trip time, as text. */

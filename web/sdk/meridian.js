@@ -300,9 +300,16 @@ export class MeridianClient extends EventTarget {
         if (maxLayer !== undefined) req.maxLayer = maxLayer;
         reply = await this._request(req);
       } catch (e) {
-        // Roll the unused m-line back so the next offer stays in step with the node.
-        await pc.setLocalDescription({ type: "rollback" }).catch(() => {});
-        transceiver.stop();
+        if (!pc.remoteDescription) {
+          // Never negotiated: start the next subscribe on a fresh connection (a stopped
+          // transceiver in a first offer leaves Chromium's m-lines out of step).
+          pc.close();
+          this.subscribePc = null;
+        } else {
+          // Roll the unused m-line back so the next offer stays in step with the node.
+          await pc.setLocalDescription({ type: "rollback" }).catch(() => {});
+          transceiver.stop();
+        }
         throw e;
       }
       await pc.setRemoteDescription({ type: "answer", sdp: reply.sdp });
@@ -317,6 +324,35 @@ export class MeridianClient extends EventTarget {
     });
   }
 
+  /**
+   * Customer only, under a compliance profile with a consent step (`joined.profile.consent`):
+   * agrees to that text. The node refuses the customer's media until this is recorded.
+   */
+  giveConsent(text) {
+    return this._request({ type: "giveConsent", text });
+  }
+  /**
+   * Customer only, under a profile that captures location (`joined.profile.location`): shares
+   * a `GeolocationPosition` from `navigator.geolocation` (audited with its time).
+   */
+  shareLocation(position) {
+    const c = position.coords;
+    return this._request({
+      type: "shareLocation",
+      latitude: c.latitude,
+      longitude: c.longitude,
+      accuracy: c.accuracy,
+      capturedAt: Math.round(position.timestamp),
+    });
+  }
+  /**
+   * Agent only, under a profile with a question pool (`joined.profile.questions`): the next
+   * question to ask, drawn by the node in an order of its own and audited. Resolves to
+   * `{ question, remaining }`.
+   */
+  drawQuestion() {
+    return this._request({ type: "drawQuestion" });
+  }
   /** Agent only, on a recorded session: marks a verification checklist step (audited). */
   markChecklist(step, checked = true) {
     return this._request({ type: "markChecklist", step, checked });
