@@ -166,6 +166,9 @@ impl Node {
             }
             None => None,
         };
+        // Sessions whose recording failed: their connections close, here and (through the
+        // mesh) on the nodes of their other participants.
+        let (recording_ended, _) = tokio::sync::broadcast::channel(256);
         let recorder = if cfg.recording.enabled {
             use crate::compliance::{recorder, seal::SigningKey};
             let path = cfg
@@ -224,6 +227,7 @@ impl Node {
                 }
             });
             let (rec, recovered) = recorder::Recorder::start(recorder::RecorderSettings {
+                ended: Some(recording_ended.clone()),
                 dir: cfg.recording.dir.clone(),
                 key,
                 node: cfg.node_id(),
@@ -319,7 +323,10 @@ impl Node {
                 },
                 workers.clone(),
                 mesh_rx,
-                record_inbox,
+                mesh::records::Wiring {
+                    inbox: record_inbox,
+                    ended: Some(recording_ended.clone()),
+                },
             )?),
             _ => None,
         };
@@ -330,6 +337,7 @@ impl Node {
                 rec.clone(),
                 workers.clone(),
                 m.records(),
+                recording_ended.subscribe(),
             ));
         }
         let (members, solo) = match &mesh {
@@ -400,6 +408,7 @@ impl Node {
             })
         })?;
         let state = AppState {
+            recording_ended: recording_ended.clone(),
             recording_policy,
             profiles,
             recorder,

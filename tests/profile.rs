@@ -255,7 +255,7 @@ async fn under_rbi_vcip_the_customers_media_waits_for_consent_and_a_live_locatio
 /// SOCKS proxy leaving from a Mumbai address) on the India node sees the consent text, clicks
 /// "I agree" and shares its location (granted and placed through the DevTools protocol, as a
 /// person allowing the prompt); the agent's console on the US node draws questions, marks the
-/// checklist and approves. India alone keeps the sealed folder: consent, geotag, questions,
+/// checklist, takes an evidence still (posted to the India node) and approves. India alone keeps the sealed folder: consent, geotag, questions,
 /// both participants' recordings (the customer's titled with the geotag); the US and Europe
 /// nodes wrote nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -365,6 +365,17 @@ async fn a_vcip_call_across_regions_leaves_its_evidence_in_india_only() {
     assert!(entries
         .iter()
         .any(|e| e["event"] == "outcome_recorded" && e["outcome"] == "approved"));
+    // The agent's still, taken on the US node, went to India (and only there).
+    let still = entries
+        .iter()
+        .find(|e| e["event"] == "snapshot_taken")
+        .expect("the agent's evidence still, stored in India");
+    assert_eq!(still["user"], "bob");
+    let file = run.join(still["file"].as_str().unwrap());
+    assert_eq!(
+        meridian::compliance::sha256_hex(&std::fs::read(&file).unwrap()),
+        still["sha256"].as_str().unwrap()
+    );
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(run.join(MANIFEST)).unwrap()).unwrap();
     assert_eq!(manifest["metadata"]["profile"], RBI_VCIP);

@@ -126,6 +126,50 @@ async fn an_expired_token_is_in_the_audit() {
     assert_eq!(left["reason"], "token_expired", "{left}");
 }
 
+/// A join refused for its token goes to the session's audit log when the token is this
+/// mesh's (signed by its key, but expired): who, and why. A forged token names no session
+/// reliably and writes nothing anywhere.
+#[tokio::test]
+async fn a_refused_token_of_a_recorded_session_is_in_its_audit() {
+    let root = tempfile::tempdir().unwrap();
+    let node = recording_node(root.path()).await;
+    let expired = token("kyc-auth", "mallory", Role::Agent, Duration::ZERO);
+    let mut s = Signal::connect(&node).await;
+    s.send_text(&json!({"type":"join","version":1,"token":expired}).to_string())
+        .await;
+    let (seen, close) = s.until_closed().await;
+    assert_eq!(seen[0]["code"], "token_expired", "{seen:?}");
+    assert_eq!(close, Some(4401));
+    let run = sealed_run(root.path(), "kyc-auth").await;
+    let refused = audit(&run)
+        .into_iter()
+        .find(|e| e["event"] == "join_refused")
+        .expect("the refusal in the session's log");
+    assert_eq!(refused["code"], "token_expired");
+    assert_eq!(refused["user"], "mallory");
+    assert_eq!(refused["role"], "agent");
+
+    let forged = meridian::auth::TokenSigner::hs256(
+        b"not the mesh's secret, not the mesh's",
+        "meridian-test",
+        "meridian",
+    )
+    .mint(
+        &"kyc-forged".parse().unwrap(),
+        &"mallory".parse().unwrap(),
+        Role::Agent,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let mut s = Signal::connect(&node).await;
+    s.send_text(&json!({"type":"join","version":1,"token":forged}).to_string())
+        .await;
+    let (seen, _) = s.until_closed().await;
+    assert_eq!(seen[0]["code"], "token_bad_signature", "{seen:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(runs(root.path(), "kyc-forged"), Vec::<PathBuf>::new());
+}
+
 #[tokio::test]
 async fn a_join_that_cannot_be_recorded_is_refused() {
     let root = tempfile::tempdir().unwrap();
@@ -377,6 +421,59 @@ async fn the_agent_console_marks_snapshots_and_decides_into_the_sealed_log() {
     for e in ["checklist_marked", "snapshot_taken", "outcome_recorded"] {
         assert!(events.iter().any(|x| x == e), "{e} in {events:?}");
     }
+}
+
+/// A session whose recording fails (here: the user's file cannot be created, as on a full
+/// disk) does not go on unrecorded: the failure is in the audit log at once, both
+/// participants are let go with `recording_failed`, and the run is sealed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_recording_fails_ends_with_the_failure_in_its_log() {
+    assert_isolated_network();
+    let root = tempfile::tempdir().unwrap();
+    let node = recording_node(root.path()).await;
+    let (user, agent) = call_pages(&node, "kyc-fail", "", "");
+    let mut run = None;
+    for _ in 0..200 {
+        run = runs(root.path(), "kyc-fail").pop();
+        if run.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let run = run.expect("the session's run folder");
+    // Where the user's file must go, a directory: the file cannot be created.
+    std::fs::create_dir_all(run.join("media/user-alice.webm")).unwrap();
+    let ended = |b: &Browser| {
+        b.reports("CLOSED")
+            .iter()
+            .chain(b.reports("ERROR").iter())
+            .any(|r| r.to_string().contains("recording_failed"))
+    };
+    wait_until(
+        "both participants let go on the failure",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || ended(&user) && ended(&agent),
+    )
+    .await;
+    let run = sealed_run(root.path(), "kyc-fail").await;
+    let entries = audit(&run);
+    let failed = entries
+        .iter()
+        .find(|e| e["event"] == "recording_failed")
+        .expect("the failure in the log");
+    assert_eq!(failed["file"], "media/user-alice.webm");
+    assert_eq!(failed["user"], "alice");
+    let left: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["event"] == "participant_left")
+        .collect();
+    assert_eq!(left.len(), 2, "{entries:?}");
+    assert!(
+        left.iter().all(|e| e["reason"] == "recording_failed"),
+        "{left:?}"
+    );
+    assert_eq!(verify(&run, None).faults, vec![]);
 }
 
 /// The demo pages of a call: the user alice and the agent bob, with extra page options.

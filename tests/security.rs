@@ -65,7 +65,7 @@ fn impostor(
         },
         worker.clone(),
         rx,
-        None,
+        Default::default(),
     )
     .unwrap();
     (worker, mesh)

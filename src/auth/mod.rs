@@ -239,6 +239,37 @@ impl TokenVerifier {
         Ok(claims)
     }
 
+    /// As [`Self::verify`], and when a token is refused although its signature verifies
+    /// (expired, not yet valid, another issuer or audience): its claims, so the refusal can be
+    /// written to that session's audit log. A token whose signature does not verify names no
+    /// session reliably: `None`.
+    pub fn verify_attributed(
+        &self,
+        token: &str,
+    ) -> Result<Claims, (TokenError, Option<Box<Claims>>)> {
+        self.verify(token).map_err(|e| {
+            let signed = matches!(
+                e,
+                TokenError::Expired
+                    | TokenError::NotYetValid
+                    | TokenError::WrongIssuer
+                    | TokenError::WrongAudience
+            );
+            let claims = signed.then(|| {
+                let mut lax = self.validation.clone();
+                lax.validate_exp = false;
+                lax.validate_nbf = false;
+                lax.validate_aud = false;
+                lax.iss = None;
+                lax.set_required_spec_claims::<&str>(&[]);
+                decode::<Claims>(token, &self.key, &lax)
+                    .ok()
+                    .map(|d| Box::new(d.claims))
+            });
+            (e, claims.flatten())
+        })
+    }
+
     fn verify_signature(&self, token: &str) -> Result<Claims, TokenError> {
         if token.is_empty() {
             return Err(TokenError::Missing);
@@ -448,6 +479,18 @@ mod tests {
         };
         let t = encode(&Header::new(Algorithm::HS256), &claims, &signer.key).unwrap();
         assert_eq!(verifier().verify(&t), Err(TokenError::Expired));
+        // Signed by this node's key: the refusal names its session.
+        let (e, named) = verifier().verify_attributed(&t).unwrap_err();
+        assert_eq!(e, TokenError::Expired);
+        assert_eq!(named.map(|c| c.sid), Some(sid()));
+        let forged = encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"another secret, another secret!!"),
+        )
+        .unwrap();
+        let (e, named) = verifier().verify_attributed(&forged).unwrap_err();
+        assert_eq!((e, named), (TokenError::BadSignature, None));
     }
 
     #[test]

@@ -386,7 +386,7 @@ impl SessionDb {
                 .execute(&mut *tx)
                 .await?;
             }
-            "recording_stopped" | "recording_failed" => {
+            "recording_stopped" => {
                 let tracks = f
                     .get("tracks")
                     .and_then(Value::as_array)

@@ -16,7 +16,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -361,6 +361,9 @@ struct SessionMedia {
     /// who comes back, continues in `<name>.part2`, `.part3`, …
     parts: HashMap<String, u32>,
     geotag: Option<String>,
+    /// A file could not be created or written: nothing more is recorded, and the session
+    /// is ended (it may not run unrecorded).
+    failed: bool,
 }
 
 /// Writes an audit entry for a session.
@@ -420,6 +423,7 @@ impl Writer {
                         order: 0,
                         parts: HashMap::new(),
                         geotag: None,
+                        failed: false,
                     },
                 );
                 let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.early)
@@ -647,6 +651,14 @@ impl Writer {
         };
         let pids: Vec<ParticipantId> = s.participants.keys().cloned().collect();
         for pid in pids {
+            if let Some(p) = self
+                .sessions
+                .get_mut(session)
+                .filter(|s| s.failed)
+                .and_then(|s| s.participants.get_mut(&pid))
+            {
+                p.queue.clear();
+            }
             if !all && self.waits_for_tracks(session, &pid, now) {
                 continue;
             }
@@ -673,9 +685,10 @@ impl Writer {
                 if let (Some(f), true) = (p.file.as_mut(), number != 0) {
                     if let Err(e) = f.write(number, q.ms, q.keyframe, &q.data) {
                         tracing::error!(%session, error = %e, "recording write failed");
-                        self.stats.failures.fetch_add(1, Relaxed);
                         let file = p.file.take();
+                        let rel = file.as_ref().map(|f| f.path().to_path_buf());
                         self.end_part(session, &pid, file, Some(e.to_string()));
+                        self.fail(session, &pid, rel.as_deref(), &e.to_string());
                     } else {
                         self.stats.bytes.fetch_add(q.data.len() as u64, Relaxed);
                     }
@@ -887,9 +900,42 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(%session, file = %rel, error = %e, "recording file not created");
-                self.stats.failures.fetch_add(1, Relaxed);
+                let path = dir.join(&name);
+                self.fail(session, pid, Some(&path), &e);
             }
         }
+    }
+
+    /// A file of the session could not be created or written: the first failure is counted
+    /// and written to the audit log at once (`recording_failed`), which ends the session;
+    /// nothing more of it is recorded.
+    fn fail(&mut self, session: &SessionId, pid: &ParticipantId, file: Option<&Path>, error: &str) {
+        let Some(s) = self.sessions.get_mut(session) else {
+            return;
+        };
+        if std::mem::replace(&mut s.failed, true) {
+            return;
+        }
+        self.stats.failures.fetch_add(1, Relaxed);
+        let (user, role) = s
+            .participants
+            .get(pid)
+            .map(|p| (p.user.to_string(), super::recorder::role_name(p.role)))
+            .unwrap_or_default();
+        let file = file
+            .and_then(|f| f.file_name())
+            .map(|n| format!("{MEDIA_DIR}/{}", n.to_string_lossy()));
+        (self.note)(
+            session,
+            "recording_failed",
+            json!({
+                "file": file,
+                "participant": pid.to_string(),
+                "user": user,
+                "role": role,
+                "error": error,
+            }),
+        );
     }
 
     fn end_part(

@@ -71,6 +71,18 @@ pub struct RecorderSettings {
     pub db: Option<tokio::sync::mpsc::UnboundedSender<super::db::DbUpdate>>,
     /// Where sealed runs are queued for the object store, if one is configured.
     pub uploads: Option<super::storage::Uploads>,
+    /// Told of each session whose recording failed (`recording_failed`): it must end.
+    pub ended: Option<tokio::sync::broadcast::Sender<Ended>>,
+}
+
+/// A session that must end because its recording failed, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// The recording node that said so: `None` for this node's own recorder. A connection
+    /// heeds only the node that records its session.
+    pub by: Option<NodeId>,
+    pub session: SessionId,
+    pub reason: String,
 }
 
 /// What starting the recorder found from a previous run.
@@ -462,8 +474,17 @@ impl State {
                 event,
                 fields,
             } => {
+                let why = fields["error"].as_str().map(str::to_owned);
                 let r = self.append(&session, event, fields);
                 self.logged(&session, r);
+                // A session may not run unrecorded: its participants are let go.
+                if let (Some(tx), "recording_failed") = (&self.settings.ended, event) {
+                    let _ = tx.send(Ended {
+                        by: None,
+                        session: session.clone(),
+                        reason: why.unwrap_or_default(),
+                    });
+                }
             }
             #[cfg(test)]
             Request::Sync(tx) => {
@@ -789,13 +810,10 @@ impl State {
 
     /// Closes the session's files, ends its log and seals the run.
     fn end_run(&mut self, session: &SessionId) -> Result<(), RecordError> {
+        // A file cut by a failure says so in its `error`; the failure itself was written
+        // when it happened (`recording_failed`).
         for f in self.finish_media(session) {
-            let event = if f.error.is_some() {
-                "recording_failed"
-            } else {
-                "recording_stopped"
-            };
-            self.append(session, event, f.audit_fields())?;
+            self.append(session, "recording_stopped", f.audit_fields())?;
         }
         self.append(session, "session_ended", json!({}))?;
         let s = self.open.remove(session).expect("open");
@@ -1023,6 +1041,7 @@ mod tests {
             region: "india".parse().unwrap(),
             db: None,
             uploads: None,
+            ended: None,
         }
     }
 

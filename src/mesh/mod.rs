@@ -254,6 +254,13 @@ enum Internal {
         id: u64,
         error: Option<String>,
     },
+    /// A session recorded here ended on a recording failure: `node` lets go of its
+    /// participants.
+    RecordingEnded {
+        node: NodeId,
+        session: SessionId,
+        reason: String,
+    },
 }
 
 /// A change to a pipe's stream table, from the core to the pipe's datagram reader.
@@ -330,7 +337,7 @@ pub fn start(
     cfg: MeshConfig,
     workers: Workers,
     events: mpsc::UnboundedReceiver<WorkerEvent>,
-    record_inbox: Option<mpsc::UnboundedSender<records::Inbound>>,
+    records: records::Wiring,
 ) -> Result<MeshHandle, MeshError> {
     let server = cfg.tls.server_config()?;
     let client = cfg.tls.client_config()?;
@@ -458,7 +465,8 @@ pub fn start(
         discovered: None,
         dialers,
         connected,
-        record_inbox,
+        record_inbox: records.inbox,
+        recording_ended: records.ended,
         pending_records: HashMap::new(),
         next_record: 1,
     };
@@ -831,6 +839,8 @@ struct Core {
     /// Where records other nodes send for sessions recorded here go (`None`: this node
     /// does not record, and says so).
     record_inbox: Option<mpsc::UnboundedSender<records::Inbound>>,
+    /// Where a recording node's "this session ended" goes (the signaling connections).
+    recording_ended: Option<tokio::sync::broadcast::Sender<records::Ended>>,
     /// Records sent and awaiting their answer, by id.
     pending_records: HashMap<u64, PendingRecord>,
     next_record: u64,
@@ -1090,6 +1100,15 @@ impl Core {
             Internal::RecordAck { pipe, id, error } => {
                 self.send(pipe, &Control::RecordAck { id, error });
             }
+            Internal::RecordingEnded {
+                node,
+                session,
+                reason,
+            } => {
+                if let Some(&pipe) = self.by_node.get(&node) {
+                    self.send(pipe, &Control::RecordingEnded { session, reason });
+                }
+            }
         }
     }
 
@@ -1311,6 +1330,15 @@ impl Core {
                 if !delivered {
                     let error = Some("this node does not record sessions".to_owned());
                     let _ = state.out.send(Control::RecordAck { id, error }.encode());
+                }
+            }
+            Control::RecordingEnded { session, reason } => {
+                if let Some(tx) = &self.recording_ended {
+                    let _ = tx.send(records::Ended {
+                        by: Some(state.node.clone()),
+                        session,
+                        reason: reason.chars().take(500).collect(),
+                    });
                 }
             }
             Control::RecordAck { id, error } => {

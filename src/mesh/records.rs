@@ -29,6 +29,18 @@ pub enum RelayError {
     Stopped,
 }
 
+/// A session that must end because its recording failed, and why (see
+/// [`crate::compliance::recorder::Ended`]).
+pub type Ended = crate::compliance::recorder::Ended;
+
+/// What the mesh does with records: where records relayed here go (`None`: this node does
+/// not record, and says so), and where endings of sessions other nodes record are told.
+#[derive(Default)]
+pub struct Wiring {
+    pub inbox: Option<mpsc::UnboundedSender<Inbound>>,
+    pub ended: Option<tokio::sync::broadcast::Sender<Ended>>,
+}
+
 /// What reaches the recording node's side.
 #[derive(Debug)]
 pub enum Inbound {
@@ -87,6 +99,15 @@ impl RecordRelay {
             session: session.clone(),
             entry,
             reply: None,
+        });
+    }
+
+    /// Tells `node` that `session`, recorded here, has ended because its recording failed.
+    pub fn end(&self, node: &NodeId, session: &SessionId, reason: &str) {
+        let _ = self.tx.send(Internal::RecordingEnded {
+            node: node.clone(),
+            session: session.clone(),
+            reason: reason.to_owned(),
         });
     }
 

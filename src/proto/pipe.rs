@@ -426,6 +426,12 @@ pub enum Control {
         #[serde(default)]
         error: Option<String>,
     },
+    /// From a session's recording node: its recording failed, so the session ends; the
+    /// receiver lets go of its participants of `session`.
+    RecordingEnded {
+        session: SessionId,
+        reason: String,
+    },
 }
 
 /// What happened to a participant of the sending node, for the recording node's audit log.

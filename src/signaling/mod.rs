@@ -55,6 +55,9 @@ pub struct AppState {
     pub recorder: Option<crate::compliance::recorder::Recorder>,
     /// Which sessions are recorded, and where (token claims over these defaults).
     pub recording_policy: crate::compliance::policy::RecordingPolicy,
+    /// Sessions ended because their recording failed (here, or at their recording node):
+    /// their connections close.
+    pub recording_ended: tokio::sync::broadcast::Sender<crate::compliance::recorder::Ended>,
     /// Compliance profiles (`recording.profile`, `recording.profiles`).
     pub profiles: crate::compliance::profile::Profiles,
     /// The node's media workers; a joined connection talks to the one hosting its session.
@@ -136,7 +139,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/ws", get(ws_upgrade))
         .route("/v1/edge", get(edge::edge))
-        .route("/v1/snapshot", axum::routing::post(snapshot_upload))
+        .route(
+            "/v1/snapshot",
+            axum::routing::post(snapshot_upload).options(snapshot_preflight),
+        )
         .route("/v1/review/{session}", get(review::review))
         .route("/v1/review/{session}/{run}/{*file}", get(review::file))
         .route("/review.html", get(|| async { asset(HTML, REVIEW_HTML) }))
@@ -180,10 +186,160 @@ pub(crate) fn api_error(
     s.metrics.count(code);
     (
         status,
-        [(header::CONTENT_TYPE, "application/json")],
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            // Token-authorized APIs: a console served by another node may read the answer.
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        ],
         serde_json::json!({"code": code, "message": message}).to_string(),
     )
         .into_response()
+}
+
+/// Why a session's rules refuse a participant before it joins.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RulesRefusal {
+    #[error(transparent)]
+    Profile(#[from] crate::compliance::profile::ProfileRefusal),
+    #[error(transparent)]
+    Policy(#[from] crate::compliance::policy::PolicyRefusal),
+}
+
+impl RulesRefusal {
+    pub(crate) fn code(&self) -> &'static str {
+        match self {
+            RulesRefusal::Profile(e) => e.code(),
+            RulesRefusal::Policy(e) => e.code(),
+        }
+    }
+
+    fn close_code(&self) -> u16 {
+        match self {
+            RulesRefusal::Profile(_)
+            | RulesRefusal::Policy(crate::compliance::policy::PolicyRefusal::UnknownResidency(_)) => {
+                close::UNAUTHORIZED
+            }
+            RulesRefusal::Policy(_) => close::INTERNAL,
+        }
+    }
+}
+
+type SessionRules = (
+    Option<Arc<crate::compliance::profile::Profile>>,
+    Option<Recording>,
+);
+
+impl AppState {
+    /// The session's compliance profile (its rules over the token's recording claims), and
+    /// whether and where the session is recorded, as the mesh stands now: the same answer on
+    /// every node.
+    pub(crate) fn session_rules(
+        &self,
+        claims: &crate::auth::Claims,
+    ) -> Result<SessionRules, RulesRefusal> {
+        let profile = self.profiles.resolve(claims.profile.as_deref())?;
+        let (rec, residency) = match &profile {
+            None => (claims.rec, claims.residency.clone()),
+            Some(p) => p.recording(claims.rec, claims.residency.as_deref())?,
+        };
+        let members: Vec<(NodeId, RegionId)> = self
+            .edge
+            .members
+            .borrow()
+            .iter()
+            .map(|m| (m.info.node.clone(), m.info.region.clone()))
+            .collect();
+        let recording = self.recording_policy.decide(
+            rec,
+            residency.as_deref(),
+            (&self.node, &self.region),
+            &members,
+        )?;
+        Ok((profile, recording))
+    }
+
+    /// Where the records of a session recorded as `recording` go from this node.
+    fn records_to(&self, recording: Option<&Recording>) -> Option<records::RecordsTo> {
+        match recording? {
+            Recording::Here => self.recorder.clone().map(records::RecordsTo::Here),
+            Recording::At(node) => self.records.clone().map(|relay| records::RecordsTo::There {
+                relay,
+                node: node.clone(),
+            }),
+        }
+    }
+
+    /// Writes a refused join (`join_refused`, with `code` and `fields`) to the audit log of
+    /// the session `claims` name, wherever it is recorded; a session that is not recorded,
+    /// or whose rules cannot be read from the claims, has no log to write to.
+    async fn audit_refusal(
+        &self,
+        claims: &crate::auth::Claims,
+        code: &str,
+        fields: serde_json::Map<String, serde_json::Value>,
+    ) {
+        let Ok((profile, recording)) = self.session_rules(claims) else {
+            return;
+        };
+        let Some(rec) = self.records_to(recording.as_ref()) else {
+            return;
+        };
+        let refusal = crate::compliance::recorder::Refusal {
+            session: claims.sid.clone(),
+            user: claims.sub.clone(),
+            role: claims.role,
+            via: None,
+            profile: profile.map(|p| p.name.clone()),
+            code: code.into(),
+            fields,
+        };
+        if let Err(e) = rec.refused(refusal).await {
+            tracing::error!(session = %claims.sid, error = %e, "a refused join was not recorded");
+        }
+    }
+
+    /// The HTTP base (`http://host:port`) of a member's signaling.
+    fn http_base_of(&self, node: &NodeId) -> Option<String> {
+        let members = self.edge.members.borrow();
+        let m = members.iter().find(|m| m.info.node == *node)?;
+        let url = m.info.signaling_url.as_str();
+        let url = url.strip_suffix("/v1/ws").unwrap_or(url);
+        Some(if let Some(rest) = url.strip_prefix("wss://") {
+            format!("https://{rest}")
+        } else if let Some(rest) = url.strip_prefix("ws://") {
+            format!("http://{rest}")
+        } else {
+            url.to_owned()
+        })
+    }
+}
+
+/// The verified claims of a request's `Authorization: Bearer` token, or the error to answer.
+fn bearer_claims(
+    s: &AppState,
+    headers: &axum::http::HeaderMap,
+) -> Result<crate::auth::Claims, Box<Response>> {
+    use axum::http::StatusCode;
+    let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return Err(Box::new(api_error(
+            s,
+            StatusCode::UNAUTHORIZED,
+            "token_missing",
+            "send the session token as `Authorization: Bearer <token>`".into(),
+        )));
+    };
+    s.verifier.verify(token.trim()).map_err(|e| {
+        Box::new(api_error(
+            s,
+            StatusCode::UNAUTHORIZED,
+            e.code(),
+            e.to_string(),
+        ))
+    })
 }
 
 /// For the recording APIs: this node's recorder and the verified claims of the request's
@@ -207,27 +363,26 @@ pub(crate) fn recorder_and_claims<'a>(
             "this node does not record sessions (recording.enabled)".into(),
         )));
     };
-    let Some(token) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return Err(Box::new(api_error(
-            s,
-            StatusCode::UNAUTHORIZED,
-            "token_missing",
-            "send the session token as `Authorization: Bearer <token>`".into(),
-        )));
-    };
-    match s.verifier.verify(token.trim()) {
-        Ok(c) => Ok((recorder, c)),
-        Err(e) => Err(Box::new(api_error(
-            s,
-            StatusCode::UNAUTHORIZED,
-            e.code(),
-            e.to_string(),
-        ))),
-    }
+    Ok((recorder, bearer_claims(s, headers)?))
+}
+
+/// CORS preflight of `POST /v1/snapshot`: an agent console served by one node uploads to the
+/// session's recording node. The request is authorized by its bearer token, never by cookies,
+/// so any origin may send it.
+async fn snapshot_preflight() -> Response {
+    (
+        axum::http::StatusCode::NO_CONTENT,
+        [
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (header::ACCESS_CONTROL_ALLOW_METHODS, "POST"),
+            (
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                "authorization, content-type",
+            ),
+            (header::ACCESS_CONTROL_MAX_AGE, "600"),
+        ],
+    )
+        .into_response()
 }
 
 /// Largest evidence still accepted (bytes).
@@ -246,8 +401,8 @@ async fn snapshot_upload(
     let fail = |status: StatusCode, code: &'static str, message: String| {
         api_error(&s, status, code, message)
     };
-    let (recorder, claims) = match recorder_and_claims(&s, &headers) {
-        Ok(r) => r,
+    let claims = match bearer_claims(&s, &headers) {
+        Ok(c) => c,
         Err(answer) => return *answer,
     };
     if claims.role != crate::auth::Role::Agent {
@@ -257,6 +412,50 @@ async fn snapshot_upload(
             "only the agent takes evidence snapshots".into(),
         );
     }
+    // A session recorded by another node (its residency region's): the still goes there,
+    // straight from the browser, and is never stored here.
+    match s.session_rules(&claims) {
+        Err(e) => return fail(StatusCode::FORBIDDEN, e.code(), e.to_string()),
+        Ok((_, None)) => {
+            return fail(
+                StatusCode::NOT_FOUND,
+                "not_recorded",
+                "this session is not recorded, so it keeps no evidence".into(),
+            )
+        }
+        Ok((_, Some(Recording::At(node)))) => {
+            let Some(base) = s.http_base_of(&node) else {
+                return fail(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "recording_unavailable",
+                    format!("the session is recorded by node {node}, which is not up"),
+                );
+            };
+            s.metrics.count("recorded_elsewhere");
+            return (
+                StatusCode::MISDIRECTED_REQUEST,
+                [
+                    (header::CONTENT_TYPE, "application/json"),
+                    (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+                ],
+                serde_json::json!({
+                    "code": "recorded_elsewhere",
+                    "message": format!("the session is recorded by node {node}: send the snapshot to {base}/v1/snapshot"),
+                    "url": format!("{base}/v1/snapshot"),
+                })
+                .to_string(),
+            )
+                .into_response();
+        }
+        Ok((_, Some(Recording::Here))) => {}
+    }
+    let Some(recorder) = &s.recorder else {
+        return fail(
+            StatusCode::NOT_FOUND,
+            "not_recorded",
+            "this node does not record sessions (recording.enabled)".into(),
+        );
+    };
     let bytes = match axum::body::to_bytes(body, MAX_SNAPSHOT_BYTES).await {
         Ok(b) => b,
         Err(_) => {
@@ -301,7 +500,10 @@ async fn snapshot_upload(
     match recorder.snapshot(shot).await {
         Ok(stored) => (
             StatusCode::CREATED,
-            [(header::CONTENT_TYPE, "application/json")],
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            ],
             serde_json::json!({"file": stored.file, "sha256": stored.sha256}).to_string(),
         )
             .into_response(),
@@ -1268,96 +1470,51 @@ async fn connection(
             return refuse(&state, &mut sink, e.code(), e.to_string(), close::MALFORMED).await
         }
     };
-    let claims = match state
+    let verified = state
         .verifier
-        .verify(&token)
+        .verify_attributed(&token)
         .and_then(|c| match session_hint {
-            Some(s) if s != c.sid => Err(TokenError::WrongSession {
-                token: c.sid,
-                requested: s,
-            }),
+            Some(s) if s != c.sid => Err((
+                TokenError::WrongSession {
+                    token: c.sid.clone(),
+                    requested: s,
+                },
+                Some(Box::new(c)),
+            )),
             _ => Ok(c),
-        }) {
+        });
+    let claims = match verified {
         Ok(c) => c,
-        Err(e) => {
+        Err((e, named)) => {
             tracing::info!(client = %redact(peer), code = e.code(), "join refused");
-            return refuse(
-                &state,
-                &mut sink,
-                e.code(),
-                e.to_string(),
-                close::UNAUTHORIZED,
-            )
-            .await;
-        }
-    };
-    // The session's compliance profile, whose rules go over the token's recording claims.
-    let profile = match state.profiles.resolve(claims.profile.as_deref()) {
-        Ok(p) => p,
-        Err(e) => {
-            return refuse(
-                &state,
-                &mut sink,
-                e.code(),
-                e.to_string(),
-                close::UNAUTHORIZED,
-            )
-            .await;
-        }
-    };
-    let (rec, residency) = match &profile {
-        None => (claims.rec, claims.residency.clone()),
-        Some(p) => match p.recording(claims.rec, claims.residency.as_deref()) {
-            Ok(r) => r,
-            Err(e) => {
-                return refuse(
-                    &state,
-                    &mut sink,
-                    e.code(),
-                    e.to_string(),
-                    close::UNAUTHORIZED,
-                )
-                .await;
+            // A token signed by this mesh's key names its session: the refusal goes to that
+            // session's audit log. A forged or malformed one is only counted.
+            if let Some(c) = named {
+                let fields = serde_json::Map::from_iter([("reason".into(), e.to_string().into())]);
+                state.audit_refusal(&c, e.code(), fields).await;
             }
-        },
+            return refuse(
+                &state,
+                &mut sink,
+                e.code(),
+                e.to_string(),
+                close::UNAUTHORIZED,
+            )
+            .await;
+        }
     };
-    // Recorded, and here? Decided before the session gets a seat.
-    let members: Vec<(NodeId, RegionId)> = state
-        .edge
-        .members
-        .borrow()
-        .iter()
-        .map(|m| (m.info.node.clone(), m.info.region.clone()))
-        .collect();
-    let recording = match state.recording_policy.decide(
-        rec,
-        residency.as_deref(),
-        (&state.node, &state.region),
-        &members,
-    ) {
+    // Heard from the start, so that a failure during the join is not missed.
+    let mut recording_ended = state.recording_ended.subscribe();
+    // The session's profile and whether and where it is recorded: decided before the
+    // session gets a seat.
+    let (profile, recording) = match state.session_rules(&claims) {
         Ok(r) => r,
         Err(e) => {
-            tracing::info!(session = %claims.sid, code = e.code(), "join refused by the recording rules");
-            let close_code = match e {
-                crate::compliance::policy::PolicyRefusal::UnknownResidency(_) => {
-                    close::UNAUTHORIZED
-                }
-                _ => close::INTERNAL,
-            };
-            return refuse(&state, &mut sink, e.code(), e.to_string(), close_code).await;
+            tracing::info!(session = %claims.sid, code = e.code(), "join refused by the session's rules");
+            return refuse(&state, &mut sink, e.code(), e.to_string(), e.close_code()).await;
         }
     };
-    let records_to = match &recording {
-        None => None,
-        Some(Recording::Here) => state.recorder.clone().map(records::RecordsTo::Here),
-        Some(Recording::At(node)) => state
-            .records
-            .clone()
-            .map(|relay| records::RecordsTo::There {
-                relay,
-                node: node.clone(),
-            }),
-    };
+    let records_to = state.records_to(recording.as_ref());
     if recording.is_some() && records_to.is_none() {
         let e = crate::compliance::policy::PolicyRefusal::CannotRecord;
         return refuse(&state, &mut sink, e.code(), e.to_string(), close::INTERNAL).await;
@@ -1368,23 +1525,11 @@ async fn connection(
     if let (Some(p), crate::auth::Role::User) = (&profile, claims.role) {
         if let Err(e) = p.admits_country(country.as_deref()) {
             tracing::info!(session = %claims.sid, code = e.code(), "join refused by the compliance profile");
-            if let Some(rec) = &records_to {
-                let mut fields = serde_json::Map::new();
-                fields.insert("reason".into(), e.to_string().into());
-                fields.insert("geoip_country".into(), country.clone().into());
-                let refusal = crate::compliance::recorder::Refusal {
-                    session: claims.sid.clone(),
-                    user: claims.sub.clone(),
-                    role: claims.role,
-                    via: None,
-                    profile: Some(p.name.clone()),
-                    code: e.code().into(),
-                    fields,
-                };
-                if let Err(err) = rec.refused(refusal).await {
-                    tracing::error!(session = %claims.sid, error = %err, "a refused join was not recorded");
-                }
-            }
+            let fields = serde_json::Map::from_iter([
+                ("reason".into(), e.to_string().into()),
+                ("geoip_country".into(), country.clone().into()),
+            ]);
+            state.audit_refusal(&claims, e.code(), fields).await;
             return refuse(&state, &mut sink, e.code(), e.to_string(), close::FORBIDDEN).await;
         }
     }
@@ -1484,6 +1629,23 @@ async fn connection(
             // Expiry first: once the token has run out, no pending request is served.
             biased;
             _ = &mut expiry => break Ending::Expired,
+            e = recording_ended.recv() => {
+                use tokio::sync::broadcast::error::RecvError;
+                match e {
+                    // A session may not go on unrecorded: its recording node said it failed.
+                    Ok(e) if e.session == claims.sid
+                        && recorded.as_ref().is_some_and(|r| r.recorder.kept_by(e.by.as_ref())) =>
+                    {
+                        break Ending::Refuse(
+                            "recording_failed",
+                            format!("the session's recording failed ({}); the session has ended, because it may not go on unrecorded", e.reason),
+                            close::INTERNAL,
+                        );
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => break Ending::Quiet,
+                }
+            }
             ev = events_rx.recv() => {
                 let Some(ev) = ev else {
                     break Ending::Refuse("internal", "the media worker has stopped".into(), close::INTERNAL);

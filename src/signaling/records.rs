@@ -50,6 +50,7 @@ const LEAVE_REASONS: &[&str] = &[
     "replaced",
     "too_slow",
     "node_lost",
+    "recording_failed",
 ];
 
 /// Verification steps a relayed record may carry.
@@ -67,6 +68,14 @@ impl RecordsTo {
         match self {
             RecordsTo::Here(r) => Some(r),
             RecordsTo::There { .. } => None,
+        }
+    }
+
+    /// Whether `by` (a recording node, `None` for this node's recorder) keeps these records.
+    pub fn kept_by(&self, by: Option<&NodeId>) -> bool {
+        match self {
+            RecordsTo::Here(_) => by.is_none(),
+            RecordsTo::There { node, .. } => by == Some(node),
         }
     }
 
@@ -186,14 +195,41 @@ struct Held {
 
 /// Writes the records other nodes relay, answering each once it is on disk (or why not),
 /// until the mesh stops.
+/// A session whose recording fails here (`ended`) is ended on the nodes of its participants
+/// too.
 pub async fn serve_relayed(
     mut inbox: mpsc::UnboundedReceiver<Inbound>,
     recorder: Recorder,
     workers: Workers,
     relay: RecordRelay,
+    mut ended: tokio::sync::broadcast::Receiver<crate::compliance::recorder::Ended>,
 ) {
+    use tokio::sync::broadcast::error::RecvError;
     let mut held: HashMap<SessionId, Held> = HashMap::new();
-    while let Some(msg) = inbox.recv().await {
+    loop {
+        let msg = tokio::select! {
+            m = inbox.recv() => match m {
+                Some(m) => m,
+                None => return,
+            },
+            e = ended.recv() => {
+                match e {
+                    Ok(e) if e.by.is_none() => {
+                        if let Some(h) = held.get(&e.session) {
+                            let mut nodes: Vec<&NodeId> = h.participants.values().collect();
+                            nodes.sort();
+                            nodes.dedup();
+                            for node in nodes {
+                                relay.end(node, &e.session, &e.reason);
+                            }
+                        }
+                    }
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                }
+                continue;
+            }
+        };
         match msg {
             Inbound::Record(r) => {
                 let result = relayed(

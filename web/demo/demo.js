@@ -70,6 +70,11 @@ async function main() {
   // The node's view of each transport (the browser's own view is `connectionstate`).
   client.addEventListener("transportstate", (e) => log("TRANSPORT", { transport: e.detail.transport, state: e.detail.state }));
   client.addEventListener("sessionexpired", () => setState("session expired", "bad"));
+  // Why the node let this participant go (for example `recording_failed`).
+  client.addEventListener("error", (e) => {
+    log("ERROR", { code: e.detail.code, message: e.detail.message });
+    setState(`ended: ${e.detail.message}`, "bad");
+  });
   client.addEventListener("closed", (e) => {
     log("CLOSED", e.detail);
     if (!left) setState("disconnected from the node", "bad");

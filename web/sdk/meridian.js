@@ -373,14 +373,22 @@ export class MeridianClient extends EventTarget {
     canvas.height = video.videoHeight;
     canvas.getContext("2d").drawImage(video, 0, 0);
     const blob = await new Promise((resolve) => canvas.toBlob(resolve, type));
-    // The node this client joined: its signaling URL, as HTTP.
+    // The node this client joined: its signaling URL, as HTTP. A session recorded by another
+    // node (its residency region's) is answered 421 with that node's URL: the still goes
+    // there, and is stored nowhere else.
     const base = this.url.replace(/^ws/, "http").replace(/\/v1\/ws.*$/, "");
-    const res = await fetch(`${base}/v1/snapshot`, {
-      method: "POST",
-      headers: { Authorization: `Bearer ${this.token}`, "Content-Type": type },
-      body: blob,
-    });
-    const body = await res.json().catch(() => ({}));
+    const post = (url) =>
+      fetch(url, {
+        method: "POST",
+        headers: { Authorization: `Bearer ${this.token}`, "Content-Type": type },
+        body: blob,
+      });
+    let res = await post(`${base}/v1/snapshot`);
+    let body = await res.json().catch(() => ({}));
+    if (res.status === 421 && body.url) {
+      res = await post(body.url);
+      body = await res.json().catch(() => ({}));
+    }
     if (!res.ok) throw new MeridianError(body.code || "snapshot", body.message || `HTTP ${res.status}`);
     return body;
   }
