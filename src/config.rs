@@ -36,6 +36,9 @@ pub struct NodeConfig {
     /// The Prometheus endpoint, kept off the client-facing listener.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// The operators' API (`meridian ctl`), off unless configured (see docs/operations.md).
+    #[serde(default)]
+    pub admin: Option<crate::admin::AdminSection>,
     /// Compliance records of the sessions this node holds (see docs/compliance.md).
     #[serde(default)]
     pub recording: RecordingSection,

@@ -7,6 +7,7 @@
 //! the planes (each plane owns its settings type; `config` converts). `client` and `bench`
 //! are the load generator.
 
+pub mod admin;
 pub mod admission;
 pub mod alloc;
 pub mod auth;

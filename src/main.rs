@@ -41,6 +41,17 @@ enum Command {
     },
     /// Run the India, Europe and US nodes on localhost with demo links.
     Dev,
+    /// Operate a node through its admin API (`[admin]` in its region file).
+    Ctl {
+        /// The node's admin API (its `admin.listen`).
+        #[arg(long, default_value = "http://127.0.0.1:9465")]
+        admin: String,
+        /// The admin token file (the node's `admin.token_file`).
+        #[arg(long)]
+        token_file: PathBuf,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
     /// Mint a session access token.
     Token {
         /// Region file whose auth section (HS256 secret, issuer, audience) signs the token.
@@ -166,6 +177,30 @@ enum GeoipCommand {
 }
 
 #[derive(Subcommand)]
+enum CtlCommand {
+    /// The mesh as the node sees it: every node with its load and state, the node's pipes.
+    Status {
+        /// JSON for scripts instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the node taking new sessions (routing skips it); sessions there carry on.
+    Drain {
+        /// Wait up to this many seconds for the node to empty, reporting progress, then say
+        /// what is left (exit status 3 if not empty).
+        #[arg(long)]
+        wait: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let the node take new sessions again.
+    Undrain {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum CaCommand {
     /// Create a new cluster CA: <dir>/ca.pem and <dir>/ca.key.
     Init {
@@ -227,6 +262,11 @@ fn main() -> anyhow::Result<()> {
                 }
             }
             Command::Dev => dev().await?,
+            Command::Ctl {
+                admin,
+                token_file,
+                command,
+            } => ctl(&admin, &token_file, command).await?,
             Command::Token {
                 config,
                 eddsa_key,
@@ -629,4 +669,64 @@ async fn fetch_stored(config: &std::path::Path, run: &std::path::Path) -> anyhow
         store.run_url(session, run)
     );
     Ok(dir)
+}
+
+/// `meridian ctl`: one admin call, printed as a table or JSON.
+async fn ctl(admin: &str, token_file: &std::path::Path, command: CtlCommand) -> anyhow::Result<()> {
+    use meridian::admin::{call, read_token, table};
+    use reqwest::Method;
+    let token = read_token(token_file)?;
+    let print = |s: &meridian::admin::Status, json: bool| {
+        if json {
+            println!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
+        } else {
+            print!("{}", table(s));
+        }
+    };
+    match command {
+        CtlCommand::Status { json } => print(
+            &call(admin, &token, Method::GET, "/v1/admin/status").await?,
+            json,
+        ),
+        CtlCommand::Undrain { json } => print(
+            &call(admin, &token, Method::POST, "/v1/admin/undrain").await?,
+            json,
+        ),
+        CtlCommand::Drain { wait, json } => {
+            let mut s = call(admin, &token, Method::POST, "/v1/admin/drain").await?;
+            let here = |s: &meridian::admin::Status| {
+                s.nodes
+                    .iter()
+                    .find(|n| n.local)
+                    .map_or(0, |n| n.load.sessions)
+            };
+            if let Some(secs) = wait {
+                let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+                while here(&s) > 0 && std::time::Instant::now() < deadline {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    eprintln!(
+                        "{} draining: {} sessions left, {} s to the deadline",
+                        s.node,
+                        here(&s),
+                        left.as_secs()
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    s = call(admin, &token, Method::GET, "/v1/admin/status").await?;
+                }
+            }
+            print(&s, json);
+            if wait.is_some() {
+                let left = here(&s);
+                if left > 0 {
+                    eprintln!(
+                        "{} still holds {left} sessions: they stay until they end (moving them to another node is not built yet)",
+                        s.node
+                    );
+                    std::process::exit(3);
+                }
+                eprintln!("{} is empty", s.node);
+            }
+        }
+    }
+    Ok(())
 }

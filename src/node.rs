@@ -68,6 +68,13 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen for the admin API on {addr}: {source} (check admin.listen)")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    AdminToken(#[from] crate::admin::AdminTokenError),
     #[error(
         "the open-file limit is {hard}, but signaling.max_connections plus ICE-TCP and the node's \
          own sockets need {needed}: raise the hard limit (LimitNOFILE= in the service unit, or \
@@ -126,6 +133,8 @@ pub struct Node {
     pub signaling_addr: SocketAddr,
     /// Where `/metrics` is served (the real port when the config said 0).
     pub metrics_addr: SocketAddr,
+    /// Where the admin API listens, when `[admin]` is configured.
+    pub admin_addr: Option<SocketAddr>,
     /// The media workers, one per core unless `rtc.workers` says otherwise.
     pub workers: Workers,
     /// Pipes to other nodes, when `[mesh]` is configured.
@@ -135,6 +144,7 @@ pub struct Node {
     members: watch::Receiver<Arc<Vec<MemberView>>>,
     server: tokio::task::JoinHandle<()>,
     metrics_server: tokio::task::JoinHandle<()>,
+    admin_server: Option<tokio::task::JoinHandle<()>>,
     /// Publishes the membership of a node without a mesh.
     solo: Option<tokio::task::JoinHandle<()>>,
 }
@@ -451,6 +461,40 @@ impl Node {
             metrics_admission,
             header_timeout,
         ));
+        // The operators' API: its own listener and admission cap, never the public port.
+        let (admin_addr, admin_server) = match &cfg.admin {
+            None => (None, None),
+            Some(a) => {
+                let token = crate::admin::read_token(&a.token_file)?;
+                let (l, addr) = bind_tcp(a.listen)
+                    .await
+                    .map_err(|source| StartError::Admin {
+                        addr: a.listen,
+                        source,
+                    })?;
+                let admin = crate::admin::AdminState {
+                    token_digest: Arc::new(crate::admin::digest(&token)),
+                    node: cfg.node_id(),
+                    region: cfg.node.region.clone(),
+                    draining: draining.clone(),
+                    members: members.clone(),
+                    pipes: state.pipes.clone(),
+                    metrics: metrics.clone(),
+                };
+                let cap = Admission::new(Limits {
+                    max: 16,
+                    per_source: 16,
+                    exempt: Vec::new(),
+                });
+                let task = tokio::spawn(server::serve(
+                    l,
+                    crate::admin::router(admin),
+                    cap,
+                    header_timeout,
+                ));
+                (Some(addr), Some(task))
+            }
+        };
         let server = tokio::spawn(server::serve(
             listener,
             signaling::router(state),
@@ -463,6 +507,7 @@ impl Node {
             id: cfg.node_id(),
             signaling_addr,
             metrics_addr,
+            admin_addr,
             workers,
             mesh,
             metrics,
@@ -470,6 +515,7 @@ impl Node {
             members,
             server,
             metrics_server,
+            admin_server,
             solo,
         })
     }
@@ -500,6 +546,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.server.abort();
         self.metrics_server.abort();
+        if let Some(t) = &self.admin_server {
+            t.abort();
+        }
         if let Some(t) = &self.solo {
             t.abort();
         }
