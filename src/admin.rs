@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -71,7 +70,7 @@ pub struct AdminState {
     pub token_digest: Arc<[u8; 32]>,
     pub node: NodeId,
     pub region: RegionId,
-    pub draining: Arc<AtomicBool>,
+    pub availability: Arc<crate::health::Availability>,
     pub members: watch::Receiver<Arc<Vec<MemberView>>>,
     pub pipes: Option<Arc<dyn Fn() -> Vec<PipeReport> + Send + Sync>>,
     pub metrics: Arc<SignalingMetrics>,
@@ -120,6 +119,8 @@ pub struct Status {
     pub node: NodeId,
     pub region: RegionId,
     pub draining: bool,
+    /// Its media workers answer (else it is out of routing).
+    pub healthy: bool,
     pub nodes: Vec<NodeStatus>,
     pub pipes: Vec<PipeStatus>,
 }
@@ -135,7 +136,7 @@ impl AdminState {
                 signaling_url: m.info.signaling_url.clone(),
                 // The local view follows the switch at once, not at the next heartbeat.
                 draining: if m.local {
-                    self.draining.load(Relaxed)
+                    self.availability.drained()
                 } else {
                     m.draining
                 },
@@ -169,7 +170,8 @@ impl AdminState {
         Status {
             node: self.node.clone(),
             region: self.region.clone(),
-            draining: self.draining.load(Relaxed),
+            draining: self.availability.drained(),
+            healthy: !self.availability.unhealthy(),
             nodes,
             pipes,
         }
@@ -243,7 +245,7 @@ async fn drain(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     if let Err(refused) = s.authorize(&headers) {
         return *refused;
     }
-    if !s.draining.swap(true, Relaxed) {
+    if !s.availability.set_drained(true) {
         tracing::warn!(node = %s.node, "draining: no new sessions (admin API)");
     }
     json(&s.status())
@@ -253,7 +255,7 @@ async fn undrain(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     if let Err(refused) = s.authorize(&headers) {
         return *refused;
     }
-    if s.draining.swap(false, Relaxed) {
+    if s.availability.set_drained(false) {
         tracing::warn!(node = %s.node, "drain undone: taking new sessions again (admin API)");
     }
     json(&s.status())
@@ -313,10 +315,15 @@ pub fn table(s: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "answered by {} (region {}){}",
+        "answered by {} (region {}){}{}",
         s.node,
         s.region,
-        if s.draining { ", draining" } else { "" }
+        if s.draining { ", draining" } else { "" },
+        if s.healthy {
+            ""
+        } else {
+            ", UNHEALTHY (media workers not answering)"
+        }
     );
     let _ = writeln!(
         out,

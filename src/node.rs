@@ -140,7 +140,8 @@ pub struct Node {
     /// Pipes to other nodes, when `[mesh]` is configured.
     pub mesh: Option<MeshHandle>,
     pub metrics: std::sync::Arc<SignalingMetrics>,
-    draining: Arc<AtomicBool>,
+    availability: Arc<crate::health::Availability>,
+    health_watch: tokio::task::JoinHandle<()>,
     members: watch::Receiver<Arc<Vec<MemberView>>>,
     server: tokio::task::JoinHandle<()>,
     metrics_server: tokio::task::JoinHandle<()>,
@@ -308,7 +309,13 @@ impl Node {
             max_consumers: cfg.limits.max_consumers,
             max_cpu: cfg.limits.max_cpu,
         };
+        // What the mesh announces as draining: an operator's drain, or workers not answering.
         let draining = Arc::new(AtomicBool::new(false));
+        let availability = Arc::new(crate::health::Availability::new(draining.clone()));
+        let health_watch = tokio::spawn(crate::health::watch_workers(
+            workers.clone(),
+            availability.clone(),
+        ));
         let (record_inbox, record_inbox_rx) = match &recorder {
             Some(_) => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -418,6 +425,7 @@ impl Node {
             })
         })?;
         let state = AppState {
+            availability: availability.clone(),
             recording_ended: recording_ended.clone(),
             recording_policy,
             profiles,
@@ -476,7 +484,7 @@ impl Node {
                     token_digest: Arc::new(crate::admin::digest(&token)),
                     node: cfg.node_id(),
                     region: cfg.node.region.clone(),
-                    draining: draining.clone(),
+                    availability: availability.clone(),
                     members: members.clone(),
                     pipes: state.pipes.clone(),
                     metrics: metrics.clone(),
@@ -511,7 +519,8 @@ impl Node {
             workers,
             mesh,
             metrics,
-            draining,
+            availability,
+            health_watch,
             members,
             server,
             metrics_server,
@@ -523,7 +532,7 @@ impl Node {
     /// Stops (or resumes) taking new sessions: routing skips a draining node, its peers learn
     /// within a heartbeat; sessions already here carry on.
     pub fn set_draining(&self, on: bool) {
-        self.draining.store(on, Relaxed);
+        self.availability.set_drained(on);
     }
 
     /// The mesh as this node sees it, itself first.
@@ -546,6 +555,7 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.server.abort();
         self.metrics_server.abort();
+        self.health_watch.abort();
         if let Some(t) = &self.admin_server {
             t.abort();
         }

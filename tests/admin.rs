@@ -161,3 +161,98 @@ async fn the_admin_api_answers_only_its_token_and_ctl_shows_and_drains_the_mesh(
     assert_ne!(code, 0);
     assert!(err.contains("at least 32"), "{err}");
 }
+
+/// `GET path` on `node`'s signaling listener from source address `from`: status and body.
+async fn get_from(addr: std::net::SocketAddr, from: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status: u16 = out[9..12].parse().unwrap();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
+
+/// The node `/v1/edge` on `asked` offers a client in Mumbai.
+async fn edge_for_mumbai(asked: &meridian::node::Node) -> String {
+    let (_, body) = get_from(asked.signaling_addr, "127.1.0.9", "/v1/edge").await;
+    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    v["edge"]["node"].as_str().unwrap_or_default().to_owned()
+}
+
+/// A media worker that stops answering makes its node unhealthy (`/healthz` and `/readyz`
+/// 503) and takes it out of routing, on its own `/v1/edge` and on its peers'; once the worker
+/// answers again, the node is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_media_worker_takes_its_node_out_of_routing_until_it_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = routed_mesh_of(
+        dir.path(),
+        &[
+            ("india-1".into(), ("india", 19.076, 72.8777)),
+            ("us-1".into(), ("us", 39.0, -77.5)),
+        ],
+        |_| {},
+    )
+    .await;
+    let (india, us) = (&nodes[0], &nodes[1]);
+    assert_eq!(edge_for_mumbai(us).await, "india-1");
+    let status = |n: &meridian::node::Node, path: &'static str| {
+        let addr = n.signaling_addr;
+        async move { get_from(addr, "127.0.0.1", path).await.0 }
+    };
+    assert_eq!(status(india, "/readyz").await, 200);
+
+    for w in india.workers.iter() {
+        w.stall_for_fault_test(Duration::from_secs(8));
+    }
+    let started = std::time::Instant::now();
+    let mut out = false;
+    while started.elapsed() < Duration::from_secs(6) {
+        if status(india, "/readyz").await == 503
+            && us
+                .members()
+                .iter()
+                .any(|m| m.info.node.as_str() == "india-1" && m.draining)
+        {
+            out = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(out, "India out of routing while its workers are stuck");
+    println!(
+        "out of routing {:.1} s after the workers stopped",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(status(india, "/healthz").await, 503);
+    assert_ne!(
+        edge_for_mumbai(us).await,
+        "india-1",
+        "the US node offers another edge"
+    );
+    assert_ne!(
+        edge_for_mumbai(india).await,
+        "india-1",
+        "and so does India itself"
+    );
+
+    wait_for(
+        "India back once its workers answer",
+        Duration::from_secs(15),
+        || {
+            us.members()
+                .iter()
+                .any(|m| m.info.node.as_str() == "india-1" && !m.draining)
+        },
+    )
+    .await;
+    assert_eq!(status(india, "/healthz").await, 200);
+    assert_eq!(status(india, "/readyz").await, 200);
+    assert_eq!(edge_for_mumbai(us).await, "india-1");
+}

@@ -263,14 +263,7 @@ async fn a_vcip_call_across_regions_leaves_its_evidence_in_india_only() {
     assert_isolated_network();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let nodes = routed_mesh(dir.path(), |cfg| {
-        let region = cfg.node.region.to_string();
-        cfg.recording.enabled = true;
-        cfg.recording.dir = root.join(format!("rec-{region}")).join("recordings");
-        cfg.recording.signing_key_file = Some(root.join(format!("{region}.key")));
-        cfg.recording.create_signing_key = true;
-    })
-    .await;
+    let nodes = recording_mesh(&root).await;
     let (india, us) = (&nodes[0], &nodes[2]);
     let page = |node: &Node, role: &str, user: &str, r: Role, opts: &str| {
         let t = claims_token(
@@ -387,15 +380,7 @@ async fn a_vcip_call_across_regions_leaves_its_evidence_in_india_only() {
     );
     assert!(run.join("media/agent-bob.webm").exists());
     for region in ["us", "europe"] {
-        let written: Vec<PathBuf> = files_under(&root.join(format!("rec-{region}")))
-            .into_iter()
-            .filter(|f| {
-                !f.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .starts_with("sessions.db")
-            })
-            .collect();
+        let written = written_besides_database(&root, region);
         assert_eq!(written, Vec::<PathBuf>::new(), "{region} wrote nothing");
     }
 }

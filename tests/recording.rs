@@ -984,14 +984,7 @@ async fn a_cross_region_call_is_recorded_in_its_residency_region_only() {
     assert_isolated_network();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let nodes = routed_mesh(dir.path(), |cfg| {
-        let region = cfg.node.region.to_string();
-        cfg.recording.enabled = true;
-        cfg.recording.dir = root.join(format!("rec-{region}"));
-        cfg.recording.signing_key_file = Some(root.join(format!("{region}.key")));
-        cfg.recording.create_signing_key = true;
-    })
-    .await;
+    let nodes = recording_mesh(&root).await;
     let (india, us) = (&nodes[0], &nodes[2]);
     let page = |node: &Node, role: &str, user: &str, r: Role, opts: &str| {
         let t = signer()
@@ -1022,7 +1015,7 @@ async fn a_cross_region_call_is_recorded_in_its_residency_region_only() {
     drop(agent);
     drop(user);
 
-    let session = root.join("rec-india").join("kyc-residency");
+    let session = root.join("rec-india/recordings/kyc-residency");
     let mut run = None;
     for _ in 0..100 {
         run = std::fs::read_dir(&session)
@@ -1064,16 +1057,8 @@ async fn a_cross_region_call_is_recorded_in_its_residency_region_only() {
         .any(|e| e["event"] == "participant_left" && e["user"] == "bob"));
     for region in ["us", "europe"] {
         // Nothing but the node's own (empty) session database.
-        let dir = root.join(format!("rec-{region}"));
-        let written: Vec<PathBuf> = files_under(&dir)
-            .into_iter()
-            .filter(|f| {
-                !f.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .starts_with("sessions.db")
-            })
-            .collect();
+        let dir = root.join(format!("rec-{region}/recordings"));
+        let written = written_besides_database(&root, region);
         assert_eq!(written, Vec::<PathBuf>::new(), "{region} wrote nothing");
         let db = meridian::compliance::db::SessionDb::open(&format!(
             "sqlite://{}",
@@ -1089,7 +1074,7 @@ async fn a_cross_region_call_is_recorded_in_its_residency_region_only() {
     }
     let db = meridian::compliance::db::SessionDb::open(&format!(
         "sqlite://{}",
-        root.join("rec-india/sessions.db").display()
+        root.join("rec-india/recordings/sessions.db").display()
     ))
     .await
     .unwrap();

@@ -235,6 +235,10 @@ impl Driver {
             Command::PipeDown { pipe } => {
                 self.pipes.remove(pipe);
             }
+            Command::Stall(d) => {
+                std::thread::sleep(*d);
+                return;
+            }
             _ => {}
         }
         self.core.handle_command(Instant::now(), cmd);

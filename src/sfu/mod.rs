@@ -433,6 +433,8 @@ pub(crate) enum Command {
     Ping {
         reply: oneshot::Sender<()>,
     },
+    /// Fault injection for tests: the worker's thread stops turning for this long.
+    Stall(std::time::Duration),
     /// The mesh opened a pipe to another node.
     PipeUp {
         pipe: PipeId,
@@ -833,6 +835,13 @@ impl WorkerHandle {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+
+    /// Fault injection for tests of health and routing: the worker's thread stops turning
+    /// for `d`, as a stuck worker would.
+    #[doc(hidden)]
+    pub fn stall_for_fault_test(&self, d: std::time::Duration) {
+        let _ = self.tx.send(Command::Stall(d));
     }
 
     /// Whether the worker answers a command within `within` (for `/healthz`).

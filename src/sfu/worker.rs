@@ -384,6 +384,8 @@ impl Worker {
             Command::Ping { reply } => {
                 let _ = reply.send(());
             }
+            // The driver's (a sans-I/O core never sleeps).
+            Command::Stall(_) => {}
             Command::PipeUp { pipe, link } => self.pipe_up(pipe, link.node, link.counters),
             Command::PipeDown { pipe } => self.pipe_down(pipe),
             Command::RemoteProducer { pipe, announcement } => {

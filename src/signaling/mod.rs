@@ -55,6 +55,8 @@ pub struct AppState {
     pub recorder: Option<crate::compliance::recorder::Recorder>,
     /// Which sessions are recorded, and where (token claims over these defaults).
     pub recording_policy: crate::compliance::policy::RecordingPolicy,
+    /// Whether the node takes new sessions (drain, worker health), for `/healthz` and `/readyz`.
+    pub availability: Arc<crate::health::Availability>,
     /// Sessions ended because their recording failed (here, or at their recording node):
     /// their connections close.
     pub recording_ended: tokio::sync::broadcast::Sender<crate::compliance::recorder::Ended>,
@@ -148,6 +150,7 @@ pub fn router(state: AppState) -> Router {
         .route("/review.html", get(|| async { asset(HTML, REVIEW_HTML) }))
         .route("/review/review.js", get(|| async { asset(JS, REVIEW_JS) }))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/sdk/meridian.js", get(|| async { sdk() }))
         .route("/demo/demo.js", get(|| async { asset(JS, DEMO_JS) }))
         .route(
@@ -164,8 +167,17 @@ pub fn router(state: AppState) -> Router {
 
 /// `ok` while the media worker answers a no-op command within a second; `503` otherwise, so a
 /// load balancer or orchestrator stops sending clients to a node whose media thread is stuck.
+/// `/readyz`: 200 while the node takes new sessions; 503 with the reason while it is drained
+/// or a media worker is not answering (routing skips it then).
+async fn readyz(State(s): State<AppState>) -> Response {
+    match s.availability.not_ready() {
+        None => "ready".into_response(),
+        Some(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
+}
+
 async fn healthz(State(s): State<AppState>) -> Response {
-    if s.workers.respond(Duration::from_secs(1)).await {
+    if !s.availability.unhealthy() && s.workers.respond(Duration::from_secs(1)).await {
         "ok".into_response()
     } else {
         (
@@ -519,6 +531,7 @@ pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .with_state(state)
 }
 

@@ -539,3 +539,31 @@ pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// India, Europe and US joined by pipes, each recording under `root/rec-<region>/recordings`
+/// with its signing key at `root/<region>.key` (public half `root/<region>.pub.pem`).
+pub async fn recording_mesh(root: &std::path::Path) -> Vec<Node> {
+    let keys = root.to_path_buf();
+    routed_mesh(root, move |cfg| {
+        let region = cfg.node.region.to_string();
+        cfg.recording.enabled = true;
+        cfg.recording.dir = keys.join(format!("rec-{region}")).join("recordings");
+        cfg.recording.signing_key_file = Some(keys.join(format!("{region}.key")));
+        cfg.recording.create_signing_key = true;
+    })
+    .await
+}
+
+/// Every file a node of [`recording_mesh`] wrote under `root/rec-<region>` but its own
+/// session database.
+pub fn written_besides_database(root: &std::path::Path, region: &str) -> Vec<std::path::PathBuf> {
+    files_under(&root.join(format!("rec-{region}")))
+        .into_iter()
+        .filter(|f| {
+            !f.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("sessions.db")
+        })
+        .collect()
+}
