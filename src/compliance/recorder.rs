@@ -199,6 +199,9 @@ pub struct Recorder {
 #[derive(Debug, Default)]
 pub struct RecorderStats {
     pub sessions_sealed: std::sync::atomic::AtomicU64,
+    /// Refused joins of an idle session beyond [`REFUSAL_RUNS_PER_HOUR`]: refused, logged,
+    /// not given a run of their own.
+    pub refusals_unrecorded: std::sync::atomic::AtomicU64,
     pub entries: std::sync::atomic::AtomicU64,
     pub failures: std::sync::atomic::AtomicU64,
     /// Session database updates that failed (the folder is still written).
@@ -261,6 +264,7 @@ impl Recorder {
             media: media.clone(),
             rx,
             deferred: std::collections::VecDeque::new(),
+            refusal_runs: HashMap::new(),
         };
         std::thread::Builder::new()
             .name("meridian-recorder".into())
@@ -407,7 +411,15 @@ struct State {
     rx: std_mpsc::Receiver<Request>,
     /// Requests read ahead while waiting for the media writer, handled next.
     deferred: std::collections::VecDeque<Request>,
+    /// Runs opened for refusals alone, per session: (start of the hour, count).
+    refusal_runs: HashMap<SessionId, (std::time::Instant, u32)>,
 }
+
+/// Runs a session with nobody in it gets for refused joins, per hour: a holder of an old
+/// token retrying in a loop must not fill the disk with sealed folders.
+pub const REFUSAL_RUNS_PER_HOUR: u32 = 10;
+/// Sessions whose refusal runs are counted at once (beyond, the counts start afresh).
+const REFUSAL_SESSIONS: usize = 10_000;
 
 fn fields(v: Value) -> Map<String, Value> {
     match v {
@@ -625,6 +637,14 @@ impl State {
     }
 
     fn refused(&mut self, r: Refusal) -> Result<(), RecordError> {
+        if !self.open.contains_key(&r.session) && !self.allow_refusal_run(&r.session) {
+            self.stats
+                .refusals_unrecorded
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(session = %r.session, user = %r.user, code = %r.code,
+                "join refused; not given a run of its own (more than {REFUSAL_RUNS_PER_HOUR} this hour)");
+            return Ok(());
+        }
         self.open_run(&r.session, r.profile.as_deref())?;
         let (node, region) = self.through(&r.via);
         let mut f = r.fields;
@@ -642,6 +662,26 @@ impl State {
             self.end_run(&r.session)?;
         }
         Ok(())
+    }
+
+    /// Whether an idle session may get one more run for a refusal this hour.
+    fn allow_refusal_run(&mut self, session: &SessionId) -> bool {
+        let now = std::time::Instant::now();
+        let hour = std::time::Duration::from_secs(3600);
+        if self.refusal_runs.len() >= REFUSAL_SESSIONS {
+            self.refusal_runs
+                .retain(|_, (start, _)| now.duration_since(*start) < hour);
+            if self.refusal_runs.len() >= REFUSAL_SESSIONS {
+                self.refusal_runs.clear();
+            }
+        }
+        let (start, count) = self.refusal_runs.entry(session.clone()).or_insert((now, 0));
+        if now.duration_since(*start) >= hour {
+            *start = now;
+            *count = 0;
+        }
+        *count += 1;
+        *count <= REFUSAL_RUNS_PER_HOUR
     }
 
     fn note(
@@ -1043,6 +1083,36 @@ mod tests {
             uploads: None,
             ended: None,
         }
+    }
+
+    #[tokio::test]
+    async fn refusals_of_an_idle_session_get_a_bounded_number_of_runs() {
+        let root = tempfile::tempdir().unwrap();
+        let (rec, _) = Recorder::start(settings(root.path())).unwrap();
+        for _ in 0..REFUSAL_RUNS_PER_HOUR + 2 {
+            rec.refused(Refusal {
+                session: "kyc-retry".parse().unwrap(),
+                user: "mallory".parse().unwrap(),
+                role: Role::User,
+                via: None,
+                profile: None,
+                code: "token_expired".into(),
+                fields: Map::new(),
+            })
+            .await
+            .unwrap();
+        }
+        rec.sync().await;
+        let runs = std::fs::read_dir(root.path().join("recordings/kyc-retry"))
+            .unwrap()
+            .count();
+        assert_eq!(runs, REFUSAL_RUNS_PER_HOUR as usize);
+        assert_eq!(
+            rec.stats()
+                .refusals_unrecorded
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
     }
 
     fn arrival(session: &str, participant: &str, user: &str, role: Role) -> Arrival {

@@ -953,6 +953,11 @@ meridian_members{{{labels}}} {}
                 r.failures.load(Relaxed),
             ),
             (
+                "meridian_recording_refusals_unrecorded_total",
+                "Refused joins of an idle session beyond the runs it may get per hour (refused and logged, no run)",
+                r.refusals_unrecorded.load(Relaxed),
+            ),
+            (
                 "meridian_recording_database_failures_total",
                 "Session database updates that failed (the session folder is still written)",
                 r.db_failures(),
@@ -1261,6 +1266,7 @@ async fn profile_step(
         )));
     }
     let p = steps.profile.clone();
+    let mut drawn = None;
     let (event, fields, reply) = match msg {
         ClientMessage::GiveConsent { text, .. } => match p.consent_entry(&text) {
             Ok(f) => ("consent_given", f, ServerMessage::Ok { request_id }),
@@ -1292,6 +1298,7 @@ async fn profile_step(
                     p.rules.questions.len()
                 )));
             };
+            drawn = Some(i);
             let question = p.rules.questions[i].clone();
             let fields = serde_json::json!({"profile": p.name, "question": question});
             let reply = ServerMessage::Question {
@@ -1316,7 +1323,13 @@ async fn profile_step(
             }
             reply
         }
-        Err(e) => ServerMessage::error(Some(request_id), e.code(), e.to_string()),
+        Err(e) => {
+            if let Some(i) = drawn {
+                // Not recorded, so not asked: it stays in the pool.
+                steps.questions.push(i);
+            }
+            ServerMessage::error(Some(request_id), e.code(), e.to_string())
+        }
     }
 }
 
