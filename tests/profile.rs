@@ -255,9 +255,9 @@ async fn under_rbi_vcip_the_customers_media_waits_for_consent_and_a_live_locatio
 /// SOCKS proxy leaving from a Mumbai address) on the India node sees the consent text, clicks
 /// "I agree" and shares its location (granted and placed through the DevTools protocol, as a
 /// person allowing the prompt); the agent's console on the US node draws questions, marks the
-/// checklist, takes an evidence still (posted to the India node) and approves. India alone keeps the sealed folder: consent, geotag, questions,
-/// both participants' recordings (the customer's titled with the geotag); the US and Europe
-/// nodes wrote nothing.
+/// checklist, takes an evidence still (posted to the India node) and approves. India alone
+/// keeps the sealed folder: consent, geotag, questions, both participants' recordings (the
+/// customer's titled with the geotag); the US and Europe nodes wrote nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vcip_call_across_regions_leaves_its_evidence_in_india_only() {
     assert_isolated_network();

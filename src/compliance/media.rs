@@ -1051,6 +1051,17 @@ mod tests {
     use webm_iterable::matroska_spec::{MatroskaSpec, SimpleBlock};
     use webm_iterable::WebmIterator;
 
+    /// Starts the test session `kyc-sync` with its folder in `dir`.
+    fn begin(sink: &MediaSink, dir: &std::path::Path) -> SessionId {
+        let session: SessionId = "kyc-sync".parse().unwrap();
+        sink.send(MediaInput::Begin {
+            session: session.clone(),
+            dir: dir.to_path_buf(),
+            started: SystemTime::now(),
+        });
+        session
+    }
+
     fn open(track: TrackId, codec: Codec) -> MediaInput {
         MediaInput::Open(TrackOpen {
             track,
@@ -1088,12 +1099,7 @@ mod tests {
             seen.lock().unwrap().push((event, fields));
         })
         .unwrap();
-        let session: SessionId = "kyc-sync".parse().unwrap();
-        sink.send(MediaInput::Begin {
-            session: session.clone(),
-            dir: dir.path().to_path_buf(),
-            started: SystemTime::now(),
-        });
+        let session = begin(&sink, dir.path());
         sink.send(open(1, Codec::Vp8));
         sink.send(open(2, Codec::Opus));
         // Sender time 1000 s: video RTP 900 000, audio RTP 240 000 (random offsets, as
@@ -1169,12 +1175,7 @@ mod tests {
     fn an_h264_track_without_parameter_sets_neither_splits_the_file_nor_vanishes_uncounted() {
         let dir = tempfile::tempdir().unwrap();
         let sink = start(|_, _, _| {}).unwrap();
-        let session: SessionId = "kyc-sync".parse().unwrap();
-        sink.send(MediaInput::Begin {
-            session: session.clone(),
-            dir: dir.path().to_path_buf(),
-            started: SystemTime::now(),
-        });
+        let session = begin(&sink, dir.path());
         sink.send(open(1, Codec::H264));
         sink.send(open(2, Codec::Opus));
         let t0 = Instant::now();

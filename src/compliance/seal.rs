@@ -18,6 +18,9 @@ use super::{hex, sha256_hex, utc_rfc3339};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const SIGNATURE: &str = "manifest.sig";
+/// The manifest while it is written: renamed to [`MANIFEST`] once whole and on disk, so a
+/// reader (or a crash) never meets a half-written manifest.
+const MANIFEST_PARTIAL: &str = "manifest.json.partial";
 pub const FORMAT: &str = "meridian-session/1";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,14 +236,22 @@ pub fn seal(
     let sig = key.sign(&text);
     // The signature first: a manifest without one is not mistaken for a sealed folder.
     let sig_path = dir.join(SIGNATURE);
-    std::fs::write(&sig_path, format!("{sig}\n")).map_err(|e| io(&sig_path, e))?;
-    std::fs::write(&manifest_path, &text).map_err(|e| io(&manifest_path, e))?;
-    for p in [&sig_path, &manifest_path] {
-        if let Ok(f) = std::fs::File::open(p) {
-            let _ = f.sync_all();
-        }
+    write_synced(&sig_path, format!("{sig}\n").as_bytes())?;
+    let partial = dir.join(MANIFEST_PARTIAL);
+    write_synced(&partial, &text)?;
+    std::fs::rename(&partial, &manifest_path).map_err(|e| io(&manifest_path, e))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
     }
     Ok(manifest)
+}
+
+/// Writes `bytes` to `path` and waits until they are on disk.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SealError> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(|e| io(path, e))?;
+    f.write_all(bytes).map_err(|e| io(path, e))?;
+    f.sync_all().map_err(|e| io(path, e))
 }
 
 /// `rel` as a `/`-separated relative path, if it is one (no `..`, not absolute).
@@ -268,7 +279,7 @@ fn list_files(dir: &Path) -> std::io::Result<Vec<String>> {
             if kind.is_dir() {
                 stack.push(path);
             } else if let Some(rel) = path.strip_prefix(dir).ok().and_then(relative) {
-                if rel != MANIFEST && rel != SIGNATURE {
+                if rel != MANIFEST && rel != SIGNATURE && rel != MANIFEST_PARTIAL {
                     out.insert(rel);
                 }
             }
