@@ -23,6 +23,7 @@ pub mod ids;
 pub mod logging;
 pub mod media;
 pub mod mesh;
+pub mod metrics;
 pub mod netem;
 pub mod node;
 pub mod procfs;

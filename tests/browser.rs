@@ -76,6 +76,72 @@ async fn user_and_agent_pages_decode_each_others_video() {
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0
     );
+
+    // Both pages' SDKs report what they experience (every 5 s): the node's client metrics
+    // show each role's summaries, a first-frame time and a decoded picture height.
+    let sample = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let labels = |role: &str| {
+        format!(
+            "{{region=\"{}\",node=\"{}\",role=\"{role}\"}}",
+            node.region, node.id
+        )
+    };
+    let mut text = String::new();
+    for _ in 0..60 {
+        text = metrics(&node).await;
+        let ok = ["user", "agent"].iter().all(|role| {
+            sample(
+                &text,
+                &format!("meridian_client_reports_total{}", labels(role)),
+            ) >= 1.0
+                && sample(
+                    &text,
+                    &format!("meridian_client_first_frame_seconds_count{}", labels(role)),
+                ) >= 1.0
+                && sample(
+                    &text,
+                    &format!("meridian_client_frames_decoded_total{}", labels(role)),
+                ) > 0.0
+        });
+        if ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for role in ["user", "agent"] {
+        let l = labels(role);
+        assert!(
+            sample(&text, &format!("meridian_client_reports_total{l}")) >= 1.0,
+            "{role} reported:\n{text}"
+        );
+        assert!(
+            sample(
+                &text,
+                &format!("meridian_client_first_frame_seconds_count{l}")
+            ) >= 1.0,
+            "{role} first frame:\n{text}"
+        );
+        assert!(
+            sample(&text, &format!("meridian_client_frames_decoded_total{l}")) > 0.0,
+            "{role} frames:\n{text}"
+        );
+        assert!(
+            sample(
+                &text,
+                &format!("meridian_client_frame_height_pixels_count{l}")
+            ) >= 1.0,
+            "{role} height:\n{text}"
+        );
+    }
+    assert_eq!(
+        node.metrics.errors("bad_stats"),
+        0,
+        "the SDK's summaries are in range"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,8 @@
 #  1. installs what the tests need when it is missing: from Debian packages Chromium for the
 #     browser tests, Firefox ESR for the cross-browser test, iproute2 and util-linux for the
 #     network namespace, python3-venv, ffmpeg (ffprobe reads the recordings), postgresql
-#     (a throwaway cluster for the session database tests); from PyPI, in target/aiortc-venv,
+#     (a throwaway cluster for the session database tests), prometheus (a real server scrapes
+#     a node; promtool checks and unit-tests the alert rules in infra/); from PyPI, in target/aiortc-venv,
 #     aiortc (an independent WebRTC client for the signaling tests), and in target/moto-venv,
 #     moto's S3 server (the object store the storage tests upload to);
 #  2. builds the tests (this step may download crates);
@@ -23,6 +24,7 @@ command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 python3 -c "import ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
 command -v ffprobe >/dev/null 2>&1 || need+=(ffmpeg)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${need[*]}"
   $SUDO apt-get update -qq

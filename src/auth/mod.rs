@@ -24,6 +24,15 @@ pub enum Role {
 }
 
 impl Role {
+    /// As in tokens and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Agent => "agent",
+            Role::Observer => "observer",
+        }
+    }
+
     pub fn may_publish(self) -> bool {
         !matches!(self, Role::Observer)
     }

@@ -429,11 +429,7 @@ fn fields(v: Value) -> Map<String, Value> {
 }
 
 pub(crate) fn role_name(r: Role) -> &'static str {
-    match r {
-        Role::User => "user",
-        Role::Agent => "agent",
-        Role::Observer => "observer",
-    }
+    r.as_str()
 }
 
 impl State {

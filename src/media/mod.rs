@@ -7,6 +7,7 @@ pub mod demux;
 pub mod extensions;
 pub mod keyframe;
 pub mod layers;
+pub mod reception;
 pub mod repair;
 pub mod rewrite;
 pub mod vp8;

@@ -36,6 +36,10 @@ pub(super) struct Consumer {
     pub(super) track_id: String,
     /// Which recent packet the next bandwidth probe copies (counts back from the newest).
     pub(super) probe_cursor: u16,
+    /// RTP clock of the stream (receiver reports state jitter in its units).
+    pub(super) clock_rate: u32,
+    /// When the subscription was made, until its first packet went out (first-frame time).
+    pub(super) awaiting_first: Option<Instant>,
 }
 
 impl Consumer {
@@ -221,6 +225,8 @@ impl Worker {
             paused: false,
             track_id: id.to_string(),
             probe_cursor: 0,
+            clock_rate: rtp_codec.clock_rate,
+            awaiting_first: (kind == MediaKind::Video).then_some(now),
         };
         let cid = self.consumers.insert(consumer);
         self.conns[ck].track_consumer.insert(id.to_string(), cid);

@@ -9,6 +9,7 @@ use std::time::Instant;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
+use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 
 use super::keys::{ConnKey, ConsumerKey, ProducerKey};
@@ -52,6 +53,13 @@ impl Worker {
         let Some((pk, layer)) = self.resolve_ssrc(ck, track, pkt.header.ssrc) else {
             return;
         };
+        if let Some(p) = self.producers.get_mut(pk) {
+            let clock_rate = p.rtp_codec.clock_rate;
+            if let Some(l) = p.layers.get_mut(usize::from(layer)) {
+                let (seq, ts) = (pkt.header.sequence_number, pkt.header.timestamp);
+                l.reception.on_packet(now, seq, ts, clock_rate);
+            }
+        }
         self.forward(now, pk, layer, pkt);
     }
 
@@ -110,6 +118,9 @@ impl Worker {
             return;
         }
         let keyframe = producer.codec.is_some_and(|c| is_keyframe(c, &pkt.payload));
+        if keyframe {
+            stats.keyframes_in.fetch_add(1, Relaxed);
+        }
         if let (Some(tap), Some(sink)) = (&mut producer.tap, &cfg.recording) {
             tap.on_packet(sink, now, layer, keyframe, &pkt);
         }
@@ -141,6 +152,14 @@ impl Worker {
             let Some((out_seq, out_ts)) = c.rewriter.rewrite(now, ssrc, seq, ts) else {
                 continue;
             };
+            if let Some(since) = c.awaiting_first.take() {
+                stats
+                    .first_frame
+                    .observe(now.duration_since(since).as_secs_f64());
+            }
+            if before.is_some() && before != c.selector.current() {
+                stats.layer_switches.fetch_add(1, Relaxed);
+            }
             // Only a simulcast consumer has layers to report.
             if before != c.selector.current() && producer.layers.len() > 1 {
                 if let Some(p) = participants.get(c.participant) {
@@ -190,9 +209,15 @@ impl Worker {
         for p in pkts {
             let any = p.as_any();
             if any.is::<PictureLossIndication>() || any.is::<FullIntraRequest>() {
+                self.stats.keyframe_requests_received.fetch_add(1, Relaxed);
                 self.request_keyframe_for_consumer(now, cid);
+            } else if let Some(rr) = any.downcast_ref::<ReceiverReport>() {
+                self.on_receiver_report(now, ck, &rr.reports);
             } else if let Some(nack) = any.downcast_ref::<TransportLayerNack>() {
                 for pair in &nack.nacks {
+                    self.stats
+                        .nacks_received
+                        .fetch_add(1 + u64::from(pair.lost_packets.count_ones()), Relaxed);
                     for out_seq in *pair {
                         self.retransmit(now, cid, out_seq);
                     }
@@ -201,6 +226,43 @@ impl Worker {
                 if let Some(c) = self.consumers.get_mut(cid) {
                     c.selector.set_bandwidth(Some(remb.bitrate as u64));
                 }
+            }
+        }
+    }
+
+    /// A subscriber's reception reports on the streams this node sends it: loss, jitter and,
+    /// when the report answers one of our sender reports, the round-trip time.
+    fn on_receiver_report(
+        &mut self,
+        now: Instant,
+        ck: ConnKey,
+        reports: &[rtc::rtcp::reception_report::ReceptionReport],
+    ) {
+        let Some(conn) = self.conns.get(ck) else {
+            return;
+        };
+        let now_ntp = self.wall_clock.ntp(now);
+        for r in reports {
+            let Some(c) = conn
+                .track_consumer
+                .values()
+                .map(|&cid| &self.consumers[cid])
+                .find(|c| c.ssrc == r.ssrc)
+            else {
+                continue; // an RTX stream, or one already closed
+            };
+            let q = crate::media::reception::from_report(
+                r.fraction_lost,
+                r.jitter,
+                c.clock_rate,
+                r.last_sender_report,
+                r.delay,
+                now_ntp,
+            );
+            self.stats.loss_downstream.observe(q.loss);
+            self.stats.jitter_downstream.observe(q.jitter);
+            if let Some(rtt) = q.rtt {
+                self.stats.rtt_downstream.observe(rtt);
             }
         }
     }

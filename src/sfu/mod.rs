@@ -531,14 +531,23 @@ impl Default for Limits {
 pub const PIPE_MEDIA_QUEUE: usize = 8192;
 
 macro_rules! counters {
-    ($(#[$doc:meta])* pub struct $name:ident { $($(#[$fdoc:meta])* pub $field:ident: AtomicU64,)* }) => {
+    ($(#[$doc:meta])* pub struct $name:ident {
+        $($(#[$fdoc:meta])* pub $field:ident: AtomicU64,)*
+    }
+    histograms {
+        $($(#[$hdoc:meta])* pub $hfield:ident: $hty:ty,)*
+    }) => {
         $(#[$doc])*
         #[derive(Debug, Default)]
-        pub struct $name { $($(#[$fdoc])* pub $field: AtomicU64,)* }
+        pub struct $name {
+            $($(#[$fdoc])* pub $field: AtomicU64,)*
+            $($(#[$hdoc])* pub $hfield: $hty,)*
+        }
         impl $name {
             /// Adds `other`'s figures to these (node totals over workers).
             pub fn absorb(&self, other: &$name) {
                 $(self.$field.fetch_add(other.$field.load(Ordering::Relaxed), Ordering::Relaxed);)*
+                $(self.$hfield.absorb(&other.$hfield);)*
             }
         }
     };
@@ -603,6 +612,30 @@ counters! {
     pub events_overflowed: AtomicU64,
     /// Participants replaced by a newer connection of the same user.
     pub participants_replaced: AtomicU64,
+    /// Bytes of the datagrams received on the media port.
+    pub bytes_in: AtomicU64,
+    /// Packets subscribers asked for again (NACKed sequence numbers).
+    pub nacks_received: AtomicU64,
+    /// PLIs and FIRs from subscribers.
+    pub keyframe_requests_received: AtomicU64,
+    /// Keyframes that arrived from publishers (first packet of each).
+    pub keyframes_in: AtomicU64,
+    /// Simulcast consumers moved from one layer to another.
+    pub layer_switches: AtomicU64,
+}
+histograms {
+    /// Round-trip time to subscribers, from their receiver reports (LSR/DLSR).
+    pub rtt_downstream: crate::metrics::AtomicHistogram<crate::metrics::Seconds>,
+    /// Interarrival jitter subscribers report.
+    pub jitter_downstream: crate::metrics::AtomicHistogram<crate::metrics::Seconds>,
+    /// Fraction lost subscribers report.
+    pub loss_downstream: crate::metrics::AtomicHistogram<crate::metrics::Ratio>,
+    /// Interarrival jitter of what publishers send here (RFC 3550), each second per layer.
+    pub jitter_upstream: crate::metrics::AtomicHistogram<crate::metrics::Seconds>,
+    /// Share of publishers' packets that did not arrive, each second per layer.
+    pub loss_upstream: crate::metrics::AtomicHistogram<crate::metrics::Ratio>,
+    /// From a video consumer's creation to its first forwarded packet (a keyframe).
+    pub first_frame: crate::metrics::AtomicHistogram<crate::metrics::Seconds>,
 }
 }
 

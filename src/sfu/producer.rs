@@ -54,6 +54,8 @@ pub(super) struct LayerStat {
     pub(super) cache: Option<PacketCache<CachedPacket>>,
     /// Gaps in what arrives from a pipe, asked for again until repaired.
     pub(super) repair: GapRepair,
+    /// Loss and jitter of what the publisher sends (local producers).
+    pub(super) reception: crate::media::reception::Reception,
 }
 
 impl LayerStat {
@@ -66,6 +68,7 @@ impl LayerStat {
             last_packet: None,
             keyframe_requests: KeyframeThrottle::default(),
             cache: (kind == MediaKind::Video).then(|| PacketCache::new(PACKET_CACHE)),
+            reception: Default::default(),
         }
     }
 }

@@ -185,6 +185,7 @@ impl Worker {
         d: &[u8],
     ) {
         self.stats.datagrams_in.fetch_add(1, Relaxed);
+        self.stats.bytes_in.fetch_add(d.len() as u64, Relaxed);
         if d.len() > self.cfg.max_datagram_bytes {
             self.stats.datagrams_oversized.fetch_add(1, Relaxed);
             return;

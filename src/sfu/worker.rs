@@ -126,6 +126,8 @@ pub(super) struct Worker {
     pub(super) recorded: HashSet<SessionId>,
     /// Sessions held here for their recording only (participants on other nodes).
     pub(super) record_seats: HashSet<SessionId>,
+    /// Wall-clock time beside the monotonic one, for the NTP times of RTCP (round trips).
+    pub(super) wall_clock: rtc::shared::time::SystemInstant,
 }
 
 impl Worker {
@@ -171,6 +173,7 @@ impl Worker {
             ticks: 0,
             recorded: HashSet::new(),
             record_seats: HashSet::new(),
+            wall_clock: rtc::shared::time::SystemInstant::now(Instant::now()),
         }
     }
 
@@ -206,7 +209,12 @@ impl Worker {
         for (pk, p) in self.producers.iter_mut() {
             // A piped-in producer's layer bitrates come from its origin.
             if measure && matches!(p.origin, Origin::Local { .. }) {
+                let clock_rate = p.rtp_codec.clock_rate;
                 for l in p.layers.iter_mut() {
+                    if let Some(q) = l.reception.interval(clock_rate) {
+                        self.stats.loss_upstream.observe(q.loss);
+                        self.stats.jitter_upstream.observe(q.jitter);
+                    }
                     let idle = l
                         .last_packet
                         .is_none_or(|t| now.duration_since(t) > LAYER_IDLE);

@@ -2,6 +2,7 @@
 //! Prometheus metrics. It authenticates, parses and relays; media state lives in the SFU worker.
 
 pub mod edge;
+pub mod exposition;
 pub mod protocol;
 pub mod records;
 pub mod review;
@@ -23,7 +24,7 @@ use futures_util::{SinkExt, StreamExt};
 use crate::auth::{TokenError, TokenVerifier};
 use crate::compliance::policy::Recording;
 use crate::ids::{NodeId, ParticipantId, ProducerId, RegionId};
-use crate::sfu::{Dismissal, MediaKind, SfuEvent, WorkerHandle, WorkerStats, Workers};
+use crate::sfu::{Dismissal, MediaKind, SfuEvent, WorkerHandle, Workers};
 use protocol::{close, ClientMessage, ParseError, PublishedProducer, ServerMessage};
 
 /// Counters of refused signaling input, by error code.
@@ -31,6 +32,8 @@ use protocol::{close, ClientMessage, ParseError, PublishedProducer, ServerMessag
 pub struct SignalingMetrics {
     errors: Mutex<BTreeMap<&'static str, u64>>,
     connections: std::sync::atomic::AtomicU64,
+    /// Join times and the clients' own statistics.
+    pub experience: crate::metrics::Experience,
 }
 
 impl SignalingMetrics {
@@ -536,461 +539,10 @@ pub fn metrics_router(state: AppState) -> Router {
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let w = s.workers.stats();
-    let mut out = String::new();
-    let labels = format!("region=\"{}\",node=\"{}\"", s.region, s.node);
-    type Field = fn(&WorkerStats) -> &std::sync::atomic::AtomicU64;
-    // Per worker, so a hot or stuck worker shows; sum over `worker` for the node.
-    let per_worker: [(&str, &str, Field); 31] = [
-        (
-            "meridian_datagrams_in_total",
-            "UDP datagrams received on the media port",
-            |w| &w.datagrams_in,
-        ),
-        (
-            "meridian_datagrams_out_total",
-            "UDP datagrams sent from the media port",
-            |w| &w.datagrams_out,
-        ),
-        (
-            "meridian_datagrams_unroutable_total",
-            "Datagrams from unknown peers or rejected by their connection",
-            |w| &w.datagrams_unroutable,
-        ),
-        (
-            "meridian_datagrams_oversized_total",
-            "Datagrams larger than rtc.max_datagram_bytes",
-            |w| &w.datagrams_oversized,
-        ),
-        (
-            "meridian_rtp_in_total",
-            "RTP packets received from producers",
-            |w| &w.rtp_in,
-        ),
-        (
-            "meridian_rtp_forwarded_total",
-            "RTP packets written to consumers",
-            |w| &w.rtp_forwarded,
-        ),
-        (
-            "meridian_rtp_dropped_layer_total",
-            "RTP packets not forwarded because the consumer uses another simulcast layer",
-            |w| &w.rtp_dropped_layer,
-        ),
-        (
-            "meridian_rtp_retransmitted_total",
-            "RTP packets sent again to consumers on their NACK",
-            |w| &w.rtp_retransmitted,
-        ),
-        (
-            "meridian_nack_unserved_total",
-            "Consumer NACKs for packets no longer in the producer's cache",
-            |w| &w.nack_unserved,
-        ),
-        (
-            "meridian_nack_unserved_no_rtx_total",
-            "Consumer NACKs not served: no RTX negotiated while packets are numbered transport-wide",
-            |w| &w.nack_unserved_no_rtx,
-        ),
-        (
-            "meridian_rtx_unsafe_dropped_total",
-            "Repairs or probes dropped: their stream has no RTX on a transport-cc connection",
-            |w| &w.rtx_unsafe_dropped,
-        ),
-        (
-            "meridian_probe_clusters_total",
-            "Bandwidth probe clusters sent to subscribers",
-            |w| &w.probe_clusters,
-        ),
-        (
-            "meridian_probes_confirmed_total",
-            "Probe clusters that arrived at the rate the consumers want",
-            |w| &w.probes_confirmed,
-        ),
-        (
-            "meridian_probes_refused_total",
-            "Probe clusters that arrived slower, lost too much or got no feedback",
-            |w| &w.probes_refused,
-        ),
-        (
-            "meridian_probes_unsaturated_total",
-            "Probe clusters the path carried whole but the node sent slower than asked",
-            |w| &w.probes_unsaturated,
-        ),
-        (
-            "meridian_probe_packets_total",
-            "RTX packets sent as bandwidth probes",
-            |w| &w.probe_packets,
-        ),
-        (
-            "meridian_send_errors_total",
-            "Media socket send failures",
-            |w| &w.send_errors,
-        ),
-        (
-            "meridian_recv_errors_total",
-            "Media socket receive failures",
-            |w| &w.recv_errors,
-        ),
-        (
-            "meridian_send_syscalls_total",
-            "System calls that sent media datagrams (several per call when batched)",
-            |w| &w.send_syscalls,
-        ),
-        (
-            "meridian_stun_unauthenticated_total",
-            "Binding requests from unbound addresses whose MESSAGE-INTEGRITY did not verify",
-            |w| &w.stun_unauthenticated,
-        ),
-        (
-            "meridian_stun_rate_limited_total",
-            "Binding requests from unbound addresses dropped by the per-source rate limit",
-            |w| &w.stun_rate_limited,
-        ),
-        (
-            "meridian_tcp_refused_total",
-            "ICE-TCP connections refused at accept (node or source at its cap)",
-            |w| &w.tcp_refused,
-        ),
-        (
-            "meridian_tcp_timed_out_total",
-            "ICE-TCP connections closed unauthenticated, idle or not reading",
-            |w| &w.tcp_timed_out,
-        ),
-        (
-            "meridian_pipe_media_dropped_total",
-            "Pipe media datagrams dropped because the media worker's queue was full",
-            |w| &w.pipe_media_dropped,
-        ),
-        (
-            "meridian_pipe_frames_unknown_total",
-            "Pipe media frames of a stream no producer on the worker is fed from",
-            |w| &w.pipe_frames_unknown,
-        ),
-        (
-            "meridian_keyframe_requests_total",
-            "PLIs sent to publishers",
-            |w| &w.keyframe_requests,
-        ),
-        (
-            "meridian_sessions",
-            "Sessions (routers) on each worker",
-            |w| &w.sessions,
-        ),
-        (
-            "meridian_participants",
-            "Participants on each worker",
-            |w| &w.participants,
-        ),
-        ("meridian_producers", "Producers on each worker", |w| {
-            &w.producers
-        }),
-        ("meridian_consumers", "Consumers on each worker", |w| {
-            &w.consumers
-        }),
-        (
-            "meridian_peer_connections",
-            "WebRTC peer connections on each worker",
-            |w| &w.peer_connections,
-        ),
-    ];
-    for (name, help, field) in per_worker {
-        out.push_str(&format!("# HELP {name} {help}\n"));
-        for (i, worker) in s.workers.iter().enumerate() {
-            let v = WorkerStats::get(field(worker.stats()));
-            out.push_str(&format!("{name}{{{labels},worker=\"{i}\"}} {v}\n"));
-        }
-    }
-    out.push_str(&format!(
-        "# HELP meridian_signaling_connections_total WebSocket connections accepted\nmeridian_signaling_connections_total{{{labels}}} {}\n",
-        s.metrics.connections.load(std::sync::atomic::Ordering::Relaxed)
-    ));
-    {
-        use std::sync::atomic::Ordering::Relaxed;
-        let a = &s.admission;
-        let ev = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
-        out.push_str(&format!(
-            "# HELP meridian_signaling_open_connections Signaling connections open now\n\
-             meridian_signaling_open_connections{{{labels}}} {}\n\
-             # HELP meridian_signaling_refused_total Signaling connections refused at accept, by reason\n\
-             meridian_signaling_refused_total{{{labels},reason=\"node_full\"}} {}\n\
-             meridian_signaling_refused_total{{{labels},reason=\"source_full\"}} {}\n\
-             # HELP meridian_participants_dismissed_total Participants the node let go, by reason\n\
-             meridian_participants_dismissed_total{{{labels},reason=\"too_slow\"}} {}\n\
-             meridian_participants_dismissed_total{{{labels},reason=\"replaced\"}} {}\n",
-            a.open(),
-            ev(&a.refused_full),
-            ev(&a.refused_source),
-            ev(&w.events_overflowed),
-            ev(&w.participants_replaced),
-        ));
-    }
-    out.push_str("# HELP meridian_signaling_errors_total Signaling input refused, by code\n");
-    if let Ok(errors) = s.metrics.errors.lock() {
-        for (code, v) in errors.iter() {
-            out.push_str(&format!(
-                "meridian_signaling_errors_total{{{labels},code=\"{code}\"}} {v}\n"
-            ));
-        }
-    }
-    if let Some(pipes) = &s.pipes {
-        let reports = pipes();
-        out.push_str("# HELP meridian_pipe_rtt_seconds Smoothed round-trip time of each pipe\n");
-        for p in &reports {
-            out.push_str(&format!(
-                "meridian_pipe_rtt_seconds{{{labels},peer=\"{}\"}} {:.6}\n",
-                p.node,
-                p.rtt.as_secs_f64()
-            ));
-        }
-        for (name, help, get) in [
-            (
-                "meridian_pipe_bytes_out_total",
-                "Media bytes sent on each pipe",
-                (|p: &crate::mesh::PipeReport| p.bytes_out) as fn(&crate::mesh::PipeReport) -> u64,
-            ),
-            (
-                "meridian_pipe_bytes_in_total",
-                "Media bytes received on each pipe",
-                |p| p.bytes_in,
-            ),
-            (
-                "meridian_pipe_lost_packets_total",
-                "QUIC packets each pipe detected as lost",
-                |p| p.lost_packets,
-            ),
-            (
-                "meridian_pipe_sent_packets_total",
-                "QUIC packets each pipe sent",
-                |p| p.sent_packets,
-            ),
-            (
-                "meridian_pipe_nacked_total",
-                "Media packets asked for again on each pipe",
-                |p| p.nacked,
-            ),
-            (
-                "meridian_pipe_retransmitted_total",
-                "Media packets resent on each pipe",
-                |p| p.retransmitted,
-            ),
-            (
-                "meridian_pipe_send_failed_total",
-                "Media datagrams the pipe refused (too large, connection gone)",
-                |p| p.send_failed,
-            ),
-            (
-                "meridian_pipe_send_displaced_total",
-                "Media datagrams sent into a full QUIC send buffer, each dropping older queued ones",
-                |p| p.send_displaced,
-            ),
-        ] {
-            out.push_str(&format!("# HELP {name} {help}\n"));
-            for p in &reports {
-                out.push_str(&format!(
-                    "{name}{{{labels},peer=\"{}\"}} {}\n",
-                    p.node,
-                    get(p)
-                ));
-            }
-        }
-    }
-    membership_metrics(&s, &labels, &mut out);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
-}
-
-/// Membership, discovery and routing figures.
-fn membership_metrics(s: &AppState, labels: &str, out: &mut String) {
-    use std::fmt::Write;
-    use std::sync::atomic::Ordering::Relaxed;
-    let members = s.edge.members.borrow().clone();
-    let _ = write!(
-        out,
-        "# HELP meridian_members Nodes in the mesh as this node sees it, itself included
-meridian_members{{{labels}}} {}
-",
-        members.len()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP meridian_member_load Load factor of each member (1 = at capacity)"
-    );
-    for m in members.iter() {
-        let _ = writeln!(
-            out,
-            "meridian_member_load{{{labels},member=\"{}\",member_region=\"{}\",draining=\"{}\"}} {:.3}",
-            m.info.node, m.info.region, m.draining, m.load.factor
-        );
-    }
-    let e = &s.edge.metrics;
-    let _ = writeln!(
-        out,
-        "# HELP meridian_edge_decisions_total Edge answers given, by why the first node was chosen"
-    );
-    for (reason, c) in [
-        ("nearest", &e.nearest),
-        ("override", &e.overridden),
-        ("hint", &e.hinted),
-        ("default", &e.defaulted),
-        ("unlocated", &e.unlocated),
-        ("leastLoaded", &e.least_loaded),
-    ] {
-        let _ = writeln!(
-            out,
-            "meridian_edge_decisions_total{{{labels},reason=\"{reason}\"}} {}",
-            c.load(Relaxed)
-        );
-    }
-    let a = crate::alloc::counts();
-    let _ = write!(
-        out,
-        "# HELP meridian_allocations_total Heap allocations (0 unless the meridian binary's counting allocator is installed)\n\
-         meridian_allocations_total{{{labels},thread=\"all\",code=\"all\"}} {}\n\
-         meridian_allocations_total{{{labels},thread=\"media\",code=\"meridian\"}} {}\n\
-         meridian_allocations_total{{{labels},thread=\"media\",code=\"rtc\"}} {}\n",
-        a.total, a.worker_own, a.worker_rtc
-    );
-    let mut scalars = vec![
-        (
-            "meridian_edge_unavailable_total",
-            "Edge requests refused because every node was draining, down or full",
-            e.no_edge.load(Relaxed),
-        ),
-        (
-            "meridian_edge_untrusted_forwarding_total",
-            "Forwarding headers ignored because the sender is not a trusted proxy",
-            e.untrusted_forwarding.load(Relaxed),
-        ),
-    ];
-    if let Some(m) = &s.mesh_stats {
-        scalars.extend([
-            (
-                "meridian_discovery_errors_total",
-                "DNS discovery lookups that failed",
-                m.discovery_errors.load(Relaxed),
-            ),
-            (
-                "meridian_discovery_peers",
-                "Peers in the last DNS answer",
-                m.peers_discovered.load(Relaxed),
-            ),
-            (
-                "meridian_peers_silent_total",
-                "Peers declared down after missing heartbeats",
-                m.peers_silent.load(Relaxed),
-            ),
-            (
-                "meridian_pipe_handshakes_refused_total",
-                "Pipe handshakes refused or failed",
-                m.handshakes_refused.load(Relaxed),
-            ),
-            (
-                "meridian_pipe_identity_mismatches_total",
-                "Pipes refused because the Hello named another node or region than the certificate",
-                m.identity_mismatches.load(Relaxed),
-            ),
-        ]);
-    }
-    if let Some(rec) = &s.recorder {
-        let m = rec.media().stats();
-        scalars.extend([
-            (
-                "meridian_recording_packets_total",
-                "Media packets copied to the recording",
-                m.packets.load(Relaxed),
-            ),
-            (
-                "meridian_recording_dropped_packets_total",
-                "Media packets not recorded because the media writer was behind (disk too slow)",
-                m.dropped.load(Relaxed),
-            ),
-            (
-                "meridian_recording_frames_total",
-                "Frames written to recording files",
-                m.frames.load(Relaxed),
-            ),
-            (
-                "meridian_recording_gaps_total",
-                "Gaps in recorded streams given up after waiting for repair",
-                m.gaps.load(Relaxed),
-            ),
-            (
-                "meridian_recording_files_open",
-                "Recording files being written",
-                m.files_open.load(Relaxed),
-            ),
-            (
-                "meridian_recording_media_bytes_total",
-                "Bytes of frames written to recording files",
-                m.bytes.load(Relaxed),
-            ),
-            (
-                "meridian_recording_unplaceable_frames_total",
-                "H.264 frames not recorded because their stream never sent parameter sets (SPS/PPS)",
-                m.unplaceable.load(Relaxed),
-            ),
-            (
-                "meridian_recording_media_failures_total",
-                "Recording files that could not be created, written or finished",
-                m.failures.load(Relaxed),
-            ),
-        ]);
-        let r = rec.stats();
-        scalars.extend([
-            (
-                "meridian_recording_sessions_sealed_total",
-                "Session folders sealed when their last participant left",
-                r.sessions_sealed.load(Relaxed),
-            ),
-            (
-                "meridian_recording_entries_total",
-                "Audit entries written",
-                r.entries.load(Relaxed),
-            ),
-            (
-                "meridian_recording_failures_total",
-                "Audit entries, snapshots or seals that could not be written (disk full, folder not writable)",
-                r.failures.load(Relaxed),
-            ),
-            (
-                "meridian_recording_refusals_unrecorded_total",
-                "Refused joins of an idle session beyond the runs it may get per hour (refused and logged, no run)",
-                r.refusals_unrecorded.load(Relaxed),
-            ),
-            (
-                "meridian_recording_database_failures_total",
-                "Session database updates that failed (the session folder is still written)",
-                r.db_failures(),
-            ),
-        ]);
-        if let Some(st) = r.storage() {
-            scalars.extend([
-                (
-                    "meridian_storage_uploaded_total",
-                    "Sealed session runs copied to the object store and checked there",
-                    st.uploaded.load(Relaxed),
-                ),
-                (
-                    "meridian_storage_bytes_total",
-                    "Bytes copied to the object store",
-                    st.bytes.load(Relaxed),
-                ),
-                (
-                    "meridian_storage_pending_uploads",
-                    "Sealed runs waiting for (or retrying) their upload",
-                    st.pending.load(Relaxed),
-                ),
-                (
-                    "meridian_storage_failures_total",
-                    "Upload attempts that failed (retried with backoff) and runs the full queue turned away (stored at the next start)",
-                    st.failures.load(Relaxed),
-                ),
-            ]);
-        }
-    }
-    for (name, help, v) in scalars {
-        let _ = write!(out, "# HELP {name} {help}\n{name}{{{labels}}} {v}\n");
-    }
+    (
+        [(header::CONTENT_TYPE, exposition::CONTENT_TYPE)],
+        exposition::render(&s),
+    )
 }
 
 async fn ws_upgrade(
@@ -1447,6 +999,8 @@ async fn connection(
             .await;
         }
     };
+    // Join time: from the join message to the `joined` answer (the node's own work).
+    let join_received = std::time::Instant::now();
     if text.len() > state.max_message_bytes {
         return refuse(
             &state,
@@ -1632,6 +1186,11 @@ async fn connection(
     if !ok {
         return;
     }
+    state
+        .metrics
+        .experience
+        .joined(claims.role, join_received.elapsed());
+    let mut client_stats = ClientStatsGate::default();
 
     let mut steps = profile.map(|profile| ProfileSteps {
         questions: profile.question_order(&mut rand::rng()),
@@ -1713,6 +1272,18 @@ async fn connection(
                     Ok(ClientMessage::Leave) => {
                         close_with(&mut sink, close::NORMAL, "bye").await;
                         break Ending::Quiet;
+                    }
+                    Ok(ClientMessage::Stats(report)) => {
+                        // Never answered when accepted: a summary every few seconds costs
+                        // the client nothing to wait for.
+                        match client_stats.accept(std::time::Instant::now(), &report) {
+                            Ok(summary) => state.metrics.experience.client_summary(claims.role, &summary),
+                            Err(e) => {
+                                state.metrics.count(e.code());
+                                let reply = ServerMessage::error(None, e.code(), e.to_string());
+                                if !send(&mut sink, &reply).await { break Ending::Quiet; }
+                            }
+                        }
                     }
                     Ok(msg @ (ClientMessage::MarkChecklist { .. } | ClientMessage::RecordOutcome { .. })) => {
                         let reply = verification_step(recorded.as_ref(), claims.role, msg).await;
@@ -1803,6 +1374,83 @@ async fn connection(
     }
 }
 
+/// Why a client's statistics summary was not taken.
+#[derive(Debug, thiserror::Error)]
+enum StatsRefusal {
+    #[error("statistics summaries come at most one every {} s", STATS_MIN_INTERVAL.as_secs())]
+    TooFrequent,
+    #[error("statistics summary out of range: {0}")]
+    OutOfRange(&'static str),
+}
+
+impl StatsRefusal {
+    fn code(&self) -> &'static str {
+        match self {
+            StatsRefusal::TooFrequent => "stats_too_frequent",
+            StatsRefusal::OutOfRange(_) => "bad_stats",
+        }
+    }
+}
+
+/// Shortest interval between two statistics summaries of one connection (the SDK sends one
+/// every 5 s): a client cannot flood the histograms.
+const STATS_MIN_INTERVAL: Duration = Duration::from_secs(2);
+
+/// One connection's statistics summaries: rate-limited and range-checked before they count.
+#[derive(Default)]
+struct ClientStatsGate {
+    last: Option<std::time::Instant>,
+}
+
+impl ClientStatsGate {
+    fn accept(
+        &mut self,
+        now: std::time::Instant,
+        r: &protocol::StatsReport,
+    ) -> Result<crate::metrics::ClientSummary, StatsRefusal> {
+        let ms = |v: Option<f64>, max: f64, what: &'static str| match v {
+            Some(v) if !(0.0..=max).contains(&v) => Err(StatsRefusal::OutOfRange(what)),
+            v => Ok(v.map(|v| v / 1000.0)),
+        };
+        let summary = crate::metrics::ClientSummary {
+            rtt: ms(r.rtt_ms, 60_000.0, "rttMs (0..=60000)")?,
+            jitter: ms(r.jitter_ms, 60_000.0, "jitterMs (0..=60000)")?,
+            first_frame: ms(r.first_frame_ms, 600_000.0, "firstFrameMs (0..=600000)")?,
+            loss: match r.loss {
+                Some(l) if !(0.0..=1.0).contains(&l) => {
+                    return Err(StatsRefusal::OutOfRange("loss (0..=1)"))
+                }
+                l => l,
+            },
+            frame_height: match r.frame_height {
+                Some(h) if h > 8640 => {
+                    return Err(StatsRefusal::OutOfRange("frameHeight (0..=8640)"))
+                }
+                h => h.map(f64::from),
+            },
+            // At most what a 60 fps stream decodes in a minute since the previous summary.
+            frames_decoded: match r.frames_decoded {
+                n if n > 3600 * 4 => {
+                    return Err(StatsRefusal::OutOfRange("framesDecoded (0..=14400)"))
+                }
+                n => u64::from(n),
+            },
+            freezes: match r.freezes {
+                n if n > 100 => return Err(StatsRefusal::OutOfRange("freezes (0..=100)")),
+                n => u64::from(n),
+            },
+        };
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < STATS_MIN_INTERVAL)
+        {
+            return Err(StatsRefusal::TooFrequent);
+        }
+        self.last = Some(now);
+        Ok(summary)
+    }
+}
+
 async fn handle_request(
     w: &WorkerHandle,
     pid: &ParticipantId,
@@ -1824,7 +1472,7 @@ async fn handle_request(
             ServerMessage::error(Some(request_id), "internal", "not dispatched here")
         }
         // The connection loop closes on `leave` before dispatching requests here.
-        ClientMessage::Leave => ServerMessage::Ok { request_id: 0 },
+        ClientMessage::Leave | ClientMessage::Stats(_) => ServerMessage::Ok { request_id: 0 },
         ClientMessage::Ping { request_id } => ServerMessage::Pong { request_id },
         ClientMessage::Publish { request_id, sdp } => match w.publish(p, sdp).await {
             Ok(pb) => ServerMessage::Published {
@@ -1914,5 +1562,60 @@ async fn handle_request(
             request_id,
             consumer_id,
         } => ok_or(request_id, w.close_consumer(p, consumer_id).await),
+    }
+}
+
+#[cfg(test)]
+mod stats_gate_tests {
+    use super::*;
+
+    #[test]
+    fn a_client_summary_counts_at_most_every_two_seconds_and_only_in_range() {
+        let mut gate = ClientStatsGate::default();
+        let t0 = std::time::Instant::now();
+        let good = protocol::StatsReport {
+            rtt_ms: Some(80.0),
+            loss: Some(0.02),
+            frames_decoded: 150,
+            ..Default::default()
+        };
+        let s = gate.accept(t0, &good).unwrap();
+        assert_eq!(s.rtt, Some(0.08));
+        assert_eq!(s.frames_decoded, 150);
+        let e = gate.accept(t0 + Duration::from_secs(1), &good).unwrap_err();
+        assert_eq!(e.code(), "stats_too_frequent");
+        let later = t0 + Duration::from_secs(5);
+        for bad in [
+            protocol::StatsReport {
+                rtt_ms: Some(-1.0),
+                ..Default::default()
+            },
+            protocol::StatsReport {
+                loss: Some(1.5),
+                ..Default::default()
+            },
+            protocol::StatsReport {
+                jitter_ms: Some(f64::NAN),
+                ..Default::default()
+            },
+            protocol::StatsReport {
+                frames_decoded: 1_000_000,
+                ..Default::default()
+            },
+            protocol::StatsReport {
+                frame_height: Some(100_000),
+                ..Default::default()
+            },
+        ] {
+            assert_eq!(
+                gate.accept(later, &bad).unwrap_err().code(),
+                "bad_stats",
+                "{bad:?}"
+            );
+        }
+        assert!(
+            gate.accept(later, &good).is_ok(),
+            "refusals do not start the interval"
+        );
     }
 }

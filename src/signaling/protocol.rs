@@ -145,7 +145,36 @@ pub enum ClientMessage {
     DrawQuestion {
         request_id: u64,
     },
+    /// A summary of the client's `getStats()`, sent every few seconds; never answered unless
+    /// refused (`stats_too_frequent`, `bad_stats`).
+    Stats(StatsReport),
     Leave,
+}
+
+/// What a client measured since its previous summary (every field optional but the counts).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsReport {
+    /// Round-trip time of the selected candidate pair (publish side if any, else subscribe).
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
+    /// Largest interarrival jitter among the received streams.
+    #[serde(default)]
+    pub jitter_ms: Option<f64>,
+    /// Share of expected packets lost since the previous summary, over every received stream.
+    #[serde(default)]
+    pub loss: Option<f64>,
+    /// Video frames decoded and freezes since the previous summary.
+    #[serde(default)]
+    pub frames_decoded: u32,
+    #[serde(default)]
+    pub freezes: u32,
+    /// Height of the largest video being decoded.
+    #[serde(default)]
+    pub frame_height: Option<u32>,
+    /// From a subscription to its first decoded frame, once per subscription.
+    #[serde(default)]
+    pub first_frame_ms: Option<f64>,
 }
 
 /// How a verification ended.
@@ -189,6 +218,7 @@ const KNOWN_TYPES: &[&str] = &[
     "giveConsent",
     "shareLocation",
     "drawQuestion",
+    "stats",
     "leave",
 ];
 
@@ -416,6 +446,26 @@ mod tests {
             parse(r#"{"type":"publish","requestId":1,"sdp":"v=0","extra":1}"#).unwrap_err(),
             ParseError::Malformed { .. }
         ));
+    }
+
+    #[test]
+    fn a_stats_summary_parses_with_its_optional_fields() {
+        let m = parse(
+            r#"{"type":"stats","rttMs":42.5,"loss":0.01,"framesDecoded":150,"frameHeight":720}"#,
+        )
+        .unwrap();
+        let ClientMessage::Stats(r) = m else {
+            panic!("{m:?}")
+        };
+        assert_eq!(r.rtt_ms, Some(42.5));
+        assert_eq!(r.frame_height, Some(720));
+        assert_eq!((r.frames_decoded, r.freezes, r.jitter_ms), (150, 0, None));
+        assert_eq!(
+            parse(r#"{"type":"stats","loss":"lots"}"#)
+                .unwrap_err()
+                .code(),
+            "malformed"
+        );
     }
 
     #[test]

@@ -130,6 +130,7 @@ export class MeridianClient extends EventTarget {
         if (msg.type === "joined") {
           joined = true;
           this.joined = msg;
+          this._startStatsReports();
           for (const p of msg.producers) this.producers.set(p.producerId, p);
           for (const p of msg.participants) this.participants.set(p.participantId, p);
           resolve(msg);
@@ -143,6 +144,7 @@ export class MeridianClient extends EventTarget {
       };
       ws.onclose = (ev) => {
         this.closed = true;
+        this._stopStatsReports();
         for (const { reject: rej } of this.pending.values()) {
           rej(new MeridianError("closed", `signaling closed (${ev.code})`));
         }
@@ -319,7 +321,13 @@ export class MeridianClient extends EventTarget {
       if (carrier !== transceiver) transceiver.direction = "inactive";
       const track = carrier.receiver.track;
       const stream = new MediaStream([track]);
-      this.consumers.set(reply.consumerId, { producerId, track, transceiver: carrier });
+      const entry = { producerId, track, transceiver: carrier, subscribedAt: performance.now(), firstFrameAt: null };
+      // First frame: the track unmutes when its first frame arrives.
+      if (track.kind === "video") {
+        if (!track.muted) entry.firstFrameAt = entry.subscribedAt;
+        else track.addEventListener("unmute", () => (entry.firstFrameAt ??= performance.now()), { once: true });
+      }
+      this.consumers.set(reply.consumerId, entry);
       return { consumerId: reply.consumerId, producerId, track, stream, mid: reply.mid };
     });
   }
@@ -488,8 +496,70 @@ export class MeridianClient extends EventTarget {
     return out;
   }
 
+  /**
+   * Every `statsIntervalMs` (5 s) the node is sent a summary of getStats(): round-trip time,
+   * jitter and loss of what this client receives, frames decoded, freezes, picture height,
+   * and each subscription's time to its first frame. Operators see it in the node's
+   * `meridian_client_*` metrics, by role; nothing identifying is sent.
+   */
+  _startStatsReports() {
+    this._stopStatsReports();
+    this._statsPrev = new Map(); // inbound-rtp id -> { packetsReceived, packetsLost, framesDecoded, freezeCount }
+    this._statsTimer = setInterval(() => {
+      this._reportStats().catch(() => {});
+    }, this.statsIntervalMs || 5000);
+  }
+
+  _stopStatsReports() {
+    if (this._statsTimer) clearInterval(this._statsTimer);
+    this._statsTimer = null;
+  }
+
+  async _reportStats() {
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return;
+    const summary = { type: "stats", framesDecoded: 0, freezes: 0 };
+    let received = 0;
+    let lost = 0;
+    const firstFrames = [];
+    for (const pc of [this.publishPc, this.subscribePc]) {
+      if (!pc) continue;
+      const report = await pc.getStats();
+      report.forEach((s) => {
+        if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded" && s.currentRoundTripTime !== undefined) {
+          // Publish side first: its pair is measured by the client's own checks.
+          if (summary.rttMs === undefined) summary.rttMs = s.currentRoundTripTime * 1000;
+        }
+        if (s.type !== "inbound-rtp") return;
+        const prev = this._statsPrev.get(s.id) || { packetsReceived: 0, packetsLost: 0, framesDecoded: 0, freezeCount: 0 };
+        received += Math.max(0, (s.packetsReceived || 0) - prev.packetsReceived);
+        lost += Math.max(0, (s.packetsLost || 0) - prev.packetsLost);
+        summary.framesDecoded += Math.max(0, (s.framesDecoded || 0) - prev.framesDecoded);
+        summary.freezes += Math.max(0, (s.freezeCount || 0) - prev.freezeCount);
+        this._statsPrev.set(s.id, {
+          packetsReceived: s.packetsReceived || 0,
+          packetsLost: s.packetsLost || 0,
+          framesDecoded: s.framesDecoded || 0,
+          freezeCount: s.freezeCount || 0,
+        });
+        if (s.jitter !== undefined) summary.jitterMs = Math.max(summary.jitterMs || 0, s.jitter * 1000);
+        if (s.kind === "video" && s.frameHeight) summary.frameHeight = Math.max(summary.frameHeight || 0, s.frameHeight);
+      });
+    }
+    for (const c of this.consumers.values()) {
+      if (c.firstFrameReported || c.firstFrameAt === null) continue;
+      c.firstFrameReported = true;
+      firstFrames.push(c.firstFrameAt - c.subscribedAt);
+    }
+    if (received + lost > 0) summary.loss = lost / (received + lost);
+    summary.framesDecoded = Math.min(summary.framesDecoded, 14400);
+    summary.freezes = Math.min(summary.freezes, 100);
+    if (firstFrames.length) summary.firstFrameMs = Math.min(600000, Math.max(...firstFrames));
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(summary));
+  }
+
   /** Leaves the session and closes both peer connections. */
   close() {
+    this._stopStatsReports();
     if (this.ws && this.ws.readyState === WebSocket.OPEN) {
       this.ws.send(JSON.stringify({ type: "leave" }));
     }
