@@ -251,6 +251,11 @@ pub struct SignalingSection {
     /// every 15 s, which browsers answer on their own) before it is closed (4410).
     #[serde(default = "default_idle_timeout_secs")]
     pub idle_timeout_secs: u64,
+    /// Seconds a participant whose WebSocket was lost (not closed) keeps its place: its
+    /// media goes on and the others see no leave; the SDK reconnects with `join.resume`.
+    /// 0: a lost connection leaves at once. At most 300.
+    #[serde(default = "default_resume_grace_secs")]
+    pub resume_grace_secs: u64,
     /// Connections (HTTP and WebSocket) open at once. The node raises its file descriptor
     /// limit to fit this plus the ICE-TCP connections, or refuses to start.
     #[serde(default = "default_max_connections")]
@@ -450,6 +455,9 @@ fn default_header_timeout_secs() -> u64 {
 fn default_idle_timeout_secs() -> u64 {
     60
 }
+fn default_resume_grace_secs() -> u64 {
+    20
+}
 fn default_max_connections() -> usize {
     8192
 }
@@ -619,6 +627,12 @@ impl NodeConfig {
             return Err(invalid(
                 "signaling.idle_timeout_secs",
                 "must be at least 20 (the node pings every 15 s)",
+            ));
+        }
+        if self.signaling.resume_grace_secs > 300 {
+            return Err(invalid(
+                "signaling.resume_grace_secs",
+                "must be at most 300 (a lost participant's media keeps flowing meanwhile)",
             ));
         }
         if self.signaling.max_connections == 0 {

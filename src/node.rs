@@ -456,6 +456,7 @@ impl Node {
                 &ring::rand::SystemRandom::new(),
             )
             .map_err(|_| StartError::Random)?,
+            parking: signaling::Parking::new(Duration::from_secs(cfg.signaling.resume_grace_secs)),
         };
         // The metrics listener is for a local scraper: a small cap of its own.
         let metrics_admission = Admission::new(Limits {

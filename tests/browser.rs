@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::browser::*;
 use common::*;
 use meridian::auth::Role;
+use serde_json::Value;
 
 /// Opens the user page and the agent page of `session` in two browser processes; `user_opts`
 /// and `agent_opts` are appended to each page's URL fragment.
@@ -706,4 +707,102 @@ joined.producers.forEach(show);
     publisher
         .stop
         .store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The user page's signaling runs through a relay the test cuts: the SDK takes its place back
+/// (`reconnecting`, `reconnected`), and the agent sees no leave and keeps decoding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_signaling_connection_is_resumed_and_the_agent_sees_no_leave() {
+    let _load = LOAD.read().await;
+    assert_isolated_network();
+    let node = start_node().await;
+    let relay = common::cut::CutProxy::start(node.signaling_addr).await;
+    let (user, agent) = open_pair(
+        &node,
+        "kyc-cut",
+        &format!("&ws=ws://{}/v1/ws", relay.addr),
+        "",
+    );
+    both_decoding("both pages decoding before the cut", &user, &agent).await;
+
+    relay.cut();
+    wait_until(
+        "the user page back in its place",
+        Duration::from_secs(30),
+        &[&user, &agent],
+        || {
+            user.reports("SIGNALING")
+                .iter()
+                .any(|r| r["state"] == "reconnected")
+        },
+    )
+    .await;
+    let states: Vec<Value> = user.reports("SIGNALING");
+    assert_eq!(states[0]["state"], "reconnecting", "{states:?}");
+    assert!(
+        states.iter().all(|r| r["state"] != "disconnected"),
+        "{states:?}"
+    );
+    assert!(user.reports("CLOSED").is_empty(), "{}", user.transcript());
+    // Still decoding on both sides, and the agent never saw the user leave.
+    both_decoding("both pages decoding after the cut", &user, &agent).await;
+    assert!(
+        agent
+            .reports("PRESENCE")
+            .iter()
+            .all(|r| r["event"] != "left"),
+        "{}",
+        agent.transcript()
+    );
+    assert_eq!(
+        node.workers
+            .stats()
+            .participants
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}
+
+/// A network change in the middle of a call: the user page restarts ICE (new credentials, a
+/// new candidate pair checked and answered by the node) and the call goes on; the agent sees
+/// no leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ice_restart_moves_the_call_to_a_new_path_without_the_agent_seeing_a_leave() {
+    let _load = LOAD.read().await;
+    assert_isolated_network();
+    let node = start_node().await;
+    let (user, agent) = open_pair(&node, "kyc-ice-restart", "&restartIceAfter=4000", "");
+    both_decoding("both pages decoding", &user, &agent).await;
+    wait_until(
+        "the user page restarted ICE",
+        Duration::from_secs(30),
+        &[&user, &agent],
+        || !user.reports("ICERESTART").is_empty(),
+    )
+    .await;
+    let r = &user.reports("ICERESTART")[0];
+    assert_eq!(r["ok"], true, "{r}");
+    let (before, after) = (&r["before"], &r["after"]);
+    assert_ne!(
+        before["ufrag"], after["ufrag"],
+        "new ICE credentials from the node: {r}"
+    );
+    assert_ne!(
+        before["pairId"], after["pairId"],
+        "a new candidate pair: {r}"
+    );
+    assert_eq!(after["pairState"], "succeeded", "{r}");
+    assert!(
+        after["responses"].as_u64().unwrap_or(0) > 0,
+        "the node answered the new checks: {r}"
+    );
+    both_decoding("both pages decoding after the restart", &user, &agent).await;
+    assert!(
+        agent
+            .reports("PRESENCE")
+            .iter()
+            .all(|r| r["event"] != "left"),
+        "{}",
+        agent.transcript()
+    );
 }

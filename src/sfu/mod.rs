@@ -356,6 +356,8 @@ op_error!(
         NoTransport(TransportKind) => "no_transport",
         #[error("bad ICE candidate: {0}")]
         BadCandidate(String) => "bad_candidate",
+        #[error("the offer could not be applied: {0}")]
+        BadSdp(String) => "bad_sdp",
         #[error("the media worker has stopped")]
         WorkerGone => "internal",
     }
@@ -425,6 +427,13 @@ pub(crate) enum Command {
         candidate: String,
         sdp_mid: Option<String>,
         reply: oneshot::Sender<Result<(), ControlError>>,
+    },
+    /// A new offer for an existing transport (an ICE restart): the answer.
+    Renegotiate {
+        participant: ParticipantId,
+        transport: TransportKind,
+        offer: String,
+        reply: oneshot::Sender<Result<String, ControlError>>,
     },
     Leave {
         participant: ParticipantId,
@@ -823,6 +832,26 @@ impl WorkerHandle {
             |reply| Command::CloseConsumer {
                 participant,
                 consumer,
+                reply,
+            },
+            ControlError::WorkerGone,
+        )
+        .await
+    }
+
+    /// Applies a new offer to one of the participant's transports (an ICE restart after a
+    /// path change) and returns the answer; its producers and consumers stay as they are.
+    pub async fn renegotiate(
+        &self,
+        participant: ParticipantId,
+        transport: TransportKind,
+        offer: String,
+    ) -> Result<String, ControlError> {
+        self.call(
+            |reply| Command::Renegotiate {
+                participant,
+                transport,
+                offer,
                 reply,
             },
             ControlError::WorkerGone,

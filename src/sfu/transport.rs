@@ -607,6 +607,36 @@ impl Worker {
         Ok(sdp)
     }
 
+    /// A new offer for a transport the participant has: an ICE restart, which browsers make
+    /// after a network change or a failed path. Offers that add or remove media are for
+    /// `publish` and `subscribe`: an offer whose m-lines differ from the transport's is refused.
+    pub(super) fn renegotiate(
+        &mut self,
+        now: Instant,
+        participant: &ParticipantId,
+        transport: TransportKind,
+        offer: String,
+    ) -> Result<String, ControlError> {
+        let pk = *self
+            .participant_ids
+            .get(participant)
+            .ok_or(ControlError::UnknownParticipant)?;
+        let p = &self.participants[pk];
+        let ck = match transport {
+            TransportKind::Publish => p.publish,
+            TransportKind::Subscribe => p.subscribe,
+        }
+        .ok_or(ControlError::NoTransport(transport))?;
+        let known = self.conns[ck].pc.get_transceivers().count();
+        let offered = offer.lines().filter(|l| l.starts_with("m=")).count();
+        if offered != known {
+            return Err(ControlError::BadSdp(format!(
+                "the offer has {offered} m-lines and the transport {known}: restart ICE with the same media (publish and subscribe change media)"
+            )));
+        }
+        self.negotiate(now, ck, offer).map_err(ControlError::BadSdp)
+    }
+
     pub(super) fn add_candidate(
         &mut self,
         participant: &ParticipantId,

@@ -388,6 +388,14 @@ impl Worker {
             } => {
                 let _ = reply.send(self.add_candidate(&participant, transport, candidate, sdp_mid));
             }
+            Command::Renegotiate {
+                participant,
+                transport,
+                offer,
+                reply,
+            } => {
+                let _ = reply.send(self.renegotiate(now, &participant, transport, offer));
+            }
             Command::Leave { participant } => self.leave(&participant),
             Command::Ping { reply } => {
                 let _ = reply.send(());

@@ -345,6 +345,21 @@ fn signaling(s: &AppState, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
         "Signaling and admin input refused, by code (auth failures: token_*, admin_token_*)",
         errors.into_iter().map(|(code, v)| ([("code", code)], v)),
     )?;
+    scalar_gauge(
+        enc,
+        "meridian_signaling_parked",
+        "Participants whose connection was lost, keeping their place for the resume grace period",
+        s.parking.len() as u64,
+    )?;
+    counter(
+        enc,
+        "meridian_signaling_resumes",
+        "Lost connections by outcome: the client came back (resumed) or the grace period ended (expired)",
+        [
+            ([("outcome", "resumed")], s.parking.resumed.load(Relaxed)),
+            ([("outcome", "expired")], s.parking.expired.load(Relaxed)),
+        ],
+    )?;
     s.metrics.experience.encode(enc)
 }
 

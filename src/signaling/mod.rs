@@ -87,6 +87,8 @@ pub struct AppState {
     pub records: Option<crate::mesh::records::RecordRelay>,
     /// Signs the review page's file links (a fresh key each start: links last an hour).
     pub review_key: ring::hmac::Key,
+    /// Participants whose connection was lost, kept for the resume grace period.
+    pub parking: Arc<Parking>,
 }
 
 const SDK_JS: &str = include_str!("../../web/sdk/meridian.js");
@@ -941,10 +943,124 @@ impl Drop for RecordLeave {
     }
 }
 
+/// A joined participant's side of the node: it outlives one WebSocket when the connection is
+/// lost and the client comes back within the grace period (`join.resume`).
+struct Attached {
+    /// The secret that takes this place back; `None` when the node keeps no places.
+    resume_key: Option<String>,
+    claims: crate::auth::Claims,
+    pid: ParticipantId,
+    worker: WorkerHandle,
+    /// Holds the session on its worker while the participant is here (or parked).
+    _seat: crate::sfu::Seat,
+    /// Dropped last: the participant leaves the worker.
+    _leave: LeaveOnDrop,
+    recorded: Option<RecordLeave>,
+    steps: Option<ProfileSteps>,
+    /// Events keep queueing while parked (the worker dismisses a participant whose queue
+    /// fills, as for a slow reader).
+    events_rx: tokio::sync::mpsc::Receiver<SfuEvent>,
+    recording_ended: tokio::sync::broadcast::Receiver<crate::compliance::recorder::Ended>,
+    client_stats: ClientStatsGate,
+}
+
+fn new_resume_key() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 24]>())
+}
+
+/// Participants whose connection was lost, kept by resume key until they come back or the
+/// grace period ends (then they leave, as `connection_lost`).
+pub struct Parking {
+    grace: Duration,
+    parked: Mutex<std::collections::HashMap<String, Attached>>,
+    /// Participants taken back, and places given up at the end of the grace period.
+    pub resumed: std::sync::atomic::AtomicU64,
+    pub expired: std::sync::atomic::AtomicU64,
+}
+
+/// Why a `join` with `resume` was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("no place is kept for this resume key (it expired after the grace period, was used, or never existed); join again")]
+    Expired,
+}
+
+impl Parking {
+    pub fn new(grace: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            grace,
+            parked: Mutex::new(Default::default()),
+            resumed: 0.into(),
+            expired: 0.into(),
+        })
+    }
+
+    fn enabled(&self) -> bool {
+        !self.grace.is_zero()
+    }
+
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// Participants parked now.
+    pub fn len(&self) -> usize {
+        self.parked.lock().map(|p| p.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps `a` for the grace period; afterwards it leaves (its guards run).
+    fn park(self: &Arc<Self>, a: Attached) {
+        let Some(key) = a.resume_key.clone() else {
+            return;
+        };
+        tracing::info!(session = %a.claims.sid, participant = %a.pid, "connection lost; place kept for {} s", self.grace.as_secs());
+        if let Ok(mut p) = self.parked.lock() {
+            p.insert(key.clone(), a);
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(me.grace).await;
+            let gone = me.parked.lock().ok().and_then(|mut p| p.remove(&key));
+            if let Some(a) = gone {
+                me.expired
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(session = %a.claims.sid, participant = %a.pid, "place given up: the client did not come back");
+                drop(a);
+            }
+        });
+    }
+
+    /// Takes back the place `key` for a client holding `claims` of the same session, user and
+    /// role. A key presented with another identity's token stays parked (and is refused).
+    fn take(&self, key: &str, claims: &crate::auth::Claims) -> Result<Attached, ResumeError> {
+        let mut p = self.parked.lock().map_err(|_| ResumeError::Expired)?;
+        match p.get(key) {
+            Some(a)
+                if a.claims.sid == claims.sid
+                    && a.claims.sub == claims.sub
+                    && a.claims.role == claims.role =>
+            {
+                self.resumed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                p.remove(key).ok_or(ResumeError::Expired)
+            }
+            _ => Err(ResumeError::Expired),
+        }
+    }
+}
+
 /// Why a joined connection's loop ended and what the client is told.
 enum Ending {
-    /// The client left, went away, or could not be written to: nothing more to say.
+    /// The client left, or could not be written to: nothing more to say.
     Quiet,
+    /// The connection ended without a close: the participant keeps its place for the grace
+    /// period (when the node keeps places).
+    Lost,
     /// Say this error, then close with this code.
     Refuse(&'static str, String, u16),
     Expired,
@@ -1015,11 +1131,12 @@ async fn connection(
         )
         .await;
     }
-    let (token, session_hint) = match protocol::parse(&text) {
+    let (token, session_hint, resume) = match protocol::parse(&text) {
         Ok(ClientMessage::Join {
             version,
             token,
             session_id,
+            resume,
         }) => {
             if version != protocol::PROTOCOL_VERSION {
                 return refuse(
@@ -1034,7 +1151,7 @@ async fn connection(
                 )
                 .await;
             }
-            (token, session_id)
+            (token, session_id, resume)
         }
         Ok(_) => {
             return refuse(
@@ -1083,8 +1200,41 @@ async fn connection(
             .await;
         }
     };
+    if let Some(key) = resume {
+        return match state.parking.take(&key, &claims) {
+            Ok(mut attached) => {
+                tracing::info!(session = %claims.sid, participant = %attached.pid, "participant back");
+                attached.claims = claims;
+                let ok = send(
+                    &mut sink,
+                    &ServerMessage::Resumed {
+                        participant_id: attached.pid.to_string(),
+                        session_id: attached.claims.sid.clone(),
+                        expires_at: attached.claims.exp,
+                        resume_key: key,
+                    },
+                )
+                .await;
+                if ok {
+                    serve(state, sink, stream, attached).await;
+                } else {
+                    state.parking.park(attached);
+                }
+            }
+            Err(e) => {
+                refuse(
+                    &state,
+                    &mut sink,
+                    "resume_expired",
+                    e.to_string(),
+                    close::RESUME_EXPIRED,
+                )
+                .await
+            }
+        };
+    }
     // Heard from the start, so that a failure during the join is not missed.
-    let mut recording_ended = state.recording_ended.subscribe();
+    let recording_ended = state.recording_ended.subscribe();
     // The session's profile and whether and where it is recorded: decided before the
     // session gets a seat.
     let (profile, recording) = match state.session_rules(&claims) {
@@ -1113,7 +1263,7 @@ async fn connection(
             return refuse(&state, &mut sink, e.code(), e.to_string(), close::FORBIDDEN).await;
         }
     }
-    let (events_tx, mut events_rx) = crate::sfu::event_channel();
+    let (events_tx, events_rx) = crate::sfu::event_channel();
     // Held until the connection ends, so the session stays on this worker while it lasts.
     let seat = match state.workers.place(&claims.sid) {
         Ok(seat) => seat,
@@ -1165,6 +1315,7 @@ async fn connection(
             reason: "connection_closed",
         });
     }
+    let resume_key = state.parking.enabled().then(new_resume_key);
     let ok = send(
         &mut sink,
         &ServerMessage::Joined {
@@ -1180,6 +1331,8 @@ async fn connection(
             profile: profile.as_ref().map(|p| p.summary()),
             participants: joined.participants,
             producers: joined.producers,
+            resume_key: resume_key.clone(),
+            resume_within_secs: state.parking.grace().as_secs(),
         },
     )
     .await;
@@ -1190,17 +1343,51 @@ async fn connection(
         .metrics
         .experience
         .joined(claims.role, join_received.elapsed());
-    let mut client_stats = ClientStatsGate::default();
+    let client_stats = ClientStatsGate::default();
 
-    let mut steps = profile.map(|profile| ProfileSteps {
+    let steps = profile.map(|profile| ProfileSteps {
         questions: profile.question_order(&mut rand::rng()),
         profile,
         country,
         consented: false,
         located: false,
     });
+    let attached = Attached {
+        resume_key,
+        claims,
+        pid,
+        worker,
+        _seat: seat,
+        _leave,
+        recorded,
+        steps,
+        events_rx,
+        recording_ended,
+        client_stats,
+    };
+    serve(state, sink, stream, attached).await;
+}
 
-    // Phase 2: requests, events and the token's expiry.
+/// Phase 2 of a connection: requests, events and the token's expiry, for a participant that
+/// just joined or came back (`join.resume`). A connection lost rather than closed parks the
+/// participant for `signaling.resume_grace_secs`.
+async fn serve(
+    state: AppState,
+    mut sink: Sink,
+    mut stream: futures_util::stream::SplitStream<WebSocket>,
+    mut attached: Attached,
+) {
+    let Attached {
+        claims,
+        pid,
+        worker,
+        recorded,
+        steps,
+        events_rx,
+        recording_ended,
+        client_stats,
+        ..
+    } = &mut attached;
     let expires_at = claims.expires_at();
     let until_expiry = expires_at
         .duration_since(SystemTime::now())
@@ -1253,7 +1440,8 @@ async fn connection(
                     Some(Err(e)) if too_big_for_transport(&e) => {
                         break Ending::Refuse("too_big", too_big_message(&state), close::TOO_BIG);
                     }
-                    None | Some(Err(_)) => break Ending::Quiet,
+                    // The transport went away without a close: the client may come back.
+                    None | Some(Err(_)) => break Ending::Lost,
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(Message::Close(_))) => break Ending::Quiet,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -1308,7 +1496,7 @@ async fn connection(
                             continue;
                         }
                         let op = recorded.as_ref().and_then(|_| producer_op(&msg));
-                        let reply = handle_request(&worker, &pid, msg).await;
+                        let reply = handle_request(worker, pid, msg).await;
                         if let (Some(r), Some(op)) = (&recorded, op) {
                             r.producer_result(op, &reply);
                         }
@@ -1347,12 +1535,18 @@ async fn connection(
     if let Some(r) = recorded.as_mut() {
         r.reason = match &ending {
             Ending::Quiet => "left",
+            Ending::Lost => "connection_lost",
             Ending::Expired => "token_expired",
             Ending::Refuse(code, ..) => code,
         };
     }
     match ending {
         Ending::Quiet => {}
+        Ending::Lost => {
+            if attached.resume_key.is_some() {
+                state.parking.park(attached);
+            }
+        }
         Ending::Refuse(code, message, close_code) => {
             refuse(&state, &mut sink, code, message, close_code).await;
         }
@@ -1518,6 +1712,14 @@ async fn handle_request(
                 (None, Err(e)) => ServerMessage::error(None, e.code(), e.to_string()),
             }
         }
+        ClientMessage::RestartIce {
+            request_id,
+            transport,
+            sdp,
+        } => match w.renegotiate(p, transport, sdp).await {
+            Ok(sdp) => ServerMessage::IceRestarted { request_id, sdp },
+            Err(e) => ServerMessage::error(Some(request_id), e.code(), e.to_string()),
+        },
         ClientMessage::SetConsumerLayer {
             request_id,
             consumer_id,

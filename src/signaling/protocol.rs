@@ -27,6 +27,8 @@ pub mod close {
     pub const TOO_SLOW: u16 = 4412;
     pub const FULL: u16 = 4429;
     pub const SESSION_EXPIRED: u16 = 4440;
+    /// A `join` with `resume` for a place no longer kept (or never given).
+    pub const RESUME_EXPIRED: u16 = 4441;
 }
 
 /// Messages a client sends.
@@ -43,6 +45,11 @@ pub enum ClientMessage {
         /// If given, must match the token's session.
         #[serde(default)]
         session_id: Option<SessionId>,
+        /// The `resumeKey` of an earlier `joined`: takes that participant back (same
+        /// producers, consumers and transports) if its connection was lost less than
+        /// `resumeWithinSecs` ago. The token must name the same session, user and role.
+        #[serde(default)]
+        resume: Option<String>,
     },
     #[serde(rename_all = "camelCase")]
     Publish {
@@ -65,6 +72,13 @@ pub enum ClientMessage {
         candidate: String,
         #[serde(default)]
         sdp_mid: Option<String>,
+    },
+    /// A new offer for an existing transport with the same media: an ICE restart.
+    #[serde(rename_all = "camelCase")]
+    RestartIce {
+        request_id: u64,
+        transport: TransportKind,
+        sdp: String,
     },
     #[serde(rename_all = "camelCase")]
     SetConsumerLayer {
@@ -205,6 +219,7 @@ const KNOWN_TYPES: &[&str] = &[
     "publish",
     "subscribe",
     "candidate",
+    "restartIce",
     "setConsumerLayer",
     "pauseProducer",
     "resumeProducer",
@@ -300,6 +315,24 @@ pub enum ServerMessage {
         profile: Option<serde_json::Value>,
         participants: Vec<ParticipantInfo>,
         producers: Vec<ProducerInfo>,
+        /// Secret that takes this participant back after a lost connection (`join.resume`);
+        /// absent when the node does not keep places (`signaling.resume_grace_secs = 0`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resume_key: Option<String>,
+        /// How long the place is kept after the connection is lost.
+        resume_within_secs: u64,
+    },
+    /// Answer to `restartIce`.
+    #[serde(rename_all = "camelCase")]
+    IceRestarted { request_id: u64, sdp: String },
+    /// Answer to a `join` with `resume`: the participant is back, with everything it had;
+    /// events of the gap follow.
+    #[serde(rename_all = "camelCase")]
+    Resumed {
+        participant_id: String,
+        session_id: SessionId,
+        expires_at: u64,
+        resume_key: String,
     },
     #[serde(rename_all = "camelCase")]
     Published {

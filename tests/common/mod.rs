@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod cut;
 pub mod dns;
 pub mod socks;
 

@@ -75,6 +75,16 @@ async function main() {
     log("ERROR", { code: e.detail.code, message: e.detail.message });
     setState(`ended: ${e.detail.message}`, "bad");
   });
+  // A lost signaling connection: the SDK takes our place back; media never stopped.
+  client.addEventListener("reconnecting", () => {
+    log("SIGNALING", { state: "reconnecting" });
+    setState("reconnecting…");
+  });
+  client.addEventListener("reconnected", () => {
+    log("SIGNALING", { state: "reconnected" });
+    setState("connected", "ok");
+  });
+  client.addEventListener("disconnected", (e) => log("SIGNALING", { state: "disconnected", code: e.detail.code }));
   client.addEventListener("closed", (e) => {
     log("CLOSED", e.detail);
     if (!left) setState("disconnected from the node", "bad");
@@ -195,6 +205,36 @@ async function main() {
     videoCodec: params.get("codec") || undefined,
   });
   log("PUBLISHED", published.map((p) => ({ producerId: p.producerId, kind: p.kind })));
+  // Test hook: restart ICE after this many ms (a network change) and report the path taken
+  // before and after: the selected candidate pair of the publish transport and its ICE ufrag.
+  const restartAfter = Number(params.get("restartIceAfter") || 0);
+  if (restartAfter > 0) {
+    const path = async () => {
+      const stats = await client.publishPc.getStats();
+      let pair = null;
+      stats.forEach((s) => {
+        if (s.type === "transport" && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId) || null;
+      });
+      const ufrag = /a=ice-ufrag:(\S+)/.exec(client.publishPc.remoteDescription?.sdp || "")?.[1] || null;
+      return { pairId: pair?.id || null, pairState: pair?.state || null, responses: pair?.responsesReceived || 0, ufrag };
+    };
+    setTimeout(async () => {
+      const before = await path();
+      try {
+        await client.restartIce();
+      } catch (e) {
+        log("ICERESTART", { ok: false, code: e.code, message: e.message });
+        return;
+      }
+      // Until the new credentials' checks have been answered on a new pair.
+      let after = await path();
+      for (let i = 0; i < 40 && (after.pairId === before.pairId || after.pairState !== "succeeded" || !after.responses); i++) {
+        await new Promise((r) => setTimeout(r, 250));
+        after = await path();
+      }
+      log("ICERESTART", { ok: true, before, after });
+    }, restartAfter);
+  }
 
   // Controls: mute, camera, leave. Muting pauses the producer on the node too, so the other
   // side is told rather than left guessing.

@@ -108,7 +108,7 @@ export class MeridianClient extends EventTarget {
     throw lastError;
   }
 
-  _join(url) {
+  _join(url, resumeKey = null) {
     this.url = url;
     this.closed = false;
     return new Promise((resolve, reject) => {
@@ -118,7 +118,9 @@ export class MeridianClient extends EventTarget {
       let joined = false;
       ws.onopen = () => {
         opened = true;
-        ws.send(JSON.stringify({ type: "join", version: PROTOCOL_VERSION, token: this.token }));
+        const join = { type: "join", version: PROTOCOL_VERSION, token: this.token };
+        if (resumeKey) join.resume = resumeKey;
+        ws.send(JSON.stringify(join));
       };
       ws.onmessage = (ev) => {
         let msg;
@@ -127,9 +129,20 @@ export class MeridianClient extends EventTarget {
         } catch {
           return;
         }
+        if (msg.type === "resumed") {
+          // Back in our place: producers, consumers and transports were kept; the events
+          // of the gap follow.
+          joined = true;
+          this.resumeKey = msg.resumeKey;
+          this._startStatsReports();
+          resolve(msg);
+          return;
+        }
         if (msg.type === "joined") {
           joined = true;
           this.joined = msg;
+          this.resumeKey = msg.resumeKey || null;
+          this.resumeWithinSecs = msg.resumeWithinSecs || 0;
           this._startStatsReports();
           for (const p of msg.producers) this.producers.set(p.producerId, p);
           for (const p of msg.participants) this.participants.set(p.participantId, p);
@@ -137,28 +150,72 @@ export class MeridianClient extends EventTarget {
           return;
         }
         if (!joined && msg.type === "error") {
+          this.refusal = msg;
           reject(new MeridianError(msg.code, msg.message));
           return;
         }
         this._onMessage(msg);
       };
       ws.onclose = (ev) => {
-        this.closed = true;
+        if (this.ws !== ws) return; // an older connection, already replaced
         this._stopStatsReports();
         for (const { reject: rej } of this.pending.values()) {
           rej(new MeridianError("closed", `signaling closed (${ev.code})`));
         }
         this.pending.clear();
         if (!joined && !opened) {
+          this.closed = true;
           // Never connected: the caller tries the next edge; this connection was never "up".
           reject(new MeridianError("unreachable", `cannot reach ${url}`));
           return;
         }
-        if (!joined) reject(new MeridianError("closed", `signaling closed (${ev.code} ${ev.reason})`));
+        if (!joined) {
+          this.closed = true;
+          reject(new MeridianError(this.refusal?.code || "closed", this.refusal?.message || `signaling closed (${ev.code} ${ev.reason})`));
+          // A failed attempt to resume is reported once, by _resume.
+          if (!resumeKey) this._emit("closed", { code: ev.code, reason: ev.reason });
+          return;
+        }
+        // Lost without a close from either side (1006): the node keeps our place for
+        // resumeWithinSecs while media goes on; come back to it.
+        if (ev.code === 1006 && this.resumeKey && !this.leaving) {
+          this._resume(url);
+          return;
+        }
+        this.closed = true;
         this._emit("closed", { code: ev.code, reason: ev.reason });
       };
       ws.onerror = () => {};
     });
+  }
+
+  /**
+   * Reconnects after a lost signaling connection: `reconnecting`, then `reconnected` when the
+   * node took us back (nothing to redo: the other side saw no leave), or `disconnected` and
+   * `closed` when the place was given up or the node stayed unreachable.
+   */
+  async _resume(url) {
+    this._emit("reconnecting", { url });
+    const deadline = performance.now() + (this.resumeWithinSecs || 0) * 1000;
+    let delay = 200;
+    let last = null;
+    while (performance.now() < deadline && !this.leaving) {
+      await new Promise((r) => setTimeout(r, delay));
+      try {
+        this.refusal = null;
+        await this._join(url, this.resumeKey);
+        this._emit("reconnected", { url });
+        return;
+      } catch (e) {
+        last = e;
+        // Refused (the place expired, the token no longer valid): trying again cannot help.
+        if (e.code !== "unreachable" && e.code !== "closed") break;
+      }
+      delay = Math.min(delay * 2, 2000);
+    }
+    this.closed = true;
+    this._emit("disconnected", { code: last?.code || "timeout", message: last?.message || "the node did not take us back in time" });
+    this._emit("closed", { code: 1006, reason: "connection lost" });
   }
 
   _emit(type, detail) {
@@ -226,9 +283,35 @@ export class MeridianClient extends EventTarget {
       pc.addEventListener("connectionstatechange", () =>
         this._emit("connectionstate", { transport: kind, state: pc.connectionState }),
       );
+      // A path that failed (a network change, a NAT that forgot us): new credentials, new
+      // checks, same producers and consumers.
+      pc.addEventListener("iceconnectionstatechange", () => {
+        if (pc.iceConnectionState === "failed" && !this.closed && this[key] === pc) {
+          this._restartIce(kind, pc).catch((e) => this._emit("error", { code: e.code || "ice_restart_failed", message: String(e.message || e) }));
+        }
+      });
       this[key] = pc;
     }
     return this[key];
+  }
+
+  /**
+   * Restarts ICE on both transports: new credentials and candidate pairs, the same producers
+   * and consumers (the other side sees nothing). For a network change the application knows
+   * of; done by itself when a transport's ICE fails.
+   */
+  async restartIce() {
+    if (this.publishPc) await this._restartIce("publish", this.publishPc);
+    if (this.subscribePc) await this._restartIce("subscribe", this.subscribePc);
+  }
+
+  _restartIce(kind, pc) {
+    return this._serial(kind, async () => {
+      await pc.setLocalDescription(await pc.createOffer({ iceRestart: true }));
+      const reply = await this._request({ type: "restartIce", transport: kind, sdp: pc.localDescription.sdp });
+      await pc.setRemoteDescription({ type: "answer", sdp: reply.sdp });
+      this._emit("icerestarted", { transport: kind });
+    });
   }
 
   /** Runs negotiations of one peer connection one after another. */
@@ -559,6 +642,7 @@ export class MeridianClient extends EventTarget {
 
   /** Leaves the session and closes both peer connections. */
   close() {
+    this.leaving = true;
     this._stopStatsReports();
     if (this.ws && this.ws.readyState === WebSocket.OPEN) {
       this.ws.send(JSON.stringify({ type: "leave" }));
