@@ -715,7 +715,9 @@ joined.producers.forEach(show);
 async fn a_cut_signaling_connection_is_resumed_and_the_agent_sees_no_leave() {
     let _load = LOAD.read().await;
     assert_isolated_network();
-    let node = start_node().await;
+    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
+    cfg.signaling.resume_grace_secs = 20;
+    let node = meridian::node::Node::start(cfg).await.unwrap();
     let relay = common::cut::CutProxy::start(node.signaling_addr).await;
     let (user, agent) = open_pair(
         &node,

@@ -36,6 +36,9 @@ longitude = 72.8
 listen = "127.0.0.1:0"
 max_message_bytes = 16384
 join_timeout_secs = 2
+# Tests end participants by dropping their connections and expect them gone at once; the
+# resume tests set their own grace period.
+resume_grace_secs = 0
 [metrics]
 listen = "127.0.0.1:0"
 [rtc]
