@@ -80,9 +80,13 @@ async function main() {
     log("SIGNALING", { state: "reconnecting" });
     setState("reconnecting…");
   });
-  client.addEventListener("reconnected", () => {
-    log("SIGNALING", { state: "reconnected" });
+  client.addEventListener("reconnected", (e) => {
+    log("SIGNALING", { state: "reconnected", failover: !!e.detail.failover, node: client.edge?.joined?.node || null });
     setState("connected", "ok");
+  });
+  client.addEventListener("failover", (e) => {
+    log("SIGNALING", { state: "failover", from: e.detail.from });
+    setState("moving to another node…");
   });
   client.addEventListener("disconnected", (e) => log("SIGNALING", { state: "disconnected", code: e.detail.code }));
   client.addEventListener("closed", (e) => {

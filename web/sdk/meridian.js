@@ -116,7 +116,12 @@ export class MeridianClient extends EventTarget {
       let opened = false;
       this.ws = ws;
       let joined = false;
+      // A host that is down may not refuse: give up on it after a while (unreachable).
+      const connectTimer = setTimeout(() => {
+        if (!opened) ws.close();
+      }, this.connectTimeoutMs || 5000);
       ws.onopen = () => {
+        clearTimeout(connectTimer);
         opened = true;
         const join = { type: "join", version: PROTOCOL_VERSION, token: this.token };
         if (resumeKey) join.resume = resumeKey;
@@ -178,7 +183,7 @@ export class MeridianClient extends EventTarget {
         }
         // Lost without a close from either side (1006): the node keeps our place for
         // resumeWithinSecs while media goes on; come back to it.
-        if (ev.code === 1006 && this.resumeKey && !this.leaving) {
+        if (ev.code === 1006 && !this.leaving && (this.resumeKey || this.route)) {
           this._resume(url);
           return;
         }
@@ -196,9 +201,15 @@ export class MeridianClient extends EventTarget {
    */
   async _resume(url) {
     this._emit("reconnecting", { url });
+    // The node keeps no places: join again through routing (the same node if it is alive).
+    if (!this.resumeKey) {
+      if (await this._failover(null)) return;
+      return this._giveUp(null);
+    }
     const deadline = performance.now() + (this.resumeWithinSecs || 0) * 1000;
     let delay = 200;
     let last = null;
+    let unreachable = 0;
     while (performance.now() < deadline && !this.leaving) {
       await new Promise((r) => setTimeout(r, delay));
       try {
@@ -208,14 +219,92 @@ export class MeridianClient extends EventTarget {
         return;
       } catch (e) {
         last = e;
+        // The node is gone: with routing, move to the next nearest edge.
+        if (e.code === "unreachable" && ++unreachable >= 2 && this.route) {
+          if (await this._failover(url)) return;
+          break;
+        }
         // Refused (the place expired, the token no longer valid): trying again cannot help.
         if (e.code !== "unreachable" && e.code !== "closed") break;
       }
       delay = Math.min(delay * 2, 2000);
     }
+    this._giveUp(last);
+  }
+
+  _giveUp(last) {
     this.closed = true;
     this._emit("disconnected", { code: last?.code || "timeout", message: last?.message || "the node did not take us back in time" });
     this._emit("closed", { code: 1006, reason: "connection lost" });
+  }
+
+  /**
+   * The node we were on is gone (its own state with it): join the session again on the next
+   * nearest edge that answers, publish the same tracks again and let the application
+   * subscribe again (`consumerclosed` for the old consumers, `produceradded` for what the new
+   * node offers). Emits `failover`, then `edge` and `reconnected` ({ failover: true }).
+   * Returns false when no edge took us.
+   */
+  async _failover(deadUrl) {
+    this._emit("failover", { from: deadUrl });
+    const published = [...this.published.values()];
+    for (const pc of [this.publishPc, this.subscribePc]) if (pc) pc.close();
+    this.publishPc = this.subscribePc = null;
+    this.queue = { publish: Promise.resolve(), subscribe: Promise.resolve() };
+    this.published.clear();
+    for (const consumerId of [...this.consumers.keys()]) {
+      this._dropConsumer(consumerId);
+      this._emit("consumerclosed", { consumerId, reason: "failover" });
+    }
+    for (const p of this.participants.values()) this._emit("participantleft", p);
+    this.producers.clear();
+    this.participants.clear();
+    this.resumeKey = null;
+
+    let joined = null;
+    for (const candidate of await this._edgeCandidates(deadUrl)) {
+      try {
+        joined = await this._join(candidate.url);
+        this.edge = { ...(this.edge || {}), joined: candidate, reason: "failover" };
+        this._emit("edge", this.edge);
+        break;
+      } catch (e) {
+        if (e.code !== "unreachable") return false;
+      }
+    }
+    if (!joined) return false;
+    for (const p of joined.participants) this._emit("participantjoined", p);
+    const republished = [];
+    for (const { track, options } of published) {
+      if (track.readyState !== "live") continue;
+      republished.push(...(await this.publish([track], options)));
+    }
+    this._emit("reconnected", { url: this.url, failover: true, republished });
+    for (const p of joined.producers) this._emit("produceradded", p);
+    return true;
+  }
+
+  /** Where to go when our node is gone: routing's answer now, then its earlier alternates. */
+  async _edgeCandidates(deadUrl) {
+    const out = [];
+    const add = (c) => {
+      if (c && c.url && c.url !== deadUrl && !out.some((o) => o.url === c.url)) out.push(c);
+    };
+    const q = new URLSearchParams();
+    if (this.regionHint) q.set("region", this.regionHint);
+    const sid = sessionOfToken(this.token);
+    if (sid) q.set("session", sid);
+    try {
+      const res = await fetch(`${this.route.replace(/\/$/, "")}/v1/edge?${q}`, { cache: "no-store" });
+      if (res.ok) {
+        const answer = await res.json();
+        for (const c of [answer.edge, ...answer.alternates]) add(c);
+      }
+    } catch {
+      // The routing node may be the one that died: the earlier alternates remain.
+    }
+    for (const c of this.edge?.alternates || []) add(c);
+    return out;
   }
 
   _emit(type, detail) {
@@ -359,7 +448,7 @@ export class MeridianClient extends EventTarget {
         if (track.kind === "video") await preferResolution(transceiver.sender);
         const p = reply.producers.find((x) => x.mid === transceiver.mid);
         if (!p) throw new MeridianError("bad_sdp", `no producer for mid ${transceiver.mid}`);
-        this.published.set(p.producerId, { track, transceiver });
+        this.published.set(p.producerId, { track, transceiver, options: { simulcast, videoCodec } });
         out.push({ producerId: p.producerId, kind: track.kind, track });
       }
       return out;
