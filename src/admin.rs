@@ -7,8 +7,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -74,6 +75,9 @@ pub struct AdminState {
     pub members: watch::Receiver<Arc<Vec<MemberView>>>,
     pub pipes: Option<Arc<dyn Fn() -> Vec<PipeReport> + Send + Sync>>,
     pub metrics: Arc<SignalingMetrics>,
+    /// The drain deadline its participants are told to move by (see `AppState::migration`).
+    pub migration: Arc<watch::Sender<Option<tokio::time::Instant>>>,
+    pub workers: crate::sfu::Workers,
 }
 
 /// SHA-256 of a token.
@@ -123,6 +127,18 @@ pub struct Status {
     pub healthy: bool,
     pub nodes: Vec<NodeStatus>,
     pub pipes: Vec<PipeStatus>,
+    /// Sessions and participants on the answering node now (the load in `nodes` is a
+    /// heartbeat old).
+    #[serde(default)]
+    pub sessions: u64,
+    #[serde(default)]
+    pub participants: u64,
+    /// Seconds until the participants of a drain with a deadline must have moved.
+    #[serde(default)]
+    pub move_deadline_secs: Option<u64>,
+    /// Participants closed because they had not moved by a drain's deadline, since start.
+    #[serde(default)]
+    pub closed_at_deadline: u64,
 }
 
 impl AdminState {
@@ -167,6 +183,7 @@ impl AdminState {
                 retransmitted: p.retransmitted,
             })
             .collect();
+        let w = self.workers.stats();
         Status {
             node: self.node.clone(),
             region: self.region.clone(),
@@ -174,6 +191,13 @@ impl AdminState {
             healthy: !self.availability.unhealthy(),
             nodes,
             pipes,
+            sessions: w.sessions.load(std::sync::atomic::Ordering::Relaxed),
+            participants: w.participants.load(std::sync::atomic::Ordering::Relaxed),
+            move_deadline_secs: self.migration.borrow().map(|d| {
+                d.saturating_duration_since(tokio::time::Instant::now())
+                    .as_secs()
+            }),
+            closed_at_deadline: self.metrics.errors("drained"),
         }
     }
 
@@ -239,14 +263,33 @@ async fn status(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     json(&s.status())
 }
 
-/// Stops taking new sessions (routing skips the node; peers learn within a heartbeat).
-/// Sessions here carry on until they end.
-async fn drain(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+#[derive(Debug, Deserialize)]
+struct DrainQuery {
+    /// Move the participants away within this many seconds (at most a day).
+    deadline_secs: Option<u64>,
+}
+
+/// Stops taking new sessions (routing skips the node; peers learn within a heartbeat). With
+/// `?deadline_secs=N`, every participant here is told to move to the edge routing chooses for
+/// it (make-before-break, by the SDK) and those still here after N seconds are closed
+/// (`drained`, 4503). Without, sessions here carry on until they end.
+async fn drain(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Query(q): Query<DrainQuery>,
+) -> Response {
     if let Err(refused) = s.authorize(&headers) {
         return *refused;
     }
     if !s.availability.set_drained(true) {
         tracing::warn!(node = %s.node, "draining: no new sessions (admin API)");
+    }
+    if let Some(secs) = q.deadline_secs {
+        let secs = secs.min(86_400);
+        tracing::warn!(node = %s.node, "draining: participants told to move within {secs} s");
+        s.migration.send_replace(Some(
+            tokio::time::Instant::now() + Duration::from_secs(secs),
+        ));
     }
     json(&s.status())
 }
@@ -258,6 +301,8 @@ async fn undrain(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     if s.availability.set_drained(false) {
         tracing::warn!(node = %s.node, "drain undone: taking new sessions again (admin API)");
     }
+    // Participants not yet moved stay.
+    s.migration.send_replace(None);
     json(&s.status())
 }
 

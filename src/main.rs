@@ -186,8 +186,13 @@ enum CtlCommand {
     },
     /// Stop the node taking new sessions (routing skips it); sessions there carry on.
     Drain {
-        /// Wait up to this many seconds for the node to empty, reporting progress, then say
-        /// what is left (exit status 3 if not empty).
+        /// Move the node's participants to other edges within this time (`30s`, `2m`, or
+        /// seconds): each is told where to go (the edge routing chooses for it), those still
+        /// here at the deadline are closed. Waits and reports who moved and who did not.
+        #[arg(long, value_parser = parse_duration_secs)]
+        deadline: Option<u64>,
+        /// Without --deadline: wait up to this many seconds for the node to empty, reporting
+        /// progress, then say what is left (exit status 3 if not empty).
         #[arg(long)]
         wait: Option<u64>,
         #[arg(long)]
@@ -692,7 +697,38 @@ async fn ctl(admin: &str, token_file: &std::path::Path, command: CtlCommand) -> 
             &call(admin, &token, Method::POST, "/v1/admin/undrain").await?,
             json,
         ),
-        CtlCommand::Drain { wait, json } => {
+        CtlCommand::Drain {
+            deadline: Some(secs),
+            json,
+            ..
+        } => {
+            let before = call(admin, &token, Method::GET, "/v1/admin/status").await?;
+            let path = format!("/v1/admin/drain?deadline_secs={secs}");
+            let mut s = call(admin, &token, Method::POST, &path).await?;
+            let until = std::time::Instant::now() + Duration::from_secs(secs + 3);
+            while s.participants > 0 && std::time::Instant::now() < until {
+                eprintln!(
+                    "{} draining: {} of {} participants left to move, {} s to the deadline",
+                    s.node,
+                    s.participants,
+                    before.participants,
+                    s.move_deadline_secs.unwrap_or(0)
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                s = call(admin, &token, Method::GET, "/v1/admin/status").await?;
+            }
+            print(&s, json);
+            let closed = s.closed_at_deadline - before.closed_at_deadline;
+            let moved = before.participants.saturating_sub(s.participants + closed);
+            eprintln!(
+                "{}: {moved} participants moved, {closed} closed at the deadline, {} still here",
+                s.node, s.participants
+            );
+            if closed > 0 || s.participants > 0 {
+                std::process::exit(3);
+            }
+        }
+        CtlCommand::Drain { wait, json, .. } => {
             let mut s = call(admin, &token, Method::POST, "/v1/admin/drain").await?;
             let here = |s: &meridian::admin::Status| {
                 s.nodes
@@ -719,7 +755,7 @@ async fn ctl(admin: &str, token_file: &std::path::Path, command: CtlCommand) -> 
                 let left = here(&s);
                 if left > 0 {
                     eprintln!(
-                        "{} still holds {left} sessions: they stay until they end (moving them to another node is not built yet)",
+                        "{} still holds {left} sessions: they stay until they end (drain --deadline moves them)",
                         s.node
                     );
                     std::process::exit(3);
@@ -729,4 +765,22 @@ async fn ctl(admin: &str, token_file: &std::path::Path, command: CtlCommand) -> 
         }
     }
     Ok(())
+}
+
+/// `30s`, `2m`, `1h` or plain seconds.
+fn parse_duration_secs(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (number, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration: write 30s, 2m or 1h"))?;
+    match unit {
+        "s" => Ok(n),
+        "m" => Ok(n * 60),
+        "h" => Ok(n * 3600),
+        _ => Err(format!("`{text}`: the unit must be s, m or h")),
+    }
 }

@@ -457,6 +457,7 @@ impl Node {
             )
             .map_err(|_| StartError::Random)?,
             parking: signaling::Parking::new(Duration::from_secs(cfg.signaling.resume_grace_secs)),
+            migration: Arc::new(tokio::sync::watch::channel(None).0),
         };
         // The metrics listener is for a local scraper: a small cap of its own.
         let metrics_admission = Admission::new(Limits {
@@ -489,6 +490,8 @@ impl Node {
                     members: members.clone(),
                     pipes: state.pipes.clone(),
                     metrics: metrics.clone(),
+                    migration: state.migration.clone(),
+                    workers: workers.clone(),
                 };
                 let cap = Admission::new(Limits {
                     max: 16,

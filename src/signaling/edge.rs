@@ -167,12 +167,60 @@ pub(super) struct EdgeQuery {
     session: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct EdgeNode {
-    node: NodeId,
-    region: RegionId,
-    url: String,
+pub struct EdgeNode {
+    pub node: NodeId,
+    pub region: RegionId,
+    pub url: String,
+}
+
+/// Where routing sends a client: the first node and the ones to try after it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub edge: EdgeNode,
+    pub alternates: Vec<EdgeNode>,
+    pub reason: Reason,
+}
+
+impl EdgeRouting {
+    /// The nodes for a client at `place` (routing policy, drain, health, load, the session's
+    /// hosts first), counted by reason; `Err` with a message when no node can take sessions.
+    pub fn route(
+        &self,
+        place: Option<&crate::mesh::geo::Place>,
+        hint: Option<&RegionId>,
+        hosting: &std::collections::HashSet<NodeId>,
+    ) -> Result<Route, String> {
+        let members = self.members.borrow().clone();
+        let chosen =
+            match selector::select_with_affinity(&self.policy, place, hint, &members, &|n| {
+                hosting.contains(n)
+            }) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.metrics.no_edge.fetch_add(1, Relaxed);
+                    return Err(e.to_string());
+                }
+            };
+        let node = |i: usize| {
+            let m = &members[i];
+            EdgeNode {
+                node: m.info.node.clone(),
+                region: m.info.region.clone(),
+                url: m.info.signaling_url.clone(),
+            }
+        };
+        let mut order = chosen.order.into_iter();
+        // select() never returns an empty order; answer as if no edge rather than panic.
+        let first = order.next().ok_or("no node can take new sessions")?;
+        self.metrics.count(chosen.reason);
+        Ok(Route {
+            edge: node(first),
+            alternates: order.map(node).collect(),
+            reason: chosen.reason,
+        })
+    }
 }
 
 #[derive(Serialize)]
@@ -262,42 +310,16 @@ pub(super) async fn edge(
         r.metrics.untrusted_forwarding.fetch_add(1, Relaxed);
     }
     let place = r.geo.lookup(ip);
-    let members = r.members.borrow().clone();
-    let chosen = match selector::select_with_affinity(
-        &r.policy,
-        place.as_ref(),
-        hint.as_ref(),
-        &members,
-        &|n| hosting.contains(n),
-    ) {
-        Ok(c) => c,
-        Err(e) => {
-            r.metrics.no_edge.fetch_add(1, Relaxed);
-            return error(StatusCode::SERVICE_UNAVAILABLE, "noEdge", e.to_string());
+    let route = match r.route(place.as_ref(), hint.as_ref(), &hosting) {
+        Ok(route) => route,
+        Err(message) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "noEdge", message);
         }
-    };
-    r.metrics.count(chosen.reason);
-    let node = |i: usize| {
-        let m = &members[i];
-        EdgeNode {
-            node: m.info.node.clone(),
-            region: m.info.region.clone(),
-            url: m.info.signaling_url.clone(),
-        }
-    };
-    let mut order = chosen.order.into_iter();
-    let Some(first) = order.next() else {
-        // select() never returns an empty order; answer as if no edge rather than panic.
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "noEdge",
-            "no node can take new sessions".into(),
-        );
     };
     let answer = EdgeAnswer {
-        edge: node(first),
-        alternates: order.map(node).collect(),
-        reason: chosen.reason,
+        edge: route.edge,
+        alternates: route.alternates,
+        reason: route.reason,
         client: place.map(|p| ClientPlace {
             country: p.country,
             continent: p.continent,

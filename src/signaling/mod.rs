@@ -89,6 +89,9 @@ pub struct AppState {
     pub review_key: ring::hmac::Key,
     /// Participants whose connection was lost, kept for the resume grace period.
     pub parking: Arc<Parking>,
+    /// While the node is drained with a deadline: when its participants must have moved
+    /// (each is told where to, see `ServerMessage::Migrate`); `None` otherwise.
+    pub migration: Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>,
 }
 
 const SDK_JS: &str = include_str!("../../web/sdk/meridian.js");
@@ -962,6 +965,8 @@ struct Attached {
     events_rx: tokio::sync::mpsc::Receiver<SfuEvent>,
     recording_ended: tokio::sync::broadcast::Receiver<crate::compliance::recorder::Ended>,
     client_stats: ClientStatsGate,
+    /// Where the client connects from (for the edge to move it to on a drain).
+    client: std::net::IpAddr,
 }
 
 fn new_resume_key() -> String {
@@ -1205,6 +1210,7 @@ async fn connection(
             Ok(mut attached) => {
                 tracing::info!(session = %claims.sid, participant = %attached.pid, "participant back");
                 attached.claims = claims;
+                attached.client = client;
                 let ok = send(
                     &mut sink,
                     &ServerMessage::Resumed {
@@ -1364,6 +1370,7 @@ async fn connection(
         events_rx,
         recording_ended,
         client_stats,
+        client,
     };
     serve(state, sink, stream, attached).await;
 }
@@ -1386,8 +1393,14 @@ async fn serve(
         events_rx,
         recording_ended,
         client_stats,
+        client,
         ..
     } = &mut attached;
+    let client = *client;
+    // A drain with a deadline already under way applies to a participant back or new here.
+    let mut migration = state.migration.subscribe();
+    migration.mark_changed();
+    let mut must_move_by: Option<tokio::time::Instant> = None;
     let expires_at = claims.expires_at();
     let until_expiry = expires_at
         .duration_since(SystemTime::now())
@@ -1417,6 +1430,53 @@ async fn serve(
                     Ok(_) | Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => break Ending::Quiet,
                 }
+            }
+            changed = migration.changed() => {
+                if changed.is_err() {
+                    // The node is stopping: its sender is gone; nothing more will come.
+                    migration = tokio::sync::watch::channel(None).1;
+                    continue;
+                }
+                let deadline = *migration.borrow_and_update();
+                match (deadline, must_move_by) {
+                    (Some(d), _) => {
+                        must_move_by = Some(d);
+                        let place = state.edge.geo.lookup(client);
+                        let hosting = match &state.edge.hosts {
+                            Some(h) => h.of(&claims.sid),
+                            None => Default::default(),
+                        };
+                        // Anywhere but here (this node's own entry may be a heartbeat old).
+                        let elsewhere = state
+                            .edge
+                            .route(place.as_ref(), None, &hosting)
+                            .map(|r| std::iter::once(r.edge).chain(r.alternates).filter(|n| n.node != state.node).collect::<Vec<_>>());
+                        match elsewhere.as_deref() {
+                            Ok([edge, alternates @ ..]) => {
+                                let msg = ServerMessage::Migrate {
+                                    edge: edge.clone(),
+                                    alternates: alternates.to_vec(),
+                                    deadline_secs: d.saturating_duration_since(tokio::time::Instant::now()).as_secs(),
+                                };
+                                if !send(&mut sink, &msg).await { break Ending::Lost; }
+                            }
+                            Ok([]) => {
+                                tracing::warn!(session = %claims.sid, participant = %pid, "drained, but no other node to move to");
+                            }
+                            Err(why) => {
+                                tracing::warn!(session = %claims.sid, participant = %pid, "drained, but nowhere to move: {why}");
+                            }
+                        }
+                    }
+                    (None, Some(_)) => {
+                        must_move_by = None;
+                        if !send(&mut sink, &ServerMessage::MigrateCancelled).await { break Ending::Lost; }
+                    }
+                    (None, None) => {}
+                }
+            }
+            _ = async { tokio::time::sleep_until(must_move_by.unwrap_or_else(tokio::time::Instant::now)).await }, if must_move_by.is_some() => {
+                break Ending::Refuse("drained", "the node was drained and this participant did not move to another node in time".into(), close::DRAINED);
             }
             ev = events_rx.recv() => {
                 let Some(ev) = ev else {

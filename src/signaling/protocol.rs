@@ -29,6 +29,8 @@ pub mod close {
     pub const SESSION_EXPIRED: u16 = 4440;
     /// A `join` with `resume` for a place no longer kept (or never given).
     pub const RESUME_EXPIRED: u16 = 4441;
+    /// The node was drained and the participant did not move by the deadline.
+    pub const DRAINED: u16 = 4503;
 }
 
 /// Messages a client sends.
@@ -322,6 +324,17 @@ pub enum ServerMessage {
         /// How long the place is kept after the connection is lost.
         resume_within_secs: u64,
     },
+    /// The node is being drained: move to `edge` (or, failing it, the `alternates` in order)
+    /// within `deadlineSecs` — join there, publish and subscribe there, then leave here. Sent
+    /// again if the drain is renewed; `migrateCancelled` when it is undone.
+    #[serde(rename_all = "camelCase")]
+    Migrate {
+        edge: super::edge::EdgeNode,
+        alternates: Vec<super::edge::EdgeNode>,
+        deadline_secs: u64,
+    },
+    /// The drain was undone: stay.
+    MigrateCancelled,
     /// Answer to `restartIce`.
     #[serde(rename_all = "camelCase")]
     IceRestarted { request_id: u64, sdp: String },

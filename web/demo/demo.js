@@ -84,6 +84,14 @@ async function main() {
     log("SIGNALING", { state: "reconnected", failover: !!e.detail.failover, node: client.edge?.joined?.node || null });
     setState("connected", "ok");
   });
+  client.addEventListener("migrating", (e) => {
+    log("SIGNALING", { state: "migrating", to: e.detail.to.node });
+    setState(`moving to ${e.detail.to.node}…`);
+  });
+  client.addEventListener("migrated", (e) => {
+    log("SIGNALING", { state: "migrated", node: e.detail.node });
+    setState("connected", "ok");
+  });
   client.addEventListener("failover", (e) => {
     log("SIGNALING", { state: "failover", from: e.detail.from });
     setState("moving to another node…");
@@ -164,7 +172,8 @@ async function main() {
     if (!r) return;
     remote.delete(producerId);
     remoteStream.removeTrack(r.track);
-    if (r.kind === "video") setRemote("stopped", `${r.userId}'s camera stopped.`);
+    // A participant who moved to another node has its new camera in the stream already.
+    if (r.kind === "video" && !remoteStream.getVideoTracks().length) setRemote("stopped", `${r.userId}'s camera stopped.`);
   };
   // Listen before anything is awaited so that no announcement is missed.
   client.addEventListener("produceradded", (e) => consume(e.detail));

@@ -239,6 +239,72 @@ export class MeridianClient extends EventTarget {
   }
 
   /**
+   * The node is being drained: move, make-before-break. Join the session on the edge the node
+   * named (or its alternates), publish the same tracks there, then let go of the old node's
+   * consumers and subscribe on the new one, and only then leave the old node. The other side
+   * sees our new producers before the old ones close: at most a short freeze. Emits
+   * `migrating`, `edge`, `migrated`.
+   */
+  async _migrate(msg) {
+    if (this._moving || this.leaving) return;
+    this._moving = true;
+    try {
+      this._emit("migrating", { to: msg.edge, deadlineSecs: msg.deadlineSecs });
+      const old = {
+        ws: this.ws,
+        publishPc: this.publishPc,
+        subscribePc: this.subscribePc,
+        published: [...this.published.values()],
+        consumers: [...this.consumers.keys()],
+        pending: this.pending,
+      };
+      // The old connection stays up (its media flows) but no longer speaks for us.
+      old.ws.onmessage = null;
+      old.ws.onclose = null;
+      this.pending = new Map();
+      this.publishPc = this.subscribePc = null;
+      this.queue = { publish: Promise.resolve(), subscribe: Promise.resolve() };
+      this.published = new Map();
+      this.producers.clear();
+      this.participants.clear();
+      let joined = null;
+      for (const candidate of [msg.edge, ...msg.alternates]) {
+        try {
+          joined = await this._join(candidate.url);
+          this.edge = { ...(this.edge || {}), joined: candidate, reason: "migrated" };
+          this._emit("edge", this.edge);
+          break;
+        } catch (e) {
+          if (e.code !== "unreachable") throw e;
+        }
+      }
+      if (!joined) throw new MeridianError("migration_failed", "no edge to move to took us");
+      // Make: our media on the new node first.
+      for (const { track, options } of old.published) {
+        if (track.readyState === "live") await this.publish([track], options);
+      }
+      // Then what we receive: the old consumers end, the new node's producers are offered.
+      for (const consumerId of old.consumers) {
+        this._dropConsumer(consumerId);
+        this._emit("consumerclosed", { consumerId, reason: "migrated" });
+      }
+      for (const p of joined.producers) this._emit("produceradded", p);
+      // Break: leave the old node.
+      for (const { reject } of old.pending.values()) reject(new MeridianError("closed", "moved to another node"));
+      try {
+        old.ws.send(JSON.stringify({ type: "leave" }));
+        old.ws.close(1000);
+      } catch {
+        // Already gone.
+      }
+      for (const pc of [old.publishPc, old.subscribePc]) if (pc) pc.close();
+      this._emit("migrated", { node: joined.node, region: joined.region });
+    } finally {
+      this._moving = false;
+    }
+  }
+
+  /**
    * The node we were on is gone (its own state with it): join the session again on the next
    * nearest edge that answers, publish the same tracks again and let the application
    * subscribe again (`consumerclosed` for the old consumers, `produceradded` for what the new
@@ -320,6 +386,12 @@ export class MeridianClient extends EventTarget {
       return;
     }
     switch (msg.type) {
+      case "migrate":
+        this._migrate(msg).catch((e) => this._emit("error", { code: e.code || "migration_failed", message: String(e.message || e) }));
+        break;
+      case "migrateCancelled":
+        this._emit("migratecancelled", {});
+        break;
       case "producerAdded":
         this.producers.set(msg.producer.producerId, msg.producer);
         this._emit("produceradded", msg.producer);

@@ -1,0 +1,243 @@
+//! Draining with a deadline moves the calls, make-before-break: `meridian ctl drain
+//! --deadline` tells every participant of the node where routing would send it now; the
+//! browser SDK joins there, publishes and subscribes there, and only then leaves. Driven with
+//! the real binary's `ctl`, Chromium pages and raw WebSocket clients.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::browser::*;
+use common::*;
+use meridian::auth::Role;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
+
+/// India (admin API on), Europe and US.
+async fn mesh_with_admin(dir: &Path) -> (Vec<meridian::node::Node>, PathBuf) {
+    let token_file = dir.join("admin.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let tf = token_file.clone();
+    let nodes = routed_mesh(dir, move |cfg| {
+        if cfg.node.region.as_str() == "india" {
+            cfg.admin = Some(meridian::admin::AdminSection {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                token_file: tf.clone(),
+            });
+        }
+    })
+    .await;
+    (nodes, token_file)
+}
+
+/// Whether any video consumer advanced between two STATS reports (a consumer that appeared
+/// counts when it has decoded frames).
+fn advanced(prev: &Value, next: &Value) -> bool {
+    let Some(now) = next["consumers"].as_object() else {
+        return false;
+    };
+    now.iter().any(|(id, c)| {
+        c["kind"] == "video"
+            && c["framesDecoded"].as_u64().unwrap_or(0)
+                > prev["consumers"][id]["framesDecoded"].as_u64().unwrap_or(0)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_india_moves_the_chromium_user_to_europe_while_the_agent_keeps_watching() {
+    assert_isolated_network();
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, token_file) = mesh_with_admin(dir.path()).await;
+    let (india, us) = (&nodes[0], &nodes[2]);
+    let admin = india.admin_addr.unwrap();
+    let mumbai = common::socks::SocksProxy::start("127.1.0.11".parse().unwrap()).await;
+    let day = Duration::from_secs(3600);
+    let session = "kyc-drain";
+    let user = Browser::open_with(
+        &format!(
+            "{}/demo/user.html#token={}&route=1",
+            us.http_url(),
+            token(session, "alice", Role::User, day)
+        ),
+        &[
+            format!("--proxy-server=socks5://{}", mumbai.addr),
+            "--proxy-bypass-list=<-loopback>".into(),
+        ],
+    );
+    let agent = Browser::open(&format!(
+        "{}/demo/agent.html#token={}",
+        us.http_url(),
+        token(session, "bob", Role::Agent, day)
+    ));
+    wait_until(
+        "the user (India) and the agent (US) decoding each other",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || decoding(&user) && decoding(&agent),
+    )
+    .await;
+    assert_eq!(user.reports("EDGE")[0]["node"], "india-1");
+
+    let reports_before = agent.reports("STATS").len();
+    let drained = {
+        let tf = token_file.clone();
+        tokio::task::spawn_blocking(move || {
+            ctl(admin, &tf, &["drain", "--deadline", "30s", "--json"])
+        })
+    };
+    wait_until(
+        "the user page moved",
+        Duration::from_secs(40),
+        &[&user, &agent],
+        || {
+            user.reports("SIGNALING")
+                .iter()
+                .any(|r| r["state"] == "migrated")
+        },
+    )
+    .await;
+    let (code, out, err) = drained.await.unwrap();
+    assert_eq!(code, 0, "ctl drain: {err}");
+    assert!(
+        err.contains("1 participants moved, 0 closed at the deadline"),
+        "{err}"
+    );
+    let s: meridian::admin::Status = serde_json::from_str(&out).unwrap();
+    assert!(
+        s.draining && s.participants == 0 && s.sessions == 0,
+        "{out}"
+    );
+    let moved = user
+        .reports("SIGNALING")
+        .into_iter()
+        .find(|r| r["state"] == "migrated")
+        .unwrap();
+    assert_eq!(moved["node"], "europe-1", "the next nearest edge to Mumbai");
+
+    // The agent's picture: the longest run of one-second reports without a decoded frame.
+    wait_until(
+        "both decoding after the move",
+        Duration::from_secs(30),
+        &[&user, &agent],
+        || decoding(&user) && decoding(&agent),
+    )
+    .await;
+    let stats = agent.reports("STATS");
+    let (mut run, mut longest) = (0u32, 0u32);
+    for w in stats[reports_before.saturating_sub(1)..].windows(2) {
+        if advanced(&w[0], &w[1]) {
+            run = 0;
+        } else {
+            run += 1;
+            longest = longest.max(run);
+        }
+    }
+    println!("drain: the agent's video paused for at most {longest} s while the user moved from India to Europe");
+    assert!(
+        longest <= 3,
+        "the agent's picture paused {longest} s:\n{}",
+        agent.transcript()
+    );
+    assert!(
+        user.reports("CLOSED").is_empty(),
+        "the session never ended: {}",
+        user.transcript()
+    );
+
+    // `undrain` makes India eligible again: routing offers it to Mumbai once more.
+    let (code, out, err) = ctl(admin, &token_file, &["undrain", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let s: meridian::admin::Status = serde_json::from_str(&out).unwrap();
+    assert!(!s.draining && s.move_deadline_secs.is_none(), "{out}");
+    let mut edge = String::new();
+    for _ in 0..100 {
+        let (_, body) = http_get_as(
+            us.signaling_addr,
+            "127.1.0.11".parse().unwrap(),
+            "/v1/edge",
+            &[],
+        )
+        .await;
+        edge = body;
+        if edge.contains("\"node\":\"india-1\"") && edge.find("india-1") < edge.find("europe-1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answer: Value = serde_json::from_str(&edge).unwrap();
+    assert_eq!(answer["edge"]["node"], "india-1", "{edge}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_that_does_not_move_is_closed_at_the_deadline_and_an_undrain_lets_others_stay(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, _) = mesh_with_admin(dir.path()).await;
+    let india = &nodes[0];
+    let admin = india.admin_addr.unwrap();
+    let from_mumbai: std::net::IpAddr = "127.1.0.12".parse().unwrap();
+    let join = |user: &'static str| async move {
+        Signal::connect_from(india, from_mumbai)
+            .await
+            .join_with(&token(
+                "kyc-stay",
+                user,
+                Role::User,
+                Duration::from_secs(600),
+            ))
+            .await
+            .0
+    };
+
+    // Told where to go (Europe is nearest to Mumbai once India drains), never back here.
+    let mut ignores = join("alice").await;
+    let (status, s) = admin_request(
+        admin,
+        "POST",
+        "/v1/admin/drain?deadline_secs=2",
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{s}");
+    assert_eq!(
+        s["move_deadline_secs"].as_u64().map(|d| d <= 2),
+        Some(true),
+        "{s}"
+    );
+    let m = ignores.event("migrate").await;
+    assert_eq!(m["edge"]["node"], "europe-1", "{m}");
+    assert!(
+        m["alternates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["node"] != "india-1"),
+        "{m}"
+    );
+    // Not moving: closed at the deadline.
+    let (seen, code) = ignores.until_closed().await;
+    assert_eq!(code, Some(4503), "{seen:?}");
+    assert!(seen.iter().any(|m| m["code"] == "drained"), "{seen:?}");
+    let (_, s) = admin_request(admin, "GET", "/v1/admin/status", Some(TOKEN)).await;
+    assert_eq!(s["closed_at_deadline"], 1, "{s}");
+
+    // An undrain before the deadline: the participant is told to stay, and stays.
+    admin_request(admin, "POST", "/v1/admin/undrain", Some(TOKEN)).await;
+    let mut stays = join("bob").await;
+    admin_request(
+        admin,
+        "POST",
+        "/v1/admin/drain?deadline_secs=3",
+        Some(TOKEN),
+    )
+    .await;
+    stays.event("migrate").await;
+    let (_, s) = admin_request(admin, "POST", "/v1/admin/undrain", Some(TOKEN)).await;
+    assert_eq!(s["draining"], false, "{s}");
+    stays.event("migrateCancelled").await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let pong = stays.request(json!({"type":"ping"})).await;
+    assert_eq!(pong["type"], "pong", "still here after the old deadline");
+}
