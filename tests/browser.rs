@@ -672,8 +672,12 @@ async fn an_integrators_page_on_another_origin_imports_the_sdk_and_sees_producer
 import {{ MeridianClient }} from "{node_url}/sdk/meridian.js";
 const client = new MeridianClient({{ url: "ws://{host}/v1/ws", token: "{token}" }});
 const show = async (p) => {{
-  const {{ track }} = await client.subscribe(p.producerId, p.kind);
-  console.log("MERIDIAN_TRACK " + JSON.stringify({{ kind: track.kind }}));
+  const consumer = await client.subscribe(p.producerId, p.kind);
+  console.log("MERIDIAN_TRACK " + JSON.stringify({{ kind: consumer.track.kind }}));
+  // The Consumer object: close() ends it here and on the node.
+  await new Promise((r) => setTimeout(r, 500));
+  await consumer.close();
+  console.log("MERIDIAN_CONSUMERCLOSED " + JSON.stringify({{ state: consumer.track.readyState }}));
 }};
 client.addEventListener("produceradded", (e) => show(e.detail));
 const joined = await client.connect();
@@ -704,6 +708,31 @@ joined.producers.forEach(show);
     for b in [&chromium, &firefox] {
         assert_eq!(b.reports("JOINED")[0]["producers"], 1);
     }
+    wait_until(
+        "both browsers closing their consumer",
+        Duration::from_secs(30),
+        &[&chromium, &firefox],
+        || {
+            [&chromium, &firefox].iter().all(|b| {
+                b.reports("CONSUMERCLOSED")
+                    .iter()
+                    .any(|t| t["state"] == "ended")
+            })
+        },
+    )
+    .await;
+    wait_for(
+        "no consumer left on the node",
+        Duration::from_secs(5),
+        || {
+            node.workers
+                .stats()
+                .consumers
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0
+        },
+    )
+    .await;
     publisher
         .stop
         .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -174,6 +174,8 @@ async fn prometheus_scrapes_a_mesh_in_a_call_and_the_dashboard_and_rules_use_onl
     let (mut user, _) = Signal::join(india, "kyc-prom", "u-1", Role::User).await;
     let (mut agent, _) = Signal::join(us, "kyc-prom", "a-1", Role::Agent).await;
     let (producer, _publisher, _p) = publish_as(&mut user, TestCodec::Vp8).await;
+    // Known on the US node once the mesh has announced it.
+    agent.event("producerAdded").await;
     let (seen, _s) =
         subscribe_as(&mut agent, &producer, TestCodec::Vp8, PeerState::default()).await;
     wait_for("media at the agent", Duration::from_secs(15), || {

@@ -4,7 +4,8 @@
 #     browser tests, Firefox ESR for the cross-browser test, iproute2 and util-linux for the
 #     network namespace, python3-venv, ffmpeg (ffprobe reads the recordings), postgresql
 #     (a throwaway cluster for the session database tests), prometheus (a real server scrapes
-#     a node; promtool checks and unit-tests the alert rules in infra/); from PyPI, in target/aiortc-venv,
+#     a node; promtool checks and unit-tests the alert rules in infra/), npm (TypeScript, in
+#     target/ts, checks the SDK's declarations); from PyPI, in target/aiortc-venv,
 #     aiortc (an independent WebRTC client for the signaling tests), and in target/moto-venv,
 #     moto's S3 server (the object store the storage tests upload to);
 #  2. builds the tests (this step may download crates);
@@ -25,6 +26,7 @@ python3 -c "import ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
 command -v ffprobe >/dev/null 2>&1 || need+=(ffmpeg)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${need[*]}"
   $SUDO apt-get update -qq
@@ -44,6 +46,12 @@ if [ ! -x "$moto/bin/moto_server" ]; then
   echo "tests/run.sh: installing moto[server] into $moto"
   python3 -m venv "$moto"
   "$moto/bin/pip" install -q "moto[server]==5.1.*"
+fi
+
+# TypeScript checks the SDK's declarations (tests/sdk_types.rs).
+if [ ! -x target/ts/node_modules/.bin/tsc ]; then
+  echo "tests/run.sh: installing TypeScript into target/ts"
+  npm install --prefix target/ts --silent --no-audit --no-fund "typescript@5.6.3"
 fi
 
 # The production build (no load generator) compiles on its own.

@@ -95,6 +95,7 @@ pub struct AppState {
 }
 
 const SDK_JS: &str = include_str!("../../web/sdk/meridian.js");
+const SDK_DTS: &str = include_str!("../../web/sdk/meridian.d.ts");
 const USER_HTML: &str = include_str!("../../web/demo/user.html");
 const AGENT_HTML: &str = include_str!("../../web/demo/agent.html");
 const DEMO_JS: &str = include_str!("../../web/demo/demo.js");
@@ -128,8 +129,8 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 
 /// The SDK is imported by integrators' pages on their own origins: a module script from
 /// another origin loads only with CORS.
-fn sdk() -> Response {
-    let mut r = asset("text/javascript; charset=utf-8", SDK_JS);
+fn sdk(content_type: &'static str, body: &'static str) -> Response {
+    let mut r = asset(content_type, body);
     let h = r.headers_mut();
     h.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -159,7 +160,14 @@ pub fn router(state: AppState) -> Router {
         .route("/review/review.js", get(|| async { asset(JS, REVIEW_JS) }))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/sdk/meridian.js", get(|| async { sdk() }))
+        .route(
+            "/sdk/meridian.js",
+            get(|| async { sdk("text/javascript; charset=utf-8", SDK_JS) }),
+        )
+        .route(
+            "/sdk/meridian.d.ts",
+            get(|| async { sdk("text/plain; charset=utf-8", SDK_DTS) }),
+        )
         .route("/demo/demo.js", get(|| async { asset(JS, DEMO_JS) }))
         .route(
             "/demo/demo.css",
@@ -1400,6 +1408,7 @@ async fn serve(
     // A drain with a deadline already under way applies to a participant back or new here.
     let mut migration = state.migration.subscribe();
     migration.mark_changed();
+    let mut migration_open = true;
     let mut must_move_by: Option<tokio::time::Instant> = None;
     let expires_at = claims.expires_at();
     let until_expiry = expires_at
@@ -1431,10 +1440,10 @@ async fn serve(
                     Err(RecvError::Closed) => break Ending::Quiet,
                 }
             }
-            changed = migration.changed() => {
+            changed = migration.changed(), if migration_open => {
                 if changed.is_err() {
                     // The node is stopping: its sender is gone; nothing more will come.
-                    migration = tokio::sync::watch::channel(None).1;
+                    migration_open = false;
                     continue;
                 }
                 let deadline = *migration.borrow_and_update();

@@ -426,13 +426,32 @@ export class MeridianClient extends EventTarget {
     }
   }
 
+  /**
+   * One request and its answer. Fails with MeridianError: the node's error code, `closed`
+   * when the connection ends first, `timeout` after `requestTimeoutMs` (default 15 s).
+   */
   _request(body) {
     if (!this.ws || this.ws.readyState !== WebSocket.OPEN) {
       return Promise.reject(new MeridianError("closed", "not connected"));
     }
     const requestId = this.nextRequestId++;
+    const pending = this.pending;
     return new Promise((resolve, reject) => {
-      this.pending.set(requestId, { resolve, reject });
+      const timer = setTimeout(() => {
+        if (pending.delete(requestId)) {
+          reject(new MeridianError("timeout", `no answer to ${body.type} within ${(this.requestTimeoutMs || 15000) / 1000} s`));
+        }
+      }, this.requestTimeoutMs || 15000);
+      pending.set(requestId, {
+        resolve: (v) => {
+          clearTimeout(timer);
+          resolve(v);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      });
       this.ws.send(JSON.stringify({ ...body, requestId }));
     });
   }
@@ -521,7 +540,7 @@ export class MeridianClient extends EventTarget {
         const p = reply.producers.find((x) => x.mid === transceiver.mid);
         if (!p) throw new MeridianError("bad_sdp", `no producer for mid ${transceiver.mid}`);
         this.published.set(p.producerId, { track, transceiver, options: { simulcast, videoCodec } });
-        out.push({ producerId: p.producerId, kind: track.kind, track });
+        out.push(this._producerHandle(p.producerId, track));
       }
       return out;
     });
@@ -572,7 +591,7 @@ export class MeridianClient extends EventTarget {
         else track.addEventListener("unmute", () => (entry.firstFrameAt ??= performance.now()), { once: true });
       }
       this.consumers.set(reply.consumerId, entry);
-      return { consumerId: reply.consumerId, producerId, track, stream, mid: reply.mid };
+      return this._consumerHandle(reply.consumerId, producerId, track, stream, reply.mid);
     });
   }
 
@@ -645,6 +664,33 @@ export class MeridianClient extends EventTarget {
     return body;
   }
 
+  /** A published track: `close()` stops sending it and closes the producer on the node. */
+  _producerHandle(producerId, track) {
+    return {
+      producerId,
+      kind: track.kind,
+      track,
+      pause: () => this.pauseProducer(producerId),
+      resume: () => this.resumeProducer(producerId),
+      close: () => this.closeProducer(producerId),
+    };
+  }
+
+  /** A received track: `close()` ends the consumer here and on the node. */
+  _consumerHandle(consumerId, producerId, track, stream, mid) {
+    return {
+      consumerId,
+      producerId,
+      track,
+      stream,
+      mid,
+      pause: () => this.pauseConsumer(consumerId),
+      resume: () => this.resumeConsumer(consumerId),
+      setMaxLayer: (layer) => this.setConsumerLayer(consumerId, layer),
+      close: () => this.closeConsumer(consumerId),
+    };
+  }
+
   setConsumerLayer(consumerId, maxLayer) {
     return this._request({ type: "setConsumerLayer", consumerId, maxLayer });
   }
@@ -656,7 +702,16 @@ export class MeridianClient extends EventTarget {
   }
   closeProducer(producerId) {
     const p = this.published.get(producerId);
-    if (p) p.transceiver.sender.replaceTrack(null);
+    if (p) {
+      // Nothing more leaves the browser for it; its m-line stays (inactive) so the next
+      // offer stays in step with the node.
+      p.transceiver.sender.replaceTrack(null).catch(() => {});
+      try {
+        p.transceiver.direction = "inactive";
+      } catch {
+        // The connection is closed.
+      }
+    }
     this.published.delete(producerId);
     return this._request({ type: "closeProducer", producerId });
   }
