@@ -777,14 +777,7 @@ async fn a_cut_signaling_connection_is_resumed_and_the_agent_sees_no_leave() {
     assert!(user.reports("CLOSED").is_empty(), "{}", user.transcript());
     // Still decoding on both sides, and the agent never saw the user leave.
     both_decoding("both pages decoding after the cut", &user, &agent).await;
-    assert!(
-        agent
-            .reports("PRESENCE")
-            .iter()
-            .all(|r| r["event"] != "left"),
-        "{}",
-        agent.transcript()
-    );
+    assert!(saw_no_leave(&agent), "{}", agent.transcript());
     assert_eq!(
         node.workers
             .stats()
@@ -828,12 +821,5 @@ async fn an_ice_restart_moves_the_call_to_a_new_path_without_the_agent_seeing_a_
         "the node answered the new checks: {r}"
     );
     both_decoding("both pages decoding after the restart", &user, &agent).await;
-    assert!(
-        agent
-            .reports("PRESENCE")
-            .iter()
-            .all(|r| r["event"] != "left"),
-        "{}",
-        agent.transcript()
-    );
+    assert!(saw_no_leave(&agent), "{}", agent.transcript());
 }

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::browser::*;
 use common::*;
-use meridian::auth::Role;
 
 /// The documented bound (docs/operations.md#node-failure) the test holds the SDK to.
 const RECOVERY_BOUND: Duration = Duration::from_secs(20);
@@ -84,30 +83,6 @@ key_file = "{}"
         .unwrap()
 }
 
-fn in_process(
-    id: &str,
-    (region, lat, lon): (&str, f64, f64),
-    f: meridian::mesh::tls::NodeFiles,
-    peers: Vec<std::net::SocketAddr>,
-) -> meridian::config::NodeConfig {
-    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
-    cfg.node.region = region.parse().unwrap();
-    cfg.node.id = Some(id.parse().unwrap());
-    cfg.node.latitude = lat;
-    cfg.node.longitude = lon;
-    cfg.routing.default_region = Some("europe".parse().unwrap());
-    cfg.mesh = Some(meridian::config::MeshSection {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        advertise: None,
-        discovery: None,
-        peers,
-        ca_file: f.ca_file,
-        cert_file: f.cert_file,
-        key_file: f.key_file,
-    });
-    cfg
-}
-
 /// Every video consumer a page has reported.
 fn video_consumers(b: &Browser) -> std::collections::HashSet<String> {
     b.reports("STATS")
@@ -165,13 +140,14 @@ async fn the_user_is_back_in_media_on_the_next_edge_after_their_node_is_killed()
     let us_files = files.pop().unwrap();
     let europe_files = files.pop().unwrap();
     let europe =
-        meridian::node::Node::start(in_process("europe-1", SITES[1], europe_files, vec![]))
+        meridian::node::Node::start(mesh_config("europe-1", SITES[1], europe_files, vec![]))
             .await
             .unwrap();
     let europe_mesh = europe.mesh.as_ref().unwrap().local_addr;
-    let us = meridian::node::Node::start(in_process("us-1", SITES[2], us_files, vec![europe_mesh]))
-        .await
-        .unwrap();
+    let us =
+        meridian::node::Node::start(mesh_config("us-1", SITES[2], us_files, vec![europe_mesh]))
+            .await
+            .unwrap();
     let us_mesh = us.mesh.as_ref().unwrap().local_addr;
     let india_port = free_port();
     let mut india = serve_india(
@@ -189,34 +165,10 @@ async fn the_user_is_back_in_media_on_the_next_edge_after_their_node_is_killed()
     }
     assert_eq!(us.members().len(), 3, "India joined the mesh: {}", log());
 
-    // The user is in Mumbai (through a SOCKS proxy leaving from 127.1.0.9) and asks the US
-    // node for an edge: India. The agent joins the US node directly.
-    let mumbai = common::socks::SocksProxy::start("127.1.0.9".parse().unwrap()).await;
-    let day = Duration::from_secs(3600);
-    let session = "kyc-failover";
-    let user = Browser::open_with(
-        &format!(
-            "{}/demo/user.html#token={}&route=1",
-            us.http_url(),
-            token(session, "alice", Role::User, day)
-        ),
-        &[
-            format!("--proxy-server=socks5://{}", mumbai.addr),
-            "--proxy-bypass-list=<-loopback>".into(),
-        ],
-    );
-    let agent = Browser::open(&format!(
-        "{}/demo/agent.html#token={}",
-        us.http_url(),
-        token(session, "bob", Role::Agent, day)
-    ));
-    wait_until(
-        "the user (India) and the agent (US) decoding each other",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
-    )
-    .await;
+    // The user is in Mumbai and asks the US node for an edge: India. The agent joins the US
+    // node directly.
+    let (_mumbai, user, agent) =
+        mumbai_user_and_agent(&us, &us, "kyc-failover", "127.1.0.9".parse().unwrap()).await;
     assert_eq!(
         user.reports("EDGE")[0]["node"],
         "india-1",

@@ -52,32 +52,8 @@ async fn draining_india_moves_the_chromium_user_to_europe_while_the_agent_keeps_
     let (nodes, token_file) = mesh_with_admin(dir.path()).await;
     let (india, us) = (&nodes[0], &nodes[2]);
     let admin = india.admin_addr.unwrap();
-    let mumbai = common::socks::SocksProxy::start("127.1.0.11".parse().unwrap()).await;
-    let day = Duration::from_secs(3600);
-    let session = "kyc-drain";
-    let user = Browser::open_with(
-        &format!(
-            "{}/demo/user.html#token={}&route=1",
-            us.http_url(),
-            token(session, "alice", Role::User, day)
-        ),
-        &[
-            format!("--proxy-server=socks5://{}", mumbai.addr),
-            "--proxy-bypass-list=<-loopback>".into(),
-        ],
-    );
-    let agent = Browser::open(&format!(
-        "{}/demo/agent.html#token={}",
-        us.http_url(),
-        token(session, "bob", Role::Agent, day)
-    ));
-    wait_until(
-        "the user (India) and the agent (US) decoding each other",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
-    )
-    .await;
+    let (_mumbai, user, agent) =
+        mumbai_user_and_agent(us, us, "kyc-drain", "127.1.0.11".parse().unwrap()).await;
     assert_eq!(user.reports("EDGE")[0]["node"], "india-1");
 
     let reports_before = agent.reports("STATS").len();
@@ -240,4 +216,119 @@ async fn a_participant_that_does_not_move_is_closed_at_the_deadline_and_an_undra
     tokio::time::sleep(Duration::from_secs(4)).await;
     let pong = stays.request(json!({"type":"ping"})).await;
     assert_eq!(pong["type"], "pong", "still here after the old deadline");
+}
+
+/// The same move with an independent client (the rtc-based test peer over a raw WebSocket),
+/// following only the protocol: on `migrate` it joins the named edge, publishes there, and
+/// leaves the old node once the new stream is watched on the US node. The gap between the old
+/// stream's last packet (at the agent) and the new one's first (at a supervisor on the same
+/// node) is measured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_client_moves_make_before_break_without_a_silence_on_the_other_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let (nodes, _) = mesh_with_admin(dir.path()).await;
+    let (india, us) = (&nodes[0], &nodes[2]);
+    let admin = india.admin_addr.unwrap();
+    let alice = token("kyc-move", "alice", Role::User, Duration::from_secs(600));
+    let (mut user, _) = Signal::connect_from(india, "127.1.0.13".parse().unwrap())
+        .await
+        .join_with(&alice)
+        .await;
+    let (mut agent, _) = Signal::join(us, "kyc-move", "bob", Role::Agent).await;
+    let (old_producer, _old_pub, _t1) = publish_as(&mut user, TestCodec::Vp8).await;
+    agent.event("producerAdded").await;
+    let (old_seen, _t2) = subscribe_as(
+        &mut agent,
+        &old_producer,
+        TestCodec::Vp8,
+        PeerState::default(),
+    )
+    .await;
+    wait_for("media at the agent", Duration::from_secs(10), || {
+        old_seen.received.lock().unwrap().len() >= 50
+    })
+    .await;
+
+    admin_request(
+        admin,
+        "POST",
+        "/v1/admin/drain?deadline_secs=20",
+        Some(TOKEN),
+    )
+    .await;
+    let m = user.event("migrate").await;
+    let url = m["edge"]["url"].as_str().unwrap().to_owned();
+    assert_eq!(m["edge"]["node"], "europe-1", "{m}");
+    // Make: the same user joins the named edge and publishes there.
+    let (mut moved, _) = Signal::connect_url(&url).await.join_with(&alice).await;
+    let (new_producer, _new_pub, _t3) = publish_as(&mut moved, TestCodec::Vp8).await;
+    let added = loop {
+        let e = agent.event("producerAdded").await;
+        if e["producer"]["producerId"] == new_producer.as_str() {
+            break e;
+        }
+    };
+    assert_eq!(added["producer"]["userId"], "alice");
+    // The test peer negotiates one subscription per connection: a second watcher on the US
+    // node (a supervisor) takes the new stream, on the same clock as the agent's.
+    let (mut supervisor, _) = Signal::join(us, "kyc-move", "carol", Role::Observer).await;
+    let (new_seen, _t4) = subscribe_as(
+        &mut supervisor,
+        &new_producer,
+        TestCodec::Vp8,
+        PeerState::default(),
+    )
+    .await;
+    wait_for("media from the new node", Duration::from_secs(10), || {
+        !new_seen.received.lock().unwrap().is_empty()
+    })
+    .await;
+    // Break: only once the new stream is established (as the SDK waits for its subscriptions)
+    // leave the drained node.
+    wait_for(
+        "the new stream established",
+        Duration::from_secs(10),
+        || new_seen.received.lock().unwrap().len() >= 10,
+    )
+    .await;
+    user.send_text(&json!({"type":"leave"}).to_string()).await;
+    let closed = loop {
+        let e = agent.event("producerClosed").await;
+        if e["producerId"] == old_producer.as_str() {
+            break e;
+        }
+    };
+    assert_eq!(closed["producerId"], old_producer.as_str());
+    // The watchers' merged timeline: the longest silence while the user moved.
+    let mut at: Vec<std::time::Instant> = old_seen
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .chain(new_seen.received.lock().unwrap().iter())
+        .map(|r| r.at)
+        .collect();
+    at.sort();
+    let longest = at
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]))
+        .max()
+        .unwrap_or_default();
+    println!(
+        "protocol client moved India → Europe: longest silence of the user's video on the US node {} ms (the publisher sends every 20 ms or so)",
+        longest.as_millis()
+    );
+    assert!(
+        longest < Duration::from_millis(500),
+        "the move left the US node without the user's video for {longest:?}"
+    );
+    wait_for("India empty", Duration::from_secs(5), || {
+        india
+            .workers
+            .stats()
+            .participants
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+    })
+    .await;
 }

@@ -607,6 +607,24 @@ impl Worker {
         Ok(sdp)
     }
 
+    /// One of a participant's transports.
+    fn transport_of(
+        &self,
+        participant: &ParticipantId,
+        transport: TransportKind,
+    ) -> Result<ConnKey, ControlError> {
+        let pk = *self
+            .participant_ids
+            .get(participant)
+            .ok_or(ControlError::UnknownParticipant)?;
+        let p = &self.participants[pk];
+        match transport {
+            TransportKind::Publish => p.publish,
+            TransportKind::Subscribe => p.subscribe,
+        }
+        .ok_or(ControlError::NoTransport(transport))
+    }
+
     /// A new offer for a transport the participant has: an ICE restart, which browsers make
     /// after a network change or a failed path. Offers that add or remove media are for
     /// `publish` and `subscribe`: an offer whose m-lines differ from the transport's is refused.
@@ -617,16 +635,7 @@ impl Worker {
         transport: TransportKind,
         offer: String,
     ) -> Result<String, ControlError> {
-        let pk = *self
-            .participant_ids
-            .get(participant)
-            .ok_or(ControlError::UnknownParticipant)?;
-        let p = &self.participants[pk];
-        let ck = match transport {
-            TransportKind::Publish => p.publish,
-            TransportKind::Subscribe => p.subscribe,
-        }
-        .ok_or(ControlError::NoTransport(transport))?;
+        let ck = self.transport_of(participant, transport)?;
         let known = self.conns[ck].pc.get_transceivers().count();
         let offered = offer.lines().filter(|l| l.starts_with("m=")).count();
         if offered != known {
@@ -644,16 +653,7 @@ impl Worker {
         candidate: String,
         sdp_mid: Option<String>,
     ) -> Result<(), ControlError> {
-        let pk = *self
-            .participant_ids
-            .get(participant)
-            .ok_or(ControlError::UnknownParticipant)?;
-        let p = &self.participants[pk];
-        let ck = match transport {
-            TransportKind::Publish => p.publish,
-            TransportKind::Subscribe => p.subscribe,
-        }
-        .ok_or(ControlError::NoTransport(transport))?;
+        let ck = self.transport_of(participant, transport)?;
         // The value of RTCIceCandidate.candidate (`candidate:...`); an SDP line's `a=` is
         // tolerated.
         let candidate = candidate

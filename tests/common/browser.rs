@@ -429,3 +429,46 @@ impl Cdp {
         assert_eq!(r["result"]["value"], true, "no #{id} to click");
     }
 }
+
+/// The call the failover and drain tests start from: a user page in Mumbai (its browser
+/// behind a SOCKS proxy leaving from `mumbai`, a 127.1/16 address) routed by `router`'s
+/// `/v1/edge`, and an agent page joined to `agent_node` directly; both decoding each other.
+pub async fn mumbai_user_and_agent(
+    router: &meridian::node::Node,
+    agent_node: &meridian::node::Node,
+    session: &str,
+    mumbai: std::net::IpAddr,
+) -> (super::socks::SocksProxy, Browser, Browser) {
+    let proxy = super::socks::SocksProxy::start(mumbai).await;
+    let day = Duration::from_secs(3600);
+    let user = Browser::open_with(
+        &format!(
+            "{}/demo/user.html#token={}&route=1",
+            router.http_url(),
+            super::token(session, "alice", meridian::auth::Role::User, day)
+        ),
+        &[
+            format!("--proxy-server=socks5://{}", proxy.addr),
+            // Chromium never proxies loopback unless told to.
+            "--proxy-bypass-list=<-loopback>".into(),
+        ],
+    );
+    let agent = Browser::open(&format!(
+        "{}/demo/agent.html#token={}",
+        agent_node.http_url(),
+        super::token(session, "bob", meridian::auth::Role::Agent, day)
+    ));
+    wait_until(
+        "the user and the agent decoding each other",
+        Duration::from_secs(90),
+        &[&user, &agent],
+        || decoding(&user) && decoding(&agent),
+    )
+    .await;
+    (proxy, user, agent)
+}
+
+/// The page never showed another participant leaving.
+pub fn saw_no_leave(b: &Browser) -> bool {
+    b.reports("PRESENCE").iter().all(|r| r["event"] != "left")
+}

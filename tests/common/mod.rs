@@ -176,25 +176,12 @@ pub async fn routed_mesh_of(
     let ids: Vec<meridian::ids::NodeId> = sites.iter().map(|(id, _)| id.parse().unwrap()).collect();
     let files = meridian::mesh::tls::write_cluster(dir, &ids).unwrap();
     let mut nodes: Vec<Node> = Vec::new();
-    for ((id, (region, lat, lon)), f) in ids.iter().zip(sites.iter().map(|s| s.1)).zip(files) {
-        let mut cfg = test_config("127.0.0.1", "127.0.0.1");
-        cfg.node.region = region.parse().unwrap();
-        cfg.node.id = Some(id.clone());
-        cfg.node.latitude = lat;
-        cfg.node.longitude = lon;
-        cfg.routing.default_region = Some("europe".parse().unwrap());
-        cfg.mesh = Some(meridian::config::MeshSection {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise: None,
-            discovery: None,
-            peers: nodes
-                .iter()
-                .map(|n| n.mesh.as_ref().unwrap().local_addr)
-                .collect(),
-            ca_file: f.ca_file,
-            cert_file: f.cert_file,
-            key_file: f.key_file,
-        });
+    for ((id, site), f) in ids.iter().zip(sites.iter().map(|s| s.1)).zip(files) {
+        let peers = nodes
+            .iter()
+            .map(|n| n.mesh.as_ref().unwrap().local_addr)
+            .collect();
+        let mut cfg = mesh_config(id.as_str(), site, f, peers);
         tweak(&mut cfg);
         cfg.validate().unwrap();
         nodes.push(Node::start(cfg).await.unwrap());
@@ -207,6 +194,32 @@ pub async fn routed_mesh_of(
     )
     .await;
     nodes
+}
+
+/// A node `id` at `site` (region, latitude, longitude) of a mesh with the cluster files `f`,
+/// dialing `peers`; Europe is the default region.
+pub fn mesh_config(
+    id: &str,
+    (region, lat, lon): (&str, f64, f64),
+    f: meridian::mesh::tls::NodeFiles,
+    peers: Vec<SocketAddr>,
+) -> NodeConfig {
+    let mut cfg = test_config("127.0.0.1", "127.0.0.1");
+    cfg.node.region = region.parse().unwrap();
+    cfg.node.id = Some(id.parse().unwrap());
+    cfg.node.latitude = lat;
+    cfg.node.longitude = lon;
+    cfg.routing.default_region = Some("europe".parse().unwrap());
+    cfg.mesh = Some(meridian::config::MeshSection {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        advertise: None,
+        discovery: None,
+        peers,
+        ca_file: f.ca_file,
+        cert_file: f.cert_file,
+        key_file: f.key_file,
+    });
+    cfg
 }
 
 /// The pipe of `from` that leads to the node of `to`.
