@@ -20,13 +20,20 @@ async fn mesh_with_admin(dir: &Path) -> (Vec<meridian::node::Node>, PathBuf) {
     let token_file = dir.join("admin.token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let tf = token_file.clone();
+    let root = dir.to_path_buf();
     let nodes = routed_mesh(dir, move |cfg| {
-        if cfg.node.region.as_str() == "india" {
+        let region = cfg.node.region.to_string();
+        if region == "india" {
             cfg.admin = Some(meridian::admin::AdminSection {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 token_file: tf.clone(),
             });
         }
+        // Recorded where each participant is (no residency claim): a move is in the logs.
+        cfg.recording.enabled = true;
+        cfg.recording.dir = root.join(format!("rec-{region}")).join("recordings");
+        cfg.recording.signing_key_file = Some(root.join(format!("{region}.key")));
+        cfg.recording.create_signing_key = true;
     })
     .await;
     (nodes, token_file)
@@ -322,6 +329,14 @@ async fn a_protocol_client_moves_make_before_break_without_a_silence_on_the_othe
         longest < Duration::from_millis(500),
         "the move left the US node without the user's video for {longest:?}"
     );
+    // India's record of the session says the user moved; Europe's that she arrived.
+    let india_run = sealed_run(&dir.path().join("rec-india"), "kyc-move").await;
+    let left: Vec<Value> = audit(&india_run)
+        .into_iter()
+        .filter(|e| e["event"] == "participant_left")
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["reason"], "migrated", "{left:?}");
     wait_for("India empty", Duration::from_secs(5), || {
         india
             .workers

@@ -1603,6 +1603,8 @@ async fn serve(
     };
     if let Some(r) = recorded.as_mut() {
         r.reason = match &ending {
+            // Told to move and gone of its own accord: it went to the node it was sent to.
+            Ending::Quiet if must_move_by.is_some() => "migrated",
             Ending::Quiet => "left",
             Ending::Lost => "connection_lost",
             Ending::Expired => "token_expired",
