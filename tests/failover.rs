@@ -43,22 +43,8 @@ region = "india"
 id = "india-1"
 latitude = 19.076
 longitude = 72.8777
-[signaling]
-listen = "127.0.0.1:{port}"
-[metrics]
-listen = "127.0.0.1:0"
-[rtc]
-listen_ip = "127.0.0.1"
-announced_ip = "127.0.0.1"
-port = 0
-workers = 1
-[routing]
+{sections}[routing]
 default_region = "europe"
-[auth]
-issuer = "meridian-test"
-audience = "meridian"
-algorithm = "HS256"
-secret = "{SECRET}"
 [mesh]
 listen = "127.0.0.1:0"
 peers = [{}]
@@ -70,6 +56,7 @@ key_file = "{}"
             f.ca_file.display(),
             f.cert_file.display(),
             f.key_file.display(),
+            sections = serve_sections(port),
         ),
     )
     .unwrap();

@@ -813,28 +813,15 @@ fn serve_recording(root: &Path, port: u16) -> std::process::Child {
 region = "test"
 latitude = 19.0
 longitude = 72.8
-[signaling]
-listen = "127.0.0.1:{port}"
-[metrics]
-listen = "127.0.0.1:0"
-[rtc]
-listen_ip = "127.0.0.1"
-announced_ip = "127.0.0.1"
-port = 0
-workers = 1
-[auth]
-issuer = "meridian-test"
-audience = "meridian"
-algorithm = "HS256"
-secret = "{SECRET}"
-[recording]
+{sections}[recording]
 enabled = true
 dir = "{}"
 signing_key_file = "{}"
 create_signing_key = true
 "#,
             root.join("recordings").display(),
-            root.join("node.key").display()
+            root.join("node.key").display(),
+            sections = serve_sections(port),
         ),
     )
     .unwrap();

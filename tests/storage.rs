@@ -153,20 +153,7 @@ async fn a_sealed_session_is_stored_checked_and_verifies_from_the_store() {
 region = "india"
 latitude = 19.0
 longitude = 72.8
-[signaling]
-listen = "127.0.0.1:0"
-[metrics]
-listen = "127.0.0.1:0"
-[rtc]
-listen_ip = "127.0.0.1"
-announced_ip = "127.0.0.1"
-port = 0
-[auth]
-issuer = "meridian-test"
-audience = "meridian"
-algorithm = "HS256"
-secret = "{SECRET}"
-[recording.storage]
+{sections}[recording.storage]
 endpoint = "http://127.0.0.1:{port}"
 bucket = "kyc-archive"
 region = "ap-south-1"
@@ -176,7 +163,8 @@ secret_access_key_file = "{secret}"
 allow_http = true
 "#,
             port = server.port,
-            secret = root.path().join("s3.secret").display()
+            secret = root.path().join("s3.secret").display(),
+            sections = serve_sections(0),
         ),
     )
     .unwrap();

@@ -135,7 +135,7 @@ impl RecordedFile {
             "file": self.file,
             "participant": self.participant.to_string(),
             "user": self.user.to_string(),
-            "role": super::recorder::role_name(self.role),
+            "role": self.role.as_str(),
             "tracks": self.tracks,
             "bytes": self.summary.bytes,
             "duration_ms": self.summary.duration_ms,
@@ -846,11 +846,7 @@ impl Writer {
         if specs.is_empty() {
             return;
         }
-        let base = format!(
-            "{}-{}",
-            super::recorder::role_name(p.role),
-            safe_name(&p.user.to_string())
-        );
+        let base = format!("{}-{}", p.role.as_str(), safe_name(&p.user.to_string()));
         let part = s.parts.entry(base.clone()).or_insert(0);
         *part += 1;
         let name = if *part == 1 {
@@ -893,7 +889,7 @@ impl Writer {
                         "file": rel,
                         "participant": pid.to_string(),
                         "user": p.user.to_string(),
-                        "role": super::recorder::role_name(p.role),
+                        "role": p.role.as_str(),
                         "tracks": specs.iter().map(|t| format!("{:?}", t.codec).to_lowercase()).collect::<Vec<_>>(),
                     }),
                 );
@@ -920,7 +916,7 @@ impl Writer {
         let (user, role) = s
             .participants
             .get(pid)
-            .map(|p| (p.user.to_string(), super::recorder::role_name(p.role)))
+            .map(|p| (p.user.to_string(), p.role.as_str()))
             .unwrap_or_default();
         let file = file
             .and_then(|f| f.file_name())

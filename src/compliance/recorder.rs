@@ -428,10 +428,6 @@ fn fields(v: Value) -> Map<String, Value> {
     }
 }
 
-pub(crate) fn role_name(r: Role) -> &'static str {
-    r.as_str()
-}
-
 impl State {
     fn next(&mut self) -> Option<Request> {
         self.deferred.pop_front().or_else(|| self.rx.recv().ok())
@@ -614,7 +610,7 @@ impl State {
             json!({
                 "participant": a.participant.to_string(),
                 "user": a.user.to_string(),
-                "role": role_name(a.role),
+                "role": a.role.as_str(),
                 "node": node,
                 "region": region,
             }),
@@ -645,7 +641,7 @@ impl State {
         let (node, region) = self.through(&r.via);
         let mut f = r.fields;
         f.insert("user".into(), r.user.to_string().into());
-        f.insert("role".into(), role_name(r.role).into());
+        f.insert("role".into(), r.role.as_str().into());
         f.insert("node".into(), node.into());
         f.insert("region".into(), region.into());
         f.insert("code".into(), r.code.into());
@@ -698,7 +694,7 @@ impl State {
         // Who did it, in every entry of theirs.
         f.insert("participant".into(), participant.to_string().into());
         f.insert("user".into(), p.user.to_string().into());
-        f.insert("role".into(), role_name(p.role).into());
+        f.insert("role".into(), p.role.as_str().into());
         if event == "location_captured" {
             let at = |k: &str| f.get(k).and_then(Value::as_f64);
             if let (Some(lat), Some(lon)) = (at("latitude"), at("longitude")) {
@@ -749,7 +745,7 @@ impl State {
                 "bytes": shot.bytes.len(),
                 "content_type": shot.content_type,
                 "user": shot.user.to_string(),
-                "role": role_name(shot.role),
+                "role": shot.role.as_str(),
             }),
         )?;
         Ok(Stored { file, sha256 })
@@ -810,7 +806,7 @@ impl State {
         s.participants.push(json!({
             "participant": participant.to_string(),
             "user": p.user.to_string(),
-            "role": role_name(p.role),
+            "role": p.role.as_str(),
             "joined_at": p.joined_at,
             "left_at": utc_rfc3339(SystemTime::now()),
             "left_because": reason,
@@ -834,7 +830,7 @@ impl State {
             json!({
                 "participant": participant.to_string(),
                 "user": p.user.to_string(),
-                "role": role_name(p.role),
+                "role": p.role.as_str(),
                 "reason": reason,
             }),
         )?;

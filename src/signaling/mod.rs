@@ -827,7 +827,7 @@ async fn profile_step(
     if role != needs {
         return refused(ProfileRefusal::NotAllowed(format!(
             "only the {} does this step",
-            crate::compliance::recorder::role_name(needs)
+            needs.as_str()
         )));
     }
     let p = steps.profile.clone();

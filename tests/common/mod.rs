@@ -627,3 +627,27 @@ pub fn ctl(
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The sections every `meridian serve` process of the tests has: signaling on `port` (0: any),
+/// metrics anywhere on loopback, one media worker on loopback, the test token secret. The
+/// caller writes `[node]` and whatever else it needs around them.
+pub fn serve_sections(port: u16) -> String {
+    format!(
+        r#"
+[signaling]
+listen = "127.0.0.1:{port}"
+[metrics]
+listen = "127.0.0.1:0"
+[rtc]
+listen_ip = "127.0.0.1"
+announced_ip = "127.0.0.1"
+port = 0
+workers = 1
+[auth]
+issuer = "meridian-test"
+audience = "meridian"
+algorithm = "HS256"
+secret = "{SECRET}"
+"#
+    )
+}

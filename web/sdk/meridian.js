@@ -71,16 +71,9 @@ export class MeridianClient extends EventTarget {
    */
   async connect() {
     if (!this.route) return this._join(this.url);
-    // The session (read from the token; the node verifies it later) lets routing send this
-    // client to the node of its region that already hosts the call.
-    const q = new URLSearchParams();
-    if (this.regionHint) q.set("region", this.regionHint);
-    const sid = sessionOfToken(this.token);
-    if (sid) q.set("session", sid);
-    const query = q.toString() ? `?${q}` : "";
     let answer = null;
     try {
-      const res = await fetch(`${this.route.replace(/\/$/, "")}/v1/edge${query}`, { cache: "no-store" });
+      const res = await fetch(this._edgeUrl(), { cache: "no-store" });
       const body = await res.json();
       if (!res.ok) throw new MeridianError(body.error?.code || "routing", body.error?.message || `HTTP ${res.status}`);
       answer = body;
@@ -350,18 +343,28 @@ export class MeridianClient extends EventTarget {
     return true;
   }
 
+  /**
+   * The routing node's `/v1/edge`, with the region hint and the session (read from the token;
+   * the node verifies it later) so that routing prefers a node of that region already
+   * hosting the call.
+   */
+  _edgeUrl() {
+    const q = new URLSearchParams();
+    if (this.regionHint) q.set("region", this.regionHint);
+    const sid = sessionOfToken(this.token);
+    if (sid) q.set("session", sid);
+    const query = q.toString() ? `?${q}` : "";
+    return `${this.route.replace(/\/$/, "")}/v1/edge${query}`;
+  }
+
   /** Where to go when our node is gone: routing's answer now, then its earlier alternates. */
   async _edgeCandidates(deadUrl) {
     const out = [];
     const add = (c) => {
       if (c && c.url && c.url !== deadUrl && !out.some((o) => o.url === c.url)) out.push(c);
     };
-    const q = new URLSearchParams();
-    if (this.regionHint) q.set("region", this.regionHint);
-    const sid = sessionOfToken(this.token);
-    if (sid) q.set("session", sid);
     try {
-      const res = await fetch(`${this.route.replace(/\/$/, "")}/v1/edge?${q}`, { cache: "no-store" });
+      const res = await fetch(this._edgeUrl(), { cache: "no-store" });
       if (res.ok) {
         const answer = await res.json();
         for (const c of [answer.edge, ...answer.alternates]) add(c);
