@@ -18,6 +18,7 @@ pub mod cidr;
 pub mod client;
 pub mod compliance;
 pub mod config;
+pub mod ctl;
 pub mod health;
 pub mod ids;
 pub mod logging;

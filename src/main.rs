@@ -50,7 +50,7 @@ enum Command {
         #[arg(long)]
         token_file: PathBuf,
         #[command(subcommand)]
-        command: CtlCommand,
+        command: meridian::ctl::CtlCommand,
     },
     /// Mint a session access token.
     Token {
@@ -177,35 +177,6 @@ enum GeoipCommand {
 }
 
 #[derive(Subcommand)]
-enum CtlCommand {
-    /// The mesh as the node sees it: every node with its load and state, the node's pipes.
-    Status {
-        /// JSON for scripts instead of tables.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Stop the node taking new sessions (routing skips it); sessions there carry on.
-    Drain {
-        /// Move the node's participants to other edges within this time (`30s`, `2m`, or
-        /// seconds): each is told where to go (the edge routing chooses for it), those still
-        /// here at the deadline are closed. Waits and reports who moved and who did not.
-        #[arg(long, value_parser = parse_duration_secs)]
-        deadline: Option<u64>,
-        /// Without --deadline: wait up to this many seconds for the node to empty, reporting
-        /// progress, then say what is left (exit status 3 if not empty).
-        #[arg(long)]
-        wait: Option<u64>,
-        #[arg(long)]
-        json: bool,
-    },
-    /// Let the node take new sessions again.
-    Undrain {
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-#[derive(Subcommand)]
 enum CaCommand {
     /// Create a new cluster CA: <dir>/ca.pem and <dir>/ca.key.
     Init {
@@ -271,7 +242,15 @@ fn main() -> anyhow::Result<()> {
                 admin,
                 token_file,
                 command,
-            } => ctl(&admin, &token_file, command).await?,
+            } => {
+                if let Err(e) = meridian::ctl::run(&admin, &token_file, command).await {
+                    if let Some(o) = e.downcast_ref::<meridian::ctl::CtlOutcome>() {
+                        eprintln!("{o}");
+                        std::process::exit(o.exit_code());
+                    }
+                    return Err(e);
+                }
+            }
             Command::Token {
                 config,
                 eddsa_key,
@@ -674,113 +653,4 @@ async fn fetch_stored(config: &std::path::Path, run: &std::path::Path) -> anyhow
         store.run_url(session, run)
     );
     Ok(dir)
-}
-
-/// `meridian ctl`: one admin call, printed as a table or JSON.
-async fn ctl(admin: &str, token_file: &std::path::Path, command: CtlCommand) -> anyhow::Result<()> {
-    use meridian::admin::{call, read_token, table};
-    use reqwest::Method;
-    let token = read_token(token_file)?;
-    let print = |s: &meridian::admin::Status, json: bool| {
-        if json {
-            println!("{}", serde_json::to_string_pretty(s).unwrap_or_default());
-        } else {
-            print!("{}", table(s));
-        }
-    };
-    match command {
-        CtlCommand::Status { json } => print(
-            &call(admin, &token, Method::GET, "/v1/admin/status").await?,
-            json,
-        ),
-        CtlCommand::Undrain { json } => print(
-            &call(admin, &token, Method::POST, "/v1/admin/undrain").await?,
-            json,
-        ),
-        CtlCommand::Drain {
-            deadline: Some(secs),
-            json,
-            ..
-        } => {
-            let before = call(admin, &token, Method::GET, "/v1/admin/status").await?;
-            let path = format!("/v1/admin/drain?deadline_secs={secs}");
-            let mut s = call(admin, &token, Method::POST, &path).await?;
-            let until = std::time::Instant::now() + Duration::from_secs(secs + 3);
-            while s.participants > 0 && std::time::Instant::now() < until {
-                eprintln!(
-                    "{} draining: {} of {} participants left to move, {} s to the deadline",
-                    s.node,
-                    s.participants,
-                    before.participants,
-                    s.move_deadline_secs.unwrap_or(0)
-                );
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                s = call(admin, &token, Method::GET, "/v1/admin/status").await?;
-            }
-            print(&s, json);
-            let closed = s.closed_at_deadline - before.closed_at_deadline;
-            let moved = before.participants.saturating_sub(s.participants + closed);
-            eprintln!(
-                "{}: {moved} participants moved, {closed} closed at the deadline, {} still here",
-                s.node, s.participants
-            );
-            if closed > 0 || s.participants > 0 {
-                std::process::exit(3);
-            }
-        }
-        CtlCommand::Drain { wait, json, .. } => {
-            let mut s = call(admin, &token, Method::POST, "/v1/admin/drain").await?;
-            let here = |s: &meridian::admin::Status| {
-                s.nodes
-                    .iter()
-                    .find(|n| n.local)
-                    .map_or(0, |n| n.load.sessions)
-            };
-            if let Some(secs) = wait {
-                let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-                while here(&s) > 0 && std::time::Instant::now() < deadline {
-                    let left = deadline.saturating_duration_since(std::time::Instant::now());
-                    eprintln!(
-                        "{} draining: {} sessions left, {} s to the deadline",
-                        s.node,
-                        here(&s),
-                        left.as_secs()
-                    );
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    s = call(admin, &token, Method::GET, "/v1/admin/status").await?;
-                }
-            }
-            print(&s, json);
-            if wait.is_some() {
-                let left = here(&s);
-                if left > 0 {
-                    eprintln!(
-                        "{} still holds {left} sessions: they stay until they end (drain --deadline moves them)",
-                        s.node
-                    );
-                    std::process::exit(3);
-                }
-                eprintln!("{} is empty", s.node);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `30s`, `2m`, `1h` or plain seconds.
-fn parse_duration_secs(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (number, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration: write 30s, 2m or 1h"))?;
-    match unit {
-        "s" => Ok(n),
-        "m" => Ok(n * 60),
-        "h" => Ok(n * 3600),
-        _ => Err(format!("`{text}`: the unit must be s, m or h")),
-    }
 }

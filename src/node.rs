@@ -146,6 +146,8 @@ pub struct Node {
     server: tokio::task::JoinHandle<()>,
     metrics_server: tokio::task::JoinHandle<()>,
     admin_server: Option<tokio::task::JoinHandle<()>>,
+    /// Answers operators' calls other nodes relay here.
+    relayed: Option<tokio::task::JoinHandle<()>>,
     /// Publishes the membership of a node without a mesh.
     solo: Option<tokio::task::JoinHandle<()>>,
 }
@@ -316,6 +318,8 @@ impl Node {
             workers.clone(),
             availability.clone(),
         ));
+        let tuning = Arc::new(crate::mesh::load::Tuning::default());
+        let (admin_inbox, admin_inbox_rx) = tokio::sync::mpsc::unbounded_channel();
         let (record_inbox, record_inbox_rx) = match &recorder {
             Some(_) => {
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -337,6 +341,8 @@ impl Node {
                     }),
                     capacity,
                     draining: draining.clone(),
+                    tuning: tuning.clone(),
+                    admin_inbox: Some(admin_inbox),
                 },
                 workers.clone(),
                 mesh_rx,
@@ -364,9 +370,11 @@ impl Node {
                     &info,
                     Default::default(),
                     false,
+                    tuning.weight(),
                 )]));
-                let mut meter = LoadMeter::new(workers.shared_stats(), capacity);
+                let mut meter = LoadMeter::new(workers.shared_stats(), capacity, tuning.clone());
                 let draining = draining.clone();
+                let tuning = tuning.clone();
                 // Alone, the node is its whole membership: the same cadence as the mesh core
                 // (drain state each tick, load once per heartbeat interval), without peers.
                 let task = tokio::spawn(async move {
@@ -380,8 +388,12 @@ impl Node {
                             sampled = Some(now);
                             load = meter.sample(now);
                         }
-                        let view =
-                            Arc::new(vec![mesh::local_view(&info, load, draining.load(Relaxed))]);
+                        let view = Arc::new(vec![mesh::local_view(
+                            &info,
+                            load,
+                            draining.load(Relaxed),
+                            tuning.weight(),
+                        )]);
                         if tx.send(view).is_err() {
                             break;
                         }
@@ -471,6 +483,25 @@ impl Node {
             metrics_admission,
             header_timeout,
         ));
+        // What operators' calls act on: from this node's admin API, and relayed by peers.
+        let operations = crate::admin::Operations {
+            node: cfg.node_id(),
+            region: cfg.node.region.clone(),
+            availability: availability.clone(),
+            members: members.clone(),
+            pipes: state.pipes.clone(),
+            metrics: metrics.clone(),
+            migration: state.migration.clone(),
+            workers: workers.clone(),
+            tuning,
+            max_sessions: cfg.limits.max_sessions.min(u32::MAX as usize) as u32,
+        };
+        let relayed = mesh.as_ref().map(|_| {
+            tokio::spawn(crate::admin::serve_relayed(
+                admin_inbox_rx,
+                operations.clone(),
+            ))
+        });
         // The operators' API: its own listener and admission cap, never the public port.
         let (admin_addr, admin_server) = match &cfg.admin {
             None => (None, None),
@@ -484,14 +515,8 @@ impl Node {
                     })?;
                 let admin = crate::admin::AdminState {
                     token_digest: Arc::new(crate::admin::digest(&token)),
-                    node: cfg.node_id(),
-                    region: cfg.node.region.clone(),
-                    availability: availability.clone(),
-                    members: members.clone(),
-                    pipes: state.pipes.clone(),
-                    metrics: metrics.clone(),
-                    migration: state.migration.clone(),
-                    workers: workers.clone(),
+                    ops: operations,
+                    relay: mesh.as_ref().map(|m| m.admin()),
                 };
                 let cap = Admission::new(Limits {
                     max: 16,
@@ -529,6 +554,7 @@ impl Node {
             server,
             metrics_server,
             admin_server,
+            relayed,
             solo,
         })
     }
@@ -560,6 +586,9 @@ impl Drop for Node {
         self.server.abort();
         self.metrics_server.abort();
         self.health_watch.abort();
+        if let Some(t) = &self.relayed {
+            t.abort();
+        }
         if let Some(t) = &self.admin_server {
             t.abort();
         }

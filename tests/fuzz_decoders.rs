@@ -142,6 +142,7 @@ fn pipe_control_decoder_never_panics() {
                 ..Default::default()
             },
             draining: true,
+            weight: 1.0,
         },
     ]
     .iter()

@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
 
-/// India (admin API on), Europe and US.
+/// India, Europe and US, each with its admin API on (the first test talks to the US one
+/// only: ctl reaches India through it).
 async fn mesh_with_admin(dir: &Path) -> (Vec<meridian::node::Node>, PathBuf) {
     let token_file = dir.join("admin.token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
@@ -23,12 +24,10 @@ async fn mesh_with_admin(dir: &Path) -> (Vec<meridian::node::Node>, PathBuf) {
     let root = dir.to_path_buf();
     let nodes = routed_mesh(dir, move |cfg| {
         let region = cfg.node.region.to_string();
-        if region == "india" {
-            cfg.admin = Some(meridian::admin::AdminSection {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                token_file: tf.clone(),
-            });
-        }
+        cfg.admin = Some(meridian::admin::AdminSection {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token_file: tf.clone(),
+        });
         // Recorded where each participant is (no residency claim): a move is in the logs.
         cfg.recording.enabled = true;
         cfg.recording.dir = root.join(format!("rec-{region}")).join("recordings");
@@ -57,8 +56,10 @@ async fn draining_india_moves_the_chromium_user_to_europe_while_the_agent_keeps_
     assert_isolated_network();
     let dir = tempfile::tempdir().unwrap();
     let (nodes, token_file) = mesh_with_admin(dir.path()).await;
-    let (india, us) = (&nodes[0], &nodes[2]);
-    let admin = india.admin_addr.unwrap();
+    let us = &nodes[2];
+    // The operator reaches India through the US node.
+    let admin = us.admin_addr.unwrap();
+    let india_1: meridian::ids::NodeId = "india-1".parse().unwrap();
     let (_mumbai, user, agent) =
         mumbai_user_and_agent(us, us, "kyc-drain", "127.1.0.11".parse().unwrap()).await;
     assert_eq!(user.reports("EDGE")[0]["node"], "india-1");
@@ -67,7 +68,11 @@ async fn draining_india_moves_the_chromium_user_to_europe_while_the_agent_keeps_
     let drained = {
         let tf = token_file.clone();
         tokio::task::spawn_blocking(move || {
-            ctl(admin, &tf, &["drain", "--deadline", "30s", "--json"])
+            ctl(
+                admin,
+                &tf,
+                &["drain", "india-1", "--deadline", "30s", "--json"],
+            )
         })
     };
     wait_until(
@@ -88,10 +93,12 @@ async fn draining_india_moves_the_chromium_user_to_europe_while_the_agent_keeps_
         "{err}"
     );
     let s: meridian::admin::Status = serde_json::from_str(&out).unwrap();
+    let india = s.report(&india_1).expect("India's report");
     assert!(
-        s.draining && s.participants == 0 && s.sessions == 0,
+        india.draining && india.participants == 0 && india.sessions == 0,
         "{out}"
     );
+    assert!(err.contains("india-1: 1 participants moved"), "{err}");
     let moved = user
         .reports("SIGNALING")
         .into_iter()
@@ -130,10 +137,14 @@ async fn draining_india_moves_the_chromium_user_to_europe_while_the_agent_keeps_
     );
 
     // `undrain` makes India eligible again: routing offers it to Mumbai once more.
-    let (code, out, err) = ctl(admin, &token_file, &["undrain", "--json"]);
+    let (code, out, err) = ctl(admin, &token_file, &["undrain", "india-1", "--json"]);
     assert_eq!(code, 0, "{err}");
     let s: meridian::admin::Status = serde_json::from_str(&out).unwrap();
-    assert!(!s.draining && s.move_deadline_secs.is_none(), "{out}");
+    let india = s.report(&india_1).expect("India's report");
+    assert!(
+        !india.draining && india.move_deadline_secs.is_none(),
+        "{out}"
+    );
     let mut edge = String::new();
     for _ in 0..100 {
         let (_, body) = http_get_as(

@@ -62,6 +62,8 @@ fn impostor(
                 max_cpu: 1.0,
             },
             draining: Arc::new(AtomicBool::new(false)),
+            tuning: Default::default(),
+            admin_inbox: None,
         },
         worker.clone(),
         rx,

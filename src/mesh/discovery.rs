@@ -7,7 +7,7 @@
 //! ```text
 //! _meridian._udp.mesh.example.com. 30 IN SRV 10 10 7100 in-1.mesh.example.com.
 //! in-1.mesh.example.com.           30 IN A   10.20.0.5
-//! in-1.mesh.example.com.           30 IN TXT "node=india-1" "region=india" "version=3"
+//! in-1.mesh.example.com.           30 IN TXT "node=india-1" "region=india" "version=4"
 //! ```
 //!
 //! A peer whose TXT names another pipe protocol version is not dialed (it would refuse the

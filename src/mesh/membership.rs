@@ -35,6 +35,14 @@ pub struct NodeInfo {
 
 pub use crate::proto::pipe::Load;
 
+/// What a peer's heartbeat says.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Heartbeat {
+    pub load: Load,
+    pub draining: bool,
+    pub weight: f32,
+}
+
 /// One member as routing sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemberView {
@@ -46,6 +54,8 @@ pub struct MemberView {
     pub local: bool,
     /// Smoothed round-trip time of the pipe to it (none for the local node).
     pub rtt: Option<Duration>,
+    /// The operator's routing weight for the node (`meridian ctl weight`; 1 is neutral).
+    pub weight: f32,
 }
 
 struct Peer {
@@ -53,6 +63,7 @@ struct Peer {
     pipe: PipeId,
     load: Load,
     draining: bool,
+    weight: f32,
     last_heard: Instant,
 }
 
@@ -83,6 +94,7 @@ impl Membership {
                 pipe,
                 load: Load::default(),
                 draining: false,
+                weight: 1.0,
                 last_heard: now,
             },
         );
@@ -90,10 +102,11 @@ impl Membership {
 
     /// A heartbeat arrived on `pipe`. Heartbeats on a pipe that is not the member's current one
     /// (a replaced duplicate) are ignored.
-    pub fn handle_heartbeat(&mut self, now: Instant, pipe: PipeId, load: Load, draining: bool) {
+    pub fn handle_heartbeat(&mut self, now: Instant, pipe: PipeId, beat: Heartbeat) {
         if let Some(p) = self.peers.values_mut().find(|p| p.pipe == pipe) {
-            p.load = load;
-            p.draining = draining;
+            p.load = beat.load;
+            p.draining = beat.draining;
+            p.weight = beat.weight;
             p.last_heard = now;
         }
     }
@@ -143,6 +156,7 @@ impl Membership {
                 draining: p.draining,
                 local: false,
                 rtt: rtt(p.pipe),
+                weight: p.weight,
             }))
             .collect()
     }
@@ -170,6 +184,15 @@ mod tests {
             draining: false,
             local: true,
             rtt: None,
+            weight: 1.0,
+        }
+    }
+
+    fn beat(load: Load, draining: bool, weight: f32) -> Heartbeat {
+        Heartbeat {
+            load,
+            draining,
+            weight,
         }
     }
 
@@ -182,7 +205,7 @@ mod tests {
         for s in 1..=10u64 {
             let now = t0 + Duration::from_secs(s);
             // b keeps talking, c went quiet after joining.
-            m.handle_heartbeat(now, PipeId(1), Load::default(), false);
+            m.handle_heartbeat(now, PipeId(1), beat(Load::default(), false, 1.0));
             let down = m.poll_silent(now);
             if s <= 3 {
                 assert!(down.is_empty(), "at {s}s");
@@ -198,7 +221,7 @@ mod tests {
     }
 
     #[test]
-    fn heartbeats_carry_load_and_drain_state() {
+    fn heartbeats_carry_load_drain_state_and_weight() {
         let t0 = Instant::now();
         let mut m = Membership::new();
         m.handle_joined(t0, PipeId(7), info("b-1", "b"));
@@ -207,12 +230,13 @@ mod tests {
             factor: 0.25,
             ..Load::default()
         };
-        m.handle_heartbeat(t0, PipeId(7), load, true);
+        m.handle_heartbeat(t0, PipeId(7), beat(load, true, 0.5));
         // A heartbeat on an unknown pipe (a duplicate being replaced) changes nothing.
-        m.handle_heartbeat(t0, PipeId(8), Load::default(), false);
+        m.handle_heartbeat(t0, PipeId(8), beat(Load::default(), false, 1.0));
         let v = m.views(local(), |p| Some(Duration::from_millis(p.0)));
         assert_eq!(v[1].load, load);
         assert!(v[1].draining);
+        assert_eq!(v[1].weight, 0.5);
         assert_eq!(v[1].rtt, Some(Duration::from_millis(7)));
         assert_eq!(
             m.handle_pipe_closed(PipeId(7)),

@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod geo;
 pub mod load;
 pub mod membership;
+pub mod operators;
 pub mod records;
 pub mod selector;
 pub mod tls;
@@ -29,8 +30,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use discovery::{DnsDiscovery, PeerRecord, PeerResolver};
-use load::{Capacity, LoadMeter};
-use membership::{Load, MemberView, Membership, NodeInfo, HEARTBEAT_EVERY};
+use load::{Capacity, LoadMeter, Tuning};
+use membership::{Heartbeat, Load, MemberView, Membership, NodeInfo, HEARTBEAT_EVERY};
 
 use crate::ids::{NodeId, PipeId, ProducerId, SessionId};
 use crate::sfu::{Command, MeshEvent, PipeCounters, PipeLink, WorkerEvent, Workers};
@@ -51,6 +52,10 @@ pub struct MeshConfig {
     pub capacity: Capacity,
     /// Set by the operator: take no new sessions.
     pub draining: Arc<AtomicBool>,
+    /// The operator's weight and capacity for this node.
+    pub tuning: Arc<Tuning>,
+    /// Where operators' calls relayed by other nodes go (`None`: refused).
+    pub admin_inbox: Option<mpsc::UnboundedSender<operators::Inbound>>,
 }
 
 /// Why the mesh could not start.
@@ -141,12 +146,36 @@ pub struct PipeReport {
     pub send_failed: u64,
     /// Datagrams that displaced older ones in quinn's full send buffer.
     pub send_displaced: u64,
+    /// Media bits per second each way over the last heartbeat interval.
+    pub bitrate_in: u64,
+    pub bitrate_out: u64,
 }
 
 struct PipeEntry {
     node: NodeId,
     conn: quinn::Connection,
     counters: Arc<PipeCounters>,
+    /// Bytes in and out at the last sample, and the rates measured then (bits/s).
+    sampled: Option<(Instant, u64, u64)>,
+    rates: (u64, u64),
+}
+
+impl PipeEntry {
+    fn sample_rates(&mut self, now: Instant) {
+        let (bytes_in, bytes_out) = (
+            self.counters.bytes_in.load(Relaxed),
+            self.counters.bytes_out.load(Relaxed),
+        );
+        if let Some((t, i, o)) = self.sampled {
+            let secs = now.saturating_duration_since(t).as_secs_f64();
+            if secs > 0.0 {
+                let rate =
+                    |now: u64, then: u64| (now.saturating_sub(then) as f64 * 8.0 / secs) as u64;
+                self.rates = (rate(bytes_in, i), rate(bytes_out, o));
+            }
+        }
+        self.sampled = Some((now, bytes_in, bytes_out));
+    }
 }
 
 /// A running mesh.
@@ -159,9 +188,15 @@ pub struct MeshHandle {
     endpoint: quinn::Endpoint,
     members: watch::Receiver<Arc<Vec<MemberView>>>,
     records: records::RecordRelay,
+    admin: operators::AdminRelay,
 }
 
 impl MeshHandle {
+    /// Carries operators' calls to other nodes.
+    pub fn admin(&self) -> operators::AdminRelay {
+        self.admin.clone()
+    }
+
     /// Where audit records for other nodes go, and answers to theirs.
     pub fn records(&self) -> records::RecordRelay {
         self.records.clone()
@@ -214,6 +249,8 @@ fn reports(registry: &Mutex<HashMap<PipeId, PipeEntry>>) -> Vec<PipeReport> {
                     retransmitted: c.retransmitted.load(Relaxed),
                     send_failed: c.send_failed.load(Relaxed),
                     send_displaced: c.send_displaced.load(Relaxed),
+                    bitrate_in: e.rates.0,
+                    bitrate_out: e.rates.1,
                 }
             })
             .collect();
@@ -247,6 +284,14 @@ enum Internal {
         session: SessionId,
         entry: crate::proto::pipe::RecordEntry,
         reply: Option<tokio::sync::oneshot::Sender<Result<(), records::RelayError>>>,
+    },
+    /// An operator's call for `node`.
+    Admin {
+        node: NodeId,
+        call: crate::proto::admin::AdminCall,
+        reply: tokio::sync::oneshot::Sender<
+            Result<crate::proto::admin::AdminReply, operators::AdminRelayError>,
+        >,
     },
     /// The answer to a record received on `pipe`.
     RecordAck {
@@ -322,13 +367,14 @@ impl StreamRoutes {
 }
 
 /// The view of a node that is alone (no peers yet, or no mesh at all).
-pub fn local_view(info: &NodeInfo, load: Load, draining: bool) -> MemberView {
+pub fn local_view(info: &NodeInfo, load: Load, draining: bool, weight: f32) -> MemberView {
     MemberView {
         info: info.clone(),
         load,
         draining,
         local: true,
         rtt: None,
+        weight,
     }
 }
 
@@ -440,6 +486,7 @@ pub fn start(
         &info,
         Load::default(),
         cfg.draining.load(Relaxed),
+        cfg.tuning.weight(),
     )]));
     let core = Core {
         node: info.node.clone(),
@@ -456,7 +503,9 @@ pub fn start(
         producers: HashMap::new(),
         participants: HashMap::new(),
         membership: Membership::new(),
-        load: LoadMeter::new(workers.shared_stats(), cfg.capacity),
+        load: LoadMeter::new(workers.shared_stats(), cfg.capacity, cfg.tuning.clone()),
+        tuning: cfg.tuning.clone(),
+        sent_weight: cfg.tuning.weight(),
         local_load: Load::default(),
         draining: cfg.draining.clone(),
         sent_draining: false,
@@ -469,8 +518,12 @@ pub fn start(
         recording_ended: records.ended,
         pending_records: HashMap::new(),
         next_record: 1,
+        admin_inbox: cfg.admin_inbox.clone(),
+        pending_admin: HashMap::new(),
+        next_admin: 1,
     };
     let records = records::RecordRelay { tx: itx.clone() };
+    let admin = operators::AdminRelay { tx: itx.clone() };
     tokio::spawn(core.run(events, irx));
     tracing::info!(node = %info.node, addr = %local_addr, peers = cfg.peers.len(), dns = cfg.discovery.is_some(), "mesh started");
     Ok(MeshHandle {
@@ -481,6 +534,7 @@ pub fn start(
         endpoint,
         members: views_rx,
         records,
+        admin,
     })
 }
 
@@ -830,6 +884,9 @@ struct Core {
     draining: Arc<AtomicBool>,
     /// Drain state in the last heartbeat sent.
     sent_draining: bool,
+    tuning: Arc<Tuning>,
+    /// Weight in the last heartbeat sent.
+    sent_weight: f32,
     last_heartbeat: Option<Instant>,
     views: watch::Sender<Arc<Vec<MemberView>>>,
     /// The last DNS answer; `None` without discovery or before the first answer.
@@ -844,7 +901,19 @@ struct Core {
     /// Records sent and awaiting their answer, by id.
     pending_records: HashMap<u64, PendingRecord>,
     next_record: u64,
+    /// Where operators' calls from other nodes go.
+    admin_inbox: Option<mpsc::UnboundedSender<operators::Inbound>>,
+    /// Operators' calls sent and awaiting their answer, by id.
+    pending_admin: HashMap<u64, PendingAdmin>,
+    next_admin: u64,
 }
+
+type PendingAdmin = (
+    PipeId,
+    tokio::sync::oneshot::Sender<
+        Result<crate::proto::admin::AdminReply, operators::AdminRelayError>,
+    >,
+);
 
 type PendingRecord = (
     PipeId,
@@ -1100,6 +1169,17 @@ impl Core {
             Internal::RecordAck { pipe, id, error } => {
                 self.send(pipe, &Control::RecordAck { id, error });
             }
+            Internal::Admin { node, call, reply } => {
+                let Some(&pipe) = self.by_node.get(&node) else {
+                    let _ = reply.send(Err(operators::AdminRelayError::NoPipe(node)));
+                    return;
+                };
+                let id = self.next_admin;
+                self.next_admin += 1;
+                self.pending_admin.insert(id, (pipe, reply));
+                self.send(pipe, &Control::AdminRequest { id, call });
+            }
+
             Internal::RecordingEnded {
                 node,
                 session,
@@ -1156,6 +1236,8 @@ impl Core {
                     node: node.clone(),
                     conn: conn.clone(),
                     counters: counters.clone(),
+                    sampled: None,
+                    rates: (0, 0),
                 },
             );
         }
@@ -1178,6 +1260,7 @@ impl Core {
             Control::Heartbeat {
                 load: self.local_load,
                 draining: self.sent_draining,
+                weight: self.sent_weight,
             }
             .encode(),
         );
@@ -1241,6 +1324,8 @@ impl Core {
                 let _ = r.send(Err(records::RelayError::Lost));
             }
         }
+        // Calls awaiting this pipe's node fail as lost (their senders dropped).
+        self.pending_admin.retain(|_, (p, _)| *p != pipe);
         self.to_all(|| Command::PipeDown { pipe });
         for waiting in self.replaying.values_mut() {
             waiting.remove(&pipe);
@@ -1268,16 +1353,26 @@ impl Core {
     /// Heartbeats out, silent peers down, membership published.
     fn on_tick(&mut self, now: Instant) {
         let draining = self.draining.load(Relaxed);
+        let weight = self.tuning.weight();
         let due = self
             .last_heartbeat
             .is_none_or(|t| now.saturating_duration_since(t) >= HEARTBEAT_EVERY);
-        if due || draining != self.sent_draining {
+        if due || draining != self.sent_draining || weight != self.sent_weight {
             self.local_load = self.load.sample(now);
             self.sent_draining = draining;
+            self.sent_weight = weight;
             self.last_heartbeat = Some(now);
+            if due {
+                if let Ok(mut reg) = self.registry.lock() {
+                    for e in reg.values_mut() {
+                        e.sample_rates(now);
+                    }
+                }
+            }
             let msg = Control::Heartbeat {
                 load: self.local_load,
                 draining,
+                weight,
             }
             .encode();
             for p in self.pipes.values() {
@@ -1293,7 +1388,12 @@ impl Core {
     }
 
     fn publish_views(&self) {
-        let local = local_view(&self.info, self.local_load, self.sent_draining);
+        let local = local_view(
+            &self.info,
+            self.local_load,
+            self.sent_draining,
+            self.sent_weight,
+        );
         let views = self
             .membership
             .views(local, |pipe| self.pipes.get(&pipe).map(|p| p.conn.rtt()));
@@ -1349,9 +1449,63 @@ impl Core {
                     });
                 }
             }
-            Control::Heartbeat { load, draining } => {
-                self.membership
-                    .handle_heartbeat(Instant::now(), pipe, load, draining);
+            Control::Heartbeat {
+                load,
+                draining,
+                weight,
+            } => {
+                // A weight out of range counts as neutral rather than steering routing.
+                let weight = if weight > 0.0 && weight <= load::MAX_WEIGHT {
+                    weight
+                } else {
+                    1.0
+                };
+                self.membership.handle_heartbeat(
+                    Instant::now(),
+                    pipe,
+                    Heartbeat {
+                        load,
+                        draining,
+                        weight,
+                    },
+                );
+            }
+            Control::AdminRequest { id, call } => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let inbound = operators::Inbound {
+                    from: state.node.clone(),
+                    call,
+                    reply,
+                };
+                let delivered = self
+                    .admin_inbox
+                    .as_ref()
+                    .is_some_and(|inbox| inbox.send(inbound).is_ok());
+                if !delivered {
+                    let reply = crate::proto::admin::AdminReply::Refused {
+                        reason: "this node serves no operators' calls".into(),
+                    };
+                    let _ = state.out.send(Control::AdminAnswer { id, reply }.encode());
+                    return;
+                }
+                let out = state.out.clone();
+                tokio::spawn(async move {
+                    let reply = match tokio::time::timeout(operators::ADMIN_WAIT, answer).await {
+                        Ok(Ok(r)) => r,
+                        _ => crate::proto::admin::AdminReply::Refused {
+                            reason: "the node did not carry out the call in time".into(),
+                        },
+                    };
+                    let _ = out.send(Control::AdminAnswer { id, reply }.encode());
+                });
+            }
+            Control::AdminAnswer { id, reply } => {
+                // Only an answer on the pipe the call went out on counts.
+                if self.pending_admin.get(&id).is_some_and(|(p, _)| *p == pipe) {
+                    if let Some((_, r)) = self.pending_admin.remove(&id) {
+                        let _ = r.send(Ok(reply));
+                    }
+                }
             }
             Control::Interest { session } => {
                 self.hosts.set(&session, &state.node, true);

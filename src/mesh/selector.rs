@@ -180,13 +180,15 @@ pub fn select_with_affinity(
             (region, origin, reason)
         }
     };
-    // A region's distance is its nearest eligible node's, divided by its weight.
+    // A region's distance is its nearest eligible node's, divided by its weight: the
+    // configured one times the operator's for the node (`ctl weight`, from its heartbeats).
     let mut region_cost: HashMap<&RegionId, f64> = HashMap::new();
     for &i in &candidates {
         let m = &members[i].info;
         let cost = match origin {
             Some((lat, lon)) => {
-                let w = policy.region_weights.get(&m.region).copied().unwrap_or(1.0);
+                let w = policy.region_weights.get(&m.region).copied().unwrap_or(1.0)
+                    * f64::from(members[i].weight.max(f32::MIN_POSITIVE));
                 haversine_km(lat, lon, m.latitude, m.longitude) / w
             }
             None => 0.0,
@@ -238,6 +240,7 @@ mod tests {
             draining: false,
             local: false,
             rtt: None,
+            weight: 1.0,
         }
     }
 
@@ -341,6 +344,26 @@ mod tests {
         policy.region_weights.insert("europe".parse().unwrap(), 3.0);
         let s = select(&policy, Some(&dubai), None, &m).unwrap();
         assert_eq!(m[s.order[0]].info.region.as_str(), "europe");
+    }
+
+    #[test]
+    fn an_operators_weight_announced_by_a_node_biases_its_region() {
+        let mut m = mesh();
+        let dubai = at(25.2048, 55.2708, "AE", "AS");
+        let policy = RoutingPolicy::default();
+        for v in m.iter_mut().filter(|v| v.info.region.as_str() == "india") {
+            v.weight = 0.2;
+        }
+        let s = select(&policy, Some(&dubai), None, &m).unwrap();
+        assert_eq!(m[s.order[0]].info.region.as_str(), "europe");
+        // India still takes clients when it is the only region left.
+        let mumbai = at(19.07, 72.87, "IN", "AS");
+        let india_only: Vec<MemberView> = m
+            .into_iter()
+            .filter(|v| v.info.region.as_str() == "india")
+            .collect();
+        let s = select(&policy, Some(&mumbai), None, &india_only).unwrap();
+        assert!(!s.order.is_empty());
     }
 
     #[test]

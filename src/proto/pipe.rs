@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::Role;
 use crate::ids::{NodeId, ParticipantId, ProducerId, RegionId, SessionId, UserId};
 
-pub const WIRE_VERSION: u8 = 3;
+pub const WIRE_VERSION: u8 = 4;
 /// ALPN protocol id of pipe connections.
 pub const ALPN: &[u8] = b"meridian-pipe/1";
 
@@ -353,6 +353,9 @@ pub enum Control {
     Heartbeat {
         load: Load,
         draining: bool,
+        /// The operator's routing weight for the sender (`meridian ctl weight`).
+        #[serde(default = "neutral_weight")]
+        weight: f32,
     },
     /// The sender hosts participants of `session`: announce its producers to the sender.
     Interest {
@@ -432,6 +435,20 @@ pub enum Control {
         session: SessionId,
         reason: String,
     },
+    /// An operator's call the sender's admin API received for the receiver (`meridian ctl`
+    /// reaches the mesh through any one node). Answered by `admin_answer` with the same `id`.
+    AdminRequest {
+        id: u64,
+        call: crate::proto::admin::AdminCall,
+    },
+    AdminAnswer {
+        id: u64,
+        reply: crate::proto::admin::AdminReply,
+    },
+}
+
+fn neutral_weight() -> f32 {
+    1.0
 }
 
 /// What happened to a participant of the sending node, for the recording node's audit log.
@@ -646,6 +663,18 @@ mod tests {
                     ..Default::default()
                 },
                 draining: true,
+                weight: 0.5,
+            },
+            Control::AdminRequest {
+                id: 7,
+                call: crate::proto::admin::AdminCall::Rebalance {
+                    below: 0.8,
+                    deadline_secs: 30,
+                },
+            },
+            Control::AdminAnswer {
+                id: 7,
+                reply: crate::proto::admin::AdminReply::Session { part: None },
             },
             Control::Consume {
                 producer: "pr-1".parse().unwrap(),
@@ -660,6 +689,17 @@ mod tests {
             let enc = m.encode();
             assert_eq!(Control::decode(&enc[4..]).unwrap(), m);
         }
+        // A heartbeat from before weights counts as neutral.
+        let old = rmp_serde::to_vec_named(&serde_json::json!({
+            "type": "heartbeat",
+            "load": Load::default(),
+            "draining": false
+        }))
+        .unwrap();
+        assert!(matches!(
+            Control::decode(&old).unwrap(),
+            Control::Heartbeat { weight, .. } if weight == 1.0
+        ));
         assert!(Control::decode(&[0xc1, 0x00]).is_err());
         assert!(Control::decode(b"\x81\xa4type\xa5bogus").is_err());
         // An id that breaks the id rules is refused while decoding.

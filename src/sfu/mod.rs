@@ -160,6 +160,16 @@ pub struct ParticipantInfo {
     pub role: Role,
 }
 
+/// One worker's part of a session, as operators see it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SessionView {
+    pub participants: Vec<crate::proto::admin::ParticipantPart>,
+    pub producers: Vec<crate::proto::admin::ProducerPart>,
+    pub consumers: Vec<crate::proto::admin::ConsumerPart>,
+    /// Its producers are recorded by this node.
+    pub recorded: bool,
+}
+
 /// What the node tells a participant without being asked.
 #[derive(Debug, Clone)]
 pub enum SfuEvent {
@@ -441,6 +451,11 @@ pub(crate) enum Command {
     /// Answered at once: proves the worker loop is turning.
     Ping {
         reply: oneshot::Sender<()>,
+    },
+    /// What the worker holds of a session (`meridian ctl session`).
+    Describe {
+        session: SessionId,
+        reply: oneshot::Sender<Option<SessionView>>,
     },
     /// Fault injection for tests: the worker's thread stops turning for this long.
     Stall(std::time::Duration),
@@ -913,6 +928,13 @@ impl WorkerHandle {
             return false;
         }
         matches!(tokio::time::timeout(within, rx).await, Ok(Ok(())))
+    }
+
+    /// What the worker holds of `session` (`None`: nothing, or the worker is gone).
+    pub async fn describe(&self, session: SessionId) -> Option<SessionView> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Describe { session, reply }).ok()?;
+        rx.await.ok().flatten()
     }
 
     /// Removes the participant with everything it published and consumed.

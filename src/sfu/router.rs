@@ -297,3 +297,81 @@ impl Worker {
         s.peer_connections.store(self.conns.len() as u64, Relaxed);
     }
 }
+
+impl Worker {
+    /// The session's participants here, the producers this worker forwards (published here
+    /// or piped in) and its participants' consumers; `None` if the session is not here.
+    pub(super) fn describe(&self, session: &SessionId) -> Option<SessionView> {
+        use crate::proto::admin::{ConsumerPart, ParticipantPart, ProducerPart};
+        let members = self.routers.get(session);
+        let producers = self.session_producers.get(session);
+        if members.is_none() && producers.is_none() {
+            return None;
+        }
+        let node_of = |pipe: &PipeId| self.pipes.get(pipe).map(|p| p.node.clone());
+        let here: Vec<&Participant> = members
+            .into_iter()
+            .flatten()
+            .filter_map(|&pk| self.participants.get(pk))
+            .collect();
+        let participants = here
+            .iter()
+            .map(|p| ParticipantPart {
+                participant: p.id.clone(),
+                user: p.user.clone(),
+                role: p.role,
+                publishing: p.publish.is_some(),
+                subscribing: p.subscribe.is_some(),
+            })
+            .collect();
+        let producers = producers
+            .into_iter()
+            .flatten()
+            .filter_map(|&k| self.producers.get(k))
+            .map(|p| ProducerPart {
+                producer: p.id.clone(),
+                participant: p.owner.participant_id.clone(),
+                user: p.owner.user_id.clone(),
+                kind: match p.kind {
+                    MediaKind::Audio => "audio",
+                    MediaKind::Video => "video",
+                }
+                .into(),
+                rids: p.rids.clone(),
+                paused: p.paused,
+                piped_from: match &p.origin {
+                    super::producer::Origin::Pipe { pipe, .. } => node_of(pipe),
+                    super::producer::Origin::Local { .. } => None,
+                },
+                piped_to: p
+                    .pipes_out
+                    .iter()
+                    .filter(|(_, layers)| *layers != 0)
+                    .filter_map(|(pipe, _)| node_of(pipe))
+                    .collect(),
+                consumers: p.consumers.len() as u32,
+            })
+            .collect();
+        let consumers = here
+            .iter()
+            .flat_map(|p| {
+                p.consumers.iter().filter_map(|&ck| {
+                    let c = self.consumers.get(ck)?;
+                    Some(ConsumerPart {
+                        consumer: c.id.clone(),
+                        producer: self.producers.get(c.producer)?.id.clone(),
+                        participant: p.id.clone(),
+                        paused: c.paused,
+                        layer: c.selector.current(),
+                    })
+                })
+            })
+            .collect();
+        Some(SessionView {
+            participants,
+            producers,
+            consumers,
+            recorded: self.recorded.contains(session),
+        })
+    }
+}

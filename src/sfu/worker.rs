@@ -400,6 +400,9 @@ impl Worker {
             Command::Ping { reply } => {
                 let _ = reply.send(());
             }
+            Command::Describe { session, reply } => {
+                let _ = reply.send(self.describe(&session));
+            }
             // The driver's (a sans-I/O core never sleeps).
             Command::Stall(_) => {}
             Command::PipeUp { pipe, link } => self.pipe_up(pipe, link.node, link.counters),

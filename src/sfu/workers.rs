@@ -137,6 +137,30 @@ impl Workers {
             .unwrap_or_default()
     }
 
+    /// Sessions placed here, with the seats (signaling connections) each holds.
+    pub fn sessions(&self) -> Vec<(SessionId, usize)> {
+        self.inner
+            .placed
+            .lock()
+            .map(|p| {
+                p.sessions
+                    .iter()
+                    .map(|(s, &(_, seats))| (s.clone(), seats))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// What the node's workers hold of `session`: the worker and its part.
+    pub async fn describe(&self, session: &SessionId) -> Option<(usize, super::SessionView)> {
+        for (i, w) in self.iter().enumerate() {
+            if let Some(v) = w.describe(session.clone()).await {
+                return Some((i, v));
+            }
+        }
+        None
+    }
+
     pub fn len(&self) -> usize {
         self.inner.handles.len()
     }

@@ -89,9 +89,27 @@ pub struct AppState {
     pub review_key: ring::hmac::Key,
     /// Participants whose connection was lost, kept for the resume grace period.
     pub parking: Arc<Parking>,
-    /// While the node is drained with a deadline: when its participants must have moved
-    /// (each is told where to, see `ServerMessage::Migrate`); `None` otherwise.
-    pub migration: Arc<tokio::sync::watch::Sender<Option<tokio::time::Instant>>>,
+    /// Participants told to move to other nodes (a drain with a deadline, a rebalance): each
+    /// is told where to, see `ServerMessage::Migrate`; `None` otherwise.
+    pub migration: Arc<tokio::sync::watch::Sender<Option<MoveOrder>>>,
+}
+
+/// An operator's order to move participants off this node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoveOrder {
+    pub deadline: tokio::time::Instant,
+    /// Only these sessions' participants (a rebalance); `None`: every participant (a drain).
+    pub sessions: Option<Arc<std::collections::HashSet<crate::ids::SessionId>>>,
+    /// Close the participants still here at the deadline (a drain); a rebalance lets them stay.
+    pub enforce: bool,
+    /// Participants here the order applied to when it was given.
+    pub told: u64,
+}
+
+impl MoveOrder {
+    pub fn applies_to(&self, session: &crate::ids::SessionId) -> bool {
+        self.sessions.as_ref().is_none_or(|s| s.contains(session))
+    }
 }
 
 const SDK_JS: &str = include_str!("../../web/sdk/meridian.js");
@@ -1409,6 +1427,7 @@ async fn serve(
     let mut migration = state.migration.subscribe();
     migration.mark_changed();
     let mut migration_open = true;
+    let mut told_to_move = false;
     let mut must_move_by: Option<tokio::time::Instant> = None;
     let expires_at = claims.expires_at();
     let until_expiry = expires_at
@@ -1446,10 +1465,15 @@ async fn serve(
                     migration_open = false;
                     continue;
                 }
-                let deadline = *migration.borrow_and_update();
-                match (deadline, must_move_by) {
-                    (Some(d), _) => {
-                        must_move_by = Some(d);
+                let order = migration
+                    .borrow_and_update()
+                    .clone()
+                    .filter(|o| o.applies_to(&claims.sid));
+                match (order, told_to_move) {
+                    (Some(o), _) => {
+                        let d = o.deadline;
+                        told_to_move = true;
+                        must_move_by = o.enforce.then_some(d);
                         let place = state.edge.geo.lookup(client);
                         let hosting = match &state.edge.hosts {
                             Some(h) => h.of(&claims.sid),
@@ -1470,18 +1494,19 @@ async fn serve(
                                 if !send(&mut sink, &msg).await { break Ending::Lost; }
                             }
                             Ok([]) => {
-                                tracing::warn!(session = %claims.sid, participant = %pid, "drained, but no other node to move to");
+                                tracing::warn!(session = %claims.sid, participant = %pid, "told to move, but no other node can take it");
                             }
                             Err(why) => {
-                                tracing::warn!(session = %claims.sid, participant = %pid, "drained, but nowhere to move: {why}");
+                                tracing::warn!(session = %claims.sid, participant = %pid, "told to move, but nowhere to go: {why}");
                             }
                         }
                     }
-                    (None, Some(_)) => {
+                    (None, true) => {
+                        told_to_move = false;
                         must_move_by = None;
                         if !send(&mut sink, &ServerMessage::MigrateCancelled).await { break Ending::Lost; }
                     }
-                    (None, None) => {}
+                    (None, false) => {}
                 }
             }
             _ = async { tokio::time::sleep_until(must_move_by.unwrap_or_else(tokio::time::Instant::now)).await }, if must_move_by.is_some() => {
