@@ -1074,3 +1074,177 @@ async fn a_cross_region_call_is_recorded_in_its_residency_region_only() {
     regions.sort();
     assert_eq!(regions, ["india", "us"], "India indexes both participants");
 }
+
+/// India (two nodes) and the US, each node recording under `root/rec-<node>`.
+async fn two_india_nodes_and_us(root: &Path) -> Vec<Node> {
+    let keys = root.to_path_buf();
+    routed_mesh_of(
+        root,
+        &[
+            ("india-1".into(), ("india", 19.076, 72.8777)),
+            ("india-2".into(), ("india", 19.076, 72.8777)),
+            ("us-1".into(), ("us", 39.0, -77.5)),
+        ],
+        move |cfg| {
+            let node = cfg.node.id.clone().unwrap().to_string();
+            cfg.recording.enabled = true;
+            cfg.recording.dir = keys.join(format!("rec-{node}")).join("recordings");
+            cfg.recording.signing_key_file = Some(keys.join(format!("sign-{node}.key")));
+            cfg.recording.create_signing_key = true;
+        },
+    )
+    .await
+}
+
+/// A participant of `session` recorded in `residency`, joined on `node`.
+async fn join_recorded(
+    node: &Node,
+    session: &str,
+    user: &str,
+    role: Role,
+    residency: &str,
+) -> Signal {
+    let t = signer()
+        .mint_with(
+            &session.parse().unwrap(),
+            &user.parse().unwrap(),
+            role,
+            Duration::from_secs(600),
+            meridian::auth::RecordingClaims {
+                rec: Some(true),
+                residency: Some(residency.into()),
+                profile: None,
+            },
+        )
+        .unwrap();
+    Signal::connect(node).await.join_with(&t).await.0
+}
+
+/// Bytes of the session's media files under `recordings` (any run).
+fn media_bytes(recordings: &Path, session: &str) -> u64 {
+    runs(&recordings.join(".."), session)
+        .iter()
+        .flat_map(|r| media_files(r))
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// The node recording a session (India's first node) leaves the mesh mid-call: the call goes
+/// on, and its recording continues on India's other node, whose sealed log says where the
+/// recording was lost and holds both participants and the published video from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_node_lost_mid_call_is_continued_in_its_residency_region_with_the_gap_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let mut nodes = two_india_nodes_and_us(&root).await;
+    let us = &nodes[2];
+    let session = "kyc-continued";
+    let mut user = join_recorded(us, session, "cust-1", Role::User, "india").await;
+    let (producer, _publisher, _p) = publish_as(&mut user, TestCodec::Vp8).await;
+    let mut agent = join_recorded(us, session, "agent-1", Role::Agent, "india").await;
+    let (watched, _s) =
+        subscribe_as(&mut agent, &producer, TestCodec::Vp8, PeerState::default()).await;
+    let first = root.join("rec-india-1/recordings");
+    let second = root.join("rec-india-2/recordings");
+    wait_for(
+        "India's first node records the video",
+        Duration::from_secs(10),
+        || media_bytes(&first, session) > 5_000,
+    )
+    .await;
+    assert!(
+        runs(&second.join(".."), session).is_empty(),
+        "one recorder at a time"
+    );
+
+    // India's first node goes away (its process would be gone: its pipes close).
+    drop(nodes.remove(0));
+    wait_for(
+        "India's second node records the video",
+        Duration::from_secs(15),
+        || media_bytes(&second, session) > 5_000,
+    )
+    .await;
+    let received = watched.received.lock().unwrap().len();
+    wait_for(
+        "the agent still receives video",
+        Duration::from_secs(5),
+        || watched.received.lock().unwrap().len() > received + 20,
+    )
+    .await;
+    assert!(
+        !agent
+            .events
+            .iter()
+            .chain(user.events.iter())
+            .any(|e| e["type"] == "error"),
+        "nobody was told of an error: {:?} {:?}",
+        agent.events,
+        user.events
+    );
+
+    user.send_text(r#"{"type":"leave"}"#).await;
+    agent.send_text(r#"{"type":"leave"}"#).await;
+    let run = sealed_run(&second.join(".."), session).await;
+    let key = parse_public_key(root.join("sign-india-2.pub.pem").to_str().unwrap()).unwrap();
+    assert_eq!(verify(&run, Some(&key)).faults, vec![]);
+    let entries = audit(&run);
+    let resumed: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["event"] == "recording_resumed")
+        .collect();
+    assert_eq!(resumed.len(), 2, "one per participant: {entries:?}");
+    assert!(
+        resumed.iter().all(|e| e["previous_node"] == "india-1"),
+        "{resumed:?}"
+    );
+    for user in ["cust-1", "agent-1"] {
+        assert!(
+            entries
+                .iter()
+                .any(|e| e["event"] == "participant_joined" && e["user"] == user),
+            "{user} in the continued log: {entries:?}"
+        );
+    }
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["event"] == "producer_started" && e["producer"] == producer.as_str()),
+        "the video that was already flowing: {entries:?}"
+    );
+    assert!(!media_files(&run).is_empty());
+}
+
+/// When the lost recording node was the last of the session's residency region, the session
+/// may not go on unrecorded: its participants are closed with `recording_failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_residency_region_is_lost_ends_with_recording_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let mut nodes = two_india_nodes_and_us(&root).await;
+    let mut agent = join_recorded(&nodes[2], "kyc-orphaned", "agent-1", Role::Agent, "us").await;
+    // Recorded on US itself: losing India changes nothing for it.
+    let mut user = join_recorded(&nodes[2], "kyc-india", "cust-1", Role::User, "india").await;
+    drop(nodes.remove(0));
+    drop(nodes.remove(0));
+    let (seen, close) = user.until_closed().await;
+    let error = seen
+        .iter()
+        .find(|m| m["type"] == "error")
+        .expect("told why");
+    assert_eq!(error["code"], "recording_failed", "{seen:?}");
+    assert!(close.is_some());
+    // The session recorded on the US goes on.
+    let us = &nodes[0];
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        us.workers
+            .stats()
+            .participants
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "the agent of the session recorded on the US is still there"
+    );
+    agent.send_text(r#"{"type":"leave"}"#).await;
+}

@@ -382,6 +382,11 @@ pub(crate) enum Command {
         session: SessionId,
         on: bool,
     },
+    /// Records `session` on this node from now on (its recording moved here while its
+    /// participants were connected): every producer it has is tapped.
+    Record {
+        session: SessionId,
+    },
     Join {
         session: SessionId,
         user: UserId,
@@ -730,6 +735,11 @@ impl WorkerHandle {
     /// See [`Command::RecordSeat`].
     pub fn record_seat(&self, session: SessionId, on: bool) {
         self.mesh_command(Command::RecordSeat { session, on });
+    }
+
+    /// See [`Command::Record`].
+    pub fn record(&self, session: SessionId) {
+        self.mesh_command(Command::Record { session });
     }
 
     pub async fn publish(

@@ -297,6 +297,11 @@ impl Worker {
                 }
             }
             Command::RecordSeat { session, on } => self.record_seat(session, on),
+            Command::Record { session } => {
+                if self.cfg.recording.is_some() && self.routers.contains_key(&session) {
+                    self.record_session(&session);
+                }
+            }
             Command::SessionReplayed { session } => {
                 for (id, reply, _) in self.awaiting_mesh.remove(&session).unwrap_or_default() {
                     self.answer_join(&id, reply);

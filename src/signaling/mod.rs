@@ -701,6 +701,92 @@ struct RecordLeave {
     reason: &'static str,
 }
 
+/// How long a session's recording node must stay out of the membership before its records
+/// move elsewhere.
+const RECORDER_LOSS_CONFIRM: Duration = Duration::from_secs(1);
+
+/// The recording node `lost` of the participant's session has left the mesh. The session may
+/// not go on unrecorded, so its records continue at the node that records it now (the same
+/// rule as a join: the first node of the residency region): the participant's arrival, a
+/// `recording_resumed` entry naming the lost node (the gap runs from that node's last entry
+/// to this one), and the producers it publishes; that node then takes a recording seat and
+/// the media is piped to it (or tapped here, when it is this node). When no node of the
+/// residency region is left, the error the participant is closed with.
+async fn continue_recording(
+    state: &AppState,
+    claims: &crate::auth::Claims,
+    pid: &ParticipantId,
+    worker: &WorkerHandle,
+    lost: &NodeId,
+) -> Result<records::RecordsTo, (&'static str, String)> {
+    use crate::compliance::recorder::{Arrival, ProducerEvent};
+    let ended = |why: String| {
+        (
+            "recording_failed",
+            format!("the session's recording node {lost} left the mesh and {why}; the session has ended, because it may not go on unrecorded"),
+        )
+    };
+    let (profile, recording) = state
+        .session_rules(claims)
+        .map_err(|e| ended(format!("no node can take the recording over ({e})")))?;
+    let rec = state
+        .records_to(recording.as_ref())
+        .ok_or_else(|| ended("this node cannot reach another recording node".into()))?;
+    if matches!(recording, Some(Recording::Here)) {
+        worker.record(claims.sid.clone());
+    }
+    let arrival = Arrival {
+        session: claims.sid.clone(),
+        participant: pid.clone(),
+        user: claims.sub.clone(),
+        role: claims.role,
+        via: None,
+        profile: profile.as_ref().map(|p| p.name.clone()),
+    };
+    rec.joined(arrival)
+        .await
+        .map_err(|e| ended(e.to_string()))?;
+    let noticed = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let fields = serde_json::Map::from_iter([
+        ("previous_node".into(), lost.to_string().into()),
+        ("noticed_at_ms".into(), noticed.into()),
+        (
+            "confirmed_after_ms".into(),
+            (RECORDER_LOSS_CONFIRM.as_millis() as u64).into(),
+        ),
+    ]);
+    rec.note(claims.sid.clone(), pid.clone(), "recording_resumed", fields)
+        .await
+        .map_err(|e| ended(e.to_string()))?;
+    if let Some(view) = worker.describe(claims.sid.clone()).await {
+        for p in view
+            .producers
+            .into_iter()
+            .filter(|p| &p.participant == pid && p.piped_from.is_none())
+        {
+            rec.producer(
+                claims.sid.clone(),
+                pid.clone(),
+                ProducerEvent::Started {
+                    producer: p.producer.clone(),
+                    kind: p.kind,
+                },
+            );
+            if p.paused {
+                rec.producer(
+                    claims.sid.clone(),
+                    pid.clone(),
+                    ProducerEvent::Paused(p.producer),
+                );
+            }
+        }
+    }
+    Ok(rec)
+}
+
 /// A checklist step or an outcome from the agent console: written to the audit log (with the
 /// official's identity) before it is acknowledged.
 async fn verification_step(
@@ -1429,6 +1515,13 @@ async fn serve(
     let mut migration_open = true;
     let mut told_to_move = false;
     let mut must_move_by: Option<tokio::time::Instant> = None;
+    // A session recorded on another node follows that node's membership: when it leaves the
+    // mesh (checked again a second later, so a pipe being replaced does not count), the
+    // records and the recording move to the node that records the session now.
+    let mut membership = state.edge.members.clone();
+    membership.mark_changed();
+    let mut membership_open = true;
+    let mut recorder_lost: Option<(NodeId, tokio::time::Instant)> = None;
     let expires_at = claims.expires_at();
     let until_expiry = expires_at
         .duration_since(SystemTime::now())
@@ -1507,6 +1600,34 @@ async fn serve(
                         if !send(&mut sink, &ServerMessage::MigrateCancelled).await { break Ending::Lost; }
                     }
                     (None, false) => {}
+                }
+            }
+            changed = membership.changed(), if membership_open && recorder_lost.is_none() => {
+                if changed.is_err() {
+                    membership_open = false;
+                    continue;
+                }
+                let members = membership.borrow_and_update().clone();
+                if let Some(records::RecordsTo::There { node, .. }) = recorded.as_ref().map(|r| &r.recorder) {
+                    if !members.iter().any(|m| &m.info.node == node) {
+                        recorder_lost = Some((node.clone(), tokio::time::Instant::now() + RECORDER_LOSS_CONFIRM));
+                    }
+                }
+            }
+            _ = async { tokio::time::sleep_until(recorder_lost.as_ref().map_or_else(tokio::time::Instant::now, |l| l.1)).await }, if recorder_lost.is_some() => {
+                let Some((lost, _)) = recorder_lost.take() else { continue };
+                let back = state.edge.members.borrow().iter().any(|m| m.info.node == lost);
+                if back {
+                    continue;
+                }
+                match continue_recording(&state, claims, pid, worker, &lost).await {
+                    Ok(rec) => {
+                        tracing::warn!(session = %claims.sid, participant = %pid, lost = %lost, "the session's recording node left the mesh: its records continue at the node recording it now");
+                        if let Some(r) = recorded.as_mut() {
+                            r.recorder = rec;
+                        }
+                    }
+                    Err((code, message)) => break Ending::Refuse(code, message, close::INTERNAL),
                 }
             }
             _ = async { tokio::time::sleep_until(must_move_by.unwrap_or_else(tokio::time::Instant::now)).await }, if must_move_by.is_some() => {

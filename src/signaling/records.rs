@@ -60,6 +60,7 @@ const NOTES: &[&str] = &[
     "consent_given",
     "location_captured",
     "question_asked",
+    "recording_resumed",
 ];
 
 impl RecordsTo {
