@@ -42,6 +42,62 @@ pub struct NodeConfig {
     /// Compliance records of the sessions this node holds (see docs/compliance.md).
     #[serde(default)]
     pub recording: RecordingSection,
+    /// The region's TURN servers: participants get time-limited credentials for them in
+    /// `joined` (see docs/deployment.md#turn). Off unless configured.
+    #[serde(default)]
+    pub turn: Option<TurnSection>,
+}
+
+/// `[turn]`: TURN REST credentials for the region's coturn (`use-auth-secret`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TurnSection {
+    /// What clients are told, e.g. `turn:in-1.example.com:3478?transport=udp`,
+    /// `turns:in-1.example.com:5349?transport=tcp`.
+    pub urls: Vec<String>,
+    /// coturn's `static-auth-secret` (development only; prefer `secret_file`).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// A file holding the secret (surrounding whitespace ignored).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// How long a credential is good for.
+    #[serde(default = "default_turn_ttl")]
+    pub ttl_secs: u64,
+}
+
+fn default_turn_ttl() -> u64 {
+    4 * 3600
+}
+
+impl TurnSection {
+    /// The issuer of this section's credentials.
+    pub fn issuer(&self) -> Result<crate::auth::turn::TurnIssuer, ConfigError> {
+        let secret = match (&self.secret, &self.secret_file) {
+            (Some(s), None) => s.trim().as_bytes().to_vec(),
+            (None, Some(path)) => {
+                let bytes = std::fs::read(path).map_err(|source| ConfigError::File {
+                    key: "turn.secret_file",
+                    path: path.clone(),
+                    source,
+                })?;
+                String::from_utf8_lossy(&bytes).trim().as_bytes().to_vec()
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "turn.secret",
+                    "set `secret` or `secret_file`, not both",
+                ))
+            }
+            (None, None) => return Err(invalid("turn.secret", "give `secret_file` (or `secret`)")),
+        };
+        crate::auth::turn::TurnIssuer::new(
+            self.urls.clone(),
+            &secret,
+            std::time::Duration::from_secs(self.ttl_secs),
+        )
+        .map_err(|e| invalid("turn", e.to_string()))
+    }
 }
 
 /// Compliance records: each session's audit log, sealed with the node's signing key when the
@@ -529,10 +585,20 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
 impl NodeConfig {
     /// Loads a TOML file, applies `MERIDIAN__SECTION__KEY` environment overrides, validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let built = config::Config::builder()
-            .add_source(config::File::from(path).format(config::FileFormat::Toml))
-            .add_source(env_source())
-            .build()?;
+        Self::load_layers(&[path])
+    }
+
+    /// Reads several TOML files, each over the one before (tables merge, a later key wins),
+    /// then the environment overrides, and validates the result. A deployment keeps the
+    /// region's file as written and puts what is particular to one node (its id, address,
+    /// certificates) in a file of its own (see terraform/ and docs/deployment.md).
+    pub fn load_layers<P: AsRef<Path>>(paths: &[P]) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        for path in paths {
+            builder = builder
+                .add_source(config::File::from(path.as_ref()).format(config::FileFormat::Toml));
+        }
+        let built = builder.add_source(env_source()).build()?;
         Self::from_built(built)
     }
 

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use meridian::auth::{generate_ed25519_pem, Role, TokenSigner};
 use meridian::compliance::seal::{parse_public_key, verify};
@@ -35,9 +36,16 @@ struct Cli {
 enum Command {
     /// Run one node from a region file (see regions/).
     Serve {
-        /// Region configuration file.
-        #[arg(long, short)]
-        config: PathBuf,
+        /// Region configuration file; repeat to layer a node's own file over it (each file
+        /// over the one before: tables merge, a later key wins).
+        #[arg(long, short, required = true)]
+        config: Vec<PathBuf>,
+    },
+    /// Load a configuration as `serve` would (files layered in order, then MERIDIAN__
+    /// overrides), say what it sets up, and exit: 0 when it loads, 1 with the reason if not.
+    Check {
+        #[arg(long, short, required = true)]
+        config: Vec<PathBuf>,
     },
     /// Run the India, Europe and US nodes on localhost with demo links.
     Dev,
@@ -115,6 +123,24 @@ enum Command {
     Sessions {
         #[command(subcommand)]
         command: SessionsCommand,
+    },
+    /// Forward UDP from --listen to --upstream with added delay, jitter and loss both ways:
+    /// the impairment proxy the lab (infra/lab/mesh-lab.sh) puts between regions, since
+    /// this kernel has no netem.
+    Netem {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        upstream: std::net::SocketAddr,
+        /// One-way delay in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Extra delay drawn from 0..jitter milliseconds (order kept).
+        #[arg(long, default_value_t = 0)]
+        jitter_ms: u64,
+        /// Probability (0..1) that a datagram is dropped.
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
     },
     /// Write a new Ed25519 key pair for EdDSA tokens.
     Keygen {
@@ -228,7 +254,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         match cli.command {
             Command::Serve { config } => {
-                let cfg = NodeConfig::load(&config)?;
+                let cfg = NodeConfig::load_layers(&config)?;
                 let stop = StopSignals::install()?;
                 let node = Node::start(cfg).await?;
                 println!("meridian {} listening on {}", node.region, node.http_url());
@@ -236,6 +262,57 @@ fn main() -> anyhow::Result<()> {
                     _ = node.wait() => {}
                     _ = stop.wait() => {}
                 }
+            }
+            Command::Check { config } => {
+                let cfg = NodeConfig::load_layers(&config)?;
+                let ports = cfg.media_ports();
+                println!(
+                    "{} (region {}): signaling {}, metrics {}, media {} port(s) from {}{}, mesh {}, admin {}, recording {}",
+                    cfg.node_id(),
+                    cfg.node.region,
+                    cfg.signaling.listen,
+                    cfg.metrics.listen,
+                    ports.len(),
+                    ports.first().copied().unwrap_or(0),
+                    if cfg.rtc.tcp { " (UDP and ICE-TCP)" } else { " (UDP)" },
+                    cfg.mesh
+                        .as_ref()
+                        .map(|m| m.listen.to_string())
+                        .unwrap_or_else(|| "off".into()),
+                    cfg.admin
+                        .as_ref()
+                        .map(|a| a.listen.to_string())
+                        .unwrap_or_else(|| "off".into()),
+                    if cfg.recording.enabled { "on" } else { "off" },
+                );
+            }
+            Command::Netem {
+                listen,
+                upstream,
+                delay_ms,
+                jitter_ms,
+                loss,
+            } => {
+                if !(0.0..=1.0).contains(&loss) {
+                    anyhow::bail!("--loss is a probability between 0 and 1, not {loss}");
+                }
+                let proxy = meridian::netem::start(
+                    listen,
+                    upstream,
+                    meridian::netem::Impairment {
+                        delay: Duration::from_millis(delay_ms),
+                        jitter: Duration::from_millis(jitter_ms),
+                        loss,
+                        seed: rand::random(),
+                    },
+                )
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+                println!(
+                    "impairing {} -> {upstream}: {delay_ms} ms (+0..{jitter_ms} ms), loss {loss}",
+                    proxy.local_addr
+                );
+                StopSignals::install()?.wait().await;
             }
             Command::Dev => dev().await?,
             Command::Ctl {

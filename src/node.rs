@@ -160,6 +160,7 @@ impl Node {
                 + FD_RESERVE,
         )?;
         let verifier = cfg.auth.verifier()?;
+        let turn = cfg.turn.as_ref().map(|t| t.issuer()).transpose()?;
         let mesh_tls = match &cfg.mesh {
             Some(m) => {
                 let tls = NodeTls::load(&m.ca_file, &m.cert_file, &m.key_file)?;
@@ -470,6 +471,7 @@ impl Node {
             .map_err(|_| StartError::Random)?,
             parking: signaling::Parking::new(Duration::from_secs(cfg.signaling.resume_grace_secs)),
             migration: Arc::new(tokio::sync::watch::channel(None).0),
+            turn,
         };
         // The metrics listener is for a local scraper: a small cap of its own.
         let metrics_admission = Admission::new(Limits {

@@ -5,7 +5,9 @@
 #     network namespace, python3-venv, ffmpeg (ffprobe reads the recordings), postgresql
 #     (a throwaway cluster for the session database tests), prometheus (a real server scrapes
 #     a node; promtool checks and unit-tests the alert rules in infra/), npm (TypeScript, in
-#     target/ts, checks the SDK's declarations); from PyPI, in target/aiortc-venv,
+#     target/ts, checks the SDK's declarations), nginx (the proxy config in infra/ carries a
+#     TLS WebSocket join), coturn (a relay-only call through the shipped TURN config), and
+#     the ShellCheck linter for the shell scripts; from PyPI, in target/aiortc-venv,
 #     aiortc (an independent WebRTC client for the signaling tests), and in target/moto-venv,
 #     moto's S3 server (the object store the storage tests upload to);
 #  2. builds the tests (this step may download crates);
@@ -27,6 +29,9 @@ command -v ffprobe >/dev/null 2>&1 || need+=(ffmpeg)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+[ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
+[ -x /usr/bin/turnserver ] || need+=(coturn)
 if [ ${#need[@]} -gt 0 ]; then
   echo "tests/run.sh: installing ${need[*]}"
   $SUDO apt-get update -qq

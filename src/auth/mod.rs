@@ -3,6 +3,8 @@
 //! A token admits one user to one verification session with one role until its expiry. This
 //! module verifies and mints tokens; it knows nothing of sockets or sessions' media.
 
+pub mod turn;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;

@@ -92,6 +92,18 @@ pub struct AppState {
     /// Participants told to move to other nodes (a drain with a deadline, a rebalance): each
     /// is told where to, see `ServerMessage::Migrate`; `None` otherwise.
     pub migration: Arc<tokio::sync::watch::Sender<Option<MoveOrder>>>,
+    /// Issues the region's TURN credentials (`[turn]`).
+    pub turn: Option<crate::auth::turn::TurnIssuer>,
+}
+
+impl AppState {
+    /// TURN servers with credentials for `user`, for `joined` and `resumed`.
+    fn ice_servers(&self, user: &crate::ids::UserId) -> Vec<crate::auth::turn::IceServer> {
+        self.turn
+            .iter()
+            .map(|t| t.issue(user.as_str(), SystemTime::now()))
+            .collect()
+    }
 }
 
 /// An operator's order to move participants off this node.
@@ -1330,6 +1342,7 @@ async fn connection(
                         session_id: attached.claims.sid.clone(),
                         expires_at: attached.claims.exp,
                         resume_key: key,
+                        ice_servers: state.ice_servers(&attached.claims.sub),
                     },
                 )
                 .await;
@@ -1451,6 +1464,7 @@ async fn connection(
             producers: joined.producers,
             resume_key: resume_key.clone(),
             resume_within_secs: state.parking.grace().as_secs(),
+            ice_servers: state.ice_servers(&claims.sub),
         },
     )
     .await;

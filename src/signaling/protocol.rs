@@ -323,6 +323,9 @@ pub enum ServerMessage {
         resume_key: Option<String>,
         /// How long the place is kept after the connection is lost.
         resume_within_secs: u64,
+        /// The region's TURN servers with credentials for this participant (for
+        /// `RTCConfiguration.iceServers`); empty when the node has no `[turn]`.
+        ice_servers: Vec<crate::auth::turn::IceServer>,
     },
     /// The node is being drained: move to `edge` (or, failing it, the `alternates` in order)
     /// within `deadlineSecs` — join there, publish and subscribe there, then leave here. Sent
@@ -346,6 +349,8 @@ pub enum ServerMessage {
         session_id: SessionId,
         expires_at: u64,
         resume_key: String,
+        /// Fresh TURN credentials (those of `joined` may be near their expiry).
+        ice_servers: Vec<crate::auth::turn::IceServer>,
     },
     #[serde(rename_all = "camelCase")]
     Published {

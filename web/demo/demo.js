@@ -57,6 +57,8 @@ async function main() {
     route: params.get("route") === "1" ? true : params.get("route") || undefined,
     regionHint: params.get("region") || undefined,
     token,
+    // #relay=1: media only through the region's TURN server.
+    iceTransportPolicy: params.get("relay") === "1" ? "relay" : "all",
   });
   client.addEventListener("edge", (e) =>
     log("EDGE", { node: e.detail.joined.node, region: e.detail.joined.region, reason: e.detail.reason }),
@@ -328,6 +330,8 @@ async function main() {
       role,
       consumers: stats,
       publisher: await client.publisherStats(),
+      // The local candidate type of each transport's selected pair (host, srflx, relay).
+      paths: { publish: await candidateType(client.publishPc), subscribe: await candidateType(client.subscribePc) },
       remoteMuted: remoteVideo.muted,
     });
   }, 1000);
@@ -462,3 +466,17 @@ main().catch((e) => {
   setState("error", "bad");
   log("ERROR", { code: "page", message: String(e) });
 });
+
+/** The type of the local candidate of `pc`'s selected pair, or null. */
+async function candidateType(pc) {
+  if (!pc) return null;
+  const report = await pc.getStats();
+  let type = null;
+  report.forEach((s) => {
+    if (s.type !== "transport" || !s.selectedCandidatePairId) return;
+    const pair = report.get(s.selectedCandidatePairId);
+    const local = pair && report.get(pair.localCandidateId);
+    if (local) type = local.candidateType;
+  });
+  return type;
+}

@@ -63,6 +63,8 @@ export interface Joined {
   /** Present when the node keeps places after a lost connection. */
   resumeKey?: string;
   resumeWithinSecs: number;
+  /** The region's TURN servers with credentials for this participant (empty without TURN). */
+  iceServers: RTCIceServer[];
 }
 
 export interface ClientOptions {
@@ -74,7 +76,10 @@ export interface ClientOptions {
   regionHint?: string;
   /** The JWT the application's backend issued. */
   token: string;
+  /** ICE servers of the page's own, used beside the node's TURN servers from `joined`. */
   iceServers?: RTCIceServer[];
+  /** `"relay"`: media only through TURN (for networks where nothing else gets through). */
+  iceTransportPolicy?: RTCIceTransportPolicy;
 }
 
 export interface PublishOptions {

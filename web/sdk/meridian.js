@@ -43,7 +43,7 @@ export class MeridianError extends Error {
 }
 
 export class MeridianClient extends EventTarget {
-  constructor({ url, route, regionHint, token, iceServers = [] }) {
+  constructor({ url, route, regionHint, token, iceServers = [], iceTransportPolicy = "all" }) {
     super();
     this.url = url || defaultUrl();
     this.route = route === true ? location.origin : route || null;
@@ -51,6 +51,9 @@ export class MeridianClient extends EventTarget {
     this.edge = null; // the /v1/edge answer when routing was used
     this.token = token;
     this.iceServers = iceServers;
+    // "relay": media only through TURN (the node's region's servers, from `joined`).
+    this.iceTransportPolicy = iceTransportPolicy;
+    this.nodeIceServers = [];
     this.ws = null;
     this.nextRequestId = 1;
     this.pending = new Map();
@@ -132,6 +135,7 @@ export class MeridianClient extends EventTarget {
           // of the gap follow.
           joined = true;
           this.resumeKey = msg.resumeKey;
+          if (msg.iceServers) this._setNodeIceServers(msg.iceServers);
           this._startStatsReports();
           resolve(msg);
           return;
@@ -141,6 +145,7 @@ export class MeridianClient extends EventTarget {
           this.joined = msg;
           this.resumeKey = msg.resumeKey || null;
           this.resumeWithinSecs = msg.resumeWithinSecs || 0;
+          this._setNodeIceServers(msg.iceServers || []);
           this._startStatsReports();
           for (const p of msg.producers) this.producers.set(p.producerId, p);
           for (const p of msg.participants) this.participants.set(p.participantId, p);
@@ -459,10 +464,34 @@ export class MeridianClient extends EventTarget {
     });
   }
 
+  /** The page's ICE servers and the node's TURN servers with this participant's credentials. */
+  _rtcConfiguration() {
+    return {
+      iceServers: [...this.iceServers, ...this.nodeIceServers],
+      iceTransportPolicy: this.iceTransportPolicy,
+      bundlePolicy: "max-bundle",
+    };
+  }
+
+  /** New TURN credentials (a join, a resume): open transports use them from their next ICE
+   * restart on. */
+  _setNodeIceServers(servers) {
+    this.nodeIceServers = servers;
+    for (const pc of [this.publishPc, this.subscribePc]) {
+      if (pc && pc.signalingState !== "closed") {
+        try {
+          pc.setConfiguration(this._rtcConfiguration());
+        } catch (_) {
+          // A browser that refuses a changed configuration keeps the old credentials.
+        }
+      }
+    }
+  }
+
   _pc(kind) {
     const key = kind === "publish" ? "publishPc" : "subscribePc";
     if (!this[key]) {
-      const pc = new RTCPeerConnection({ iceServers: this.iceServers, bundlePolicy: "max-bundle" });
+      const pc = new RTCPeerConnection(this._rtcConfiguration());
       pc.addEventListener("connectionstatechange", () =>
         this._emit("connectionstate", { transport: kind, state: pc.connectionState }),
       );
