@@ -131,41 +131,26 @@ pub async fn run(admin: &str, token_file: &Path, command: CtlCommand) -> anyhow:
             failed(&s)?;
         }
         CtlCommand::Undrain { node, region, json } => {
-            let s = c
-                .post("/v1/admin/undrain", &target(&node, &region), &[])
+            c.act("/v1/admin/undrain", &target(&node, &region), &[], json)
                 .await?;
-            print(&s, json);
-            failed(&s)?;
         }
         CtlCommand::Weight {
             region,
             weight,
             json,
         } => {
-            let s = c
-                .post(
-                    "/v1/admin/weight",
-                    &target(&None, &Some(region)),
-                    &[("weight", weight.to_string())],
-                )
+            let extra = [("weight", weight.to_string())];
+            c.act("/v1/admin/weight", &Target::Region(region), &extra, json)
                 .await?;
-            print(&s, json);
-            failed(&s)?;
         }
         CtlCommand::Capacity {
             region,
             sessions,
             json,
         } => {
-            let s = c
-                .post(
-                    "/v1/admin/capacity",
-                    &target(&None, &Some(region)),
-                    &[("max_sessions", sessions.to_string())],
-                )
+            let extra = [("max_sessions", sessions.to_string())];
+            c.act("/v1/admin/capacity", &Target::Region(region), &extra, json)
                 .await?;
-            print(&s, json);
-            failed(&s)?;
         }
         CtlCommand::Session { id, json } => {
             let s: SessionStatus = call(
@@ -200,29 +185,19 @@ pub async fn run(admin: &str, token_file: &Path, command: CtlCommand) -> anyhow:
                 .await?;
             failed(&s)?;
             let total = sum(&before, &nodes, |r| r.participants);
-            let bar = Progress::new(total, "participants moved");
-            let until = Instant::now() + Duration::from_secs(secs + 3);
-            let mut s = s;
-            loop {
-                let here = sum(&s, &nodes, |r| r.participants);
-                bar.show(
-                    total.saturating_sub(here),
-                    &format!(
-                        "{} draining: {here} of {total} participants left to move, {} s to the deadline",
-                        t.name(&s),
-                        until
-                            .saturating_duration_since(Instant::now())
-                            .as_secs()
-                            .saturating_sub(3)
-                    ),
-                );
-                if here == 0 || Instant::now() >= until {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                s = c.status().await?;
-            }
-            bar.finish();
+            // The nodes close the last participants at the deadline: a little longer.
+            let s = c
+                .follow(s, total, "participants moved", secs + 3, |s| {
+                    let here = sum(s, &nodes, |r| r.participants);
+                    (
+                        here,
+                        format!(
+                            "{} draining: {here} of {total} participants left to move",
+                            t.name(s)
+                        ),
+                    )
+                })
+                .await?;
             print(&s, json);
             let here = sum(&s, &nodes, |r| r.participants);
             let closed = sum(&s, &nodes, |r| r.closed_at_deadline).saturating_sub(sum(
@@ -254,25 +229,15 @@ pub async fn run(admin: &str, token_file: &Path, command: CtlCommand) -> anyhow:
             let nodes = t.nodes(&s);
             if let Some(secs) = wait {
                 let total = sum(&s, &nodes, |r| r.sessions);
-                let bar = Progress::new(total, "sessions ended");
-                let until = Instant::now() + Duration::from_secs(secs);
-                loop {
-                    let left = sum(&s, &nodes, |r| r.sessions);
-                    bar.show(
-                        total.saturating_sub(left),
-                        &format!(
-                            "{} draining: {left} sessions left, {} s to go",
-                            t.name(&s),
-                            until.saturating_duration_since(Instant::now()).as_secs()
-                        ),
-                    );
-                    if left == 0 || Instant::now() >= until {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    s = c.status().await?;
-                }
-                bar.finish();
+                s = c
+                    .follow(s, total, "sessions ended", secs, |s| {
+                        let left = sum(s, &nodes, |r| r.sessions);
+                        (
+                            left,
+                            format!("{} draining: {left} sessions left", t.name(s)),
+                        )
+                    })
+                    .await?;
             }
             print(&s, json);
             if wait.is_some() {
@@ -310,24 +275,18 @@ pub async fn run(admin: &str, token_file: &Path, command: CtlCommand) -> anyhow:
             let nodes = t.nodes(&s);
             let told = sum(&s, &nodes, |r| r.told_to_move);
             if wait && told > 0 {
-                let bar = Progress::new(told, "participants moved");
-                let until = Instant::now() + Duration::from_secs(deadline);
-                loop {
-                    let left = sum(&s, &nodes, |r| r.moving);
-                    bar.show(
-                        told.saturating_sub(left),
-                        &format!(
-                            "{} rebalancing: {left} of {told} participants left to move",
-                            t.name(&s)
-                        ),
-                    );
-                    if left == 0 || Instant::now() >= until {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    s = c.status().await?;
-                }
-                bar.finish();
+                s = c
+                    .follow(s, told, "participants moved", deadline, |s| {
+                        let left = sum(s, &nodes, |r| r.moving);
+                        (
+                            left,
+                            format!(
+                                "{} rebalancing: {left} of {told} participants left to move",
+                                t.name(s)
+                            ),
+                        )
+                    })
+                    .await?;
             }
             print(&s, json);
             let left = sum(&s, &nodes, |r| r.moving);
@@ -357,6 +316,46 @@ struct Client<'a> {
 impl Client<'_> {
     async fn status(&self) -> Result<Status, crate::admin::CtlError> {
         call(self.admin, self.token, Method::GET, "/v1/admin/status").await
+    }
+
+    /// Posts an action, prints the mesh after it, and fails if a node did not carry it out.
+    async fn act(
+        &self,
+        path: &str,
+        t: &Target,
+        extra: &[(&str, String)],
+        json: bool,
+    ) -> anyhow::Result<Status> {
+        let s = self.post(path, t, extra).await?;
+        print(&s, json);
+        failed(&s)?;
+        Ok(s)
+    }
+
+    /// Asks for the status once a second until `left` (what is left of `total`, and the line
+    /// saying so) reaches 0 or `secs` pass, showing the progress; the last status.
+    async fn follow(
+        &self,
+        mut s: Status,
+        total: u64,
+        unit: &str,
+        secs: u64,
+        left: impl Fn(&Status) -> (u64, String),
+    ) -> Result<Status, crate::admin::CtlError> {
+        let bar = Progress::new(total, unit);
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let (n, line) = left(&s);
+            let to_go = until.saturating_duration_since(Instant::now()).as_secs();
+            bar.show(total.saturating_sub(n), &format!("{line}, {to_go} s to go"));
+            if n == 0 || Instant::now() >= until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            s = self.status().await?;
+        }
+        bar.finish();
+        Ok(s)
     }
 
     async fn post(

@@ -12,26 +12,37 @@ use common::*;
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef-admin";
 
+/// A mesh of `sites` whose nodes in `region` have the admin API on, and the token file.
+async fn mesh_with_admin_in(
+    dir: &std::path::Path,
+    sites: &[(String, (&str, f64, f64))],
+    region: &'static str,
+) -> (Vec<meridian::node::Node>, std::path::PathBuf) {
+    let token_file = dir.join("admin.token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let tf = token_file.clone();
+    let nodes = routed_mesh_of(dir, sites, move |cfg| {
+        if cfg.node.region.as_str() == region {
+            cfg.admin = Some(meridian::admin::AdminSection {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                token_file: tf.clone(),
+            });
+        }
+    })
+    .await;
+    (nodes, token_file)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_answers_only_its_token_and_ctl_shows_and_drains_the_mesh() {
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let tf = token_file.clone();
-    let nodes = routed_mesh_of(
+    let (nodes, token_file) = mesh_with_admin_in(
         dir.path(),
         &[
             ("india-1".into(), ("india", 19.076, 72.8777)),
             ("us-1".into(), ("us", 39.0, -77.5)),
         ],
-        move |cfg| {
-            if cfg.node.region.as_str() == "india" {
-                cfg.admin = Some(meridian::admin::AdminSection {
-                    listen: "127.0.0.1:0".parse().unwrap(),
-                    token_file: tf.clone(),
-                });
-            }
-        },
+        "india",
     )
     .await;
     let (india, us) = (&nodes[0], &nodes[1]);
@@ -248,24 +259,14 @@ async fn until_edge(asked: &meridian::node::Node, from: &str, node: &str, why: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctl_reaches_every_node_of_the_mesh_through_one() {
     let dir = tempfile::tempdir().unwrap();
-    let token_file = dir.path().join("admin.token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let tf = token_file.clone();
-    let nodes = routed_mesh_of(
+    let (nodes, token_file) = mesh_with_admin_in(
         dir.path(),
         &[
             ("india-1".into(), ("india", 19.076, 72.8777)),
             ("europe-1".into(), ("europe", 50.1109, 8.6821)),
             ("us-1".into(), ("us", 39.0, -77.5)),
         ],
-        move |cfg| {
-            if cfg.node.region.as_str() == "us" {
-                cfg.admin = Some(meridian::admin::AdminSection {
-                    listen: "127.0.0.1:0".parse().unwrap(),
-                    token_file: tf.clone(),
-                });
-            }
-        },
+        "us",
     )
     .await;
     let (india, europe, us) = (&nodes[0], &nodes[1], &nodes[2]);

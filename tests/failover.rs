@@ -17,14 +17,6 @@ use common::*;
 /// The documented bound (docs/operations.md#node-failure) the test holds the SDK to.
 const RECOVERY_BOUND: Duration = Duration::from_secs(20);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `meridian serve` for india-1 (Mumbai), dialing `peers`, with the cluster files `f`.
 fn serve_india(
     dir: &Path,

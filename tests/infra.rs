@@ -115,6 +115,22 @@ fn the_bootstrap_script_is_valid_bash_and_clean_under_shellcheck() {
     }
 }
 
+/// `meridian check` on India's region file with `node` over it: (success, stdout, stderr).
+fn check_over_india(node: &Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["check", "--config"])
+        .arg(repo().join("regions/india.toml"))
+        .arg("--config")
+        .arg(node)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn meridian_check_loads_a_layered_configuration_and_names_the_fault_in_a_bad_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -124,36 +140,15 @@ fn meridian_check_loads_a_layered_configuration_and_names_the_fault_in_a_bad_one
         "[node]\nid = \"india-7\"\n[rtc]\nlisten_ip = \"0.0.0.0\"\nannounced_ip = \"198.51.100.7\"\nworkers = 4\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["check", "--config"])
-        .arg(repo().join("regions/india.toml"))
-        .arg("--config")
-        .arg(&node)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, said, err) = check_over_india(&node);
+    assert!(ok, "{err}");
     // The node file's id and workers over the region file's ports.
     assert!(
         said.contains("india-7 (region india)") && said.contains("media 4 port(s) from 40100"),
         "{said}"
     );
     std::fs::write(&node, "[rtc]\nworkerz = 4\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["check", "--config"])
-        .arg(repo().join("regions/india.toml"))
-        .arg("--config")
-        .arg(&node)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("workerz"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, _, err) = check_over_india(&node);
+    assert!(!ok);
+    assert!(err.contains("workerz"), "{err}");
 }

@@ -26,14 +26,6 @@ fn nginx() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The shipped site, with the placeholders the deployment fills in, its listeners moved to
 /// loopback ports and its certificate and ACME paths in `dir`, inside a minimal main config.
 fn configure(dir: &Path, signaling: u16, https: u16, http: u16) -> PathBuf {

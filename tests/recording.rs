@@ -851,14 +851,6 @@ async fn until_listening(root: &Path, port: u16) {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The pts (ms) of the first and last packets ffprobe reads in `file`.
 fn packet_span(file: &Path) -> (u64, u64) {
     let out = std::process::Command::new("ffprobe")

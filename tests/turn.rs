@@ -25,7 +25,7 @@ fn turnserver() -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
+fn free_udp_and_tcp_port() -> u16 {
     loop {
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let port = udp.local_addr().unwrap().port();
@@ -56,7 +56,7 @@ async fn coturn(dir: &Path) -> Coturn {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/coturn/turnserver.conf"),
     )
     .unwrap();
-    let port = free_port();
+    let port = free_udp_and_tcp_port();
     let log = dir.join("turn.log");
     let mut conf: String = shipped
         .lines()

@@ -520,6 +520,7 @@ pub fn start(
         next_record: 1,
         admin_inbox: cfg.admin_inbox.clone(),
         pending_admin: HashMap::new(),
+        admin_in_flight: Default::default(),
         next_admin: 1,
     };
     let records = records::RecordRelay { tx: itx.clone() };
@@ -905,6 +906,8 @@ struct Core {
     admin_inbox: Option<mpsc::UnboundedSender<operators::Inbound>>,
     /// Operators' calls sent and awaiting their answer, by id.
     pending_admin: HashMap<u64, PendingAdmin>,
+    /// Calls from peers being carried out here.
+    admin_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     next_admin: u64,
 }
 
@@ -1379,6 +1382,8 @@ impl Core {
                 let _ = p.out.send(msg.clone());
             }
         }
+        // Calls whose caller gave up waiting are forgotten (an answer would find no one).
+        self.pending_admin.retain(|_, (_, r)| !r.is_closed());
         for (node, pipe) in self.membership.poll_silent(now) {
             self.stats.peers_silent.fetch_add(1, Relaxed);
             tracing::warn!(node = %node, pipe = %pipe, "peer silent for 3 s: declaring it down");
@@ -1471,6 +1476,15 @@ impl Core {
                 );
             }
             Control::AdminRequest { id, call } => {
+                // Operators' calls are rare: a peer sending more at once than an operator
+                // could is answered at once, without work.
+                if self.admin_in_flight.load(Relaxed) >= operators::MAX_IN_FLIGHT {
+                    let reply = crate::proto::admin::AdminReply::Refused {
+                        reason: "too many operators' calls at once; try again".into(),
+                    };
+                    let _ = state.out.send(Control::AdminAnswer { id, reply }.encode());
+                    return;
+                }
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 let inbound = operators::Inbound {
                     from: state.node.clone(),
@@ -1489,6 +1503,8 @@ impl Core {
                     return;
                 }
                 let out = state.out.clone();
+                let in_flight = self.admin_in_flight.clone();
+                in_flight.fetch_add(1, Relaxed);
                 tokio::spawn(async move {
                     let reply = match tokio::time::timeout(operators::ADMIN_WAIT, answer).await {
                         Ok(Ok(r)) => r,
@@ -1497,6 +1513,7 @@ impl Core {
                         },
                     };
                     let _ = out.send(Control::AdminAnswer { id, reply }.encode());
+                    in_flight.fetch_sub(1, Relaxed);
                 });
             }
             Control::AdminAnswer { id, reply } => {

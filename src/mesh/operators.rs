@@ -13,6 +13,9 @@ use crate::proto::admin::{AdminCall, AdminReply};
 /// Longest a relayed call waits for the far node's answer.
 pub const ADMIN_WAIT: Duration = Duration::from_secs(5);
 
+/// Calls from peers carried out here at once; more are refused until some finish.
+pub const MAX_IN_FLIGHT: usize = 32;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdminRelayError {
     #[error("{0} is not connected to this node (not a member, or its pipe is down)")]

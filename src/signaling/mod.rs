@@ -713,6 +713,22 @@ struct RecordLeave {
     reason: &'static str,
 }
 
+/// The audit entry of a participant joined through this node.
+fn arrival(
+    claims: &crate::auth::Claims,
+    pid: &ParticipantId,
+    profile: Option<&std::sync::Arc<crate::compliance::profile::Profile>>,
+) -> crate::compliance::recorder::Arrival {
+    crate::compliance::recorder::Arrival {
+        session: claims.sid.clone(),
+        participant: pid.clone(),
+        user: claims.sub.clone(),
+        role: claims.role,
+        via: None,
+        profile: profile.map(|p| p.name.clone()),
+    }
+}
+
 /// How long a session's recording node must stay out of the membership before its records
 /// move elsewhere.
 const RECORDER_LOSS_CONFIRM: Duration = Duration::from_secs(1);
@@ -731,7 +747,7 @@ async fn continue_recording(
     worker: &WorkerHandle,
     lost: &NodeId,
 ) -> Result<records::RecordsTo, (&'static str, String)> {
-    use crate::compliance::recorder::{Arrival, ProducerEvent};
+    use crate::compliance::recorder::ProducerEvent;
     let ended = |why: String| {
         (
             "recording_failed",
@@ -747,15 +763,7 @@ async fn continue_recording(
     if matches!(recording, Some(Recording::Here)) {
         worker.record(claims.sid.clone());
     }
-    let arrival = Arrival {
-        session: claims.sid.clone(),
-        participant: pid.clone(),
-        user: claims.sub.clone(),
-        role: claims.role,
-        via: None,
-        profile: profile.as_ref().map(|p| p.name.clone()),
-    };
-    rec.joined(arrival)
+    rec.joined(arrival(claims, pid, profile.as_ref()))
         .await
         .map_err(|e| ended(e.to_string()))?;
     let noticed = SystemTime::now()
@@ -1427,15 +1435,7 @@ async fn connection(
     // A session that is recorded never runs unrecorded: no audit entry, no session.
     let mut recorded = None;
     if let Some(rec) = records_to {
-        let arrival = crate::compliance::recorder::Arrival {
-            session: claims.sid.clone(),
-            participant: pid.clone(),
-            user: claims.sub.clone(),
-            role: claims.role,
-            via: None,
-            profile: profile.as_ref().map(|p| p.name.clone()),
-        };
-        if let Err(e) = rec.joined(arrival).await {
+        if let Err(e) = rec.joined(arrival(&claims, &pid, profile.as_ref())).await {
             tracing::error!(session = %claims.sid, error = %e, "join refused: not recorded");
             return refuse(&state, &mut sink, e.code(), e.to_string(), close::INTERNAL).await;
         }

@@ -651,3 +651,12 @@ secret = "{SECRET}"
 "#
     )
 }
+
+/// A TCP port free on loopback now (for a process the test starts, which binds it itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
