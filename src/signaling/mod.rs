@@ -1535,6 +1535,14 @@ async fn serve(
     let mut membership = state.edge.members.clone();
     membership.mark_changed();
     let mut membership_open = true;
+    let recorded_elsewhere = |r: &Option<RecordLeave>| {
+        matches!(
+            r.as_ref().map(|r| &r.recorder),
+            Some(records::RecordsTo::There { .. })
+        )
+    };
+    // Only those recorded on another node wake for membership changes (once a heartbeat).
+    let mut watch_recorder = recorded_elsewhere(recorded);
     let mut recorder_lost: Option<(NodeId, tokio::time::Instant)> = None;
     let expires_at = claims.expires_at();
     let until_expiry = expires_at
@@ -1616,7 +1624,7 @@ async fn serve(
                     (None, false) => {}
                 }
             }
-            changed = membership.changed(), if membership_open && recorder_lost.is_none() => {
+            changed = membership.changed(), if watch_recorder && membership_open && recorder_lost.is_none() => {
                 if changed.is_err() {
                     membership_open = false;
                     continue;
@@ -1640,6 +1648,7 @@ async fn serve(
                         if let Some(r) = recorded.as_mut() {
                             r.recorder = rec;
                         }
+                        watch_recorder = recorded_elsewhere(recorded);
                     }
                     Err((code, message)) => break Ending::Refuse(code, message, close::INTERNAL),
                 }
