@@ -52,14 +52,7 @@ key_file = "{}"
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.join("india-1.log")).unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    serve_process(&cfg, &dir.join("india-1.log"))
 }
 
 /// Every video consumer a page has reported.

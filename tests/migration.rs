@@ -107,13 +107,7 @@ async fn draining_india_moves_the_chromium_user_to_europe_while_the_agent_keeps_
     assert_eq!(moved["node"], "europe-1", "the next nearest edge to Mumbai");
 
     // The agent's picture: the longest run of one-second reports without a decoded frame.
-    wait_until(
-        "both decoding after the move",
-        Duration::from_secs(30),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
-    )
-    .await;
+    both_decoding("both decoding after the move", 30, &user, &agent).await;
     let stats = agent.reports("STATS");
     let (mut run, mut longest) = (0u32, 0u32);
     for w in stats[reports_before.saturating_sub(1)..].windows(2) {

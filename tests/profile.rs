@@ -306,11 +306,11 @@ async fn a_vcip_call_across_regions_leaves_its_evidence_in_india_only() {
     let mut cdp = Cdp::attach(&user).await;
     cdp.place(19.076, 72.8777, 30.0).await;
     cdp.click("consent-agree").await;
-    wait_until(
+    both_decoding(
         "the customer and the agent decoding each other",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
+        90,
+        &user,
+        &agent,
     )
     .await;
     wait_until(

@@ -619,11 +619,11 @@ async fn a_recorded_call_leaves_a_webm_per_participant_that_players_open() {
     let node = recording_node(root.path()).await;
     let opened = std::time::Instant::now();
     let (user, agent) = call_pages(&node, "kyc-media", "&simulcast=1", "");
-    wait_until(
+    both_decoding(
         "the user and the agent decoding each other",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
+        90,
+        &user,
+        &agent,
     )
     .await;
     let decoding = opened.elapsed();
@@ -825,14 +825,7 @@ create_signing_key = true
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(root.join(format!("node-{port}.log"))).unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    serve_process(&cfg, &root.join(format!("node-{port}.log")))
 }
 
 async fn until_listening(root: &Path, port: u16) {
@@ -892,11 +885,11 @@ async fn a_node_killed_mid_recording_leaves_playable_files_and_seals_them_as_int
     };
     let user = Browser::open(&page("user", "alice", Role::User));
     let agent = Browser::open(&page("agent", "bob", Role::Agent));
-    wait_until(
+    both_decoding(
         "the user and the agent decoding each other",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
+        90,
+        &user,
+        &agent,
     )
     .await;
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -983,11 +976,11 @@ async fn a_cross_region_call_is_recorded_in_its_residency_region_only() {
     };
     let user = Browser::open(&page(india, "user", "alice", Role::User, "&simulcast=1"));
     let agent = Browser::open(&page(us, "agent", "bob", Role::Agent, ""));
-    wait_until(
+    both_decoding(
         "the user in India and the agent in the US decoding each other",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
+        90,
+        &user,
+        &agent,
     )
     .await;
     tokio::time::sleep(Duration::from_secs(6)).await;

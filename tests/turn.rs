@@ -193,13 +193,7 @@ async fn a_relay_only_chromium_call_completes_through_coturn() {
     };
     let user = Browser::open(&page("user", "alice", Role::User));
     let agent = Browser::open(&page("agent", "bob", Role::Agent));
-    wait_until(
-        "both sides decoding through TURN only",
-        Duration::from_secs(60),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
-    )
-    .await;
+    both_decoding("both sides decoding through TURN only", 60, &user, &agent).await;
     for b in [&user, &agent] {
         let last = b.reports("STATS").pop().unwrap();
         assert_eq!(last["paths"]["publish"], "relay", "{last}");

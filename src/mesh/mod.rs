@@ -78,7 +78,8 @@ pub struct MeshStats {
     pub pipes_open: AtomicU64,
     /// Pipe handshakes that failed: a peer refused our certificate or we refused theirs.
     pub handshakes_refused: AtomicU64,
-    /// Control messages that did not decode; the pipe carrying them is closed.
+    /// Control messages that did not decode (the pipe carrying them is closed), and values
+    /// out of range in ones that did (ignored: a heartbeat's weight, counted once per pipe).
     pub control_errors: AtomicU64,
     /// DNS lookups that failed (the last good answer stays in force).
     pub discovery_errors: AtomicU64,
@@ -849,6 +850,8 @@ struct PipeState {
     interests: HashSet<SessionId>,
     /// The far end's producers handed to a worker here.
     remote_producers: HashMap<ProducerId, RemoteProducer>,
+    /// A heartbeat with a weight out of range was reported (once per pipe).
+    bad_weight_reported: bool,
 }
 
 /// Where a producer of another node went on this one.
@@ -1278,6 +1281,7 @@ impl Core {
                 conn,
                 interests: HashSet::new(),
                 remote_producers: HashMap::new(),
+                bad_weight_reported: false,
             },
         );
         self.stats.pipes_open.fetch_add(1, Relaxed);
@@ -1459,10 +1463,16 @@ impl Core {
                 draining,
                 weight,
             } => {
-                // A weight out of range counts as neutral rather than steering routing.
+                // A weight out of range counts as neutral rather than steering routing; it is
+                // said once per pipe (heartbeats come every second).
                 let weight = if weight > 0.0 && weight <= load::MAX_WEIGHT {
                     weight
                 } else {
+                    if !state.bad_weight_reported {
+                        state.bad_weight_reported = true;
+                        self.stats.control_errors.fetch_add(1, Relaxed);
+                        tracing::warn!(node = %state.node, weight, "peer announced a routing weight outside (0, {}]; counting it as 1", load::MAX_WEIGHT);
+                    }
                     1.0
                 };
                 self.membership.handle_heartbeat(

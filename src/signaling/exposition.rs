@@ -553,6 +553,12 @@ fn membership(s: &AppState, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
         "meridian_pipe_identity_mismatches",
         "Pipes refused because the Hello named another node or region than the certificate",
         m.identity_mismatches.load(Relaxed),
+    )?;
+    scalar_counter(
+        enc,
+        "meridian_pipe_control_errors",
+        "Control messages from peers that did not decode (their pipe closed) or carried a value out of range",
+        m.control_errors.load(Relaxed),
     )
 }
 

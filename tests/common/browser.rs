@@ -458,11 +458,11 @@ pub async fn mumbai_user_and_agent(
         agent_node.http_url(),
         super::token(session, "bob", meridian::auth::Role::Agent, day)
     ));
-    wait_until(
+    both_decoding(
         "the user and the agent decoding each other",
-        Duration::from_secs(90),
-        &[&user, &agent],
-        || decoding(&user) && decoding(&agent),
+        90,
+        &user,
+        &agent,
     )
     .await;
     (proxy, user, agent)
@@ -471,4 +471,13 @@ pub async fn mumbai_user_and_agent(
 /// The page never showed another participant leaving.
 pub fn saw_no_leave(b: &Browser) -> bool {
     b.reports("PRESENCE").iter().all(|r| r["event"] != "left")
+}
+
+/// Waits up to `secs` until `user` and `agent` both decode video (their transcripts shown if
+/// not).
+pub async fn both_decoding(what: &str, secs: u64, user: &Browser, agent: &Browser) {
+    wait_until(what, Duration::from_secs(secs), &[user, agent], || {
+        decoding(user) && decoding(agent)
+    })
+    .await;
 }

@@ -660,3 +660,14 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// `meridian serve --config <config>` as a process of its own, its log in `log`.
+pub fn serve_process(config: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
