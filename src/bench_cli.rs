@@ -55,6 +55,10 @@ pub struct SfuArgs {
     /// For Janus: the address the load generator's peers use (the veth's).
     #[arg(long, default_value = "127.0.0.2")]
     janus_client_ip: std::net::IpAddr,
+    /// Fan-out: also measure Meridian with forwarded copies going through rtc's sender
+    /// (`rtc.srtp_in_place = false`), in the same run, for a before/after comparison.
+    #[arg(long)]
+    with_rtc_sender: bool,
 }
 
 impl SfuArgs {
@@ -325,15 +329,28 @@ async fn bench_fanout(
         cfg.bitrate_kbps, cfg.payload_bytes, cfg.subscribers, cfg.seconds
     );
     let mut all: Vec<(&str, Vec<meridian::bench::FanoutResult>)> = Vec::new();
+    // (label, node name, environment)
+    type Variant<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+    let mut variants: Vec<Variant> = Vec::new();
     if with_meridian {
-        let node = meridian::bench::SpawnedNode::start(&dir, "bench", None, 1)?;
+        variants.push(("meridian", "bench", &[]));
+        if sfus.with_rtc_sender {
+            variants.push((
+                "meridian-rtc-sender",
+                "bench-rtc",
+                &[("MERIDIAN__RTC__SRTP_IN_PLACE", "false")],
+            ));
+        }
+    }
+    for (name, node_name, env) in variants {
+        let node = meridian::bench::SpawnedNode::start_with_env(&dir, node_name, None, 1, "", env)?;
         node.wait_ready().await?;
         let results = meridian::bench::run_fanout(&node.target(), &cfg).await;
         drop(node);
         let results = results?;
-        println!("meridian (pid measured from /proc):");
+        println!("{name} (pid measured from /proc):");
         print!("{}", meridian::bench::table(&results));
-        all.push(("meridian", results));
+        all.push((name, results));
     }
     if with_janus {
         let janus = sfus.start_janus(&dir)?;
@@ -346,7 +363,20 @@ async fn bench_fanout(
         print!("{}", meridian::bench::table(&results));
         all.push(("janus", results));
     }
-    if let [(_, m), (_, j)] = all.as_slice() {
+    let named = |n: &str| all.iter().find(|(name, _)| *name == n).map(|(_, r)| r);
+    if let (Some(m), Some(r)) = (named("meridian"), named("meridian-rtc-sender")) {
+        println!("rtc's sender / in place, CPU per forwarded packet:");
+        for (a, b) in m.iter().zip(r) {
+            if a.cpu_us_per_forwarded_packet > 0.0 {
+                println!(
+                    "{:>4} subscribers: {:.2}x",
+                    a.subscribers,
+                    b.cpu_us_per_forwarded_packet / a.cpu_us_per_forwarded_packet
+                );
+            }
+        }
+    }
+    if let (Some(m), Some(j)) = (named("meridian"), named("janus")) {
         println!("janus / meridian CPU per forwarded packet:");
         for (a, b) in m.iter().zip(j) {
             if a.cpu_us_per_forwarded_packet > 0.0 {

@@ -358,6 +358,12 @@ pub struct RtcSection {
     /// (also the fallback for a subscriber that does not negotiate transport-cc).
     #[serde(default = "default_true")]
     pub send_side_bwe: bool,
+    /// Forwarded copies are written and SRTP-encrypted by Meridian in reused buffers (no
+    /// allocation per copy). Off, every copy goes through rtc's sender (`write_rtp`), as a
+    /// way back and for comparison; a connection whose keys cannot be taken falls back to it
+    /// on its own, counted in `meridian_srtp_fallback_connections_total`.
+    #[serde(default = "default_true")]
+    pub srtp_in_place: bool,
 }
 
 /// JWT verification.

@@ -278,6 +278,7 @@ impl Node {
                 index: index as u8,
                 mesh: cfg.mesh.is_some().then(|| mesh_tx.clone()),
                 send_side_bwe: cfg.rtc.send_side_bwe,
+                srtp_in_place: cfg.rtc.srtp_in_place,
                 recording: recorder.as_ref().map(|r| r.media().clone()),
             })
             .map_err(|source| StartError::Media {

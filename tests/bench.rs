@@ -35,6 +35,7 @@ fn fanout_benchmark_measures_a_separate_node_process() {
             "2",
             "--warmup",
             "1",
+            "--with-rtc-sender",
         ],
         &json,
     );
@@ -45,32 +46,47 @@ fn fanout_benchmark_measures_a_separate_node_process() {
     );
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let steps = results["meridian"].as_array().unwrap();
-    assert_eq!(steps.len(), 2);
-    for (step, n) in steps.iter().zip([1.0, 3.0]) {
-        assert_eq!(step["subscribers"].as_f64().unwrap(), n);
-        let pin = step["packets_in_per_s"].as_f64().unwrap();
-        let pout = step["packets_out_per_s"].as_f64().unwrap();
-        // ~114 packets/s at 1 Mbit/s in 1100-byte payloads, fanned out n times.
-        assert!(pin > 50.0, "{step}");
-        assert!(
-            (pout / pin - n).abs() < 0.2 * n,
-            "out = in × subscribers: {step}"
-        );
-        assert!(step["cpu_us_per_forwarded_packet"].as_f64().unwrap() > 0.0);
-        assert!(step["latency_p50_us"].as_u64().unwrap() > 0);
-        assert!(step["loss_percent"].as_f64().unwrap() < 5.0, "{step}");
-        // The node counts its allocations: rtc's send path allocates for every copy.
-        assert!(
-            step["allocs_per_packet_rtc"].as_f64().unwrap() > 1.0,
-            "{step}"
-        );
-        assert!(
-            step["allocs_per_packet_meridian"].as_f64().is_some(),
-            "{step}"
-        );
+    for sfu in ["meridian", "meridian-rtc-sender"] {
+        let steps = results[sfu].as_array().unwrap();
+        assert_eq!(steps.len(), 2);
+        for (step, n) in steps.iter().zip([1.0, 3.0]) {
+            assert_eq!(step["subscribers"].as_f64().unwrap(), n);
+            let pin = step["packets_in_per_s"].as_f64().unwrap();
+            let pout = step["packets_out_per_s"].as_f64().unwrap();
+            // ~114 packets/s at 1 Mbit/s in 1100-byte payloads, fanned out n times.
+            assert!(pin > 50.0, "{sfu}: {step}");
+            assert!(
+                (pout / pin - n).abs() < 0.2 * n,
+                "{sfu}: out = in × subscribers: {step}"
+            );
+            assert!(step["cpu_us_per_forwarded_packet"].as_f64().unwrap() > 0.0);
+            assert!(step["latency_p50_us"].as_u64().unwrap() > 0);
+            assert!(
+                step["loss_percent"].as_f64().unwrap() < 5.0,
+                "{sfu}: {step}"
+            );
+        }
     }
+    // The node counts its allocations. Through rtc's sender every copy allocates several
+    // times inside rtc; encrypted in place, what rtc still allocates is per received packet
+    // (and RTCP), so per copy it falls as subscribers are added.
+    let allocs = |sfu: &str, i: usize| {
+        let step = &results[sfu][i];
+        (
+            step["allocs_per_packet_meridian"].as_f64().unwrap(),
+            step["allocs_per_packet_rtc"].as_f64().unwrap(),
+        )
+    };
+    let (_, rtc_sender) = allocs("meridian-rtc-sender", 1);
+    let (own, rtc_in_place) = allocs("meridian", 1);
+    assert!(rtc_sender > 3.0, "rtc's sender: {rtc_sender} per copy");
+    assert!(
+        rtc_in_place + own < rtc_sender / 2.0,
+        "in place: {own} + {rtc_in_place} per copy against rtc's sender's {rtc_sender}"
+    );
+    assert!(allocs("meridian", 1).1 < allocs("meridian", 0).1);
     assert!(stdout.contains("allocs/pkt(own+rtc)"), "{stdout}");
+    assert!(stdout.contains("rtc's sender / in place"), "{stdout}");
 }
 
 #[test]

@@ -370,6 +370,18 @@ async fn firefox_user_and_chromium_agent_decode_each_others_video() {
         &agent,
     )
     .await;
+    // What each browser decodes was encrypted by Meridian in place, with its own sender
+    // reports (`sfu::egress`), not by rtc's sender.
+    assert_eq!(
+        metric_sum(&node, "meridian_srtp_in_place_connections_total").await,
+        2.0,
+        "both subscribe connections encrypted in place"
+    );
+    assert_eq!(
+        metric_sum(&node, "meridian_srtp_fallback_connections_total").await,
+        0.0
+    );
+    assert!(metric_sum(&node, "meridian_sender_reports_total").await > 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,6 +38,7 @@ fn impostor(
         index: 0,
         mesh: Some(tx),
         send_side_bwe: false,
+        srtp_in_place: true,
         recording: None,
     })
     .unwrap();

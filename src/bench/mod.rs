@@ -69,6 +69,19 @@ impl SpawnedNode {
         workers: usize,
         extra: &str,
     ) -> std::io::Result<SpawnedNode> {
+        Self::start_with_env(dir, name, mesh, workers, extra, &[])
+    }
+
+    /// [`SpawnedNode::start_with`] with environment variables for the node (`MERIDIAN__…`
+    /// overrides any configuration key).
+    pub fn start_with_env(
+        dir: &std::path::Path,
+        name: &str,
+        mesh: Option<MeshSetup>,
+        workers: usize,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> std::io::Result<SpawnedNode> {
         std::fs::create_dir_all(dir)?;
         let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
@@ -125,6 +138,7 @@ impl SpawnedNode {
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(file.try_clone()?)
             .stderr(file)
             .spawn()?;

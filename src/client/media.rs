@@ -247,11 +247,17 @@ impl MediaPeer {
         let socket = None;
         let media_base: u32 = rand::random::<u32>() & 0x0fff_ffff;
         let mut engine = media_engine()?;
-        // Keyframe requests reach the application only through this interceptor.
-        let registry = Registry::new().with(
-            Slot::from(14_000),
-            crate::sfu::engine::DeliverFeedback::default(),
-        );
+        // Keyframe requests reach the application only through this interceptor; sender
+        // reports through the other (the tests read what the SFU reports).
+        let registry = Registry::new()
+            .with(
+                Slot::from(14_000),
+                crate::sfu::engine::DeliverFeedback::default(),
+            )
+            .with(
+                Slot::from(14_001),
+                crate::sfu::engine::DeliverSenderReports::default(),
+            );
         let registry = register_default_interceptors(registry, &mut engine)?;
         let mut pc = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())

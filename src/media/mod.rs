@@ -10,6 +10,7 @@ pub mod layers;
 pub mod reception;
 pub mod repair;
 pub mod rewrite;
+pub mod srtp;
 pub mod vp8;
 
 /// Codecs Meridian forwards. Forwarding never re-encodes, so a consumer always receives the

@@ -18,7 +18,15 @@ pub struct SendBatch {
     iovs: Vec<libc::iovec>,
     cmsgs: Vec<[u64; 8]>,
     hdrs: Vec<libc::mmsghdr>,
+    /// Buffers of sent datagrams, cleared, for the next copies (see [`SendBatch::buffer`]).
+    free: Vec<BytesMut>,
 }
+
+/// Capacity of a pooled buffer: the largest datagram accepted plus SRTP's tag, rounded up.
+pub const BUFFER_CAPACITY: usize = 2048;
+
+/// Pooled buffers kept at most (per worker): a turn's worth of copies at high fan-out.
+const MAX_FREE: usize = 1024;
 
 /// Most messages handed to one `sendmmsg` call (the kernel's UIO_MAXIOV is 1024).
 const MAX_PER_CALL: usize = 512;
@@ -36,6 +44,23 @@ pub struct Flushed {
 impl SendBatch {
     pub fn push(&mut self, dst: SocketAddr, src: Option<IpAddr>, data: BytesMut) {
         self.items.push((dst, src, data));
+    }
+
+    /// An empty buffer of [`BUFFER_CAPACITY`] for a datagram to push: one whose datagram left
+    /// in an earlier flush when there is one, so steady forwarding allocates nothing.
+    pub fn buffer(&mut self) -> BytesMut {
+        self.free
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(BUFFER_CAPACITY))
+    }
+
+    /// Keeps a sent datagram's buffer for [`SendBatch::buffer`] if it is whole and large enough
+    /// (rtc's own datagrams are often slices of a larger buffer: those are let go).
+    fn recycle(free: &mut Vec<BytesMut>, mut b: BytesMut) {
+        b.clear();
+        if free.len() < MAX_FREE && b.capacity() >= BUFFER_CAPACITY {
+            free.push(b);
+        }
     }
 
     /// Takes the queued datagrams (destination, source address, bytes) without sending them,
@@ -128,7 +153,9 @@ impl SendBatch {
                 out.failed += 1;
             }
         }
-        self.items.clear();
+        for (_, _, b) in self.items.drain(..) {
+            Self::recycle(&mut self.free, b);
+        }
         out
     }
 }

@@ -6,10 +6,11 @@ use std::time::Instant;
 
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RTCRtpRtxParameters, RtpCodecKind,
 };
 use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection};
 
+use super::egress::{number_for_rtc, send_in_place, Copy, SendPath};
 use super::keys::{ConnKey, ConsumerKey, ParticipantKey, ProducerKey};
 use super::*;
 use super::{producer::*, transport::*, worker::*};
@@ -18,6 +19,7 @@ use crate::media::layers::LayerSelector;
 use crate::media::rewrite::RtpRewriter;
 use crate::media::vp8::Vp8Rewriter;
 use crate::media::Codec;
+use rtc::peer_connection::configuration::media_engine::MIME_TYPE_RTX;
 
 pub(super) struct Consumer {
     pub(super) id: ConsumerId,
@@ -40,9 +42,41 @@ pub(super) struct Consumer {
     pub(super) clock_rate: u32,
     /// When the subscription was made, until its first packet went out (first-frame time).
     pub(super) awaiting_first: Option<Instant>,
+    /// The transport-wide sequence number's extension id, when negotiated.
+    pub(super) twcc_id: Option<u8>,
+    /// The RTX stream repairs and probes go on, when negotiated (copies sent in place).
+    pub(super) rtx: Option<super::egress::RtxStream>,
+    /// What went out in place, for sender reports.
+    pub(super) sent: super::egress::Sent,
+    /// Without RTX but numbered transport-wide: each recent copy's transport-wide number, so a
+    /// repair on the primary SSRC is byte-identical (indexed by sequence number; empty until
+    /// needed).
+    pub(super) twcc_log: Vec<Option<(u16, u16)>>,
 }
 
+/// Copies whose transport-wide numbers are remembered for repairs (as the packet cache).
+const TWCC_LOG: usize = super::producer::PACKET_CACHE;
+
 impl Consumer {
+    /// Notes the transport-wide number copy `seq` went out with, where a repair will need it.
+    pub(super) fn remember_twcc(&mut self, seq: u16, twcc: Option<u16>) {
+        let Some(n) = twcc.filter(|_| self.rtx.is_none()) else {
+            return;
+        };
+        if self.twcc_log.is_empty() {
+            self.twcc_log = vec![None; TWCC_LOG];
+        }
+        self.twcc_log[usize::from(seq) % TWCC_LOG] = Some((seq, n));
+    }
+
+    /// The transport-wide number copy `seq` went out with, if still remembered.
+    pub(super) fn logged_twcc(&self, seq: u16) -> Option<u16> {
+        match self.twcc_log.get(usize::from(seq) % TWCC_LOG) {
+            Some(Some((s, n))) if *s == seq => Some(*n),
+            _ => None,
+        }
+    }
+
     /// Renumbers the codec's own frame numbering in a copy about to go out, after its RTP
     /// header went through `rewriter` (so the source generation is current). Copies the
     /// payload when the numbering differs from the producer's, which for a VP8 simulcast
@@ -57,6 +91,18 @@ impl Consumer {
             edit.apply(&mut payload);
             pkt.payload = payload.freeze();
         }
+    }
+
+    /// The VP8 numbering to write over a copy sent in place (see `renumber_payload`).
+    pub(super) fn vp8_edit(
+        &mut self,
+        codec: Option<Codec>,
+        payload: &[u8],
+    ) -> Option<crate::media::vp8::Vp8Edit> {
+        if codec != Some(Codec::Vp8) {
+            return None;
+        }
+        self.vp8.rewrite(self.rewriter.generation(), payload)
     }
 
     pub(super) fn is_paused(&self) -> bool {
@@ -110,12 +156,13 @@ impl Worker {
                 .map_err(SubscribeError::BadSdp)?,
         };
         let id = ConsumerId::random();
-        let ssrc = loop {
+        let nonzero = || loop {
             let s = rand::random::<u32>();
             if s != 0 {
                 break s;
             }
         };
+        let (ssrc, rtx_ssrc) = (nonzero(), nonzero());
         let owner_id = owner.participant_id.to_string();
         let track = MediaStreamTrack::new(
             owner_id,
@@ -128,6 +175,8 @@ impl Worker {
             vec![RTCRtpEncodingParameters {
                 rtp_coding_parameters: RTCRtpCodingParameters {
                     ssrc: Some(ssrc),
+                    // Named here so that copies sent in place use the SSRC rtc announces.
+                    rtx: Some(RTCRtpRtxParameters { ssrc: rtx_ssrc }),
                     ..Default::default()
                 },
                 codec: rtp_codec.clone(),
@@ -190,12 +239,32 @@ impl Worker {
                     .iter()
                     .map(|e| (e.uri.as_str(), e.id)),
             );
-            (payload_type, extensions)
+            let twcc_id = params
+                .header_extensions
+                .iter()
+                .find(|e| e.uri == rtc::sdp::extmap::TRANSPORT_CC_URI)
+                .and_then(|e| u8::try_from(e.id).ok());
+            // RTX is in use when the answer kept an RTX format for the consumer's own one.
+            let rtx = payload_type.and_then(|pt| {
+                let apt = format!("apt={pt}");
+                codecs
+                    .iter()
+                    .find(|c| {
+                        c.rtp_codec.mime_type.eq_ignore_ascii_case(MIME_TYPE_RTX)
+                            && c.rtp_codec
+                                .sdp_fmtp_line
+                                .split(';')
+                                .any(|p| p.trim() == apt)
+                    })
+                    .map(|c| super::egress::RtxStream {
+                        ssrc: rtx_ssrc,
+                        payload_type: c.payload_type,
+                        next_seq: rand::random(),
+                    })
+            });
+            (payload_type, extensions, twcc_id, rtx)
         });
-        let (payload_type, extensions) = match negotiated {
-            Some((pt, ext)) => (pt, ext),
-            None => (None, OutgoingExtensions::default()),
-        };
+        let (payload_type, extensions, twcc_id, rtx) = negotiated.unwrap_or_default();
         let Some(payload_type) = payload_type else {
             return fail(
                 self,
@@ -227,6 +296,10 @@ impl Worker {
             probe_cursor: 0,
             clock_rate: rtp_codec.clock_rate,
             awaiting_first: (kind == MediaKind::Video).then_some(now),
+            twcc_id,
+            rtx,
+            sent: Default::default(),
+            twcc_log: Vec::new(),
         };
         let cid = self.consumers.insert(consumer);
         self.conns[ck].track_consumer.insert(id.to_string(), cid);
@@ -328,6 +401,11 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(c.conn) else {
             return Resent::Gone;
         };
+        match conn.send_path {
+            SendPath::InPlace(_) => return self.resend_in_place(now, cid, out_seq, rtx_only),
+            SendPath::Pending => return Resent::Gone,
+            SendPath::Rtc => {}
+        }
         let repairs = conn.repairs.clone();
         let rtx = repairs.as_ref().is_some_and(|r| r.rtx());
         if (rtx_only && !rtx) || !repairs.as_ref().is_none_or(|r| r.can_repair()) {
@@ -359,6 +437,10 @@ impl Worker {
         if rtx {
             super::rtx::mark(&mut pkt);
         }
+        if rtx {
+            // On RTX every copy has an index of its own, so it gets a number of its own.
+            number_for_rtc(now, conn, c.twcc_id, &mut pkt);
+        }
         let size = pkt.payload.len() + 40;
         let ck = c.conn;
         let mut written = false;
@@ -370,6 +452,87 @@ impl Worker {
             Resent::Sent(size)
         } else {
             Resent::Gone
+        }
+    }
+}
+
+impl Worker {
+    /// [`Worker::resend`] on a connection sending in place: on the consumer's RTX stream, or
+    /// without RTX as a byte-identical copy of the original (same transport-wide number; one
+    /// whose number is no longer known is not sent).
+    fn resend_in_place(
+        &mut self,
+        now: Instant,
+        cid: ConsumerKey,
+        out_seq: u16,
+        rtx_only: bool,
+    ) -> Resent {
+        let Worker {
+            consumers,
+            conns,
+            producers,
+            batch,
+            tcp_frames,
+            tcp_open,
+            stats,
+            ..
+        } = self;
+        let Some(c) = consumers.get_mut(cid) else {
+            return Resent::Gone;
+        };
+        let Some(conn) = conns.get_mut(c.conn) else {
+            return Resent::Gone;
+        };
+        if rtx_only && c.rtx.is_none() {
+            return Resent::NoSafeRepair;
+        }
+        let Some(producer) = producers.get(c.producer) else {
+            return Resent::Gone;
+        };
+        let cached = c.rewriter.input_of(out_seq).and_then(|(ssrc, seq)| {
+            let layer = producer.layers.iter().find(|l| l.ssrc == Some(ssrc))?;
+            layer.cache.as_ref()?.get(seq)
+        });
+        let Some(CachedPacket { pkt, kept }) = cached else {
+            return Resent::NotCached;
+        };
+        let (ssrc, seq, ts) = (
+            pkt.header.ssrc,
+            pkt.header.sequence_number,
+            pkt.header.timestamp,
+        );
+        let Some((out_seq, out_ts)) = c.rewriter.rewrite(now, ssrc, seq, ts) else {
+            return Resent::NotCached;
+        };
+        let vp8 = c.vp8_edit(producer.codec, &pkt.payload);
+        let mut copy = Copy {
+            marker: pkt.header.marker,
+            payload_type: c.payload_type,
+            seq: out_seq,
+            timestamp: out_ts,
+            ssrc: c.ssrc,
+            kept,
+            ids: c.extensions,
+            twcc: None,
+            osn: None,
+            payload: &pkt.payload,
+            vp8,
+        };
+        if let Some(rtx) = &mut c.rtx {
+            copy.osn = Some(out_seq);
+            copy.ssrc = rtx.ssrc;
+            copy.payload_type = rtx.payload_type;
+            copy.seq = rtx.next_seq;
+            rtx.next_seq = rtx.next_seq.wrapping_add(1);
+        } else if conn.send_side.is_some() && c.twcc_id.is_some() {
+            match (c.twcc_id, c.logged_twcc(out_seq)) {
+                (Some(id), Some(n)) => copy.twcc = Some((id, n)),
+                _ => return Resent::NoSafeRepair,
+            }
+        }
+        match send_in_place(now, c, conn, batch, tcp_frames, tcp_open, stats, copy) {
+            Some(size) => Resent::Sent(size),
+            None => Resent::Gone,
         }
     }
 }

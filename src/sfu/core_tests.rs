@@ -350,7 +350,11 @@ mod simulcast {
 
     use rtc::peer_connection::message::RTCMessage;
     use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+    use rtc::rtcp::sender_report::SenderReport;
     use rtc::sansio::Protocol;
+
+    use crate::sfu::egress::SendPath;
+    use crate::sfu::keys::{ConnKey, ConsumerKey};
     use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
 
     use super::*;
@@ -369,6 +373,12 @@ mod simulcast {
         silent: Vec<u8>,
         /// (layer, keyframe) of every packet received.
         received: Vec<(u8, bool)>,
+        /// (SSRC, sequence number, timestamp) of every packet received.
+        rtp: Vec<(u32, u16, u32)>,
+        /// Sender reports received.
+        reports: Vec<SenderReport>,
+        /// Every datagram the node sent it, as it went on the wire (when asked for).
+        wire: Option<Vec<BytesMut>>,
     }
 
     impl Client {
@@ -381,6 +391,9 @@ mod simulcast {
                 deaf: Vec::new(),
                 silent: Vec::new(),
                 received: Vec::new(),
+                rtp: Vec::new(),
+                reports: Vec::new(),
+                wire: None,
             }
         }
     }
@@ -419,6 +432,9 @@ mod simulcast {
                 let Some(c) = clients.iter_mut().find(|c| c.addr == dst) else {
                     continue;
                 };
+                if let Some(wire) = &mut c.wire {
+                    wire.push(data.clone());
+                }
                 let _ = c.peer.pc().handle_read(TaggedBytesMut {
                     now: self.now,
                     transport: TransportContext {
@@ -436,6 +452,8 @@ mod simulcast {
                     streams,
                     deaf,
                     received,
+                    rtp,
+                    reports,
                     ..
                 } = &mut **c;
                 let pc = peer.pc();
@@ -443,11 +461,16 @@ mod simulcast {
                 while let Some(msg) = pc.poll_read() {
                     match msg.message {
                         RTCMessage::RtpPacket(_, p) => {
+                            let h = &p.header;
+                            rtp.push((h.ssrc, h.sequence_number, h.timestamp));
                             let key = p.payload.get(1).is_some_and(|b| b & 1 == 0);
                             received.push((p.payload.get(26).copied().unwrap_or(255), key));
                         }
                         RTCMessage::RtcpPacket(_, pkts) => {
                             for p in pkts {
+                                if let Some(sr) = p.as_any().downcast_ref::<SenderReport>() {
+                                    reports.push(sr.clone());
+                                }
                                 let Some(pli) = p.as_any().downcast_ref::<PictureLossIndication>()
                                 else {
                                     continue;
@@ -758,5 +781,285 @@ mod simulcast {
                 "with the estimate it was chosen by: {events:?}"
             );
         }
+    }
+
+    /// A user publishing and an agent subscribed, flowing: the agent's subscribe connection.
+    fn flowing_call(h: &mut Harness) -> (Client, Client, ConnKey, ConsumerKey) {
+        let (user, _user_events) = h.join("kyc-srtp", "user");
+        let (agent, _agent_events) = h.join("kyc-srtp", "agent");
+        let layer = Encoding {
+            packets_per_s: 200.0,
+            payload_bytes: 600,
+        };
+        let (mut publisher, producer) = h.publisher(user, vec![layer]);
+        let (mut subscriber, subscribed) = h.subscriber(agent.clone(), producer, None);
+        pump_until(
+            h,
+            &mut [&mut publisher, &mut subscriber],
+            "100 packets forwarded",
+            |c| c[1].received.len() >= 100,
+        );
+        let ck = h.core.participants[h.core.participant_ids[&agent]]
+            .subscribe
+            .unwrap();
+        let cid = h.core.consumer_ids[&subscribed.consumer_id];
+        (publisher, subscriber, ck, cid)
+    }
+
+    /// The in-place path rests on how rtc 0.21.1 derives SRTP keys (`media::srtp`): if an rtc
+    /// upgrade changes it, this fails here rather than in a browser. The key is taken, confirmed
+    /// against rtc's own SRTCP, and an independent rtc peer decrypts and decodes the copies.
+    #[test]
+    fn copies_encrypted_in_place_with_the_key_taken_from_rtc_decrypt_at_an_rtc_subscriber() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut h = Harness::plain();
+        h.core.cfg.send_side_bwe = true;
+        let (_publisher, subscriber, ck, _) = flowing_call(&mut h);
+        let stats = &h.core.stats;
+        assert_eq!(stats.srtp_in_place_connections.load(Relaxed), 1);
+        assert_eq!(stats.srtp_fallback_connections.load(Relaxed), 0);
+        assert_eq!(
+            stats.srtp_key_mismatch.load(Relaxed),
+            0,
+            "rtc's SRTCP confirmed the key"
+        );
+        assert!(
+            !h.core.conns[ck].send_path.awaits_key_check(),
+            "the key was checked against rtc's SRTCP"
+        );
+        assert!(matches!(h.core.conns[ck].send_path, SendPath::InPlace(_)));
+        assert!(subscriber.received[0].1, "decoded from a keyframe");
+        let estimate = h.core.conns[ck].estimate.as_ref().unwrap();
+        assert!(
+            estimate.reports() > 0,
+            "the subscriber's transport-cc feedback on the copies reached the estimator"
+        );
+    }
+
+    /// Browsers align audio and video by the sender reports of each stream: a stream sent in
+    /// place gets them from the node, with counts and an RTP time that match what was sent.
+    #[test]
+    fn streams_sent_in_place_have_sender_reports_matching_what_was_sent() {
+        let mut h = Harness::plain();
+        let (mut publisher, mut subscriber, _, cid) = flowing_call(&mut h);
+        let ssrc = h.core.consumers[cid].ssrc;
+        pump_until(
+            &mut h,
+            &mut [&mut publisher, &mut subscriber],
+            "two sender reports",
+            |c| c[1].reports.iter().filter(|r| r.ssrc == ssrc).count() >= 2,
+        );
+        let sr = subscriber.reports.iter().rfind(|r| r.ssrc == ssrc).unwrap();
+        let sent = h.core.consumers[cid].sent;
+        assert!(sr.ntp_time != 0);
+        let received = subscriber.rtp.iter().filter(|r| r.0 == ssrc).count() as u32;
+        assert!(
+            sr.packet_count <= sent.packets
+                && sr.packet_count + 10 >= received.min(sr.packet_count),
+            "packet count {} against {} sent, {} received",
+            sr.packet_count,
+            sent.packets,
+            received
+        );
+        assert!(sr.octet_count >= sr.packet_count * 600, "payload octets");
+        // The report's RTP time is the newest packet's, moved on by the time since (a tick
+        // at most here), so it matches the stream's timestamps now to within 200 ms.
+        let newest = subscriber
+            .rtp
+            .iter()
+            .filter(|r| r.0 == ssrc)
+            .map(|r| r.2)
+            .max_by_key(|&ts| ts.wrapping_sub(sr.rtp_time) as i32)
+            .unwrap();
+        let off = (sr.rtp_time.wrapping_sub(newest) as i32).unsigned_abs();
+        assert!(off < 90_000 / 5, "RTP time {off} ticks from the stream's");
+    }
+
+    /// Decrypts the captured datagrams of one SSRC in order with the node's outbound key
+    /// (rtc's SRTP, an implementation independent of `media::srtp`): sequence number → packet.
+    fn decrypt_stream(
+        key: &crate::media::srtp::MasterKey,
+        wire: &[BytesMut],
+        ssrc: u32,
+    ) -> std::collections::HashMap<u16, rtc::rtp::Packet> {
+        use rtc::shared::marshal::Unmarshal;
+        let crypto = rtc::crypto::default_provider().unwrap();
+        let mut ctx = rtc::srtp::context::Context::new(
+            &key.key,
+            &key.salt_block[..12],
+            rtc::srtp::protection_profile::ProtectionProfile::AeadAes128Gcm,
+            None,
+            None,
+            crypto.crypto(),
+        )
+        .unwrap();
+        let mut out = std::collections::HashMap::new();
+        for d in wire {
+            if d.len() < 12 || d[0] >> 6 != 2 || (192..=223).contains(&d[1]) {
+                continue;
+            }
+            if u32::from_be_bytes([d[8], d[9], d[10], d[11]]) != ssrc {
+                continue;
+            }
+            let Ok(clear) = ctx.decrypt_rtp(d) else {
+                continue; // a replay of a number already seen
+            };
+            let pkt = rtc::rtp::Packet::unmarshal(&mut &clear[..]).unwrap();
+            out.entry(pkt.header.sequence_number).or_insert(pkt);
+        }
+        out
+    }
+
+    /// A NACKed copy goes again on the RTX stream (a fresh SRTP index) and carries exactly
+    /// what the original carried: same payload after the original sequence number, same
+    /// timestamp, marker and header extensions but its own transport-wide number.
+    #[test]
+    fn a_nacked_copy_is_repaired_on_rtx_with_the_original_payload_and_extensions() {
+        use rtc::rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
+        let mut h = Harness::plain();
+        h.core.cfg.send_side_bwe = true;
+        let (mut publisher, mut subscriber, ck, cid) = flowing_call(&mut h);
+        subscriber.wire = Some(Vec::new());
+        for _ in 0..20 {
+            h.pump(&mut [&mut publisher, &mut subscriber]);
+        }
+        let c = &h.core.consumers[cid];
+        let (ssrc, rtx) = (c.ssrc, c.rtx.unwrap());
+        let lost = c.rewriter.last_seq().unwrap().wrapping_sub(5);
+        let pc = subscriber.peer.pc();
+        let receiver = pc.get_receivers().next().unwrap();
+        let nack: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(TransportLayerNack {
+            sender_ssrc: 1,
+            media_ssrc: ssrc,
+            nacks: vec![NackPair::new(lost)],
+        })];
+        pc.rtp_receiver(receiver)
+            .unwrap()
+            .write_rtcp(h.now, nack)
+            .unwrap();
+        for _ in 0..4 {
+            h.pump(&mut [&mut publisher, &mut subscriber]);
+        }
+        let key = h.core.conns[ck]
+            .capture
+            .as_ref()
+            .unwrap()
+            .outbound()
+            .unwrap();
+        let twcc = h.core.consumers[cid].twcc_id.unwrap();
+        let wire = subscriber.wire.take().unwrap();
+        let original = &decrypt_stream(&key, &wire, ssrc)[&lost];
+        let repairs = decrypt_stream(&key, &wire, rtx.ssrc);
+        let repair = repairs
+            .values()
+            .find(|p| p.payload[..2] == lost.to_be_bytes())
+            .expect("a repair of the NACKed copy on the RTX stream");
+        assert_eq!(
+            &repair.payload[2..],
+            &original.payload[..],
+            "the original payload"
+        );
+        assert_eq!(repair.header.timestamp, original.header.timestamp);
+        assert_eq!(repair.header.marker, original.header.marker);
+        assert_eq!(repair.header.payload_type, rtx.payload_type);
+        let others = |p: &rtc::rtp::Packet| {
+            let mut e: Vec<_> = p
+                .header
+                .extensions
+                .iter()
+                .filter(|e| e.id != twcc)
+                .map(|e| (e.id, e.payload.clone()))
+                .collect();
+            e.sort();
+            e
+        };
+        assert_eq!(
+            others(repair),
+            others(original),
+            "the same header extensions"
+        );
+        assert_ne!(
+            repair.header.get_extension(twcc),
+            original.header.get_extension(twcc),
+            "its own transport-wide number"
+        );
+    }
+
+    /// Without RTX, a repair goes on the consumer's own SSRC: the datagram must be the
+    /// original's, byte for byte (the same SRTP index with other bytes would reuse a nonce).
+    #[test]
+    fn a_repair_without_rtx_repeats_the_original_datagram_byte_for_byte() {
+        use rtc::rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut h = Harness::plain();
+        h.core.cfg.send_side_bwe = true;
+        let (mut publisher, mut subscriber, _, cid) = flowing_call(&mut h);
+        // As for a client that negotiated no RTX.
+        h.core.consumers[cid].rtx = None;
+        subscriber.wire = Some(Vec::new());
+        for _ in 0..20 {
+            h.pump(&mut [&mut publisher, &mut subscriber]);
+        }
+        let c = &h.core.consumers[cid];
+        let ssrc = c.ssrc;
+        let lost = c.rewriter.last_seq().unwrap().wrapping_sub(5);
+        let retransmitted = h.core.stats.rtp_retransmitted.load(Relaxed);
+        let pc = subscriber.peer.pc();
+        let receiver = pc.get_receivers().next().unwrap();
+        let nack: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(TransportLayerNack {
+            sender_ssrc: 1,
+            media_ssrc: ssrc,
+            nacks: vec![NackPair::new(lost)],
+        })];
+        pc.rtp_receiver(receiver)
+            .unwrap()
+            .write_rtcp(h.now, nack)
+            .unwrap();
+        for _ in 0..4 {
+            h.pump(&mut [&mut publisher, &mut subscriber]);
+        }
+        assert_eq!(
+            h.core.stats.rtp_retransmitted.load(Relaxed),
+            retransmitted + 1
+        );
+        let wire = subscriber.wire.take().unwrap();
+        let copies: Vec<&BytesMut> = wire
+            .iter()
+            .filter(|d| {
+                d.len() > 12
+                    && d[0] >> 6 == 2
+                    && !(192..=223).contains(&d[1])
+                    && d[8..12] == ssrc.to_be_bytes()
+                    && d[2..4] == lost.to_be_bytes()
+            })
+            .collect();
+        assert_eq!(copies.len(), 2, "the original and its repair");
+        assert_eq!(copies[0], copies[1]);
+    }
+
+    /// With in-place encryption off, copies go through rtc's sender: counted, still decoded,
+    /// and still numbered for the estimator.
+    #[test]
+    fn with_in_place_encryption_off_copies_go_through_rtcs_sender_and_are_counted() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut h = Harness::plain();
+        h.core.cfg.send_side_bwe = true;
+        h.core.cfg.srtp_in_place = false;
+        let (mut publisher, mut subscriber, ck, _) = flowing_call(&mut h);
+        pump_until(
+            &mut h,
+            &mut [&mut publisher, &mut subscriber],
+            "rtc's own sender reports",
+            |c| c[1].reports.iter().any(|r| r.packet_count > 0),
+        );
+        let stats = &h.core.stats;
+        assert_eq!(stats.srtp_in_place_connections.load(Relaxed), 0);
+        assert_eq!(stats.srtp_fallback_connections.load(Relaxed), 1);
+        assert!(matches!(h.core.conns[ck].send_path, SendPath::Rtc));
+        assert!(subscriber.received[0].1, "decoded from a keyframe");
+        assert!(
+            h.core.conns[ck].estimate.as_ref().unwrap().reports() > 0,
+            "transport-cc feedback reached the estimator on rtc's path too"
+        );
     }
 }

@@ -5,9 +5,10 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use rtc::interceptor::{
-    Attribute, AttributedPacket, CongestionControlBuilder, Interceptor, NackGeneratorBuilder,
-    Packet, Registry, Slot, StreamInfo, TaggedPacket, TwccSenderBuilder,
+    Attribute, AttributedPacket, Interceptor, NackGeneratorBuilder, Packet, Registry, Slot,
+    StreamInfo, TaggedPacket,
 };
 use rtc::peer_connection::configuration::interceptor_registry::{
     configure_rtcp_reports, configure_simulcast_extension_headers, configure_twcc_receiver_only,
@@ -23,14 +24,15 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::sender_report::SenderReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use std::sync::Arc;
 
-use super::bwe::{Estimator, SendEstimate};
 use super::rtx::{Repairs, RtxSender, RTX_SLOT};
+use crate::media::srtp::KeyCapture;
 
 use crate::media::extensions::{AUDIO_LEVEL, VIDEO_ORIENTATION};
 use rtc::sansio::Protocol;
@@ -154,10 +156,17 @@ pub(super) use queued_interceptor;
 /// rtc drops the whole compound). Left together, most NACKs and PLIs of a subscriber that
 /// also receives audio or RTX never reached its video consumer. On its own, each is routed by
 /// its own media SSRC.
+///
+/// Transport-wide feedback (transport-cc) goes to the application too: the worker numbers
+/// the packets and keeps their departures (`sfu::egress`). Its media SSRC is whichever stream
+/// the browser last received on, often an RTX stream that is no track; it is readdressed to
+/// the newest media stream of the connection so rtc hands it over.
 #[derive(Default)]
 pub struct DeliverFeedback {
     read: VecDeque<TaggedPacket>,
     write: VecDeque<TaggedPacket>,
+    /// Media SSRCs of the connection's bound local streams, oldest first.
+    local: Vec<u32>,
 }
 
 /// Hands a copy of each sender report from a publisher to the application (the recording
@@ -211,6 +220,7 @@ fn for_application(p: &dyn rtc::rtcp::Packet) -> bool {
         || any.is::<FullIntraRequest>()
         || any.is::<ReceiverEstimatedMaximumBitrate>()
         || any.is::<TransportLayerNack>()
+        || any.is::<TransportLayerCc>()
 }
 
 impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverFeedback {
@@ -222,7 +232,16 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverFeedback {
                 let (wanted, rest): (Vec<_>, Vec<_>) = std::mem::take(pkts)
                     .into_iter()
                     .partition(|p| for_application(p.as_ref()));
-                for p in wanted {
+                for mut p in wanted {
+                    if let (Some(cc), Some(&ssrc)) = (
+                        p.as_any().downcast_ref::<TransportLayerCc>(),
+                        self.local.last(),
+                    ) {
+                        p = Box::new(TransportLayerCc {
+                            media_ssrc: ssrc,
+                            ..cc.clone()
+                        });
+                    }
                     self.read.push_back(TaggedPacket {
                         now: msg.now,
                         transport: msg.transport,
@@ -248,8 +267,12 @@ impl Protocol<TaggedPacket, TaggedPacket, ()> for DeliverFeedback {
 }
 
 impl Interceptor for DeliverFeedback {
-    fn bind_local_stream(&mut self, _info: &StreamInfo) {}
-    fn unbind_local_stream(&mut self, _info: &StreamInfo) {}
+    fn bind_local_stream(&mut self, info: &StreamInfo) {
+        self.local.push(info.ssrc);
+    }
+    fn unbind_local_stream(&mut self, info: &StreamInfo) {
+        self.local.retain(|&s| s != info.ssrc);
+    }
     fn bind_remote_stream(&mut self, _info: &StreamInfo) {}
     fn unbind_remote_stream(&mut self, _info: &StreamInfo) {}
 }
@@ -262,10 +285,19 @@ pub const CONSENT_EXPIRY: std::time::Duration = std::time::Duration::from_secs(3
 /// A new peer connection and what the worker shares with its interceptors.
 pub(super) struct Built {
     pub pc: RTCPeerConnection,
-    /// Subscribe side with `rtc.send_side_bwe`: the estimate its congestion control publishes.
-    pub estimate: Option<Arc<SendEstimate>>,
     /// Subscribe side: the switch that sends repairs and probes on RTX.
     pub repairs: Option<Arc<Repairs>>,
+    /// Subscribe side with `rtc.srtp_in_place`: the connection's SRTP keys, once DTLS is up.
+    pub capture: Option<Arc<KeyCapture>>,
+}
+
+/// The SRTP profiles a subscribe connection accepts when its copies are encrypted in place:
+/// the two `media::srtp` implements (every browser offers both).
+fn in_place_profiles() -> Vec<SrtpProtectionProfile> {
+    vec![
+        SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
+        SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
+    ]
 }
 
 /// A new ICE-lite, DTLS-server peer connection that answers on `announced`.
@@ -299,42 +331,17 @@ pub(super) fn build_peer_connection(
         registry
     };
     configure_simulcast_extension_headers(&mut media)?;
-    let (registry, estimate) = if kind == TransportKind::Publish {
+    let registry = if kind == TransportKind::Publish {
         // Transport-wide feedback lets the publishing browser's congestion control work.
-        (configure_twcc_receiver_only(registry, &mut media)?, None)
-    } else if !send_side_bwe {
-        (registry, None)
+        configure_twcc_receiver_only(registry, &mut media)?
     } else {
-        // Our own congestion control towards the subscriber: every packet numbered
-        // transport-wide, the subscriber's transport-cc feedback resolved into GCC (see
-        // `sfu::bwe`). No pacer: layer choice is the rate control.
-        for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
-            media.register_feedback(
-                RTCPFeedback {
-                    typ: "transport-cc".into(),
-                    parameter: String::new(),
-                },
-                kind,
-            );
-            media.register_header_extension(
-                RTCRtpHeaderExtensionCapability {
-                    uri: rtc::sdp::extmap::TRANSPORT_CC_URI.into(),
-                },
-                kind,
-                None,
-            )?;
+        if send_side_bwe {
+            negotiate_transport_cc(&mut media)?;
         }
-        let (estimator, estimate) = Estimator::new();
-        let registry = registry
-            .with(
-                Slot::CongestionControl,
-                CongestionControlBuilder::new(estimator).build(),
-            )
-            .with(Slot::TwccSender, TwccSenderBuilder::new().build());
-        (registry, Some(estimate))
+        registry
     };
     let registry = configure_rtcp_reports(registry);
-    let settings = SettingEngineBuilder::new()
+    let mut settings = SettingEngineBuilder::new()
         .with_lite(true)
         // RFC 7675: consent lasts 30 s after the last authenticated check. Disconnected at
         // 10 s (reported, media continues), failed 20 s later (media stops).
@@ -343,8 +350,18 @@ pub(super) fn build_peer_connection(
             Some(CONSENT_EXPIRY - CONSENT_DISCONNECTED),
             None,
         )
-        .with_answering_dtls_role(RTCDtlsRole::Server)
-        .build();
+        .with_answering_dtls_role(RTCDtlsRole::Server);
+    let mut capture = None;
+    if kind == TransportKind::Subscribe && cfg.srtp_in_place {
+        let provider = rtc::crypto::default_provider()
+            .map_err(|e| Error::Crypto(format!("no crypto provider: {e}")))?;
+        let c = Arc::new(KeyCapture::new(provider));
+        settings = settings
+            .with_crypto_provider(c.clone())
+            .with_srtp_protection_profiles(in_place_profiles());
+        capture = Some(c);
+    }
+    let settings = settings.build();
     let mut pc = RTCPeerConnectionBuilder::new()
         .with_configuration(RTCConfigurationBuilder::new().build())
         .with_setting_engine(settings)
@@ -375,7 +392,31 @@ pub(super) fn build_peer_connection(
     pc.add_local_candidate(RTCIceCandidateInit::default())?;
     Ok(Built {
         pc,
-        estimate,
         repairs,
+        capture,
     })
+}
+
+/// Send-side congestion control towards a subscriber: transport-cc feedback and the
+/// transport-wide sequence number negotiated, for video and audio. The worker numbers the
+/// packets and runs the estimator (`sfu::egress`, `sfu::bwe`); no pacer, layer choice is the
+/// rate control.
+fn negotiate_transport_cc(media: &mut MediaEngine) -> Result<(), Error> {
+    for kind in [RtpCodecKind::Video, RtpCodecKind::Audio] {
+        media.register_feedback(
+            RTCPFeedback {
+                typ: "transport-cc".into(),
+                parameter: String::new(),
+            },
+            kind,
+        );
+        media.register_header_extension(
+            RTCRtpHeaderExtensionCapability {
+                uri: rtc::sdp::extmap::TRANSPORT_CC_URI.into(),
+            },
+            kind,
+            None,
+        )?;
+    }
+    Ok(())
 }

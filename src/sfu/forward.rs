@@ -10,8 +10,10 @@ use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtcp::payload_feedbacks::receiver_estimated_maximum_bitrate::ReceiverEstimatedMaximumBitrate;
 use rtc::rtcp::receiver_report::ReceiverReport;
+use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 
+use super::egress::{number_for_rtc, send_in_place, Copy, SendPath};
 use super::keys::{ConnKey, ConsumerKey, ProducerKey};
 use super::*;
 use super::{producer::*, worker::*};
@@ -84,6 +86,9 @@ impl Worker {
             pipe_arena,
             pipe_out,
             cfg,
+            batch,
+            tcp_frames,
+            tcp_open,
             ..
         } = self;
         let producer = &mut producers[pk];
@@ -171,21 +176,50 @@ impl Worker {
                     });
                 }
             }
-            let mut out = pkt.clone();
-            c.renumber_payload(producer.codec, &mut out);
-            out.header.ssrc = c.ssrc;
-            out.header.sequence_number = out_seq;
-            out.header.timestamp = out_ts;
-            out.header.payload_type = c.payload_type;
-            set_forwarded_extensions(&mut out, &kept, &c.extensions);
-            if let Some(mut sender) = conn.pc.rtp_sender(c.sender) {
-                if crate::alloc::in_rtc(|| sender.write_rtp(now, out)).is_ok() {
-                    stats.rtp_forwarded.fetch_add(1, Relaxed);
+            match conn.send_path {
+                SendPath::InPlace(_) => {
+                    let vp8 = c.vp8_edit(producer.codec, &pkt.payload);
+                    let copy = Copy {
+                        marker: pkt.header.marker,
+                        payload_type: c.payload_type,
+                        seq: out_seq,
+                        timestamp: out_ts,
+                        ssrc: c.ssrc,
+                        kept: &kept,
+                        ids: c.extensions,
+                        twcc: None,
+                        osn: None,
+                        payload: &pkt.payload,
+                        vp8,
+                    };
+                    let sent =
+                        send_in_place(now, c, conn, batch, tcp_frames, tcp_open, stats, copy);
+                    if sent.is_some() {
+                        c.sent.on_packet(now, out_ts, pkt.payload.len());
+                        stats.rtp_forwarded.fetch_add(1, Relaxed);
+                    }
                 }
-            }
-            if !conn.dirty {
-                conn.dirty = true;
-                dirty.push(c.conn);
+                SendPath::Rtc => {
+                    let mut out = pkt.clone();
+                    c.renumber_payload(producer.codec, &mut out);
+                    out.header.ssrc = c.ssrc;
+                    out.header.sequence_number = out_seq;
+                    out.header.timestamp = out_ts;
+                    out.header.payload_type = c.payload_type;
+                    set_forwarded_extensions(&mut out, &kept, &c.extensions);
+                    number_for_rtc(now, conn, c.twcc_id, &mut out);
+                    if let Some(mut sender) = conn.pc.rtp_sender(c.sender) {
+                        if crate::alloc::in_rtc(|| sender.write_rtp(now, out)).is_ok() {
+                            stats.rtp_forwarded.fetch_add(1, Relaxed);
+                        }
+                    }
+                    if !conn.dirty {
+                        conn.dirty = true;
+                        dirty.push(c.conn);
+                    }
+                }
+                // Not up yet: nothing may be sent on the connection's SSRCs.
+                SendPath::Pending => {}
             }
         }
     }
@@ -203,6 +237,15 @@ impl Worker {
         if conn.kind != TransportKind::Subscribe {
             return;
         }
+        // Transport-wide feedback is about the connection, whichever track it came on.
+        for p in pkts {
+            if let Some(fb) = p.as_any().downcast_ref::<TransportLayerCc>() {
+                self.on_transport_feedback(now, ck, fb);
+            }
+        }
+        let Some(conn) = self.conns.get(ck) else {
+            return;
+        };
         let Some(&cid) = conn.track_consumer.get(track) else {
             return;
         };

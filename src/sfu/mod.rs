@@ -14,6 +14,7 @@ mod consumer;
 #[cfg(test)]
 mod core_tests;
 mod driver;
+mod egress;
 pub mod engine;
 mod forward;
 mod keys;
@@ -602,6 +603,16 @@ counters! {
     /// Repairs or probes dropped at the wire because their stream has no RTX on a connection
     /// numbered transport-wide (a copy on the primary SSRC would reuse an SRTP index).
     pub rtx_unsafe_dropped: AtomicU64,
+    /// Subscribe connections whose copies Meridian encrypts in place (`sfu::egress`).
+    pub srtp_in_place_connections: AtomicU64,
+    /// Subscribe connections whose copies go through rtc's sender: keys not taken, or moved
+    /// there after a key mismatch, or in-place encryption off.
+    pub srtp_fallback_connections: AtomicU64,
+    /// Keys taken from rtc that did not decrypt rtc's own SRTCP (an rtc upgrade changed how it
+    /// derives them).
+    pub srtp_key_mismatch: AtomicU64,
+    /// Sender reports sent for streams encrypted in place.
+    pub sender_reports: AtomicU64,
     /// Bandwidth probes towards subscribers: clusters started, confirmed and refused by the
     /// path, and the RTX packets they were made of.
     pub probe_clusters: AtomicU64,
@@ -966,6 +977,7 @@ pub(crate) fn test_worker_config(index: u8) -> WorkerConfig {
         index,
         mesh: None,
         send_side_bwe: false,
+        srtp_in_place: true,
         recording: None,
     }
 }

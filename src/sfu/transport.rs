@@ -48,6 +48,17 @@ pub(super) struct Conn {
     pub(super) repairs: Option<std::sync::Arc<super::rtx::Repairs>>,
     /// Subscribe side: when to probe for more bandwidth (`sfu::bwe`).
     pub(super) prober: super::bwe::Prober,
+    /// Subscribe side: transport-wide numbering and the estimator (`sfu::egress`).
+    pub(super) send_side: Option<super::egress::SendSide>,
+    /// Subscribe side: how RTP leaves (`sfu::egress`).
+    pub(super) send_path: super::egress::SendPath,
+    /// Subscribe side with in-place encryption: where rtc's key derivation is watched.
+    pub(super) capture: Option<std::sync::Arc<crate::media::srtp::KeyCapture>>,
+    /// Where media goes: the selected candidate pair's remote end, as rtc last addressed
+    /// something other than STUN to it.
+    pub(super) dest: Option<(SocketAddr, TransportProtocol)>,
+    /// When the next sender reports are due (streams encrypted in place).
+    pub(super) next_report: Option<Instant>,
     pub(super) created: Instant,
     /// Publish side: incoming SSRC → (producer, layer); filled as streams open.
     pub(super) ssrc_route: HashMap<u32, (ProducerKey, u8)>,
@@ -331,7 +342,19 @@ impl Worker {
         };
         conn.dirty = false;
         let src_ip = conn.src_ip;
+        let mut key_check = None;
         while let Some(msg) = crate::alloc::in_rtc(|| conn.pc.poll_write()) {
+            // Anything but STUN goes to the selected pair: where copies sent in place go too.
+            if conn.kind == TransportKind::Subscribe && msg.message.first().is_some_and(|&b| b > 3)
+            {
+                conn.dest = Some((msg.transport.peer_addr, msg.transport.transport_protocol));
+                if key_check.is_none()
+                    && conn.send_path.awaits_key_check()
+                    && super::egress::is_rtcp(&msg.message)
+                {
+                    key_check = Some(msg.message.clone());
+                }
+            }
             if msg.transport.transport_protocol == TransportProtocol::TCP {
                 if self.tcp_open.contains(&msg.transport.peer_addr) {
                     self.tcp_frames
@@ -348,6 +371,12 @@ impl Worker {
         while let Some(ev) = crate::alloc::in_rtc(|| conn.pc.poll_event()) {
             self.event_scratch.push(ev);
         }
+        if let Some(d) = key_check {
+            self.confirm_key(ck, &d);
+        }
+        let Some(conn) = self.conns.get_mut(ck) else {
+            return;
+        };
         while let Some(msg) = crate::alloc::in_rtc(|| conn.pc.poll_read()) {
             match msg.message {
                 RTCMessage::RtpPacket(track, pkt) => self.rtp_scratch.push((track, pkt)),
@@ -481,6 +510,7 @@ impl Worker {
                     && conn_connected(&self.conns, ck)
                     && kind == TransportKind::Subscribe
                 {
+                    self.start_send_path(now, ck);
                     // Consumers waiting on this transport need a keyframe now.
                     let consumers: Vec<ConsumerKey> = self.participants[pk].consumers.clone();
                     for c in consumers {
@@ -532,16 +562,22 @@ impl Worker {
         kind: TransportKind,
         rtx: bool,
     ) -> Result<ConnKey, String> {
-        let send_side = self.cfg.send_side_bwe && rtx;
+        let send_side_bwe = self.cfg.send_side_bwe && rtx && kind == TransportKind::Subscribe;
         let built = build_peer_connection(
             kind,
             self.announced,
             &self.cfg,
-            send_side,
+            send_side_bwe,
             self.stats.clone(),
             now,
         )
         .map_err(sdp_error)?;
+        let (send_side, estimate) = if send_side_bwe {
+            let (side, estimate) = super::egress::SendSide::new(now);
+            (Some(side), Some(estimate))
+        } else {
+            (None, None)
+        };
         let ck = self.conns.insert(Conn {
             pc: built.pc,
             kind,
@@ -557,9 +593,14 @@ impl Worker {
             ssrc_route: HashMap::new(),
             track_producer: HashMap::new(),
             track_consumer: HashMap::new(),
-            estimate: built.estimate,
+            estimate,
             repairs: built.repairs,
             prober: super::bwe::Prober::default(),
+            send_side,
+            send_path: super::egress::SendPath::Pending,
+            capture: built.capture,
+            dest: None,
+            next_report: None,
             created: now,
         });
         let p = &mut self.participants[pk];

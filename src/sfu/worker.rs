@@ -50,6 +50,9 @@ pub struct WorkerConfig {
     /// connections and choose simulcast layers by its estimate (`rtc.send_side_bwe`); off,
     /// layer choice follows the subscriber's REMB.
     pub send_side_bwe: bool,
+    /// Encrypt forwarded copies in place (`sfu::egress`, `rtc.srtp_in_place`); off, every copy
+    /// goes through rtc's `write_rtp`.
+    pub srtp_in_place: bool,
     /// The node's media writer, when it records sessions: producers of recorded sessions
     /// copy their packets to it.
     pub recording: Option<crate::compliance::media::MediaSink>,
@@ -202,6 +205,7 @@ impl Worker {
             }
         }
         let measure = self.ticks % 10 == 0;
+        self.tick_send_paths(now);
         self.share_send_estimates(now);
         let mut wants: Vec<ConsumerKey> = Vec::new();
         let mut bitrates: Vec<Option<u64>> = Vec::new();

@@ -131,6 +131,26 @@ const WORKER_COUNTERS: &[(&str, &str, Field)] = &[
         |w| &w.rtx_unsafe_dropped,
     ),
     (
+        "meridian_srtp_in_place_connections",
+        "Subscribe connections whose forwarded copies Meridian encrypts in place",
+        |w| &w.srtp_in_place_connections,
+    ),
+    (
+        "meridian_srtp_fallback_connections",
+        "Subscribe connections whose copies go through rtc's sender (keys not taken, key mismatch, or in-place encryption off)",
+        |w| &w.srtp_fallback_connections,
+    ),
+    (
+        "meridian_srtp_key_mismatch",
+        "SRTP keys taken from rtc that did not decrypt rtc's own SRTCP",
+        |w| &w.srtp_key_mismatch,
+    ),
+    (
+        "meridian_sender_reports",
+        "RTCP sender reports sent for streams encrypted in place",
+        |w| &w.sender_reports,
+    ),
+    (
         "meridian_keyframe_requests",
         "PLIs sent to publishers",
         |w| &w.keyframe_requests,

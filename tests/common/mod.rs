@@ -238,6 +238,19 @@ pub async fn http_get(node: &Node, path: &str) -> String {
     http_get_at(node.signaling_addr, path).await
 }
 
+/// The sum of a metric's series in a node's `/metrics` (0 when absent).
+pub async fn metric_sum(node: &Node, name: &str) -> f64 {
+    metrics(node)
+        .await
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The node's `/metrics`, from its own listener.
 pub async fn metrics(node: &Node) -> String {
     http_get_at(node.metrics_addr, "/metrics").await
