@@ -15,10 +15,12 @@ pub struct CountingAllocator;
 static TOTAL: AtomicU64 = AtomicU64::new(0);
 static WORKER_OWN: AtomicU64 = AtomicU64::new(0);
 static WORKER_RTC: AtomicU64 = AtomicU64::new(0);
+static WORKER_COPY: AtomicU64 = AtomicU64::new(0);
 
 const OTHER: u8 = 0;
 const WORKER: u8 = 1;
 const WORKER_IN_RTC: u8 = 2;
+const WORKER_COPYING: u8 = 3;
 
 thread_local! {
     // A const-initialized Cell: no lazy initialization and no destructor, so reading it
@@ -34,6 +36,9 @@ fn count() {
         }
         Ok(WORKER_IN_RTC) => {
             WORKER_RTC.fetch_add(1, Relaxed);
+        }
+        Ok(WORKER_COPYING) => {
+            WORKER_COPY.fetch_add(1, Relaxed);
         }
         _ => {}
     }
@@ -83,6 +88,31 @@ pub fn in_rtc<R>(f: impl FnOnce() -> R) -> R {
     out
 }
 
+/// While alive, the media thread is writing one forwarded copy (or repair, or probe): its
+/// allocations, in Meridian's code or in rtc's sender, are counted as the copy path's
+/// (`code="copy_path"`), the figure the in-place send path is held to (zero).
+pub struct CopyPath(bool);
+
+impl CopyPath {
+    #[inline]
+    pub fn enter() -> Self {
+        let on = ROLE.with(Cell::get) == WORKER;
+        if on {
+            ROLE.with(|r| r.set(WORKER_COPYING));
+        }
+        CopyPath(on)
+    }
+}
+
+impl Drop for CopyPath {
+    #[inline]
+    fn drop(&mut self) {
+        if self.0 {
+            ROLE.with(|r| r.set(WORKER));
+        }
+    }
+}
+
 /// Allocations so far (allocations and reallocations; frees are not counted).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AllocCounts {
@@ -90,8 +120,11 @@ pub struct AllocCounts {
     pub total: u64,
     /// On the media worker thread, in Meridian's own code.
     pub worker_own: u64,
-    /// On the media worker thread, inside calls into the rtc crate.
+    /// On the media worker thread, inside calls into the rtc crate (outside copies).
     pub worker_rtc: u64,
+    /// On the media worker thread, while writing forwarded copies, repairs and probes
+    /// ([`CopyPath`]), whoever's code allocated.
+    pub worker_copy: u64,
 }
 
 pub fn counts() -> AllocCounts {
@@ -99,5 +132,6 @@ pub fn counts() -> AllocCounts {
         total: TOTAL.load(Relaxed),
         worker_own: WORKER_OWN.load(Relaxed),
         worker_rtc: WORKER_RTC.load(Relaxed),
+        worker_copy: WORKER_COPY.load(Relaxed),
     }
 }

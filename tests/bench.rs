@@ -67,25 +67,26 @@ fn fanout_benchmark_measures_a_separate_node_process() {
             );
         }
     }
-    // The node counts its allocations. Through rtc's sender every copy allocates several
-    // times inside rtc; encrypted in place, what rtc still allocates is per received packet
-    // (and RTCP), so per copy it falls as subscribers are added.
-    let allocs = |sfu: &str, i: usize| {
-        let step = &results[sfu][i];
-        (
-            step["allocs_per_packet_meridian"].as_f64().unwrap(),
-            step["allocs_per_packet_rtc"].as_f64().unwrap(),
-        )
-    };
-    let (_, rtc_sender) = allocs("meridian-rtc-sender", 1);
-    let (own, rtc_in_place) = allocs("meridian", 1);
-    assert!(rtc_sender > 3.0, "rtc's sender: {rtc_sender} per copy");
+    // The node counts its allocations, and those made while writing copies apart. Encrypted
+    // in place a copy allocates nothing once its buffers are pooled (a rare one is a table
+    // growing, hence the margin; this counts, it does not time). Through rtc's sender a copy
+    // allocates inside `write_rtp` and again inside rtc when the connection is drained
+    // (marshal, interceptors, SRTP), which shows in the rtc column.
+    let figure = |sfu: &str, i: usize, what: &str| results[sfu][i][what].as_f64().unwrap();
+    for i in 0..2 {
+        let in_place = figure("meridian", i, "allocs_per_copy");
+        let rtc_sender = figure("meridian-rtc-sender", i, "allocs_per_copy");
+        assert!(in_place < 0.1, "in place: {in_place} per copy");
+        assert!(rtc_sender >= 1.0, "inside write_rtp: {rtc_sender} per copy");
+        assert!(figure("meridian", i, "allocs_per_packet_meridian") >= 0.0);
+    }
+    let drained = figure("meridian-rtc-sender", 1, "allocs_per_packet_rtc")
+        - figure("meridian", 1, "allocs_per_packet_rtc");
+    assert!(drained > 3.0, "rtc's send path: {drained} more per copy");
     assert!(
-        rtc_in_place + own < rtc_sender / 2.0,
-        "in place: {own} + {rtc_in_place} per copy against rtc's sender's {rtc_sender}"
+        stdout.contains("allocs/pkt(own+rtc)  allocs/copy"),
+        "{stdout}"
     );
-    assert!(allocs("meridian", 1).1 < allocs("meridian", 0).1);
-    assert!(stdout.contains("allocs/pkt(own+rtc)"), "{stdout}");
     assert!(stdout.contains("rtc's sender / in place"), "{stdout}");
 }
 

@@ -229,6 +229,10 @@ pub struct FanoutResult {
     /// code and inside the rtc crate (`None` for other SFUs).
     #[serde(default)]
     pub allocs_per_packet_meridian: Option<f64>,
+    /// Of the same, those made while writing the copies themselves (Meridian's code and
+    /// rtc's sender, `code="copy_path"`): the in-place path's target is zero.
+    #[serde(default)]
+    pub allocs_per_copy: Option<f64>,
     #[serde(default)]
     pub allocs_per_packet_rtc: Option<f64>,
 }
@@ -248,8 +252,9 @@ pub enum BenchError {
     Sfu(String),
 }
 
-/// The media thread's allocation counters (Meridian's code, rtc) from `/metrics`.
-async fn media_allocations(addr: std::net::SocketAddr) -> Option<(u64, u64)> {
+/// The media thread's allocation counters (Meridian's code, rtc, the copy path) from
+/// `/metrics`.
+async fn media_allocations(addr: std::net::SocketAddr) -> Option<(u64, u64, u64)> {
     let body = metrics_text(addr).await.ok()?;
     let find = |code: &str| {
         body.lines()
@@ -261,7 +266,7 @@ async fn media_allocations(addr: std::net::SocketAddr) -> Option<(u64, u64)> {
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
     };
-    Some((find("meridian")?, find("rtc")?))
+    Some((find("meridian")?, find("rtc")?, find("copy_path")?))
 }
 
 async fn metrics_text(addr: std::net::SocketAddr) -> Result<String, BenchError> {
@@ -465,10 +470,13 @@ async fn measure(
         disturbed: w.other_percent > 15.0,
         allocs_per_packet_meridian: a0
             .zip(a1)
-            .map(|((m0, _), (m1, _))| per(m1.saturating_sub(m0) as f64, forwarded as f64)),
+            .map(|((m0, _, _), (m1, _, _))| per(m1.saturating_sub(m0) as f64, forwarded as f64)),
         allocs_per_packet_rtc: a0
             .zip(a1)
-            .map(|((_, r0), (_, r1))| per(r1.saturating_sub(r0) as f64, forwarded as f64)),
+            .map(|((_, r0, _), (_, r1, _))| per(r1.saturating_sub(r0) as f64, forwarded as f64)),
+        allocs_per_copy: a0
+            .zip(a1)
+            .map(|((_, _, c0), (_, _, c1))| per(c1.saturating_sub(c0) as f64, forwarded as f64)),
     }
 }
 
@@ -814,11 +822,11 @@ pub fn fanout_svg(series: &[(&str, &[FanoutResult])]) -> String {
 /// A fixed-width table of results.
 pub fn table(results: &[FanoutResult]) -> String {
     let mut out = String::from(
-        "subs  pkts_in/s  pkts_out/s  cpu_us/pkt  cpu%core  rss_MiB  kib/sub  lat_p50_us  lat_p99_us  lat_max_us  loss%  other%core  allocs/pkt(own+rtc)\n",
+        "subs  pkts_in/s  pkts_out/s  cpu_us/pkt  cpu%core  rss_MiB  kib/sub  lat_p50_us  lat_p99_us  lat_max_us  loss%  other%core  allocs/pkt(own+rtc)  allocs/copy\n",
     );
     for r in results {
         out.push_str(&format!(
-            "{:>4}  {:>9.0}  {:>10.0}  {:>10.2}  {:>8.1}  {:>7.1}  {:>7.0}  {:>10}  {:>10}  {:>10}  {:>5.2}  {:>10.1}  {:>19}{}\n",
+            "{:>4}  {:>9.0}  {:>10.0}  {:>10.2}  {:>8.1}  {:>7.1}  {:>7.0}  {:>10}  {:>10}  {:>10}  {:>5.2}  {:>10.1}  {:>19}  {:>11}{}\n",
             r.subscribers,
             r.packets_in_per_s,
             r.packets_out_per_s,
@@ -835,6 +843,8 @@ pub fn table(results: &[FanoutResult]) -> String {
                 (Some(o), Some(t)) => format!("{o:.2}+{t:.2}"),
                 _ => "-".into(),
             },
+            r.allocs_per_copy
+                .map_or_else(|| "-".into(), |c| format!("{c:.2}")),
             if r.disturbed { "  DISTURBED" } else { "" },
         ));
     }

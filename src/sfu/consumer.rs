@@ -395,6 +395,7 @@ impl Worker {
         out_seq: u16,
         rtx_only: bool,
     ) -> Resent {
+        let _copy = crate::alloc::CopyPath::enter();
         let Some(c) = self.consumers.get_mut(cid) else {
             return Resent::Gone;
         };

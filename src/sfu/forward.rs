@@ -176,6 +176,7 @@ impl Worker {
                     });
                 }
             }
+            let _copy = crate::alloc::CopyPath::enter();
             match conn.send_path {
                 SendPath::InPlace(_) => {
                     let vp8 = c.vp8_edit(producer.codec, &pkt.payload);

@@ -426,6 +426,7 @@ fn process(s: &AppState, enc: &mut DescriptorEncoder<'_>) -> fmt::Result {
             ([("thread", "all"), ("code", "all")], a.total),
             ([("thread", "media"), ("code", "meridian")], a.worker_own),
             ([("thread", "media"), ("code", "rtc")], a.worker_rtc),
+            ([("thread", "media"), ("code", "copy_path")], a.worker_copy),
         ],
     )
 }
