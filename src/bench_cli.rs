@@ -364,21 +364,15 @@ async fn bench_fanout(
         all.push(("janus", results));
     }
     let named = |n: &str| all.iter().find(|(name, _)| *name == n).map(|(_, r)| r);
-    if let (Some(m), Some(r)) = (named("meridian"), named("meridian-rtc-sender")) {
-        println!("rtc's sender / in place, CPU per forwarded packet:");
-        for (a, b) in m.iter().zip(r) {
-            if a.cpu_us_per_forwarded_packet > 0.0 {
-                println!(
-                    "{:>4} subscribers: {:.2}x",
-                    a.subscribers,
-                    b.cpu_us_per_forwarded_packet / a.cpu_us_per_forwarded_packet
-                );
-            }
-        }
-    }
-    if let (Some(m), Some(j)) = (named("meridian"), named("janus")) {
-        println!("janus / meridian CPU per forwarded packet:");
-        for (a, b) in m.iter().zip(j) {
+    for (title, other) in [
+        ("rtc's sender / in place", "meridian-rtc-sender"),
+        ("janus / meridian", "janus"),
+    ] {
+        let (Some(m), Some(o)) = (named("meridian"), named(other)) else {
+            continue;
+        };
+        println!("{title} CPU per forwarded packet:");
+        for (a, b) in m.iter().zip(o) {
             if a.cpu_us_per_forwarded_packet > 0.0 {
                 println!(
                     "{:>4} subscribers: {:.2}x",

@@ -244,6 +244,16 @@ impl MediaPeer {
     /// A peer whose datagrams the caller carries (sans-I/O, for tests on a virtual clock):
     /// `local` is the address it announces and is addressed at.
     pub fn unbound(local: SocketAddr, media: PeerMedia) -> Result<MediaPeer, ClientError> {
+        Self::unbound_offering(local, media, Vec::new())
+    }
+
+    /// [`MediaPeer::unbound`] offering only the SRTP `profiles` given (empty: rtc's defaults),
+    /// so a test can choose the profile the node ends up encrypting with.
+    pub fn unbound_offering(
+        local: SocketAddr,
+        media: PeerMedia,
+        profiles: Vec<rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile>,
+    ) -> Result<MediaPeer, ClientError> {
         let socket = None;
         let media_base: u32 = rand::random::<u32>() & 0x0fff_ffff;
         let mut engine = media_engine()?;
@@ -259,11 +269,18 @@ impl MediaPeer {
                 crate::sfu::engine::DeliverSenderReports::default(),
             );
         let registry = register_default_interceptors(registry, &mut engine)?;
-        let mut pc = RTCPeerConnectionBuilder::new()
+        let mut builder = RTCPeerConnectionBuilder::new()
             .with_configuration(RTCConfigurationBuilder::new().build())
             .with_media_engine(engine)
-            .with_interceptor_registry(registry)
-            .build(Instant::now())?;
+            .with_interceptor_registry(registry);
+        if !profiles.is_empty() {
+            builder = builder.with_setting_engine(
+                rtc::peer_connection::configuration::setting_engine::SettingEngineBuilder::new()
+                    .with_srtp_protection_profiles(profiles)
+                    .build(),
+            );
+        }
+        let mut pc = builder.build(Instant::now())?;
         let base = media_base;
         if let Some(_audio) = media.audio {
             let track = MediaStreamTrack::new(

@@ -77,11 +77,11 @@ impl Consumer {
         }
     }
 
-    /// Renumbers the codec's own frame numbering in a copy about to go out, after its RTP
-    /// header went through `rewriter` (so the source generation is current). Copies the
-    /// payload when the numbering differs from the producer's, which for a VP8 simulcast
-    /// consumer is every packet from its first layer switch on: one allocation per packet
-    /// until the in-place send path (issue 16) writes the descriptor into its own buffer.
+    /// Renumbers the codec's own frame numbering in a copy about to go through rtc's sender,
+    /// after its RTP header went through `rewriter` (so the source generation is current).
+    /// Copies the payload when the numbering differs from the producer's, which for a VP8
+    /// simulcast consumer is every packet from its first layer switch on; copies sent in place
+    /// get the same edit written into their own buffer instead ([`Consumer::vp8_edit`]).
     pub(super) fn renumber_payload(&mut self, codec: Option<Codec>, pkt: &mut rtc::rtp::Packet) {
         if codec != Some(Codec::Vp8) {
             return;
@@ -91,6 +91,25 @@ impl Consumer {
             edit.apply(&mut payload);
             pkt.payload = payload.freeze();
         }
+    }
+
+    /// What a repair of copy `out_seq` resends: the producer's cached packet it was made from
+    /// and its output sequence number and timestamp again (`None` once it left the cache or
+    /// belongs to an earlier source).
+    pub(super) fn cached_copy<'p>(
+        &mut self,
+        now: Instant,
+        producer: &'p Producer,
+        out_seq: u16,
+    ) -> Option<(&'p CachedPacket, u16, u32)> {
+        let (ssrc, seq) = self.rewriter.input_of(out_seq)?;
+        let layer = producer.layers.iter().find(|l| l.ssrc == Some(ssrc))?;
+        let cached = layer.cache.as_ref()?.get(seq)?;
+        let h = &cached.pkt.header;
+        let (out_seq, out_ts) =
+            self.rewriter
+                .rewrite(now, h.ssrc, h.sequence_number, h.timestamp)?;
+        Some((cached, out_seq, out_ts))
     }
 
     /// The VP8 numbering to write over a copy sent in place (see `renumber_payload`).
@@ -412,23 +431,14 @@ impl Worker {
         if (rtx_only && !rtx) || !repairs.as_ref().is_none_or(|r| r.can_repair()) {
             return Resent::NoSafeRepair;
         }
-        let cached = c.rewriter.input_of(out_seq).and_then(|(ssrc, seq)| {
-            let p = self.producers.get(c.producer)?;
-            let layer = p.layers.iter().find(|l| l.ssrc == Some(ssrc))?;
-            layer.cache.as_ref()?.get(seq).cloned()
-        });
-        let Some(CachedPacket { mut pkt, kept }) = cached else {
+        let Some(producer) = self.producers.get(c.producer) else {
+            return Resent::Gone;
+        };
+        let codec = producer.codec;
+        let Some((cached, out_seq, out_ts)) = c.cached_copy(now, producer, out_seq) else {
             return Resent::NotCached;
         };
-        let (ssrc, seq, ts) = (
-            pkt.header.ssrc,
-            pkt.header.sequence_number,
-            pkt.header.timestamp,
-        );
-        let Some((out_seq, out_ts)) = c.rewriter.rewrite(now, ssrc, seq, ts) else {
-            return Resent::NotCached;
-        };
-        let codec = self.producers.get(c.producer).and_then(|p| p.codec);
+        let CachedPacket { mut pkt, kept } = cached.clone();
         c.renumber_payload(codec, &mut pkt);
         pkt.header.ssrc = c.ssrc;
         pkt.header.sequence_number = out_seq;
@@ -490,19 +500,9 @@ impl Worker {
         let Some(producer) = producers.get(c.producer) else {
             return Resent::Gone;
         };
-        let cached = c.rewriter.input_of(out_seq).and_then(|(ssrc, seq)| {
-            let layer = producer.layers.iter().find(|l| l.ssrc == Some(ssrc))?;
-            layer.cache.as_ref()?.get(seq)
-        });
-        let Some(CachedPacket { pkt, kept }) = cached else {
-            return Resent::NotCached;
-        };
-        let (ssrc, seq, ts) = (
-            pkt.header.ssrc,
-            pkt.header.sequence_number,
-            pkt.header.timestamp,
-        );
-        let Some((out_seq, out_ts)) = c.rewriter.rewrite(now, ssrc, seq, ts) else {
+        let Some((CachedPacket { pkt, kept }, out_seq, out_ts)) =
+            c.cached_copy(now, producer, out_seq)
+        else {
             return Resent::NotCached;
         };
         let vp8 = c.vp8_edit(producer.codec, &pkt.payload);

@@ -353,6 +353,8 @@ mod simulcast {
     use rtc::rtcp::sender_report::SenderReport;
     use rtc::sansio::Protocol;
 
+    use rtc::dtls::extension::extension_use_srtp::SrtpProtectionProfile;
+
     use crate::sfu::egress::SendPath;
     use crate::sfu::keys::{ConnKey, ConsumerKey};
     use rtc::shared::{TaggedBytesMut, TransportContext, TransportProtocol};
@@ -383,9 +385,14 @@ mod simulcast {
 
     impl Client {
         fn new(addr: &str, media: PeerMedia) -> Client {
+            Self::offering(addr, media, Vec::new())
+        }
+
+        /// A client offering only these SRTP profiles (empty: rtc's defaults).
+        fn offering(addr: &str, media: PeerMedia, profiles: Vec<SrtpProtectionProfile>) -> Client {
             let addr: SocketAddr = addr.parse().unwrap();
             Client {
-                peer: MediaPeer::unbound(addr, media).unwrap(),
+                peer: MediaPeer::unbound_offering(addr, media, profiles).unwrap(),
                 addr,
                 streams: Vec::new(),
                 deaf: Vec::new(),
@@ -526,7 +533,18 @@ mod simulcast {
             producer: ProducerId,
             max_layer: Option<u8>,
         ) -> (Client, Subscribed) {
-            let mut subscriber = Client::new("10.0.0.2:5000", PeerMedia::default());
+            self.subscriber_offering(participant, producer, max_layer, Vec::new())
+        }
+
+        /// [`Harness::subscriber`] whose client offers only these SRTP profiles.
+        fn subscriber_offering(
+            &mut self,
+            participant: ParticipantId,
+            producer: ProducerId,
+            max_layer: Option<u8>,
+            profiles: Vec<SrtpProtectionProfile>,
+        ) -> (Client, Subscribed) {
+            let mut subscriber = Client::offering("10.0.0.2:5000", PeerMedia::default(), profiles);
             subscriber.peer.add_receiver(true).unwrap();
             let (reply, mut answer) = oneshot::channel();
             self.command(Command::Subscribe {
@@ -785,6 +803,14 @@ mod simulcast {
 
     /// A user publishing and an agent subscribed, flowing: the agent's subscribe connection.
     fn flowing_call(h: &mut Harness) -> (Client, Client, ConnKey, ConsumerKey) {
+        flowing_call_offering(h, Vec::new())
+    }
+
+    /// [`flowing_call`] with the agent's client offering only these SRTP profiles.
+    fn flowing_call_offering(
+        h: &mut Harness,
+        profiles: Vec<SrtpProtectionProfile>,
+    ) -> (Client, Client, ConnKey, ConsumerKey) {
         let (user, _user_events) = h.join("kyc-srtp", "user");
         let (agent, _agent_events) = h.join("kyc-srtp", "agent");
         let layer = Encoding {
@@ -792,7 +818,8 @@ mod simulcast {
             payload_bytes: 600,
         };
         let (mut publisher, producer) = h.publisher(user, vec![layer]);
-        let (mut subscriber, subscribed) = h.subscriber(agent.clone(), producer, None);
+        let (mut subscriber, subscribed) =
+            h.subscriber_offering(agent.clone(), producer, None, profiles);
         pump_until(
             h,
             &mut [&mut publisher, &mut subscriber],
@@ -811,10 +838,27 @@ mod simulcast {
     /// against rtc's own SRTCP, and an independent rtc peer decrypts and decodes the copies.
     #[test]
     fn copies_encrypted_in_place_with_the_key_taken_from_rtc_decrypt_at_an_rtc_subscriber() {
+        in_place_with(Vec::new(), crate::media::srtp::Profile::AeadAes128Gcm);
+    }
+
+    /// The same with the other profile browsers offer, AES-CM-128 with HMAC-SHA1-80.
+    #[test]
+    fn copies_encrypted_in_place_with_aes_cm_hmac_sha1_80_decrypt_at_an_rtc_subscriber() {
+        in_place_with(
+            vec![SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80],
+            crate::media::srtp::Profile::Aes128CmHmacSha1_80,
+        );
+    }
+
+    fn in_place_with(offered: Vec<SrtpProtectionProfile>, expected: crate::media::srtp::Profile) {
         use std::sync::atomic::Ordering::Relaxed;
         let mut h = Harness::plain();
         h.core.cfg.send_side_bwe = true;
-        let (_publisher, subscriber, ck, _) = flowing_call(&mut h);
+        let (_publisher, subscriber, ck, _) = flowing_call_offering(&mut h, offered);
+        match &h.core.conns[ck].send_path {
+            SendPath::InPlace(p) => assert_eq!(p.profile(), expected),
+            _ => panic!("the connection is not sending in place"),
+        }
         let stats = &h.core.stats;
         assert_eq!(stats.srtp_in_place_connections.load(Relaxed), 1);
         assert_eq!(stats.srtp_fallback_connections.load(Relaxed), 0);
@@ -875,6 +919,34 @@ mod simulcast {
         assert!(off < 90_000 / 5, "RTP time {off} ticks from the stream's");
     }
 
+    /// The subscriber NACKs the copy sent five before the newest; the call goes on a little.
+    /// Returns the NACKed sequence number.
+    fn nack_a_recent_copy(
+        h: &mut Harness,
+        publisher: &mut Client,
+        subscriber: &mut Client,
+        cid: ConsumerKey,
+    ) -> u16 {
+        use rtc::rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
+        let c = &h.core.consumers[cid];
+        let lost = c.rewriter.last_seq().unwrap().wrapping_sub(5);
+        let nack: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(TransportLayerNack {
+            sender_ssrc: 1,
+            media_ssrc: c.ssrc,
+            nacks: vec![NackPair::new(lost)],
+        })];
+        let pc = subscriber.peer.pc();
+        let receiver = pc.get_receivers().next().unwrap();
+        pc.rtp_receiver(receiver)
+            .unwrap()
+            .write_rtcp(h.now, nack)
+            .unwrap();
+        for _ in 0..4 {
+            h.pump(&mut [&mut *publisher, &mut *subscriber]);
+        }
+        lost
+    }
+
     /// Decrypts the captured datagrams of one SSRC in order with the node's outbound key
     /// (rtc's SRTP, an implementation independent of `media::srtp`): sequence number → packet.
     fn decrypt_stream(
@@ -915,7 +987,6 @@ mod simulcast {
     /// timestamp, marker and header extensions but its own transport-wide number.
     #[test]
     fn a_nacked_copy_is_repaired_on_rtx_with_the_original_payload_and_extensions() {
-        use rtc::rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
         let mut h = Harness::plain();
         h.core.cfg.send_side_bwe = true;
         let (mut publisher, mut subscriber, ck, cid) = flowing_call(&mut h);
@@ -925,21 +996,7 @@ mod simulcast {
         }
         let c = &h.core.consumers[cid];
         let (ssrc, rtx) = (c.ssrc, c.rtx.unwrap());
-        let lost = c.rewriter.last_seq().unwrap().wrapping_sub(5);
-        let pc = subscriber.peer.pc();
-        let receiver = pc.get_receivers().next().unwrap();
-        let nack: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(TransportLayerNack {
-            sender_ssrc: 1,
-            media_ssrc: ssrc,
-            nacks: vec![NackPair::new(lost)],
-        })];
-        pc.rtp_receiver(receiver)
-            .unwrap()
-            .write_rtcp(h.now, nack)
-            .unwrap();
-        for _ in 0..4 {
-            h.pump(&mut [&mut publisher, &mut subscriber]);
-        }
+        let lost = nack_a_recent_copy(&mut h, &mut publisher, &mut subscriber, cid);
         let key = h.core.conns[ck]
             .capture
             .as_ref()
@@ -989,7 +1046,6 @@ mod simulcast {
     /// original's, byte for byte (the same SRTP index with other bytes would reuse a nonce).
     #[test]
     fn a_repair_without_rtx_repeats_the_original_datagram_byte_for_byte() {
-        use rtc::rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
         use std::sync::atomic::Ordering::Relaxed;
         let mut h = Harness::plain();
         h.core.cfg.send_side_bwe = true;
@@ -1000,24 +1056,9 @@ mod simulcast {
         for _ in 0..20 {
             h.pump(&mut [&mut publisher, &mut subscriber]);
         }
-        let c = &h.core.consumers[cid];
-        let ssrc = c.ssrc;
-        let lost = c.rewriter.last_seq().unwrap().wrapping_sub(5);
+        let ssrc = h.core.consumers[cid].ssrc;
         let retransmitted = h.core.stats.rtp_retransmitted.load(Relaxed);
-        let pc = subscriber.peer.pc();
-        let receiver = pc.get_receivers().next().unwrap();
-        let nack: Vec<Box<dyn rtc::rtcp::Packet>> = vec![Box::new(TransportLayerNack {
-            sender_ssrc: 1,
-            media_ssrc: ssrc,
-            nacks: vec![NackPair::new(lost)],
-        })];
-        pc.rtp_receiver(receiver)
-            .unwrap()
-            .write_rtcp(h.now, nack)
-            .unwrap();
-        for _ in 0..4 {
-            h.pump(&mut [&mut publisher, &mut subscriber]);
-        }
+        let lost = nack_a_recent_copy(&mut h, &mut publisher, &mut subscriber, cid);
         assert_eq!(
             h.core.stats.rtp_retransmitted.load(Relaxed),
             retransmitted + 1

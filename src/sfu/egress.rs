@@ -54,6 +54,12 @@ pub(super) enum SendPath {
     Rtc,
 }
 
+impl InPlace {
+    pub(super) fn profile(&self) -> Profile {
+        self.srtp.profile()
+    }
+}
+
 impl SendPath {
     /// Sending in place with a key not yet checked against rtc's SRTCP.
     pub(super) fn awaits_key_check(&self) -> bool {
@@ -216,7 +222,7 @@ pub(super) fn write_packet(buf: &mut BytesMut, c: &Copy<'_>) {
     }
 }
 
-/// Why a connection is on rtc's path, for the log.
+/// The SRTP profile a connection negotiated, from rtc's transport statistics.
 fn profile_of(
     pc: &mut rtc::peer_connection::RTCPeerConnection,
     now: Instant,
@@ -259,6 +265,7 @@ impl Worker {
         };
         match taken {
             Ok(in_place) => {
+                tracing::debug!(profile = ?in_place.profile(), "copies encrypted in place");
                 conn.send_path = SendPath::InPlace(Box::new(in_place));
                 self.stats.srtp_in_place_connections.fetch_add(1, Relaxed);
                 // An empty receiver report through rtc: its SRTCP confirms the key taken.
