@@ -21,6 +21,20 @@ pub fn parse_schedstat(text: &str) -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
+/// User and system CPU of a process in clock ticks (`utime`, `stime` of `/proc/<pid>/stat`):
+/// coarse, but the only place the kernel's share of a process's time is told.
+pub fn user_system_ticks(pid: u32) -> Option<(u64, u64)> {
+    parse_user_system(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Fields 14 and 15 of a `/proc/<pid>/stat` line, counted after the command name (which is in
+/// parentheses and may hold spaces).
+pub fn parse_user_system(stat: &str) -> Option<(u64, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+}
+
 /// Resident memory in KiB from `/proc/<pid>/status`.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     parse_vmrss(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
@@ -81,6 +95,10 @@ mod tests {
         let stat = "cpu  100 5 50 1000 20 1 2 3 0 0\ncpu0 1 2 3 4 5 6 7 8\n";
         assert_eq!(parse_proc_stat(stat), Some((161, 1181)));
         assert_eq!(parse_proc_stat("nothing"), None);
+        let pid_stat =
+            "4242 (meridian w0) S 1 4242 4242 0 -1 4194560 900 0 0 0 731 1462 0 0 20 0 9";
+        assert_eq!(parse_user_system(pid_stat), Some((731, 1462)));
+        assert_eq!(parse_user_system("4242 (x"), None);
     }
 
     #[test]
@@ -89,5 +107,6 @@ mod tests {
         assert!(process_cpu_ns(pid).is_some());
         assert!(rss_kib(pid).unwrap() > 0);
         assert!(machine_cpu_ticks().is_some());
+        assert!(user_system_ticks(pid).is_some());
     }
 }

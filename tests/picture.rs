@@ -184,7 +184,8 @@ fn longest_stall(seen: &[(u64, u64)]) -> usize {
 }
 
 /// With 2% random loss both ways (and 20 ms each way), the agent keeps decoding for 20 s: its
-/// losses are repaired by retransmissions on the RTX stream, and no freeze lasts longer than
+/// losses are repaired by retransmissions on the RTX stream, a loss on the publisher's uplink
+/// left unrepaired gets the layer a keyframe from the node, and no freeze lasts longer than
 /// [`LOSSY_FREEZE_BOUND`] seconds.
 ///
 /// The bound: most runs decode every second (longest stall 0 s). A packet that cannot be

@@ -213,6 +213,10 @@ pub struct FanoutResult {
     pub packets_out_per_s: f64,
     /// Node CPU time divided by packets forwarded in the window.
     pub cpu_us_per_forwarded_packet: f64,
+    /// The part of it spent in user space (the SFU's own code and libraries), from the
+    /// process's user and system clock ticks; the rest is the kernel's (sockets, scheduling).
+    #[serde(default)]
+    pub user_us_per_forwarded_packet: Option<f64>,
     /// Node CPU as a share of one core.
     pub cpu_percent_of_core: f64,
     pub rss_kib: u64,
@@ -373,6 +377,8 @@ struct Window {
     t1: Instant,
     /// CPU seconds of each measured process.
     cpu_s: Vec<f64>,
+    /// Of that, the share spent in user space (the rest is the kernel's), per process.
+    user_share: Vec<Option<f64>>,
     /// CPU of everything else, as a share of one core.
     other_percent: f64,
     /// Packets the publisher sent.
@@ -389,13 +395,24 @@ impl Window {
                 procfs::process_cpu_ns(std::process::id()).unwrap_or(0),
                 procfs::machine_cpu_ticks().unwrap_or((0, 0)).0,
                 publisher.packets_sent.load(Ordering::Relaxed),
+                pids.iter()
+                    .map(|&p| procfs::user_system_ticks(p).unwrap_or((0, 0)))
+                    .collect::<Vec<_>>(),
             )
         };
-        let (c0, me0, m0, s0) = snap();
+        let (c0, me0, m0, s0, us0) = snap();
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         let t1 = Instant::now();
-        let (c1, me1, m1, s1) = snap();
+        let (c1, me1, m1, s1, us1) = snap();
+        let user_share = us0
+            .iter()
+            .zip(&us1)
+            .map(|(&(u0, s0), &(u1, s1))| {
+                let (u, s) = (u1.saturating_sub(u0), s1.saturating_sub(s0));
+                (u + s > 0).then(|| u as f64 / (u + s) as f64)
+            })
+            .collect();
         let secs = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e9;
         let cpu_s: Vec<f64> = c0.iter().zip(&c1).map(|(a, b)| secs(*a, *b)).collect();
         let busy = m1.saturating_sub(m0) as f64 / procfs::ticks_per_second() as f64;
@@ -405,6 +422,7 @@ impl Window {
             t0,
             t1,
             cpu_s,
+            user_share,
             other_percent: other,
             sent: s1.saturating_sub(s0),
         }
@@ -459,6 +477,8 @@ async fn measure(
         packets_in_per_s: w.sent as f64 / w.seconds(),
         packets_out_per_s: forwarded as f64 / w.seconds(),
         cpu_us_per_forwarded_packet: per(w.cpu_s[0] * 1e6, forwarded as f64),
+        user_us_per_forwarded_packet: w.user_share[0]
+            .map(|share| per(w.cpu_s[0] * share * 1e6, forwarded as f64)),
         cpu_percent_of_core: w.cpu_s[0] / w.seconds() * 100.0,
         rss_kib: rss,
         rss_kib_per_subscriber: rss.saturating_sub(rss_base) as f64 / n.max(1) as f64,
@@ -822,15 +842,17 @@ pub fn fanout_svg(series: &[(&str, &[FanoutResult])]) -> String {
 /// A fixed-width table of results.
 pub fn table(results: &[FanoutResult]) -> String {
     let mut out = String::from(
-        "subs  pkts_in/s  pkts_out/s  cpu_us/pkt  cpu%core  rss_MiB  kib/sub  lat_p50_us  lat_p99_us  lat_max_us  loss%  other%core  allocs/pkt(own+rtc)  allocs/copy\n",
+        "subs  pkts_in/s  pkts_out/s  cpu_us/pkt  user_us/pkt  cpu%core  rss_MiB  kib/sub  lat_p50_us  lat_p99_us  lat_max_us  loss%  other%core  allocs/pkt(own+rtc)  allocs/copy\n",
     );
     for r in results {
         out.push_str(&format!(
-            "{:>4}  {:>9.0}  {:>10.0}  {:>10.2}  {:>8.1}  {:>7.1}  {:>7.0}  {:>10}  {:>10}  {:>10}  {:>5.2}  {:>10.1}  {:>19}  {:>11}{}\n",
+            "{:>4}  {:>9.0}  {:>10.0}  {:>10.2}  {:>11}  {:>8.1}  {:>7.1}  {:>7.0}  {:>10}  {:>10}  {:>10}  {:>5.2}  {:>10.1}  {:>19}  {:>11}{}\n",
             r.subscribers,
             r.packets_in_per_s,
             r.packets_out_per_s,
             r.cpu_us_per_forwarded_packet,
+            r.user_us_per_forwarded_packet
+                .map_or_else(|| "-".into(), |u| format!("{u:.2}")),
             r.cpu_percent_of_core,
             r.rss_kib as f64 / 1024.0,
             r.rss_kib_per_subscriber,

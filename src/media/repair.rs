@@ -32,25 +32,48 @@ impl GapRepair {
     /// Packet `seq` arrived at `now`: appends to `ask` the sequence numbers this shows
     /// missing, to be asked for at once.
     pub fn on_packet(&mut self, now: Instant, seq: u16, ask: &mut Vec<u16>) {
+        if let Some((after, count)) = self.track(now, seq) {
+            ask.extend((1..=count).map(|i| after.wrapping_add(i)));
+        }
+    }
+
+    /// Packet `seq` arrived at `now`: notes what it shows missing (someone else asks for it,
+    /// as rtc's NACK generator does for a publisher). Returns the new gap, if any: the
+    /// sequence numbers after the first value, as many as the second.
+    pub fn track(&mut self, now: Instant, seq: u16) -> Option<(u16, u16)> {
         let Some(h) = self.highest else {
             self.highest = Some(seq);
-            return;
+            return None;
         };
         let ahead = seq.wrapping_sub(h);
+        let mut gap = None;
         if ahead != 0 && ahead < 0x8000 {
             if ahead > 1 && ahead <= MAX_GAP {
-                let from = ask.len();
-                ask.extend((1..ahead).map(|i| h.wrapping_add(i)));
                 self.missing
-                    .extend(ask[from..].iter().map(|&s| (s, now, 1)));
+                    .extend((1..ahead).map(|i| (h.wrapping_add(i), now, 1)));
                 let excess = self.missing.len().saturating_sub(self.capacity);
                 self.missing.drain(..excess);
+                gap = Some((h, ahead - 1));
             }
             self.highest = Some(seq);
         } else {
             // A late packet: a repair, or reordering.
             self.missing.retain(|(s, _, _)| *s != seq);
         }
+        gap
+    }
+
+    /// Whether a packet noted missing (and not asked for again since) has stayed missing
+    /// for `age`: its sender is not going to repair it.
+    pub fn overdue(&self, now: Instant, age: Duration) -> bool {
+        self.missing
+            .iter()
+            .any(|(_, at, _)| now.saturating_duration_since(*at) >= age)
+    }
+
+    /// Forgets every missing packet (a keyframe has been asked for instead).
+    pub fn forget(&mut self) {
+        self.missing.clear();
     }
 
     /// Appends to `ask` what is still missing `wait` (about a round trip) after it was last
@@ -102,6 +125,24 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_gap_left_unrepaired_is_overdue_and_a_repaired_one_is_not() {
+        let t0 = Instant::now();
+        let mut r = GapRepair::new(64);
+        for s in [10u16, 11, 14, 15] {
+            r.track(t0, s);
+        }
+        assert_eq!(r.missing(), 2);
+        r.track(t0 + ms(50), 12);
+        assert!(!r.overdue(t0 + ms(400), ms(500)));
+        assert!(r.overdue(t0 + ms(500), ms(500)), "13 never came");
+        r.track(t0 + ms(510), 13);
+        assert!(!r.overdue(t0 + ms(600), ms(500)), "repaired late");
+        r.track(t0 + ms(600), 20);
+        r.forget();
+        assert!(!r.overdue(t0 + ms(5000), ms(500)));
     }
 
     #[test]

@@ -381,6 +381,41 @@ mod simulcast {
         reports: Vec<SenderReport>,
         /// Every datagram the node sent it, as it went on the wire (when asked for).
         wire: Option<Vec<BytesMut>>,
+        /// Loss on its way to the node.
+        loss: Loss,
+    }
+
+    /// One packet lost on a client's way to the node: the next RTP packet it sends, and with
+    /// `forever` every retransmission of it too.
+    #[derive(Default)]
+    struct Loss {
+        next: Option<bool>,
+        /// (SSRC, sequence number, forever) of the packet lost.
+        lost: Option<(u32, u16, bool)>,
+        /// Datagrams dropped.
+        dropped: u32,
+    }
+
+    impl Loss {
+        fn drops(&mut self, d: &[u8]) -> bool {
+            if d.len() < 12 || d[0] >> 6 != 2 || (192..=223).contains(&d[1]) {
+                return false;
+            }
+            let (ssrc, seq) = (
+                u32::from_be_bytes([d[8], d[9], d[10], d[11]]),
+                u16::from_be_bytes([d[2], d[3]]),
+            );
+            if let Some(forever) = self.next.take() {
+                self.lost = Some((ssrc, seq, forever));
+                self.dropped += 1;
+                return true;
+            }
+            if self.lost == Some((ssrc, seq, true)) {
+                self.dropped += 1;
+                return true;
+            }
+            false
+        }
     }
 
     impl Client {
@@ -401,6 +436,7 @@ mod simulcast {
                 rtp: Vec::new(),
                 reports: Vec::new(),
                 wire: None,
+                loss: Loss::default(),
             }
         }
     }
@@ -427,6 +463,9 @@ mod simulcast {
                     }
                 }
                 while let Some(msg) = pc.poll_write() {
+                    if c.loss.drops(&msg.message) {
+                        continue;
+                    }
                     self.core
                         .handle_datagram(self.now, c.addr, None, &msg.message);
                 }
@@ -1101,6 +1140,51 @@ mod simulcast {
         assert!(
             h.core.conns[ck].estimate.as_ref().unwrap().reports() > 0,
             "transport-cc feedback reached the estimator on rtc's path too"
+        );
+    }
+
+    /// A packet lost on the publisher's uplink that its retransmission fills costs nothing
+    /// more; one never repaired would leave every decoder of the layer stuck until it asks for
+    /// a keyframe (browsers wait about 3 s): the node asks the publisher instead, once the
+    /// loss has stayed unrepaired for `UNREPAIRED_LOSS_KEYFRAME`.
+    #[test]
+    fn a_publishers_loss_left_unrepaired_gets_the_layer_a_keyframe() {
+        use crate::sfu::worker::UNREPAIRED_LOSS_KEYFRAME;
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut h = Harness::plain();
+        let (mut publisher, mut subscriber, _, _) = flowing_call(&mut h);
+        let asked = |h: &Harness| h.core.stats.keyframe_requests_unrepaired_loss.load(Relaxed);
+        let keyframes = |c: &Client| c.received.iter().filter(|r| r.1).count();
+
+        publisher.loss.next = Some(false);
+        for _ in 0..400 {
+            h.pump(&mut [&mut publisher, &mut subscriber]);
+        }
+        assert_eq!(publisher.loss.dropped, 1);
+        assert_eq!(
+            asked(&h),
+            0,
+            "the publisher's retransmission filled the gap"
+        );
+
+        let before = keyframes(&subscriber);
+        publisher.loss.next = Some(true);
+        let lost_at = h.now;
+        pump_until(
+            &mut h,
+            &mut [&mut publisher, &mut subscriber],
+            "a keyframe for the subscriber after the unrepaired loss",
+            |c| keyframes(c[1]) > before,
+        );
+        assert!(
+            publisher.loss.dropped > 2,
+            "the publisher kept retransmitting it"
+        );
+        assert_eq!(asked(&h), 1);
+        let waited = h.now - lost_at;
+        assert!(
+            waited >= UNREPAIRED_LOSS_KEYFRAME && waited < 2 * UNREPAIRED_LOSS_KEYFRAME,
+            "keyframe after {waited:?}"
         );
     }
 }

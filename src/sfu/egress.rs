@@ -128,15 +128,28 @@ impl SendSide {
 pub(super) struct Sent {
     pub(super) packets: u32,
     pub(super) octets: u32,
-    /// RTP timestamp of the newest packet and when it left.
+    /// The newest sequence number sent (in order).
+    newest: Option<u16>,
+    /// RTP timestamp of the newest frame and when its first packet left: the pair a sender
+    /// report extrapolates from (as rtc's sender-report interceptor keeps it).
     pub(super) last: Option<(u32, Instant)>,
 }
 
 impl Sent {
-    pub(super) fn on_packet(&mut self, now: Instant, timestamp: u32, payload: usize) {
+    pub(super) fn on_packet(&mut self, now: Instant, seq: u16, timestamp: u32, payload: usize) {
         self.packets = self.packets.wrapping_add(1);
         self.octets = self.octets.wrapping_add(payload as u32);
-        self.last = Some((timestamp, now));
+        // A late packet (a publisher's retransmission forwarded) must not move the mapping
+        // back; later packets of the same frame must not move it on.
+        let in_order = self
+            .newest
+            .is_none_or(|n| (1..0x8000).contains(&seq.wrapping_sub(n)));
+        if in_order {
+            self.newest = Some(seq);
+            if self.last.is_none_or(|(ts, _)| ts != timestamp) {
+                self.last = Some((timestamp, now));
+            }
+        }
     }
 
     /// RTP time now, extrapolated from the newest packet at `clock_rate`.

@@ -60,6 +60,11 @@ impl Worker {
             if let Some(l) = p.layers.get_mut(usize::from(layer)) {
                 let (seq, ts) = (pkt.header.sequence_number, pkt.header.timestamp);
                 l.reception.on_packet(now, seq, ts, clock_rate);
+                // rtc's NACK generator asks the publisher for what is missing; this notes
+                // what it never repaired (see `Worker::ask_keyframes_for_unrepaired_loss`).
+                if l.cache.is_some() {
+                    l.repair.track(now, seq);
+                }
             }
         }
         self.forward(now, pk, layer, pkt);
@@ -196,7 +201,7 @@ impl Worker {
                     let sent =
                         send_in_place(now, c, conn, batch, tcp_frames, tcp_open, stats, copy);
                     if sent.is_some() {
-                        c.sent.on_packet(now, out_ts, pkt.payload.len());
+                        c.sent.on_packet(now, out_seq, out_ts, pkt.payload.len());
                         stats.rtp_forwarded.fetch_add(1, Relaxed);
                     }
                 }

@@ -633,6 +633,8 @@ counters! {
     /// ICE-TCP connections closed for sending no authenticated Binding in time, or going idle.
     pub tcp_timed_out: AtomicU64,
     pub keyframe_requests: AtomicU64,
+    /// Of those, asked for because a publisher's lost packet stayed unrepaired.
+    pub keyframe_requests_unrepaired_loss: AtomicU64,
     pub pipe_frames_in: AtomicU64,
     /// Pipe media datagrams dropped because the worker's queue was full.
     pub pipe_media_dropped: AtomicU64,

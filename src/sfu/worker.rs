@@ -61,6 +61,11 @@ pub struct WorkerConfig {
 /// The bits of a pipe stream number a worker counts in; the byte above is its index.
 const STREAM_COUNTER: u32 = 0x00ff_ffff;
 
+/// How long a packet lost on a publisher's uplink may stay unrepaired before the layer's
+/// decoders are given a keyframe instead (its retransmission normally comes within a few round
+/// trips; past this the publisher has given up or lost it again).
+pub(super) const UNREPAIRED_LOSS_KEYFRAME: Duration = Duration::from_millis(500);
+
 /// What an audio consumer is assumed to need of its connection's estimate (Opus with headers).
 const AUDIO_ALLOWANCE: u64 = 64_000;
 /// How long a subscribe connection's layers follow the estimator's starting point while
@@ -210,7 +215,27 @@ impl Worker {
         let mut wants: Vec<ConsumerKey> = Vec::new();
         let mut bitrates: Vec<Option<u64>> = Vec::new();
         let mut tap_keyframes: Vec<(ProducerKey, u8)> = Vec::new();
+        let mut unrepaired: Vec<(ProducerKey, u8)> = Vec::new();
         for (pk, p) in self.producers.iter_mut() {
+            // Loss on a publisher's uplink that its retransmissions never filled leaves every
+            // decoder of the layer stuck until it gets a keyframe (browsers wait ~3 s before
+            // asking): ask on their behalf, as mediasoup's NACK generator does.
+            if matches!(p.origin, Origin::Local { .. }) {
+                for (i, l) in p.layers.iter_mut().enumerate() {
+                    if l.repair.overdue(now, UNREPAIRED_LOSS_KEYFRAME) {
+                        l.repair.forget();
+                        let layer = i as u8;
+                        let watched = p.tap.is_some()
+                            || p.pipes_out.iter().any(|&(_, w)| w & (1 << layer) != 0)
+                            || p.consumers
+                                .iter()
+                                .any(|&cid| self.consumers[cid].selector.current() == Some(layer));
+                        if watched {
+                            unrepaired.push((pk, layer));
+                        }
+                    }
+                }
+            }
             // A piped-in producer's layer bitrates come from its origin.
             if measure && matches!(p.origin, Origin::Local { .. }) {
                 let clock_rate = p.rtp_codec.clock_rate;
@@ -256,6 +281,12 @@ impl Worker {
             }
         }
         for (pk, layer) in tap_keyframes {
+            self.request_keyframe(now, pk, layer);
+        }
+        for (pk, layer) in unrepaired {
+            self.stats
+                .keyframe_requests_unrepaired_loss
+                .fetch_add(1, Relaxed);
             self.request_keyframe(now, pk, layer);
         }
         for cid in wants {

@@ -131,6 +131,11 @@ const WORKER_COUNTERS: &[(&str, &str, Field)] = &[
         |w| &w.rtx_unsafe_dropped,
     ),
     (
+        "meridian_keyframe_requests_unrepaired_loss",
+        "Keyframe requests to publishers because a packet lost on their uplink stayed unrepaired",
+        |w| &w.keyframe_requests_unrepaired_loss,
+    ),
+    (
         "meridian_srtp_in_place_connections",
         "Subscribe connections whose forwarded copies Meridian encrypts in place",
         |w| &w.srtp_in_place_connections,
