@@ -61,7 +61,8 @@ impl Worker {
                 let (seq, ts) = (pkt.header.sequence_number, pkt.header.timestamp);
                 l.reception.on_packet(now, seq, ts, clock_rate);
                 // rtc's NACK generator asks the publisher for what is missing; this notes
-                // what it never repaired (see `Worker::ask_keyframes_for_unrepaired_loss`).
+                // what it never repaired (the tick asks for a keyframe instead, see
+                // `UNREPAIRED_LOSS_KEYFRAME`).
                 if l.cache.is_some() {
                     l.repair.track(now, seq);
                 }
