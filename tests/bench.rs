@@ -78,7 +78,7 @@ fn fanout_benchmark_measures_a_separate_node_process() {
         let rtc_sender = figure("meridian-rtc-sender", i, "allocs_per_copy");
         assert!(in_place < 0.1, "in place: {in_place} per copy");
         assert!(rtc_sender >= 1.0, "inside write_rtp: {rtc_sender} per copy");
-        assert!(figure("meridian", i, "allocs_per_packet_meridian") >= 0.0);
+        assert!(results["meridian"][i]["allocs_per_packet_meridian"].is_f64());
     }
     let drained = figure("meridian-rtc-sender", 1, "allocs_per_packet_rtc")
         - figure("meridian", 1, "allocs_per_packet_rtc");

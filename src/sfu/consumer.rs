@@ -10,7 +10,7 @@ use rtc::rtp_transceiver::rtp_sender::{
 };
 use rtc::rtp_transceiver::{RTCRtpSenderId, RTCRtpTransceiverDirection};
 
-use super::egress::{number_for_rtc, send_in_place, Copy, SendPath};
+use super::egress::{number_for_rtc, send_in_place, OutgoingCopy, SendPath};
 use super::keys::{ConnKey, ConsumerKey, ParticipantKey, ProducerKey};
 use super::*;
 use super::{producer::*, transport::*, worker::*};
@@ -506,7 +506,7 @@ impl Worker {
             return Resent::NotCached;
         };
         let vp8 = c.vp8_edit(producer.codec, &pkt.payload);
-        let mut copy = Copy {
+        let mut copy = OutgoingCopy {
             marker: pkt.header.marker,
             payload_type: c.payload_type,
             seq: out_seq,

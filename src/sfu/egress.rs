@@ -169,7 +169,7 @@ pub(super) struct RtxStream {
 }
 
 /// One RTP packet as it is to be written for a consumer.
-pub(super) struct Copy<'a> {
+pub(super) struct OutgoingCopy<'a> {
     pub(super) marker: bool,
     pub(super) payload_type: u8,
     pub(super) seq: u16,
@@ -188,7 +188,7 @@ pub(super) struct Copy<'a> {
 
 /// Writes `c` as a plain RTP packet into `buf` (RFC 3550 header, RFC 8285 one-byte extension
 /// block). Extensions whose id or length a one-byte header cannot carry are left out.
-pub(super) fn write_packet(buf: &mut BytesMut, c: &Copy<'_>) {
+pub(super) fn write_packet(buf: &mut BytesMut, c: &OutgoingCopy<'_>) {
     let one_byte = |id: u8, len: usize| (1..=14).contains(&id) && (1..=16).contains(&len);
     let mut ext_len = 0;
     for (i, payload) in c.kept.iter().enumerate() {
@@ -449,7 +449,7 @@ pub(super) fn send_in_place(
     tcp_frames: &mut Vec<(SocketAddr, bytes::Bytes)>,
     tcp_open: &std::collections::HashSet<SocketAddr>,
     stats: &super::WorkerStats,
-    mut copy: Copy<'_>,
+    mut copy: OutgoingCopy<'_>,
 ) -> Option<usize> {
     let (dest, protocol) = conn.dest?;
     let SendPath::InPlace(in_place) = &mut conn.send_path else {

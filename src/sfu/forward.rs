@@ -13,7 +13,7 @@ use rtc::rtcp::receiver_report::ReceiverReport;
 use rtc::rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
 use rtc::rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
 
-use super::egress::{number_for_rtc, send_in_place, Copy, SendPath};
+use super::egress::{number_for_rtc, send_in_place, OutgoingCopy, SendPath};
 use super::keys::{ConnKey, ConsumerKey, ProducerKey};
 use super::*;
 use super::{producer::*, worker::*};
@@ -186,7 +186,7 @@ impl Worker {
             match conn.send_path {
                 SendPath::InPlace(_) => {
                     let vp8 = c.vp8_edit(producer.codec, &pkt.payload);
-                    let copy = Copy {
+                    let copy = OutgoingCopy {
                         marker: pkt.header.marker,
                         payload_type: c.payload_type,
                         seq: out_seq,
